@@ -1,0 +1,153 @@
+"""One attention-mask definition, two backends.
+
+A batch row is described per token by two integer ids:
+
+- ``segment_ids``: which sample the token belongs to (``-1`` = padding). Several samples may be
+  packed into one row; tokens never attend across samples.
+- ``block_ids``: which bidirectional block the token lies in (``-1`` = none, i.e. causal).
+
+The rule, written once in :func:`visible`: a query at index ``q`` sees a key at index ``kv`` iff
+they are in the same sample, the key is not padding, and (``kv <= q`` or both lie in the same
+block). A padding query sees only itself, so every row of the mask has at least one ``True``
+(no NaN from an empty softmax); its output is defined as attention onto its own value.
+
+From that one function come both the dense ``[b, 1, q, kv]`` boolean mask for
+``scaled_dot_product_attention`` and the ``mask_mod`` for flex attention's ``BlockMask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._utils import check
+
+PADDING = -1
+NO_BLOCK = -1
+
+Span = Tuple[int, int]  # (start, length)
+
+
+def visible(q_segment: Tensor, q_block: Tensor, q_index: Tensor,
+            kv_segment: Tensor, kv_block: Tensor, kv_index: Tensor) -> Tensor:
+    """The mask rule. Works elementwise on broadcastable tensors, and on flex's scalar indices."""
+    same_sample = (q_segment == kv_segment) & (kv_segment != PADDING)
+    same_block = (q_block == kv_block) & (q_block != NO_BLOCK)
+    return (same_sample & ((kv_index <= q_index) | same_block)) | (kv_index == q_index)
+
+
+@dataclass
+class TokenLayout:
+    """Per-token sample and block ids of a ``[batch, length]`` token grid."""
+
+    segment_ids: Tensor  # long [b, n]; PADDING for padding
+    block_ids: Tensor    # long [b, n]; NO_BLOCK for causal tokens
+
+    def __post_init__(self):
+        check(self.segment_ids.ndim == 2 and self.segment_ids.shape == self.block_ids.shape,
+              f"`segment_ids` and `block_ids` must both be [batch, length], got "
+              f"{tuple(self.segment_ids.shape)} and {tuple(self.block_ids.shape)}")
+        check(not self.segment_ids.is_floating_point() and not self.block_ids.is_floating_point(),
+              "`segment_ids` and `block_ids` must be integer tensors")
+
+    # construction
+
+    @classmethod
+    def causal(cls, batch: int, length: int, device=None) -> "TokenLayout":
+        return cls(torch.zeros(batch, length, dtype=torch.long, device=device),
+                   torch.full((batch, length), NO_BLOCK, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_spans(cls, *, lengths: Sequence[int], blocks: Optional[Sequence[Sequence[Span]]] = None,
+                   starts: Optional[Sequence[int]] = None, total_length: Optional[int] = None,
+                   device=None) -> "TokenLayout":
+        """One sample per row: sample ``i`` occupies ``[starts[i], starts[i] + lengths[i])`` and its
+        bidirectional blocks are ``(start, length)`` spans in row coordinates; the rest is padding.
+
+        ``starts`` defaults to 0 (right padding); pass ``total_length - lengths`` for left padding.
+        """
+        lengths = [int(n) for n in lengths]
+        batch = len(lengths)
+        check(batch > 0, "`lengths` must name at least one sample")
+        starts = [0] * batch if starts is None else [int(s) for s in starts]
+        blocks = [[] for _ in range(batch)] if blocks is None else blocks
+        check(len(starts) == batch and len(blocks) == batch,
+              f"`starts` and `blocks` need one entry per sample ({batch}), "
+              f"got {len(starts)} and {len(blocks)}")
+        ends = [s + n for s, n in zip(starts, lengths)]
+        total_length = max(ends) if total_length is None else int(total_length)
+
+        segment_ids = torch.full((batch, total_length), PADDING, dtype=torch.long)
+        block_ids = torch.full((batch, total_length), NO_BLOCK, dtype=torch.long)
+        for row, (start, end, spans) in enumerate(zip(starts, ends, blocks)):
+            check(start >= 0 and lengths[row] >= 0 and end <= total_length,
+                  f"sample {row} spans [{start}, {end}), which must lie inside [0, {total_length})")
+            segment_ids[row, start:end] = 0
+            _fill_blocks(block_ids[row], spans, start, end, row)
+        return cls(segment_ids.to(device), block_ids.to(device))
+
+    # properties
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.segment_ids.shape
+
+    @property
+    def is_padding(self) -> Tensor:
+        return self.segment_ids == PADDING
+
+    def cat(self, other: "TokenLayout") -> "TokenLayout":
+        return TokenLayout(torch.cat((self.segment_ids, other.segment_ids), dim=1),
+                           torch.cat((self.block_ids, other.block_ids), dim=1))
+
+    # the two backends
+
+    def dense_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0) -> Tensor:
+        """Bool ``[b, 1, q, kv]``: True where attention is allowed.
+
+        ``keys`` describes the key tokens (default: the queries themselves). Query ``i`` sits at
+        key index ``query_offset + i``, as when a chunk attends to a cached prefix plus itself.
+        """
+        keys = self if keys is None else keys
+        q_index = torch.arange(self.shape[1], device=self.segment_ids.device) + query_offset
+        kv_index = torch.arange(keys.shape[1], device=self.segment_ids.device)
+        mask = visible(self.segment_ids[:, :, None], self.block_ids[:, :, None], q_index[:, None],
+                       keys.segment_ids[:, None, :], keys.block_ids[:, None, :], kv_index[None, :])
+        return mask[:, None]
+
+    def mask_mod(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0):
+        """The same rule as :meth:`dense_mask`, as a flex-attention ``mask_mod(b, h, q, kv)``."""
+        keys = self if keys is None else keys
+        q_segment, q_block = self.segment_ids, self.block_ids
+        kv_segment, kv_block = keys.segment_ids, keys.block_ids
+
+        def mask_mod(b, h, q, kv):
+            return visible(q_segment[b, q], q_block[b, q], q + query_offset,
+                           kv_segment[b, kv], kv_block[b, kv], kv)
+
+        return mask_mod
+
+    def block_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        keys = self if keys is None else keys
+        device = self.segment_ids.device
+        return create_block_mask(self.mask_mod(keys, query_offset), B=self.shape[0], H=None,
+                                 Q_LEN=self.shape[1], KV_LEN=keys.shape[1], device=device,
+                                 _compile=device.type == "cuda")
+
+
+def _fill_blocks(block_row: Tensor, spans: Sequence[Span], start: int, end: int, row: int) -> None:
+    previous_end = start
+    for block_id, (block_start, block_length) in enumerate(sorted((int(s), int(n)) for s, n in spans)):
+        block_end = block_start + block_length
+        check(block_length > 0, f"sample {row}: block ({block_start}, {block_length}) must have a positive length")
+        check(block_start >= start and block_end <= end,
+              f"sample {row}: block ({block_start}, {block_length}) exceeds the sample's extent [{start}, {end})")
+        check(block_start >= previous_end,
+              f"sample {row}: block ({block_start}, {block_length}) overlaps the previous block, which ends at {previous_end}")
+        block_row[block_start:block_end] = block_id
+        previous_end = block_end

@@ -1,0 +1,257 @@
+"""The one pre-norm transformer every model in this library is built on, configured, not forked.
+
+Inputs are embeddings ``[b, n, dim]``; token embeddings, heads and absolute position embeddings
+live in the models. A forward builds its attention mask and rotary table once and hands them to
+every block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from .._utils import check, default, divisible_by, round_up_to_multiple
+from .attention import BACKENDS, Attention, AttentionMask, flex_available
+from .kv_cache import KVCache
+from .masks import TokenLayout
+from .norms import make_norm
+from .positions import RotaryEmbedding, sequence_positions
+
+FEED_FORWARDS = ("swiglu", "gelu")
+
+BlockHook = Callable[[int, Tensor], Optional[Tensor]]
+
+
+def swiglu_hidden_dim(dim: int, *, mult: float = 4.0, multiple_of: int = 256,
+                      multiplier: Optional[float] = None) -> int:
+    """LLaMA's rule: two thirds of ``mult * dim``, optionally scaled, rounded up to ``multiple_of``."""
+    hidden = int(2 * int(mult * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return round_up_to_multiple(hidden, multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU ``proj_out(silu(gate) * up)`` with ``proj_in = [gate; up]``, or a GELU MLP."""
+
+    def __init__(self, dim: int, hidden: int, *, kind: str = "swiglu", bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        check(kind in FEED_FORWARDS, f"`ff` must be one of {FEED_FORWARDS}, got {kind!r}")
+        self.kind = kind
+        self.proj_in = nn.Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
+        self.proj_out = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.proj_in(x)
+        if self.kind == "swiglu":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return self.dropout(self.proj_out(hidden))
+
+
+class AdaptiveModulation(nn.Module):
+    """adaLN-Zero (DiT): shift, scale and gate for both sub-blocks from a per-token condition.
+
+    Only tokens flagged in ``cond_mask`` are modulated; every other token gets shift 0, scale 0 and
+    gate 1, i.e. exactly the unconditioned block.
+    """
+
+    def __init__(self, dim: int, dim_cond: int):
+        super().__init__()
+        self.to_modulation = nn.Linear(dim_cond, 6 * dim)
+        nn.init.zeros_(self.to_modulation.weight)
+        nn.init.zeros_(self.to_modulation.bias)
+
+    def forward(self, cond: Tensor, cond_mask: Tensor) -> Tuple[Tensor, ...]:
+        mod = self.to_modulation(F.silu(cond))
+        carries = cond_mask[..., None]
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.chunk(6, dim=-1)
+        zero, one = mod.new_zeros(()), mod.new_ones(())
+        return tuple(torch.where(carries, t, zero) for t in (shift_a, scale_a, shift_f, scale_f)) + \
+            tuple(torch.where(carries, g, one) for g in (gate_a, gate_f))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, *, attention: Attention, feed_forward: FeedForward, norm: str, norm_eps: float,
+                 dim_cond: Optional[int]):
+        super().__init__()
+        self.attn_norm = make_norm(norm, dim, eps=norm_eps)
+        self.attn = attention
+        self.ff_norm = make_norm(norm, dim, eps=norm_eps)
+        self.ff = feed_forward
+        self.modulation = AdaptiveModulation(dim, dim_cond) if dim_cond is not None else None
+
+    def forward(self, x: Tensor, *, cond: Optional[Tensor] = None, cond_mask: Optional[Tensor] = None,
+                **attn_kwargs) -> Tensor:
+        if self.modulation is None or cond is None:
+            x = x + self.attn(self.attn_norm(x), **attn_kwargs)
+            return x + self.ff(self.ff_norm(x))
+        shift_a, scale_a, shift_f, scale_f, gate_a, gate_f = self.modulation(cond, cond_mask)
+        x = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, **attn_kwargs)
+        return x + gate_f * self.ff(self.ff_norm(x) * (1 + scale_f) + shift_f)
+
+
+class Transformer(nn.Module):
+    """Pre-norm transformer.
+
+    Args (keyword-only):
+        dim, depth, heads: width, number of blocks, query heads.
+        dim_head: per-head width (default ``dim // heads``). kv_heads: grouped-query heads (default ``heads``).
+        norm: ``"rmsnorm"`` | ``"layernorm"``; norm_eps.
+        ff: ``"swiglu"`` | ``"gelu"``; ff_hidden (explicit hidden size) or ff_mult with, for SwiGLU,
+            the LLaMA rounding to ff_multiple_of (and optional ff_dim_multiplier); ff_bias.
+        qkv_bias, out_bias, qk_norm, attn_scale: attention options.
+        attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
+        rotary_axes: 0 (no rotary), 1 (1-D) or N (N-D axial); rotary_base; rotary_dim (partial rotary).
+        dim_cond: enables per-token adaLN-Zero conditioning of that width.
+        final_norm: apply a last norm to the output.
+        attn_backend: ``"auto"`` (flex on CUDA, SDPA elsewhere), ``"sdpa"`` or ``"flex"``.
+    """
+
+    def __init__(self, *, dim: int, depth: int, heads: int = 8, dim_head: Optional[int] = None,
+                 kv_heads: Optional[int] = None, norm: str = "rmsnorm", norm_eps: float = 1e-5,
+                 ff: str = "swiglu", ff_mult: float = 4.0, ff_hidden: Optional[int] = None,
+                 ff_multiple_of: int = 256, ff_dim_multiplier: Optional[float] = None, ff_bias: bool = False,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
+                 attn_scale: Optional[float] = None, attn_dropout: float = 0.0, resid_dropout: float = 0.0,
+                 ff_dropout: float = 0.0, rotary_axes: int = 1, rotary_base: float = 10000.0,
+                 rotary_dim: Optional[int] = None, dim_cond: Optional[int] = None, final_norm: bool = True,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        check(dim > 0 and depth > 0 and heads > 0, f"`dim`, `depth` and `heads` must be positive, got {dim}, {depth}, {heads}")
+        check(dim_head is not None or divisible_by(dim, heads),
+              f"`dim` ({dim}) must be divisible by `heads` ({heads}) unless `dim_head` is given")
+        check(attn_backend in BACKENDS, f"`attn_backend` must be one of {BACKENDS}, got {attn_backend!r}")
+        dim_head = default(dim_head, dim // heads)
+        kv_heads = default(kv_heads, heads)
+        check(divisible_by(heads, kv_heads), f"`heads` ({heads}) must be divisible by `kv_heads` ({kv_heads})")
+        if ff_hidden is None:
+            ff_hidden = (swiglu_hidden_dim(dim, mult=ff_mult, multiple_of=ff_multiple_of, multiplier=ff_dim_multiplier)
+                         if ff == "swiglu" else int(dim * ff_mult))
+
+        self.dim, self.depth, self.heads, self.kv_heads, self.dim_head = dim, depth, heads, kv_heads, dim_head
+        self.dim_cond, self.attn_backend = dim_cond, attn_backend
+        self.rotary = RotaryEmbedding(dim_head, axes=rotary_axes, base=rotary_base, rot_dim=rotary_dim) if rotary_axes else None
+        self.layers = nn.ModuleList([
+            Block(dim, norm=norm, norm_eps=norm_eps, dim_cond=dim_cond,
+                  attention=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, qkv_bias=qkv_bias,
+                                      out_bias=out_bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attn_scale,
+                                      attn_dropout=attn_dropout, resid_dropout=resid_dropout),
+                  feed_forward=FeedForward(dim, ff_hidden, kind=ff, bias=ff_bias, dropout=ff_dropout))
+            for _ in range(depth)
+        ])
+        self.norm = make_norm(norm, dim, eps=norm_eps) if final_norm else nn.Identity()
+
+    # public API
+
+    def new_cache(self, batch_size: int, max_length: int, *, dtype: Optional[torch.dtype] = None, device=None) -> KVCache:
+        reference = next(self.parameters())
+        return KVCache(num_layers=self.depth, batch_size=batch_size, max_length=max_length, kv_heads=self.kv_heads,
+                       dim_head=self.dim_head, dtype=default(dtype, reference.dtype), device=default(device, reference.device))
+
+    def forward(self, x: Float[Tensor, "b n d"], *, layout: Optional[TokenLayout] = None,
+                positions: Optional[Union[Int[Tensor, "b n"], Int[Tensor, "b n axes"]]] = None,
+                zero_rotation: Optional[Bool[Tensor, "b n"]] = None,
+                cond: Optional[Float[Tensor, "b n dc"]] = None, cond_mask: Optional[Bool[Tensor, "b n"]] = None,
+                cache: Optional[KVCache] = None, write_cache: bool = True, block_hook: Optional[BlockHook] = None,
+                return_hiddens: bool = False, backend: Optional[str] = None):
+        """Run the blocks.
+
+        Args:
+            x: input embeddings.
+            layout: sample/block ids of the tokens (default: one causal sample per row).
+            positions: rotary position ids per token, 1 or ``rotary_axes`` coordinates
+                (default: ``arange`` continuing after the cache).
+            zero_rotation: tokens whose rotation is zeroed (q, k -> 0), LlamaGen's prefix.
+            cond, cond_mask: per-token condition for adaLN and which tokens carry it (default all).
+            cache: a :class:`KVCache`; the tokens continue after its ``length`` positions.
+            write_cache: write this chunk into the cache (else attend to the prefix, leave it unchanged).
+            block_hook: ``hook(block_index, hidden) -> hidden | None`` after every block; a returned
+                tensor replaces the residual stream (e.g. to inject embeddings).
+            return_hiddens: also return the hidden state after every block (before the final norm).
+        """
+        batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cache)
+        start = cache.length if cache is not None else 0
+        mask = self._attention_mask(x, layout, cache, backend)
+        layout = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
+        rotary = None
+        if self.rotary is not None:
+            positions = positions if positions is not None else sequence_positions(length, batch, start, device=x.device)
+            rotary = self.rotary(positions, zero_rotation)
+        if cond is not None and cond_mask is None:
+            cond_mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+
+        hiddens: List[Tensor] = []
+        for index, block in enumerate(self.layers):
+            x = block(x, cond=cond, cond_mask=cond_mask, mask=mask, rotary=rotary, cache=cache,
+                      layer_index=index, write_cache=write_cache)
+            if block_hook is not None:
+                replaced = block_hook(index, x)
+                x = replaced if replaced is not None else x
+            if return_hiddens:
+                hiddens.append(x)
+        if cache is not None and write_cache:
+            cache.advance(layout)
+        out = self.norm(x)
+        return (out, hiddens) if return_hiddens else out
+
+    # internals
+
+    def resolve_backend(self, x: Tensor, query_length: int, backend: Optional[str] = None) -> str:
+        backend = default(backend, self.attn_backend)
+        check(backend in BACKENDS, f"`backend` must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            use_flex = x.is_cuda and flex_available() and query_length > 1
+            return "flex" if use_flex else "sdpa"
+        check(backend != "flex" or flex_available(), "the flex backend needs torch >= 2.5 (flex_attention)")
+        return backend
+
+    def _attention_mask(self, x: Tensor, layout: Optional[TokenLayout], cache: Optional[KVCache],
+                        backend: Optional[str]) -> AttentionMask:
+        batch, length = x.shape[:2]
+        backend = self.resolve_backend(x, length, backend)
+        if layout is None and cache is None and backend == "sdpa":
+            return AttentionMask(is_causal=True)
+        queries = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
+        keys = cache.layout.cat(queries) if cache is not None else queries
+        offset = cache.length if cache is not None else 0
+        if backend == "flex":
+            return AttentionMask(block_mask=queries.block_mask(keys, offset))
+        return AttentionMask(dense=queries.dense_mask(keys, offset))
+
+    def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cache) -> Tuple[int, int]:
+        check(isinstance(x, Tensor) and x.ndim == 3 and x.shape[-1] == self.dim,
+              f"`x` must be a float tensor [batch, length, {self.dim}], got "
+              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        check(x.is_floating_point(), f"`x` must be floating point embeddings, got {x.dtype}")
+        batch, length = x.shape[:2]
+        check(length > 0, "`x` must hold at least one token")
+        if layout is not None:
+            check(tuple(layout.shape) == (batch, length),
+                  f"`layout` must describe [batch={batch}, length={length}] tokens, got {tuple(layout.shape)}")
+        if positions is not None:
+            check(not positions.is_floating_point(), f"`positions` must be an integer tensor, got {positions.dtype}")
+            check(tuple(positions.shape[:2]) == (batch, length),
+                  f"`positions` must start with [batch={batch}, length={length}], got {tuple(positions.shape)}")
+        if zero_rotation is not None:
+            check(zero_rotation.dtype == torch.bool and tuple(zero_rotation.shape) == (batch, length),
+                  f"`zero_rotation` must be a bool tensor [{batch}, {length}], got {zero_rotation.dtype} {tuple(zero_rotation.shape)}")
+        if cond is not None:
+            check(self.dim_cond is not None, "`cond` was given but the transformer was built without `dim_cond`")
+            check(tuple(cond.shape) == (batch, length, self.dim_cond),
+                  f"`cond` must be [batch={batch}, length={length}, dim_cond={self.dim_cond}], got {tuple(cond.shape)}")
+        if cond_mask is not None:
+            check(cond is not None, "`cond_mask` was given without `cond`")
+            check(cond_mask.dtype == torch.bool and tuple(cond_mask.shape) == (batch, length),
+                  f"`cond_mask` must be a bool tensor [{batch}, {length}], got {cond_mask.dtype} {tuple(cond_mask.shape)}")
+        if cache is not None:
+            cache.check_chunk(batch, length)
+        return batch, length
+

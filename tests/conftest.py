@@ -1,0 +1,30 @@
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+GOLDEN_DIR = Path(os.environ.get("MMGEN_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+# `HYPOTHESIS_PROFILE=thorough pytest` runs many more examples than CI does.
+settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# flex_attention warns on every eager (uncompiled) CPU call; the tests run it eagerly on purpose.
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def golden():
+    def load(name: str):
+        path = GOLDEN_DIR / name
+        if not path.exists():
+            pytest.skip(f"golden file {path} is absent: put the shared/golden folder beside the repository "
+                        f"or set MMGEN_GOLDEN_DIR")
+        return torch.load(path, weights_only=True)
+    return load
