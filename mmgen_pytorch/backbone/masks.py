@@ -8,7 +8,9 @@ A batch row is described per token by two integer ids:
 
 The rule, written once in :func:`visible`: a query at index ``q`` sees a key at index ``kv`` iff
 they are in the same sample, the key is not padding, and (``kv <= q`` or both lie in the same
-block). A padding query sees only itself, so every row of the mask has at least one ``True``
+block). An optional per-token ``causal_limits`` replaces ``q`` in ``kv <= q``: a token placed late in
+the row can then see only the keys up to an earlier index (Transfusion puts the noised copy of a
+modality after the sample and lets it see only the prefix that precedes the clean modality). A padding query sees only itself, so every row of the mask has at least one ``True``
 (no NaN from an empty softmax); its output is defined as attention onto its own value.
 
 From that one function come both the dense ``[b, 1, q, kv]`` boolean mask for
@@ -32,11 +34,12 @@ Span = Tuple[int, int]  # (start, length)
 
 
 def visible(q_segment: Tensor, q_block: Tensor, q_index: Tensor,
-            kv_segment: Tensor, kv_block: Tensor, kv_index: Tensor) -> Tensor:
+            kv_segment: Tensor, kv_block: Tensor, kv_index: Tensor, q_limit: Optional[Tensor] = None) -> Tensor:
     """The mask rule. Works elementwise on broadcastable tensors, and on flex's scalar indices."""
+    q_limit = q_index if q_limit is None else q_limit
     same_sample = (q_segment == kv_segment) & (kv_segment != PADDING)
     same_block = (q_block == kv_block) & (q_block != NO_BLOCK)
-    return (same_sample & ((kv_index <= q_index) | same_block)) | (kv_index == q_index)
+    return (same_sample & ((kv_index <= q_limit) | same_block)) | (kv_index == q_index)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TokenLayout:
 
     segment_ids: Tensor  # long [b, n]; PADDING for padding
     block_ids: Tensor    # long [b, n]; NO_BLOCK for causal tokens
+    causal_limits: Optional[Tensor] = None  # long [b, n]; absolute key index each query sees up to
 
     def __post_init__(self):
         check(self.segment_ids.ndim == 2 and self.segment_ids.shape == self.block_ids.shape,
@@ -100,8 +104,10 @@ class TokenLayout:
         return self.segment_ids == PADDING
 
     def cat(self, other: "TokenLayout") -> "TokenLayout":
+        """Keys of ``self`` followed by keys of ``other`` (causal limits only matter for queries)."""
         return TokenLayout(torch.cat((self.segment_ids, other.segment_ids), dim=1),
                            torch.cat((self.block_ids, other.block_ids), dim=1))
+
 
     # the two backends
 
@@ -114,8 +120,9 @@ class TokenLayout:
         keys = self if keys is None else keys
         q_index = torch.arange(self.shape[1], device=self.segment_ids.device) + query_offset
         kv_index = torch.arange(keys.shape[1], device=self.segment_ids.device)
+        q_limit = None if self.causal_limits is None else self.causal_limits[:, :, None]
         mask = visible(self.segment_ids[:, :, None], self.block_ids[:, :, None], q_index[:, None],
-                       keys.segment_ids[:, None, :], keys.block_ids[:, None, :], kv_index[None, :])
+                       keys.segment_ids[:, None, :], keys.block_ids[:, None, :], kv_index[None, :], q_limit)
         return mask[:, None]
 
     def mask_mod(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0):
@@ -123,10 +130,12 @@ class TokenLayout:
         keys = self if keys is None else keys
         q_segment, q_block = self.segment_ids, self.block_ids
         kv_segment, kv_block = keys.segment_ids, keys.block_ids
+        limits = self.causal_limits
 
         def mask_mod(b, h, q, kv):
+            q_limit = None if limits is None else limits[b, q]
             return visible(q_segment[b, q], q_block[b, q], q + query_offset,
-                           kv_segment[b, kv], kv_block[b, kv], kv)
+                           kv_segment[b, kv], kv_block[b, kv], kv, q_limit)
 
         return mask_mod
 

@@ -1,0 +1,3 @@
+from .flow import RectifiedFlow, TimeEmbedding
+
+__all__ = ["RectifiedFlow", "TimeEmbedding"]

@@ -1,0 +1,71 @@
+"""Token sampling helpers shared by every autoregressive model: logit filters and CFG."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._utils import check
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering; the most likely token is always kept (HF's shift-right rule)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative > p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    limit = probs.amax(dim=-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < limit, float("-inf"))
+
+
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> Tensor:
+    check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
+    check(0.0 < top_p <= 1.0, f"`top_p` must be in (0, 1], got {top_p}")
+    check(0.0 <= min_p < 1.0, f"`min_p` must be in [0, 1), got {min_p}")
+    logits = logits.float() / max(temperature, 1e-5)
+    return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
+
+
+def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0, greedy: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One token id per row of ``logits [..., vocab]``; ``greedy`` (or temperature 0) takes the argmax."""
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
+    return uncond + (cond - uncond) * scale
+
+
+def split_cfg(batch: Tensor, scale: float) -> Tensor:
+    """Guide a CFG-doubled batch (conditional rows first); a no-op for ``scale == 1``."""
+    if scale == 1.0:
+        return batch
+    cond, uncond = batch.chunk(2, dim=0)
+    return cfg_combine(cond, uncond, scale)

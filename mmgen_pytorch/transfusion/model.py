@@ -1,0 +1,399 @@
+"""Transfusion: one transformer, next-token prediction on text and flow matching on modalities.
+
+Reading order: construction -> input normalisation -> forward (pack, noise, embed, backbone,
+losses) -> the embedding / head helpers the sampler shares (``sampler.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._utils import check, default, describe
+from ..backbone import Transformer
+from ..objectives.flow import RectifiedFlow, TimeEmbedding
+from .packing import LatentGroup, Modality, PackedBatch, Shape, Vocabulary, build_training_sequence, pack
+from .sampler import Sampler, as_items, forced_tokens
+
+ModalityInput = Union[Tensor, Tuple[int, Tensor]]
+
+
+class LossBreakdown(NamedTuple):
+    total: Tensor
+    text: Tensor                    # mean cross-entropy over labelled text tokens
+    flow: Tuple[Tensor, ...]        # mean flow loss per modality type (0 where absent)
+    text_per_sample: Tensor         # [b] mean text loss of each sample (nan if it has no labels)
+    flow_per_sample: Tensor         # [b, M] mean flow loss of each sample per type (nan if absent)
+
+
+def _per_modality(value, count: int, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (list, tuple)) and not (
+        name == "modality_default_shape" and value and isinstance(value[0], int)) else (value,) * count
+    check(len(values) == count, f"`{name}` needs one entry per modality ({count}), got {len(values)}")
+    return values
+
+
+class FrozenWrapper(nn.Module):
+    """Holds a frozen encoder/decoder without exposing its parameters to optimisers or state dicts."""
+
+    def __init__(self, module: Optional[nn.Module]):
+        super().__init__()
+        self._module = [module]  # a list keeps it out of .parameters() and .state_dict()
+        if module is not None:
+            module.requires_grad_(False).eval()
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        return self._module[0]
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        self.module.to(x.device).eval()
+        return self.module(x[None])[0]
+
+
+class Transfusion(nn.Module):
+    def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
+                 dim_latent: Union[int, Sequence[int], None] = None,
+                 channel_first_latent: Union[bool, Sequence[bool]] = False,
+                 modality_default_shape=None, modality_num_dim: Union[int, Sequence[int], None] = None,
+                 modality_encoder=None, modality_decoder=None, add_pos_emb: Union[bool, Sequence[bool]] = False,
+                 text_loss_weight: float = 1.0, flow_loss_weight: float = 1.0,
+                 modality_loss_weights: Optional[Sequence[float]] = None, prob_uncond: float = 0.1,
+                 ignore_index: int = -1, time_sampling: str = "uniform", ode_method: str = "midpoint",
+                 ode_kwargs: Optional[dict] = None, attn_backend: str = "auto"):
+        super().__init__()
+        check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
+        check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
+        transformer_dim = transformer.dim if isinstance(transformer, Transformer) else transformer["dim"]
+        dims = tuple(dim_latent) if isinstance(dim_latent, (list, tuple)) else (default(dim_latent, transformer_dim),)
+        num_modalities = len(dims)
+        self.vocab = Vocabulary(num_text_tokens, num_modalities)
+        self.num_modalities, self.dim_latents = num_modalities, dims
+        self.channel_first = _per_modality(channel_first_latent, num_modalities, "channel_first_latent")
+        self.default_shapes = tuple(None if s is None else tuple(s) for s in
+                                    _per_modality(modality_default_shape, num_modalities, "modality_default_shape"))
+        inferred_rank = tuple(len(s) if s is not None else None for s in self.default_shapes)
+        ranks = _per_modality(modality_num_dim, num_modalities, "modality_num_dim") if modality_num_dim is not None else inferred_rank
+        self.ranks = tuple(r if r is not None else inferred for r, inferred in zip(ranks, inferred_rank))
+        self.rotary_axes = max([1] + [r for r in self.ranks if r is not None])
+        self.encoders = nn.ModuleList(FrozenWrapper(e) for e in _per_modality(modality_encoder, num_modalities, "modality_encoder"))
+        self.decoders = nn.ModuleList(FrozenWrapper(d) for d in _per_modality(modality_decoder, num_modalities, "modality_decoder"))
+        self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
+        self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
+        self.prob_uncond, self.ignore_index = prob_uncond, ignore_index
+        self.flow = RectifiedFlow(time_sampling=time_sampling, ode_method=ode_method, ode_kwargs=ode_kwargs)
+
+        self.transformer = self._build_transformer(transformer, attn_backend)
+        dim = self.transformer.dim
+        self.dim = dim
+        self.token_emb = nn.Embedding(self.vocab.size, dim)
+        self.latent_to_model = nn.ModuleList(nn.Linear(d, dim) for d in dims)
+        self.model_to_latent = nn.ModuleList(nn.Linear(dim, d) for d in dims)
+        self.pos_emb = nn.ModuleList(
+            nn.Sequential(nn.Linear(self.rotary_axes, dim), nn.SiLU(), nn.Linear(dim, dim)) if use else None
+            for use in _per_modality(add_pos_emb, num_modalities, "add_pos_emb"))
+        self.time_emb = TimeEmbedding(dim)
+        self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
+
+    def _build_transformer(self, transformer, attn_backend: str) -> Transformer:
+        if isinstance(transformer, Transformer):
+            check(transformer.dim_cond == transformer.dim,
+                  "a Transformer instance given to Transfusion needs `dim_cond=dim` (timestep adaLN)")
+            return transformer
+        check(isinstance(transformer, dict) and "dim" in transformer and "depth" in transformer,
+              f"`transformer` must be a Transformer or a dict with at least `dim` and `depth`, got {describe(transformer)}")
+        config = dict(heads=8, attn_backend=attn_backend)
+        config.update(transformer)
+        dim_head = config.get("dim_head", config["dim"] // config["heads"])
+        config.setdefault("dim_head", dim_head)
+        config.update(rotary_axes=self.rotary_axes, rotary_dim=dim_head - dim_head % (2 * self.rotary_axes),
+                      dim_cond=config["dim"])
+        return Transformer(**config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_emb.weight.device
+
+    # input normalisation
+
+    def to_items(self, sample, *, name: str = "sample") -> List[Union[Tensor, Modality]]:
+        """Validate one ragged sample and turn its modalities into channel-last latent tokens."""
+        check(isinstance(sample, (list, tuple)), f"`{name}` must be a list of text tensors and modalities, got {describe(sample)}")
+        check(len(sample) > 0, f"`{name}` is empty: give at least one text tensor or modality")
+        items = []
+        for index, item in enumerate(sample):
+            where = f"{name}[{index}]"
+            if isinstance(item, tuple):
+                check(len(item) == 2 and isinstance(item[0], int),
+                      f"`{where}` must be a (modality_type, tensor) tuple, got {describe(item)}")
+                items.append(self.to_modality(item[1], item[0], name=where))
+            elif isinstance(item, Tensor) and item.is_floating_point():
+                items.append(self.to_modality(item, 0, name=where))
+            else:
+                items.append(self.check_text(item, name=where))
+        return items
+
+    def check_text(self, ids, *, name: str) -> Tensor:
+        check(isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int, torch.int16, torch.uint8),
+              f"`{name}` must be a long tensor of text token ids, got {describe(ids)}")
+        check(ids.ndim == 1, f"`{name}`: text must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            check(low >= 0 and high < self.vocab.num_text_tokens,
+                  f"`{name}`: text token ids must be in [0, {self.vocab.num_text_tokens}), got values in [{low}, {high}]")
+        return ids.long().to(self.device)
+
+    def to_modality(self, tensor, modality: int, *, name: str) -> Modality:
+        check(0 <= modality < self.num_modalities,
+              f"`{name}`: unknown modality type {modality}; this model has {self.num_modalities} (0..{self.num_modalities - 1})")
+        check(isinstance(tensor, Tensor) and tensor.is_floating_point(),
+              f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
+        check(bool(torch.isfinite(tensor).all()), f"`{name}`: the modality contains NaN or inf values")
+        tensor = tensor.to(self.device)
+        encoder = self.encoders[modality]
+        if encoder.module is not None:
+            tensor = encoder(tensor)
+        latent = tensor.movedim(0, -1) if self.channel_first[modality] else tensor
+        dim_latent = self.dim_latents[modality]
+        check(latent.ndim >= 1 and latent.shape[-1] == dim_latent,
+              f"`{name}`: modality {modality} expects latents with {dim_latent} channels "
+              f"({'first' if self.channel_first[modality] else 'last'} axis), got shape {tuple(tensor.shape)}"
+              + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
+        shape = tuple(latent.shape[:-1])
+        rank = self.ranks[modality]
+        check(rank is None or len(shape) == rank,
+              f"`{name}`: modality {modality} has rank {rank}, got a latent grid of shape {shape}")
+        return Modality(modality, latent.reshape(-1, dim_latent), shape)
+
+    def normalize_batch(self, x, modality_type: Optional[int]) -> Tuple[List[List], bool]:
+        """Returns (samples of items, text_only)."""
+        if isinstance(x, Tensor) and not x.is_floating_point():
+            check(x.ndim == 2, f"text-only input must be Int[batch, seq], got shape {tuple(x.shape)}")
+            return [[self.check_text(row, name=f"x[{i}]")] for i, row in enumerate(x)], True
+        if isinstance(x, Tensor):
+            check(modality_type is not None or self.num_modalities == 1,
+                  f"modality-only input needs `modality_type` when the model has {self.num_modalities} modalities")
+            m = default(modality_type, 0)
+            return [[self.to_modality(row, m, name=f"x[{i}]")] for i, row in enumerate(x)], False
+        check(isinstance(x, (list, tuple)) and len(x) > 0,
+              f"`x` must be a non-empty list of samples, an Int[b, n] or a Float[b, ...] tensor, got {describe(x)}")
+        return [self.to_items(sample, name=f"x[{i}]") for i, sample in enumerate(x)], False
+
+    # forward
+
+    def forward(self, x, *, return_loss: bool = True, return_breakdown: bool = False,
+                modality_type: Optional[int] = None, times: Optional[Sequence[Sequence[float]]] = None,
+                noise: Optional[Sequence[Sequence[Tensor]]] = None, prob_uncond: Optional[float] = None):
+        """Loss of a batch (see the README for the input forms).
+
+        ``times`` / ``noise``: per sample, one time in [0, 1) / one noise tensor (shaped like the latent,
+        channel-last tokens ``[n, dim_latent]``) per NOISED modality of that sample, in order; drawn at
+        random when not given. Returns the loss, ``(loss, LossBreakdown)``, or with ``return_loss=False``
+        the text logits and per-modality velocity predictions of the packed batch.
+        """
+        samples, text_only = self.normalize_batch(x, modality_type)
+        prob_uncond = default(prob_uncond, self.prob_uncond if self.training else 0.0)
+        drop = [random.random() < prob_uncond and any(isinstance(i, Modality) for i in s) for s in samples]
+        sequences = [build_training_sequence(items, self.vocab, self.rotary_axes, drop_text=d, sos=not text_only,
+                                             eos=not text_only)
+                     for items, d in zip(samples, drop)]
+        packed = pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, device=self.device)
+        instance_times, instance_noise = self._draw_noise(packed, times, noise)
+
+        groups = [self._noised_group(g, packed, instance_times, instance_noise) for g in packed.groups]
+        hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
+                                   [(g.modality, g.flat_index, x_t, g.coords) for g, (x_t, _) in zip(packed.groups, groups)],
+                                   self._token_times(packed, instance_times))
+        text_logits = self.to_text_logits(hidden)
+        if text_only:
+            text_logits = text_logits[..., :self.vocab.num_text_tokens]
+        velocities = [self.velocity(hidden, g.modality, g.flat_index) for g in packed.groups]
+        if not return_loss:
+            return text_logits, velocities
+        breakdown = self._losses(packed, text_logits, velocities, groups)
+        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def _draw_noise(self, packed: PackedBatch, times, noise) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        noised = [i for i, inst in enumerate(packed.instances) if inst.noised]
+        instance_times = torch.ones(len(packed.instances), device=self.device)
+        instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
+        given_times = self._per_noised_instance(packed, times, "times")
+        given_noise = self._per_noised_instance(packed, noise, "noise")
+        drawn = self.flow.sample_times(len(noised), device=self.device)
+        for k, i in enumerate(noised):
+            instance_times[i] = float(given_times[k]) if given_times is not None else drawn[k]
+            size = (packed.instances[i].index.numel(), self.dim_latents[packed.instances[i].modality])
+            instance_noise[i] = (given_noise[k].reshape(size).to(self.device) if given_noise is not None
+                                 else torch.randn(size, device=self.device))
+        return instance_times, instance_noise
+
+    def _per_noised_instance(self, packed: PackedBatch, values, name: str):
+        if values is None:
+            return None
+        rows = [inst.row for inst in packed.instances if inst.noised]
+        check(len(values) == len(packed.lengths), f"`{name}` needs one list per sample ({len(packed.lengths)}), got {len(values)}")
+        flat = [v for per_sample in values for v in per_sample]
+        check(len(flat) == len(rows), f"`{name}` needs one entry per noised modality ({len(rows)} in this batch), got {len(flat)}")
+        return flat
+
+    def _noised_group(self, group: LatentGroup, packed: PackedBatch, instance_times: Tensor,
+                      instance_noise: List[Optional[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
+        """The group's input latents x_t and the noise they were made with (zeros for clean tokens)."""
+        noise = torch.cat([instance_noise[i] if instance_noise[i] is not None else
+                           torch.zeros_like(group.tokens[:packed.instances[i].index.numel()])
+                           for i in group.instance.unique_consecutive().tolist()])
+        t = instance_times[group.instance]
+        return self.flow.interpolate(group.tokens, noise, t), noise
+
+    def _token_times(self, packed: PackedBatch, instance_times: Tensor) -> Tensor:
+        token_times = torch.ones(packed.shape, device=self.device)
+        for group in packed.groups:
+            token_times.view(-1)[group.flat_index] = instance_times[group.instance]
+        return token_times
+
+    def _losses(self, packed: PackedBatch, text_logits: Tensor, velocities: List[Tensor], groups) -> LossBreakdown:
+        batch = packed.shape[0]
+        token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
+                                   ignore_index=self.ignore_index, reduction="none")
+        labelled = (packed.labels != self.ignore_index).float()
+        text = (token_ce * labelled).sum() / labelled.sum().clamp_min(1)
+        text_per_sample = (token_ce * labelled).sum(1) / labelled.sum(1)
+
+        flow = [torch.zeros((), device=self.device) for _ in range(self.num_modalities)]
+        flow_per_sample = torch.full((batch, self.num_modalities), float("nan"), device=self.device)
+        noised_instance = torch.tensor([inst.noised for inst in packed.instances], device=self.device)
+        rows = torch.tensor([inst.row for inst in packed.instances], device=self.device)
+        for group, velocity, (_, noise) in zip(packed.groups, velocities, groups):
+            keep = noised_instance[group.instance]
+            if not keep.any():
+                continue
+            per_token = self.flow.loss(velocity, group.tokens, noise).mean(-1)[keep]
+            flow[group.modality] = per_token.mean()
+            token_rows = rows[group.instance][keep]
+            sums = torch.zeros(batch, device=self.device).index_add(0, token_rows, per_token)
+            counts = torch.zeros(batch, device=self.device).index_add(0, token_rows, torch.ones_like(per_token))
+            flow_per_sample[:, group.modality] = sums / counts
+        weighted_flow = sum(w * f for w, f in zip(self.modality_loss_weights, flow))
+        total = self.text_loss_weight * text + self.flow_loss_weight * weighted_flow
+        return LossBreakdown(total, text, tuple(flow), text_per_sample, flow_per_sample)
+
+    # pieces shared with the sampler
+
+    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout,
+                     latents: List[Tuple[int, Tensor, Tensor, Tensor]], token_times: Tensor, **backbone_kwargs) -> Tensor:
+        """Embed text ids and latent tokens (``(modality, flat_index, values, coords_in_modality)``),
+        condition latent tokens on their times, and run the transformer."""
+        x = self.token_emb(token_ids)
+        flat = x.reshape(-1, self.dim).clone()
+        latent_mask = torch.zeros(token_ids.numel(), dtype=torch.bool, device=x.device)
+        for modality, index, values, coords in latents:
+            embedded = self.latent_to_model[modality](values.to(x.dtype))
+            if self.pos_emb[modality] is not None:
+                embedded = embedded + self.pos_emb[modality](coords.to(x.dtype))
+            flat = flat.index_copy(0, index, embedded)
+            latent_mask[index] = True
+        x = flat.view_as(x)
+        latent_mask = latent_mask.view(token_ids.shape)
+        cond = torch.zeros_like(x)
+        if latent_mask.any():
+            cond = cond.masked_scatter(latent_mask[..., None], self.time_emb(token_times[latent_mask]))
+        return self.transformer(x, layout=layout, positions=positions, cond=cond, cond_mask=latent_mask,
+                                **backbone_kwargs)
+
+    def velocity(self, hidden: Tensor, modality: int, flat_index: Tensor) -> Tensor:
+        return self.model_to_latent[modality](hidden.reshape(-1, self.dim)[flat_index]).float()
+
+    def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
+        """Fixed shape if forced, else the emitted one, else the default (error if none)."""
+        shape = fixed if fixed is not None else emitted if emitted is not None else self.default_shapes[modality]
+        check(shape is not None, f"modality {modality} has no valid shape: pass `fixed_modality_shape` "
+                                 f"or build the model with `modality_default_shape`")
+        return tuple(shape)
+
+    # sampling
+
+    @torch.no_grad()
+    def sample(self, prompt=None, *, batch_size: Optional[int] = None, max_length: int = 2048,
+               text_temperature: float = 1.0, text_min_p: float = 0.1, text_top_k: int = 0, text_top_p: float = 1.0,
+               cfg_scale: float = 3.0, modality_steps: int = 16, fixed_modality_shape: Optional[Shape] = None,
+               force_modality_at_start=None, max_modalities: Optional[int] = None,
+               return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
+               generator: Optional[torch.Generator] = None):
+        """Generate interleaved text and modalities.
+
+        ``prompt``: None, one prompt (a list of text tensors / modalities, or a single tensor), or a list
+        of prompts (batched). Returns one sample (a list of text tensors and ``(modality_type, tensor)``),
+        or a list of samples for a list of prompts or a ``batch_size``.
+        """
+        batched = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) or p is None for p in prompt)
+        prompts = prompt if batched else [prompt] * default(batch_size, 1)
+        check(len(prompts) > 0, "`prompt` is an empty list of prompts")
+        was_training = self.training
+        self.eval()
+        items = [as_items(self, p) for p in prompts]
+        forced = [forced_tokens(self, force_modality_at_start)] * len(items)
+        sampler = Sampler(self, max_length=max_length, text_temperature=text_temperature, text_min_p=text_min_p,
+                          text_top_k=text_top_k, text_top_p=text_top_p, cfg_scale=cfg_scale,
+                          modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
+                          max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
+                          use_cache=use_cache, progress=progress, generator=generator)
+        samples = sampler(items, forced)
+        self.train(was_training)
+        return samples if batched or batch_size is not None else samples[0]
+
+    @torch.no_grad()
+    def generate_text_only(self, prompt: Tensor, seq_len: int, *, temperature: float = 1.0, min_p: float = 0.1,
+                           top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, progress: bool = True,
+                           generator: Optional[torch.Generator] = None) -> Tensor:
+        """Text-only continuation of ``prompt`` (Int[b, n]) up to ``seq_len`` tokens; returns the new tokens."""
+        check(isinstance(prompt, Tensor) and prompt.ndim == 2 and not prompt.is_floating_point(),
+              f"`prompt` must be Int[batch, seq], got {describe(prompt)}")
+        check(seq_len > prompt.shape[1], f"`seq_len` ({seq_len}) must exceed the prompt length ({prompt.shape[1]})")
+        was_training = self.training
+        self.eval()
+        rows = [[self.check_text(p, name=f"prompt[{i}]")] for i, p in enumerate(prompt)]
+        sampler = Sampler(self, max_length=seq_len, text_temperature=temperature, text_min_p=min_p, text_top_k=top_k,
+                          text_top_p=top_p, use_cache=use_cache, progress=progress, generator=generator, text_only=True)
+        out = sampler(rows, [[]] * len(rows))
+        self.train(was_training)
+        return torch.stack([sample[-1] for sample in out]).to(prompt.device)
+
+    @torch.no_grad()
+    def generate_modality_only(self, batch_size: int = 1, *, modality_type: Optional[int] = None,
+                               fixed_modality_shape: Optional[Shape] = None, modality_steps: int = 16,
+                               return_unprocessed_modalities: bool = False, progress: bool = True,
+                               generator: Optional[torch.Generator] = None) -> Tensor:
+        """Unconditional modalities ``[batch_size, ...]`` (no text, no guidance)."""
+        check(modality_type is not None or self.num_modalities == 1,
+              f"`modality_type` is needed when the model has {self.num_modalities} modalities")
+        modality = default(modality_type, 0)
+        shape = self.shape_for(modality, None, fixed_modality_shape)
+        count = int(torch.tensor(shape).prod()) if shape else 1
+        samples = self.sample([[] for _ in range(batch_size)], max_length=count + len(shape) * 8 + 8,
+                              cfg_scale=1.0, modality_steps=modality_steps, force_modality_at_start=(modality, shape),
+                              max_modalities=1, return_unprocessed_modalities=return_unprocessed_modalities,
+                              progress=progress, generator=generator)
+        return torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
+
+    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
+        """Channel-last tokens -> the user's layout (channel-first if configured), through the decoder."""
+        latent = tokens.reshape(*shape, self.dim_latents[modality])
+        if self.channel_first[modality]:
+            latent = latent.movedim(-1, 0)
+        decoder = self.decoders[modality]
+        return decoder(latent) if decoder.module is not None else latent
+
+
+def print_modality_sample(sample: List) -> None:
+    """Print a sampled sequence as (kind, shape) lines."""
+    for item in sample:
+        if isinstance(item, tuple):
+            modality, tensor = item
+            print(f"modality {modality}: {tuple(tensor.shape)}")
+        else:
+            print(f"text: {tuple(item.shape)}")

@@ -1,0 +1,273 @@
+"""Ragged multimodal samples -> one packed token grid.
+
+A sample is a list of text tensors (long, 1-D) and modalities (float tensors, or ``(type, tensor)``).
+Each modality becomes ``[meta] <shape as ASCII> [som_m] <latent tokens> [eom_m]`` and a sample is
+wrapped in ``[sos] ... [eos]`` during training.
+
+Positions: text advances one position per token (the same value on every rotary axis). A modality of
+rank r that starts at position p gives token ``(i_1..i_r)`` the position ``p + (0, .., 0, i_1, .., i_r)``
+(left-padded with zeros up to the number of rotary axes; rank 0 = one token at p), and text resumes at
+``p + max(shape)`` — the M-RoPE scheme: real 1-D / 2-D / 3-D positions inside every modality.
+
+Conditioning of earlier modalities (training == sampling): a modality that is followed by more
+content is placed CLEAN in the sequence (time 1, no loss), exactly as the sampler writes a finished
+modality into its cache; its NOISED copy (which carries the flow loss) is appended after the sample,
+with the same positions, in its own bidirectional block, seeing only the prefix up to its ``[som]``
+(``TokenLayout.causal_limits``). A modality at the end of a sample is noised in place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._utils import check
+from ..backbone import NO_BLOCK, PADDING, TokenLayout, grid_positions
+
+Shape = Tuple[int, ...]
+SHAPE_PATTERN = re.compile(r"^(\d+(,\d+)*)?$")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token ids: text ``[0, N)``, sos, eos, null_text, M ``[som]``, M ``[eom]``, ``[meta]``, 128 ASCII."""
+
+    num_text_tokens: int
+    num_modalities: int
+
+    @property
+    def sos(self) -> int:
+        return self.num_text_tokens
+
+    @property
+    def eos(self) -> int:
+        return self.num_text_tokens + 1
+
+    @property
+    def null_text(self) -> int:
+        return self.num_text_tokens + 2
+
+    def som(self, modality: int) -> int:
+        return self.num_text_tokens + 3 + modality
+
+    def eom(self, modality: int) -> int:
+        return self.num_text_tokens + 3 + self.num_modalities + modality
+
+    @property
+    def meta(self) -> int:
+        return self.num_text_tokens + 3 + 2 * self.num_modalities
+
+    @property
+    def first_char(self) -> int:
+        return self.meta + 1
+
+    @property
+    def size(self) -> int:
+        return self.first_char + 128
+
+    def som_modality(self, token: int) -> Optional[int]:
+        offset = token - self.som(0)
+        return offset if 0 <= offset < self.num_modalities else None
+
+    def is_text(self, ids: Tensor) -> Tensor:
+        return ids < self.num_text_tokens
+
+    def shape_ids(self, shape: Shape) -> List[int]:
+        return [self.first_char + ord(c) for c in ",".join(str(s) for s in shape)]
+
+    def parse_shape(self, ids: Sequence[int], rank: Optional[int] = None) -> Optional[Shape]:
+        """The shape spelled by ``ids`` (e.g. ``"3,3"``), or None when it is not a valid shape."""
+        if any(not self.first_char <= i < self.size for i in ids):
+            return None
+        text = "".join(chr(i - self.first_char) for i in ids)
+        if not SHAPE_PATTERN.match(text):
+            return None
+        shape = tuple(int(s) for s in text.split(",")) if text else ()
+        if any(s <= 0 for s in shape) or (rank is not None and len(shape) != rank):
+            return None
+        return shape
+
+
+def modality_positions(start: int, shape: Shape, axes: int) -> Tensor:
+    """``[prod(shape), axes]`` positions of a modality's tokens starting at position ``start``."""
+    coords = grid_positions(*shape) if shape else torch.zeros(1, 0, dtype=torch.long)
+    pad = torch.zeros(coords.shape[0], axes - coords.shape[1], dtype=torch.long)
+    return start + torch.cat((pad, coords), dim=1)
+
+
+def modality_extent(shape: Shape) -> int:
+    """How far text positions advance past a modality."""
+    return max(shape) if shape else 1
+
+
+@dataclass
+class Modality:
+    """A modality instance in channel-last token form."""
+
+    modality: int
+    tokens: Tensor          # [n, dim_latent], clean latents
+    shape: Shape
+
+
+@dataclass
+class Segment:
+    """A contiguous run of tokens of one sample."""
+
+    token_ids: Tensor                        # [n] long (0 under latents)
+    positions: Tensor                        # [n, axes]
+    modality: Optional[Modality] = None      # latent run
+    noised: bool = False                     # carries a flow loss (time < 1)
+    causal_limit: Optional[int] = None       # for appended noised copies: sample-relative index
+    labelled: bool = True                    # text tokens in it are prediction targets
+
+
+@dataclass
+class SampleSequence:
+    segments: List[Segment] = field(default_factory=list)
+    next_position: int = 0
+
+    @property
+    def length(self) -> int:
+        return sum(s.token_ids.shape[0] for s in self.segments)
+
+    def add_text(self, ids: Sequence[int] | Tensor, labelled: bool = True) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            return
+        positions = torch.arange(self.next_position, self.next_position + ids.numel())
+        self.segments.append(Segment(ids, positions[:, None].expand(-1, self.axes).clone(), labelled=labelled))
+        self.next_position += ids.numel()
+
+    def add_modality(self, modality: Modality, *, noised: bool) -> Segment:
+        positions = modality_positions(self.next_position, modality.shape, self.axes)
+        segment = Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality, noised)
+        self.segments.append(segment)
+        self.next_position += modality_extent(modality.shape)
+        return segment
+
+    axes: int = 1
+
+
+def build_training_sequence(items: Sequence, vocab: Vocabulary, axes: int, *, drop_text: bool = False,
+                            sos: bool = True, eos: bool = True, noise_last: bool = True) -> SampleSequence:
+    """``items``: text id tensors and :class:`Modality` instances, in order.
+
+    ``drop_text`` replaces every text id by ``null_text`` (CFG's unconditional stream) and marks it
+    unlabelled. Modalities followed by more content stay clean and get an appended noised copy.
+    """
+    sequence = SampleSequence(axes=axes)
+    if sos:
+        sequence.add_text([vocab.sos])
+    copies: List[Tuple[Modality, int, Tensor]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Modality):
+            sequence.add_text([vocab.meta, *vocab.shape_ids(item.shape), vocab.som(item.modality)])
+            followed = any(True for _ in items[index + 1:])
+            som_index = sequence.length - 1
+            segment = sequence.add_modality(item, noised=noise_last and not followed)
+            if followed and noise_last:
+                copies.append((item, som_index, segment.positions))
+            sequence.add_text([vocab.eom(item.modality)])
+        else:
+            ids = torch.full_like(item, vocab.null_text) if drop_text else item
+            sequence.add_text(ids, labelled=not drop_text)
+    if eos:
+        sequence.add_text([vocab.eos])
+    for modality, som_index, positions in copies:
+        sequence.segments.append(Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality,
+                                         noised=True, causal_limit=som_index, labelled=False))
+    return sequence
+
+
+@dataclass
+class LatentGroup:
+    """All latent tokens of one modality type in a packed batch."""
+
+    modality: int
+    flat_index: Tensor      # [k] index into the flattened [b * n] grid
+    tokens: Tensor          # [k, dim_latent] clean latents
+    instance: Tensor        # [k] instance id (into PackedBatch.instances)
+    coords: Tensor          # [k, axes] position of each token inside its modality
+
+
+@dataclass
+class Instance:
+    row: int
+    modality: int
+    shape: Shape
+    noised: bool
+    index: Tensor           # [n] flat indices of its tokens
+
+
+@dataclass
+class PackedBatch:
+    token_ids: Tensor       # [b, n]
+    labels: Tensor          # [b, n] next-token targets, ignore_index elsewhere
+    positions: Tensor       # [b, n, axes]
+    layout: TokenLayout
+    latent_mask: Tensor     # [b, n] bool
+    instances: List[Instance]
+    groups: List[LatentGroup]
+    lengths: List[int]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.token_ids.shape
+
+
+def pack(sequences: Sequence[SampleSequence], *, num_modalities: int, ignore_index: int,
+         pad_left: bool = False, device=None) -> PackedBatch:
+    """Pad the sample sequences into one ``[b, n]`` grid (right padding, or left for prompts)."""
+    lengths = [s.length for s in sequences]
+    batch, total = len(sequences), max(lengths)
+    axes = sequences[0].axes
+    token_ids = torch.zeros(batch, total, dtype=torch.long)
+    labels = torch.full((batch, total), ignore_index, dtype=torch.long)
+    positions = torch.zeros(batch, total, axes, dtype=torch.long)
+    segment_ids = torch.full((batch, total), PADDING, dtype=torch.long)
+    block_ids = torch.full((batch, total), NO_BLOCK, dtype=torch.long)
+    causal_limits = torch.arange(total).repeat(batch, 1)
+    latent_mask = torch.zeros(batch, total, dtype=torch.bool)
+    text_target = torch.zeros(batch, total, dtype=torch.bool)
+    instances: List[Instance] = []
+    per_type: List[List[Tuple[Tensor, Tensor, int, Tensor]]] = [[] for _ in range(num_modalities)]
+
+    for row, sequence in enumerate(sequences):
+        cursor = total - lengths[row] if pad_left else 0
+        segment_ids[row, cursor:cursor + lengths[row]] = 0
+        sample_start = cursor
+        for segment in sequence.segments:
+            n = segment.token_ids.shape[0]
+            span = slice(cursor, cursor + n)
+            token_ids[row, span] = segment.token_ids
+            positions[row, span] = segment.positions
+            if segment.modality is None:
+                text_target[row, span] = segment.labelled
+            else:
+                latent_mask[row, span] = True
+                block_ids[row, span] = len(instances)
+                if segment.causal_limit is not None:
+                    causal_limits[row, span] = sample_start + segment.causal_limit
+                flat = torch.arange(cursor, cursor + n) + row * total
+                instance_id = len(instances)
+                instances.append(Instance(row, segment.modality.modality, segment.modality.shape, segment.noised, flat))
+                coords = segment.positions - segment.positions[0]
+                per_type[segment.modality.modality].append((flat, segment.modality.tokens, instance_id, coords))
+            cursor += n
+
+    # position i predicts token i + 1 when both are text-like tokens of the same sample
+    labels[:, :-1] = torch.where(text_target[:, 1:] & ~latent_mask[:, :-1] & (segment_ids[:, :-1] != PADDING),
+                                 token_ids[:, 1:], labels[:, :-1])
+    groups = [LatentGroup(m, torch.cat([e[0] for e in entries]).to(device), torch.cat([e[1] for e in entries]).to(device),
+                          torch.cat([torch.full((e[0].numel(),), e[2], dtype=torch.long) for e in entries]).to(device),
+                          torch.cat([e[3] for e in entries]).to(device))
+              for m, entries in enumerate(per_type) if entries]
+    for instance in instances:
+        instance.index = instance.index.to(device)
+    layout = TokenLayout(segment_ids.to(device), block_ids.to(device), causal_limits.to(device))
+    return PackedBatch(token_ids.to(device), labels.to(device), positions.to(device), layout,
+                       latent_mask.to(device), instances, groups, lengths)

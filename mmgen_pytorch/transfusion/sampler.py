@@ -1,0 +1,343 @@
+"""Batched, cached sampling of interleaved text and modalities.
+
+All rows advance in lockstep over one static KV cache (rows with CFG: conditional rows first, then
+their unconditional twins, whose text ids are ``null_text`` exactly as in training). Each iteration
+either feeds one text token per row, or generates one modality for the rows that just fed ``[som]``:
+every ODE evaluation runs only the modality tokens against the cached prefix WITHOUT writing them,
+and the finished clean latent is written once, at time 1, before ``[eom]``. Rows that sit out a step
+feed padding, which no token ever attends to.
+
+The :class:`UncachedDecoder` replays the whole history for every call through the same code path:
+it is the reference that the cached sampler is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._utils import check
+from ..backbone import NO_BLOCK, PADDING, TokenLayout
+from ..sampling import sample_from_logits, split_cfg
+from .packing import Shape, build_training_sequence, modality_extent, modality_positions, pack
+
+LatentInput = Tuple[int, Tensor, Tensor, Tensor]  # (modality, flat index into [b * c], values, coords)
+GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from prompt instance ids
+
+
+@dataclass
+class Chunk:
+    token_ids: Tensor        # [b, c]
+    positions: Tensor        # [b, c, axes]
+    layout: TokenLayout
+    latents: List[LatentInput]
+    token_times: Tensor      # [b, c]
+
+    @property
+    def length(self) -> int:
+        return self.token_ids.shape[1]
+
+
+class CachedDecoder:
+    def __init__(self, model, batch: int, max_length: int):
+        self.model = model
+        self.cache = model.transformer.new_cache(batch, max_length)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def __call__(self, chunk: Chunk, write: bool) -> Tensor:
+        self.ensure_capacity(chunk.length)
+        return self.model.run_backbone(chunk.token_ids, chunk.positions, chunk.layout, chunk.latents,
+                                       chunk.token_times, cache=self.cache, write_cache=write)
+
+    def ensure_capacity(self, extra: int) -> None:
+        cache = self.cache
+        if cache.length + extra <= cache.max_length:
+            return
+        grown = self.model.transformer.new_cache(cache.batch_size, 2 * (cache.length + extra))
+        for name in ("keys", "values"):
+            getattr(grown, name)[:, :, :, :cache.length] = getattr(cache, name)[:, :, :, :cache.length]
+        grown.advance(cache.layout)
+        self.cache = grown
+
+
+class UncachedDecoder:
+    """Re-runs every written chunk plus the new one: the brute-force reference."""
+
+    def __init__(self, model, batch: int, max_length: int):
+        self.model, self.history = model, []
+
+    @property
+    def length(self) -> int:
+        return sum(c.length for c in self.history)
+
+    def __call__(self, chunk: Chunk, write: bool) -> Tensor:
+        chunks = self.history + [chunk]
+        total = sum(c.length for c in chunks)
+        latents, offset = [], 0
+        for c in chunks:
+            for modality, index, values, coords in c.latents:
+                row, column = index // c.length, index % c.length
+                latents.append((modality, row * total + offset + column, values, coords))
+            offset += c.length
+        layout = TokenLayout(torch.cat([c.layout.segment_ids for c in chunks], 1),
+                             torch.cat([c.layout.block_ids for c in chunks], 1))
+        hidden = self.model.run_backbone(torch.cat([c.token_ids for c in chunks], 1),
+                                         torch.cat([c.positions for c in chunks], 1), layout, latents,
+                                         torch.cat([c.token_times for c in chunks], 1))
+        if write:
+            self.history.append(chunk)
+        return hidden[:, -chunk.length:]
+
+
+@dataclass
+class Row:
+    """What one sample has produced and where it stands."""
+
+    items: List = field(default_factory=list)        # output: prompt items, then generated ones
+    text: List[int] = field(default_factory=list)    # chosen ids not yet flushed into items
+    fed: List[int] = field(default_factory=list)     # every text-like id in the sequence so far
+    forced: List[int] = field(default_factory=list)  # ids to feed instead of sampling
+    next_token: Optional[int] = None                 # chosen, not yet fed
+    pending: Optional[Tuple[int, Shape]] = None      # (modality, shape) after a fed [som]
+    length: int = 0                                  # tokens in the sequence (prompt included)
+    position: int = 0                                # next rotary position
+    modalities: int = 0
+    done: bool = False
+
+    def flush_text(self, num_text_tokens: int) -> None:
+        text = [t for t in self.text if t < num_text_tokens]
+        if text:
+            self.items.append(torch.tensor(text, dtype=torch.long))
+        self.text = []
+
+
+class Sampler:
+    def __init__(self, model, *, max_length: int, text_temperature: float = 1.0, text_min_p: float = 0.1,
+                 text_top_k: int = 0, text_top_p: float = 1.0, cfg_scale: float = 3.0, modality_steps: int = 16,
+                 fixed_modality_shape: Optional[Shape] = None, max_modalities: Optional[int] = None,
+                 return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
+                 generator: Optional[torch.Generator] = None, text_only: bool = False):
+        check(max_length > 0, f"`max_length` must be positive, got {max_length}")
+        check(cfg_scale >= 0, f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        self.model, self.vocab = model, model.vocab
+        self.max_length, self.cfg_scale, self.steps = max_length, cfg_scale, modality_steps
+        self.text_kwargs = dict(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p)
+        self.fixed_shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else None
+        self.max_modalities, self.unprocessed = max_modalities, return_unprocessed_modalities
+        self.use_cache, self.progress, self.generator, self.text_only = use_cache, progress, generator, text_only
+        self.guided = cfg_scale != 1.0 and not text_only
+        self.copies = 2 if self.guided else 1
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[List], forced: Sequence[List[int]]) -> List[List]:
+        rows = [Row(items=list(p)) for p in prompts]
+        hidden = self.prefill(prompts, forced, rows)
+        bar = tqdm(total=self.max_length, disable=not self.progress, desc="sampling", leave=False)
+        while True:
+            if hidden is not None:
+                self.choose_next(rows, hidden)
+            bar.update(max(r.length for r in rows) - bar.n)
+            pending = [i for i, r in enumerate(rows) if r.pending is not None and not r.done]
+            if pending:
+                self.generate_modality(rows, pending)
+                hidden = None
+            elif any(not r.done for r in rows):
+                hidden = self.feed_text(rows)
+            else:
+                break
+        bar.close()
+        for row in rows:
+            row.flush_text(self.vocab.num_text_tokens)
+        return [r.items for r in rows]
+
+    # prompt
+
+    def prefill(self, prompts, forced, rows: List[Row]) -> Tensor:
+        model, vocab = self.model, self.vocab
+        sequences = []
+        for drop in ([False, True] if self.guided else [False]):
+            for items, extra in zip(prompts, forced):
+                sequence = build_training_sequence(items, vocab, model.rotary_axes, drop_text=drop,
+                                                   sos=not self.text_only, eos=False, noise_last=False)
+                sequence.add_text(extra)
+                sequences.append(sequence)
+        check(all(s.length > 0 for s in sequences), "a prompt is empty and a text-only model has no [sos]: "
+                                                    "give at least one token")
+        for row, sequence in zip(rows, sequences):
+            row.length, row.position = sequence.length, sequence.next_position
+            row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
+            check(row.length <= self.max_length,
+                  f"the prompt ({row.length} tokens) is longer than `max_length` ({self.max_length})")
+            self.mark_fed(row, row.fed[-1])
+        packed = pack(sequences, num_modalities=model.num_modalities, ignore_index=model.ignore_index,
+                      pad_left=True, device=model.device)
+        chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
+                      [(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
+                      torch.ones(packed.shape, device=model.device))
+        decoder_class = CachedDecoder if self.use_cache else UncachedDecoder
+        self.decoder = decoder_class(model, len(sequences), packed.shape[1] + self.max_length + 8)
+        return self.decoder(chunk, write=True)[:, -1]
+
+    def mark_fed(self, row: Row, token: int) -> None:
+        """A [som] just fed makes the row generate that modality next."""
+        modality = self.vocab.som_modality(token)
+        if modality is not None and not self.text_only:
+            row.pending = (modality, self.model.shape_for(modality, self.emitted_shape(row.fed, modality), self.fixed_shape))
+
+    def emitted_shape(self, fed: List[int], modality: int) -> Optional[Shape]:
+        """The shape spelled between the last [meta] and the [som] that ends ``fed``."""
+        if self.vocab.meta not in fed:
+            return None
+        meta = len(fed) - 1 - fed[::-1].index(self.vocab.meta)
+        return self.vocab.parse_shape(fed[meta + 1:-1], rank=self.model.ranks[modality])
+
+    # text
+
+    def choose_next(self, rows: List[Row], hidden: Tensor) -> None:
+        """Pick each waiting row's next token from its last hidden state (or its forced queue)."""
+        logits = self.model.to_text_logits(hidden[:len(rows)]).float()
+        if self.text_only:
+            logits = logits[:, :self.vocab.num_text_tokens]
+        else:
+            logits[:, [self.vocab.sos, self.vocab.null_text]] = float("-inf")
+        sampled = sample_from_logits(logits, generator=self.generator, **self.text_kwargs).tolist()
+        for row, token in zip(rows, sampled):
+            if row.done or row.pending is not None or row.next_token is not None:
+                continue
+            token = row.forced.pop(0) if row.forced else token
+            if (token == self.vocab.eos and not self.text_only) or row.length >= self.max_length:
+                row.done = True
+                continue
+            if token == self.vocab.meta and self.fixed_shape is not None:
+                row.forced = self.vocab.shape_ids(self.fixed_shape)
+            row.text.append(token)
+            row.next_token = token
+
+    def feed_text(self, rows: List[Row]) -> Tensor:
+        """Feed every active row's chosen token: one forward of one token per row."""
+        batch, copies = len(rows), self.copies
+        token_ids = torch.zeros(batch * copies, 1, dtype=torch.long)
+        positions = torch.zeros(batch * copies, 1, self.model.rotary_axes, dtype=torch.long)
+        segment = torch.full((batch * copies, 1), PADDING, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row.done or row.next_token is None:
+                continue
+            token, row.next_token = row.next_token, None
+            for copy in range(copies):
+                null = copy == 1 and token < self.vocab.num_text_tokens
+                token_ids[i + copy * batch, 0] = self.vocab.null_text if null else token
+                positions[i + copy * batch] = row.position
+                segment[i + copy * batch] = 0
+            row.fed.append(token)
+            row.position += 1
+            row.length += 1
+            self.mark_fed(row, token)
+        device = self.model.device
+        chunk = Chunk(token_ids.to(device), positions.to(device),
+                      TokenLayout(segment.to(device), torch.full_like(segment, NO_BLOCK).to(device)), [],
+                      torch.ones(batch * copies, 1, device=device))
+        return self.decoder(chunk, write=True)[:, -1]
+
+    # modalities
+
+    def generate_modality(self, rows: List[Row], pending: List[int]) -> None:
+        """Generate one modality for every pending row that wants the same (type, shape)."""
+        model = self.model
+        modality, shape = rows[pending[0]].pending
+        count = int(torch.tensor(shape).prod()) if shape else 1
+        group = []
+        for i in pending:
+            if rows[i].pending != (modality, shape):
+                continue
+            if rows[i].length + count + 1 > self.max_length:  # no room for the modality and its [eom]
+                rows[i].done = True
+            else:
+                group.append(i)
+        if not group:
+            return
+        batch = len(rows)
+        all_rows = [i + copy * batch for copy in range(self.copies) for i in group]
+        dim_latent = model.dim_latents[modality]
+        noise = torch.randn(len(group), count, dim_latent, device=model.device, generator=self.generator)
+        chunk = self.modality_chunk(rows, all_rows, modality, shape, count, batch * self.copies)
+
+        def velocity(t: Tensor, x: Tensor) -> Tensor:
+            guided = self.modality_forward(chunk, x.repeat(self.copies, 1, 1), t, write=False)
+            return split_cfg(guided, self.cfg_scale) if self.guided else guided
+
+        latent = model.flow.integrate(velocity, noise, self.steps)
+        self.modality_forward(chunk, latent.repeat(self.copies, 1, 1), torch.ones(()), write=True)
+        for k, i in enumerate(group):
+            row = rows[i]
+            row.flush_text(self.vocab.num_text_tokens)
+            row.items.append((modality, self.output_modality(modality, latent[k], shape)))
+            row.position += modality_extent(shape)
+            row.length += count
+            row.modalities += 1
+            row.pending = None
+            row.next_token = self.vocab.eom(modality)
+            if self.max_modalities is not None and row.modalities >= self.max_modalities:
+                row.done = True
+
+    def output_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
+        if not self.unprocessed:
+            return self.model.decode_modality(modality, tokens, shape)
+        latent = tokens.reshape(*shape, self.model.dim_latents[modality])
+        return latent.movedim(-1, 0) if self.model.channel_first[modality] else latent
+
+    def modality_chunk(self, rows, all_rows, modality, shape, count, total_rows) -> Chunk:
+        axes = self.model.rotary_axes
+        device = self.model.device
+        token_ids = torch.zeros(total_rows, count, dtype=torch.long)
+        positions = torch.zeros(total_rows, count, axes, dtype=torch.long)
+        segment = torch.full((total_rows, count), PADDING, dtype=torch.long)
+        block = torch.full((total_rows, count), NO_BLOCK, dtype=torch.long)
+        block_id = GENERATED_BLOCK_OFFSET + self.decoder.length
+        batch = len(rows)
+        for r in all_rows:
+            positions[r] = modality_positions(rows[r % batch].position, shape, axes)
+            segment[r], block[r] = 0, block_id
+        flat = torch.cat([torch.arange(count) + r * count for r in all_rows]).to(device)
+        coords = modality_positions(0, shape, axes).repeat(len(all_rows), 1).to(device)
+        return Chunk(token_ids.to(device), positions.to(device), TokenLayout(segment.to(device), block.to(device)),
+                     [(modality, flat, None, coords)], torch.ones(total_rows, count, device=device))
+
+    def modality_forward(self, chunk: Chunk, x: Tensor, t: Tensor, write: bool) -> Tensor:
+        modality, flat, _, coords = chunk.latents[0]
+        times = chunk.token_times.clone()
+        times.view(-1)[flat] = t.to(times.dtype)
+        step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
+                     [(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
+        hidden = self.decoder(step, write=write)
+        return self.model.velocity(hidden, modality, flat).view(x.shape)
+
+
+def forced_tokens(model, force_modality_at_start) -> List[int]:
+    """``m`` or ``(m, shape)`` -> the ``[meta] shape [som_m]`` ids appended to a prompt."""
+    if force_modality_at_start is None:
+        return []
+    modality, shape = (force_modality_at_start if isinstance(force_modality_at_start, tuple)
+                       else (force_modality_at_start, None))
+    check(0 <= modality < model.num_modalities,
+          f"`force_modality_at_start`: unknown modality type {modality}; the model has {model.num_modalities}")
+    shape = model.shape_for(modality, None, tuple(shape) if shape is not None else None)
+    return [model.vocab.meta, *model.vocab.shape_ids(shape), model.vocab.som(modality)]
+
+
+def as_items(model, prompt) -> List:
+    if prompt is None:
+        return []
+    if isinstance(prompt, Tensor) and not prompt.is_floating_point():
+        return [model.check_text(prompt, name="prompt")]
+    if isinstance(prompt, Tensor) or (isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], int)):
+        return model.to_items([prompt], name="prompt")
+    return model.to_items(prompt, name="prompt") if len(prompt) else []
+
+
