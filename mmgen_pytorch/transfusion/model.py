@@ -17,7 +17,7 @@ from .._utils import check, default, describe
 from ..backbone import Transformer
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
 from .packing import LatentGroup, Modality, PackedBatch, Shape, Vocabulary, build_training_sequence, pack
-from .sampler import Sampler, as_items, forced_tokens
+from .sampler import Sampler, forced_tokens, prompt_as_list
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
 
@@ -219,26 +219,33 @@ class Transfusion(nn.Module):
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
     def _draw_noise(self, packed: PackedBatch, times, noise) -> Tuple[Tensor, List[Optional[Tensor]]]:
-        noised = [i for i, inst in enumerate(packed.instances) if inst.noised]
+        """Time and noise of every instance: clean ones get time 1 and no noise."""
+        noised = sorted((i for i, inst in enumerate(packed.instances) if inst.noised),
+                        key=lambda i: (packed.instances[i].row, packed.instances[i].ordinal))
         instance_times = torch.ones(len(packed.instances), device=self.device)
         instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
-        given_times = self._per_noised_instance(packed, times, "times")
-        given_noise = self._per_noised_instance(packed, noise, "noise")
+        given_times = self._per_noised_instance(packed, noised, times, "times")
+        given_noise = self._per_noised_instance(packed, noised, noise, "noise")
         drawn = self.flow.sample_times(len(noised), device=self.device)
         for k, i in enumerate(noised):
+            instance = packed.instances[i]
             instance_times[i] = float(given_times[k]) if given_times is not None else drawn[k]
-            size = (packed.instances[i].index.numel(), self.dim_latents[packed.instances[i].modality])
-            instance_noise[i] = (given_noise[k].reshape(size).to(self.device) if given_noise is not None
-                                 else torch.randn(size, device=self.device))
+            size = (instance.index.numel(), self.dim_latents[instance.modality])
+            if given_noise is None:
+                instance_noise[i] = torch.randn(size, device=self.device)
+                continue
+            check(given_noise[k].numel() == size[0] * size[1],
+                  f"`noise` for modality {instance.ordinal} of sample {instance.row} must have "
+                  f"{size[0]} x {size[1]} values, got shape {tuple(given_noise[k].shape)}")
+            instance_noise[i] = given_noise[k].reshape(size).to(self.device)
         return instance_times, instance_noise
 
-    def _per_noised_instance(self, packed: PackedBatch, values, name: str):
+    def _per_noised_instance(self, packed: PackedBatch, noised: List[int], values, name: str):
         if values is None:
             return None
-        rows = [inst.row for inst in packed.instances if inst.noised]
         check(len(values) == len(packed.lengths), f"`{name}` needs one list per sample ({len(packed.lengths)}), got {len(values)}")
         flat = [v for per_sample in values for v in per_sample]
-        check(len(flat) == len(rows), f"`{name}` needs one entry per noised modality ({len(rows)} in this batch), got {len(flat)}")
+        check(len(flat) == len(noised), f"`{name}` needs one entry per modality ({len(noised)} in this batch), got {len(flat)}")
         return flat
 
     def _noised_group(self, group: LatentGroup, packed: PackedBatch, instance_times: Tensor,
@@ -335,14 +342,15 @@ class Transfusion(nn.Module):
         check(len(prompts) > 0, "`prompt` is an empty list of prompts")
         was_training = self.training
         self.eval()
-        items = [as_items(self, p) for p in prompts]
+        prompts = [prompt_as_list(p) for p in prompts]
+        items = [self.to_items(p, name=f"prompt[{i}]") if p else [] for i, p in enumerate(prompts)]
         forced = [forced_tokens(self, force_modality_at_start)] * len(items)
         sampler = Sampler(self, max_length=max_length, text_temperature=text_temperature, text_min_p=text_min_p,
                           text_top_k=text_top_k, text_top_p=text_top_p, cfg_scale=cfg_scale,
                           modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
                           max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
                           use_cache=use_cache, progress=progress, generator=generator)
-        samples = sampler(items, forced)
+        samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
         self.train(was_training)
         return samples if batched or batch_size is not None else samples[0]
 

@@ -123,6 +123,7 @@ class Segment:
     noised: bool = False                     # carries a flow loss (time < 1)
     causal_limit: Optional[int] = None       # for appended noised copies: sample-relative index
     labelled: bool = True                    # text tokens in it are prediction targets
+    ordinal: int = -1                        # which modality of the sample (0, 1, ...) it holds
 
 
 @dataclass
@@ -142,9 +143,9 @@ class SampleSequence:
         self.segments.append(Segment(ids, positions[:, None].expand(-1, self.axes).clone(), labelled=labelled))
         self.next_position += ids.numel()
 
-    def add_modality(self, modality: Modality, *, noised: bool) -> Segment:
+    def add_modality(self, modality: Modality, *, noised: bool, ordinal: int = -1) -> Segment:
         positions = modality_positions(self.next_position, modality.shape, self.axes)
-        segment = Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality, noised)
+        segment = Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality, noised, ordinal=ordinal)
         self.segments.append(segment)
         self.next_position += modality_extent(modality.shape)
         return segment
@@ -162,24 +163,26 @@ def build_training_sequence(items: Sequence, vocab: Vocabulary, axes: int, *, dr
     sequence = SampleSequence(axes=axes)
     if sos:
         sequence.add_text([vocab.sos])
-    copies: List[Tuple[Modality, int, Tensor]] = []
+    copies: List[Tuple[Modality, int, Tensor, int]] = []
+    ordinal = 0
     for index, item in enumerate(items):
         if isinstance(item, Modality):
             sequence.add_text([vocab.meta, *vocab.shape_ids(item.shape), vocab.som(item.modality)])
             followed = any(True for _ in items[index + 1:])
             som_index = sequence.length - 1
-            segment = sequence.add_modality(item, noised=noise_last and not followed)
+            segment = sequence.add_modality(item, noised=noise_last and not followed, ordinal=ordinal)
             if followed and noise_last:
-                copies.append((item, som_index, segment.positions))
+                copies.append((item, som_index, segment.positions, ordinal))
             sequence.add_text([vocab.eom(item.modality)])
+            ordinal += 1
         else:
             ids = torch.full_like(item, vocab.null_text) if drop_text else item
             sequence.add_text(ids, labelled=not drop_text)
     if eos:
         sequence.add_text([vocab.eos])
-    for modality, som_index, positions in copies:
+    for modality, som_index, positions, ordinal in copies:
         sequence.segments.append(Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality,
-                                         noised=True, causal_limit=som_index, labelled=False))
+                                         noised=True, causal_limit=som_index, labelled=False, ordinal=ordinal))
     return sequence
 
 
@@ -201,6 +204,7 @@ class Instance:
     shape: Shape
     noised: bool
     index: Tensor           # [n] flat indices of its tokens
+    ordinal: int            # which modality of its sample
 
 
 @dataclass
@@ -254,7 +258,8 @@ def pack(sequences: Sequence[SampleSequence], *, num_modalities: int, ignore_ind
                     causal_limits[row, span] = sample_start + segment.causal_limit
                 flat = torch.arange(cursor, cursor + n) + row * total
                 instance_id = len(instances)
-                instances.append(Instance(row, segment.modality.modality, segment.modality.shape, segment.noised, flat))
+                instances.append(Instance(row, segment.modality.modality, segment.modality.shape, segment.noised, flat,
+                                          segment.ordinal))
                 coords = segment.positions - segment.positions[0]
                 per_type[segment.modality.modality].append((flat, segment.modality.tokens, instance_id, coords))
             cursor += n

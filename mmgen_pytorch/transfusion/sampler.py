@@ -100,7 +100,7 @@ class UncachedDecoder:
 class Row:
     """What one sample has produced and where it stands."""
 
-    items: List = field(default_factory=list)        # output: prompt items, then generated ones
+    items: List = field(default_factory=list)        # output: the generated text tensors and modalities
     text: List[int] = field(default_factory=list)    # chosen ids not yet flushed into items
     fed: List[int] = field(default_factory=list)     # every text-like id in the sequence so far
     forced: List[int] = field(default_factory=list)  # ids to feed instead of sampling
@@ -137,7 +137,7 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[List], forced: Sequence[List[int]]) -> List[List]:
-        rows = [Row(items=list(p)) for p in prompts]
+        rows = [Row() for _ in prompts]
         hidden = self.prefill(prompts, forced, rows)
         bar = tqdm(total=self.max_length, disable=not self.progress, desc="sampling", leave=False)
         while True:
@@ -202,15 +202,17 @@ class Sampler:
 
     def choose_next(self, rows: List[Row], hidden: Tensor) -> None:
         """Pick each waiting row's next token from its last hidden state (or its forced queue)."""
-        logits = self.model.to_text_logits(hidden[:len(rows)]).float()
+        waiting = [i for i, r in enumerate(rows) if not r.done and r.pending is None and r.next_token is None]
+        if not waiting:
+            return
+        logits = self.model.to_text_logits(hidden[waiting]).float()
         if self.text_only:
             logits = logits[:, :self.vocab.num_text_tokens]
         else:
             logits[:, [self.vocab.sos, self.vocab.null_text]] = float("-inf")
         sampled = sample_from_logits(logits, generator=self.generator, **self.text_kwargs).tolist()
-        for row, token in zip(rows, sampled):
-            if row.done or row.pending is not None or row.next_token is not None:
-                continue
+        for i, token in zip(waiting, sampled):
+            row = rows[i]
             token = row.forced.pop(0) if row.forced else token
             if (token == self.vocab.eos and not self.text_only) or row.length >= self.max_length:
                 row.done = True
@@ -331,13 +333,12 @@ def forced_tokens(model, force_modality_at_start) -> List[int]:
     return [model.vocab.meta, *model.vocab.shape_ids(shape), model.vocab.som(modality)]
 
 
-def as_items(model, prompt) -> List:
+def prompt_as_list(prompt) -> List:
+    """None, one tensor / ``(type, tensor)``, or a list of them -> a list of prompt items."""
     if prompt is None:
         return []
-    if isinstance(prompt, Tensor) and not prompt.is_floating_point():
-        return [model.check_text(prompt, name="prompt")]
-    if isinstance(prompt, Tensor) or (isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], int)):
-        return model.to_items([prompt], name="prompt")
-    return model.to_items(prompt, name="prompt") if len(prompt) else []
+    if isinstance(prompt, (Tensor, tuple)):
+        return [prompt]
+    return list(prompt)
 
 
