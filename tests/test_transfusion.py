@@ -194,17 +194,14 @@ def test_cached_sampling_equals_uncached():
         generator = torch.Generator().manual_seed(7)
         outputs.append(model.sample(prompts, max_length=40, cfg_scale=2.0, modality_steps=3, text_min_p=0.0,
                                     use_cache=use_cache, generator=generator, progress=False))
-    produced_modality = False
     for cached, uncached in zip(*outputs):
         assert len(cached) == len(uncached)
         for a, b in zip(cached, uncached):
             if isinstance(a, tuple):
-                produced_modality = True
                 assert a[0] == b[0]
                 torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=0)
             else:
                 assert torch.equal(a, b)
-    assert produced_modality or True  # text-only runs still compare every token
 
 
 def test_cached_modality_generation_equals_uncached_with_forced_modalities():
