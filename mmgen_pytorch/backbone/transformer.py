@@ -60,7 +60,9 @@ class AdaptiveModulation(nn.Module):
     """adaLN-Zero (DiT): shift, scale and gate for both sub-blocks from a per-token condition.
 
     Only tokens flagged in ``cond_mask`` are modulated; every other token gets shift 0, scale 0 and
-    gate 1, i.e. exactly the unconditioned block.
+    gate 1, i.e. exactly the unconditioned block. With ``cond_index`` the condition is a table of
+    ``k`` rows, modulated once per row and gathered per token (cheap when many tokens share one
+    condition, like every token of a noised image sharing its timestep).
     """
 
     def __init__(self, dim: int, dim_cond: int):
@@ -69,8 +71,10 @@ class AdaptiveModulation(nn.Module):
         nn.init.zeros_(self.to_modulation.weight)
         nn.init.zeros_(self.to_modulation.bias)
 
-    def forward(self, cond: Tensor, cond_mask: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, cond: Tensor, cond_mask: Tensor, cond_index: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
         mod = self.to_modulation(F.silu(cond))
+        if cond_index is not None:
+            mod = mod[cond_index.clamp_min(0)]
         carries = cond_mask[..., None]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.chunk(6, dim=-1)
         zero, one = mod.new_zeros(()), mod.new_ones(())
@@ -89,11 +93,11 @@ class Block(nn.Module):
         self.modulation = AdaptiveModulation(dim, dim_cond) if dim_cond is not None else None
 
     def forward(self, x: Tensor, *, cond: Optional[Tensor] = None, cond_mask: Optional[Tensor] = None,
-                **attn_kwargs) -> Tensor:
+                cond_index: Optional[Tensor] = None, **attn_kwargs) -> Tensor:
         if self.modulation is None or cond is None:
             x = x + self.attn(self.attn_norm(x), **attn_kwargs)
             return x + self.ff(self.ff_norm(x))
-        shift_a, scale_a, shift_f, scale_f, gate_a, gate_f = self.modulation(cond, cond_mask)
+        shift_a, scale_a, shift_f, scale_f, gate_a, gate_f = self.modulation(cond, cond_mask, cond_index)
         x = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, **attn_kwargs)
         return x + gate_f * self.ff(self.ff_norm(x) * (1 + scale_f) + shift_f)
 
@@ -159,7 +163,8 @@ class Transformer(nn.Module):
     def forward(self, x: Float[Tensor, "b n d"], *, layout: Optional[TokenLayout] = None,
                 positions: Optional[Union[Int[Tensor, "b n"], Int[Tensor, "b n axes"]]] = None,
                 zero_rotation: Optional[Bool[Tensor, "b n"]] = None,
-                cond: Optional[Float[Tensor, "b n dc"]] = None, cond_mask: Optional[Bool[Tensor, "b n"]] = None,
+                cond: Optional[Union[Float[Tensor, "b n dc"], Float[Tensor, "k dc"]]] = None,
+                cond_mask: Optional[Bool[Tensor, "b n"]] = None, cond_index: Optional[Int[Tensor, "b n"]] = None,
                 cache: Optional[KVCache] = None, write_cache: bool = True, block_hook: Optional[BlockHook] = None,
                 return_hiddens: bool = False, backend: Optional[str] = None):
         """Run the blocks.
@@ -171,13 +176,15 @@ class Transformer(nn.Module):
                 (default: ``arange`` continuing after the cache).
             zero_rotation: tokens whose rotation is zeroed (q, k -> 0), LlamaGen's prefix.
             cond, cond_mask: per-token condition for adaLN and which tokens carry it (default all).
+            cond_index: instead of ``cond_mask``, ``cond`` is a table ``[k, dim_cond]`` and token
+                ``(b, n)`` uses row ``cond_index[b, n]`` (``-1``: no condition).
             cache: a :class:`KVCache`; the tokens continue after its ``length`` positions.
             write_cache: write this chunk into the cache (else attend to the prefix, leave it unchanged).
             block_hook: ``hook(block_index, hidden) -> hidden | None`` after every block; a returned
                 tensor replaces the residual stream (e.g. to inject embeddings).
             return_hiddens: also return the hidden state after every block (before the final norm).
         """
-        batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cache)
+        batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache)
         start = cache.length if cache is not None else 0
         mask = self._attention_mask(x, layout, cache, backend)
         layout = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
@@ -185,12 +192,14 @@ class Transformer(nn.Module):
         if self.rotary is not None:
             positions = positions if positions is not None else sequence_positions(length, batch, start, device=x.device)
             rotary = self.rotary(positions, zero_rotation)
-        if cond is not None and cond_mask is None:
+        if cond_index is not None:
+            cond_mask = cond_index >= 0
+        elif cond is not None and cond_mask is None:
             cond_mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
 
         hiddens: List[Tensor] = []
         for index, block in enumerate(self.layers):
-            x = block(x, cond=cond, cond_mask=cond_mask, mask=mask, rotary=rotary, cache=cache,
+            x = block(x, cond=cond, cond_mask=cond_mask, cond_index=cond_index, mask=mask, rotary=rotary, cache=cache,
                       layer_index=index, write_cache=write_cache)
             if block_hook is not None:
                 replaced = block_hook(index, x)
@@ -226,7 +235,7 @@ class Transformer(nn.Module):
             return AttentionMask(block_mask=queries.block_mask(keys, offset))
         return AttentionMask(dense=queries.dense_mask(keys, offset))
 
-    def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cache) -> Tuple[int, int]:
+    def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:
         check(isinstance(x, Tensor) and x.ndim == 3 and x.shape[-1] == self.dim,
               f"`x` must be a float tensor [batch, length, {self.dim}], got "
               f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -234,19 +243,28 @@ class Transformer(nn.Module):
         batch, length = x.shape[:2]
         check(length > 0, "`x` must hold at least one token")
         if layout is not None:
+            check(isinstance(layout, TokenLayout), f"`layout` must be a TokenLayout, got {type(layout).__name__}")
             check(tuple(layout.shape) == (batch, length),
                   f"`layout` must describe [batch={batch}, length={length}] tokens, got {tuple(layout.shape)}")
         if positions is not None:
             check(not positions.is_floating_point(), f"`positions` must be an integer tensor, got {positions.dtype}")
-            check(tuple(positions.shape[:2]) == (batch, length),
-                  f"`positions` must start with [batch={batch}, length={length}], got {tuple(positions.shape)}")
+            check(positions.ndim in (2, 3) and tuple(positions.shape[:2]) == (batch, length),
+                  f"`positions` must be [batch={batch}, length={length}] or [batch, length, axes], "
+                  f"got {tuple(positions.shape)}")
         if zero_rotation is not None:
             check(zero_rotation.dtype == torch.bool and tuple(zero_rotation.shape) == (batch, length),
                   f"`zero_rotation` must be a bool tensor [{batch}, {length}], got {zero_rotation.dtype} {tuple(zero_rotation.shape)}")
         if cond is not None:
             check(self.dim_cond is not None, "`cond` was given but the transformer was built without `dim_cond`")
-            check(tuple(cond.shape) == (batch, length, self.dim_cond),
-                  f"`cond` must be [batch={batch}, length={length}, dim_cond={self.dim_cond}], got {tuple(cond.shape)}")
+            expected = (cond.shape[0], self.dim_cond) if cond_index is not None else (batch, length, self.dim_cond)
+            check(tuple(cond.shape) == expected,
+                  f"`cond` must be [batch={batch}, length={length}, dim_cond={self.dim_cond}] "
+                  f"(or a [k, {self.dim_cond}] table with `cond_index`), got {tuple(cond.shape)}")
+        if cond_index is not None:
+            check(cond is not None and cond_mask is None, "`cond_index` needs a `cond` table and excludes `cond_mask`")
+            check(not cond_index.is_floating_point() and tuple(cond_index.shape) == (batch, length),
+                  f"`cond_index` must be an integer tensor [{batch}, {length}], got {cond_index.dtype} {tuple(cond_index.shape)}")
+            check(int(cond_index.max()) < cond.shape[0], f"`cond_index` points past the {cond.shape[0]} rows of `cond`")
         if cond_mask is not None:
             check(cond is not None, "`cond_mask` was given without `cond`")
             check(cond_mask.dtype == torch.bool and tuple(cond_mask.shape) == (batch, length),

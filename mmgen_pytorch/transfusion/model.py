@@ -306,11 +306,13 @@ class Transfusion(nn.Module):
             latent_mask[index] = True
         x = flat.view_as(x)
         latent_mask = latent_mask.view(token_ids.shape)
-        cond = torch.zeros_like(x)
-        if latent_mask.any():
-            cond = cond.masked_scatter(latent_mask[..., None], self.time_emb(token_times[latent_mask]))
-        return self.transformer(x, layout=layout, positions=positions, cond=cond, cond_mask=latent_mask,
-                                **backbone_kwargs)
+        # every token of a modality shares its time: embed and modulate each distinct time once
+        times, inverse = torch.unique(token_times[latent_mask], return_inverse=True)
+        cond_index = torch.full_like(token_ids, -1).masked_scatter(latent_mask, inverse)
+        if times.numel() == 0:
+            times = token_times.new_ones(1)
+        return self.transformer(x, layout=layout, positions=positions, cond=self.time_emb(times),
+                                cond_index=cond_index, **backbone_kwargs)
 
     def velocity(self, hidden: Tensor, modality: int, flat_index: Tensor) -> Tensor:
         return self.model_to_latent[modality](hidden.reshape(-1, self.dim)[flat_index]).float()
