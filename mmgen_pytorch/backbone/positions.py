@@ -32,9 +32,9 @@ class RotaryTable:
     def rotate(self, t: Tensor) -> Tensor:
         """Rotate the first ``rot_dim`` channels of ``t`` ([b, h, n, d]) in float32."""
         rot_dim = self.cos.shape[-1]
-        rotated, rest = t[..., :rot_dim].float(), t[..., rot_dim:]
-        rotated = rotated * self.cos + rotate_half(rotated) * self.sin
-        return torch.cat((rotated.type_as(t), rest), dim=-1)
+        rotated = t[..., :rot_dim].float()
+        rotated = (rotated * self.cos + rotate_half(rotated) * self.sin).type_as(t)
+        return rotated if rot_dim == t.shape[-1] else torch.cat((rotated, t[..., rot_dim:]), dim=-1)
 
     def pairs(self) -> Tensor:
         """``[b, n, rot_dim/2, 2]`` (cos, sin) per rotation pair: LlamaGen's ``freqs_cis`` layout."""

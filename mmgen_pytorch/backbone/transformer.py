@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._utils import check, default, divisible_by, round_up_to_multiple
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
@@ -38,13 +39,15 @@ def swiglu_hidden_dim(dim: int, *, mult: float = 4.0, multiple_of: int = 256,
 class FeedForward(nn.Module):
     """SwiGLU ``proj_out(silu(gate) * up)`` with ``proj_in = [gate; up]``, or a GELU MLP."""
 
-    def __init__(self, dim: int, hidden: int, *, kind: str = "swiglu", bias: bool = False, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, *, kind: str = "swiglu", bias: bool = False, dropout: float = 0.0,
+                 hidden_dropout: float = 0.0):
         super().__init__()
         check(kind in FEED_FORWARDS, f"`ff` must be one of {FEED_FORWARDS}, got {kind!r}")
         self.kind = kind
         self.proj_in = nn.Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
         self.proj_out = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.hidden_dropout = nn.Dropout(hidden_dropout)  # timm's Mlp drops after the activation too
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.proj_in(x)
@@ -53,7 +56,7 @@ class FeedForward(nn.Module):
             hidden = F.silu(gate) * up
         else:
             hidden = F.gelu(hidden)
-        return self.dropout(self.proj_out(hidden))
+        return self.dropout(self.proj_out(self.hidden_dropout(hidden)))
 
 
 class AdaptiveModulation(nn.Module):
@@ -71,15 +74,17 @@ class AdaptiveModulation(nn.Module):
         nn.init.zeros_(self.to_modulation.weight)
         nn.init.zeros_(self.to_modulation.bias)
 
-    def forward(self, cond: Tensor, cond_mask: Tensor, cond_index: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    def forward(self, cond: Tensor, cond_index: Tensor) -> Tuple[Tensor, ...]:
+        """``cond``: a ``[k, dim_cond]`` table; ``cond_index [b, n]``: a row per token, ``-1`` for none.
+
+        Returns shift_a, scale_a, gate_a, shift_f, scale_f, gate_f, each ``[b, n, dim]``.
+        """
         mod = self.to_modulation(F.silu(cond))
-        if cond_index is not None:
-            mod = mod[cond_index.clamp_min(0)]
-        carries = cond_mask[..., None]
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.chunk(6, dim=-1)
-        zero, one = mod.new_zeros(()), mod.new_ones(())
-        return tuple(torch.where(carries, t, zero) for t in (shift_a, scale_a, shift_f, scale_f)) + \
-            tuple(torch.where(carries, g, one) for g in (gate_a, gate_f))
+        identity = torch.zeros_like(mod[:1]).view(1, 6, -1)
+        identity[:, 2::3] = 1.0  # gates of 1, shifts and scales of 0: the unconditioned block
+        table = torch.cat((mod, identity.view(1, -1)))
+        rows = torch.where(cond_index < 0, mod.shape[0], cond_index)
+        return table[rows].chunk(6, dim=-1)
 
 
 class Block(nn.Module):
@@ -92,12 +97,12 @@ class Block(nn.Module):
         self.ff = feed_forward
         self.modulation = AdaptiveModulation(dim, dim_cond) if dim_cond is not None else None
 
-    def forward(self, x: Tensor, *, cond: Optional[Tensor] = None, cond_mask: Optional[Tensor] = None,
-                cond_index: Optional[Tensor] = None, **attn_kwargs) -> Tensor:
+    def forward(self, x: Tensor, *, cond: Optional[Tensor] = None, cond_index: Optional[Tensor] = None,
+                **attn_kwargs) -> Tensor:
         if self.modulation is None or cond is None:
             x = x + self.attn(self.attn_norm(x), **attn_kwargs)
             return x + self.ff(self.ff_norm(x))
-        shift_a, scale_a, shift_f, scale_f, gate_a, gate_f = self.modulation(cond, cond_mask, cond_index)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(cond, cond_index)
         x = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, **attn_kwargs)
         return x + gate_f * self.ff(self.ff_norm(x) * (1 + scale_f) + shift_f)
 
@@ -112,10 +117,14 @@ class Transformer(nn.Module):
         ff: ``"swiglu"`` | ``"gelu"``; ff_hidden (explicit hidden size) or ff_mult with, for SwiGLU,
             the LLaMA rounding to ff_multiple_of (and optional ff_dim_multiplier); ff_bias.
         qkv_bias, out_bias, qk_norm, attn_scale: attention options.
-        attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
+        attn_dropout, resid_dropout, ff_dropout: dropout probabilities; ff_hidden_dropout: dropout after
+            the feed-forward activation (timm's ``Mlp`` applies its ``drop`` there and after ``fc2``).
         rotary_axes: 0 (no rotary), 1 (1-D) or N (N-D axial); rotary_base; rotary_dim (partial rotary).
         dim_cond: enables per-token adaLN-Zero conditioning of that width.
         final_norm: apply a last norm to the output.
+        causal: without a ``layout`` (and without a cache) attend causally; ``False`` makes every token
+            see every other (MAE / MAR encoders), with no mask tensor at all.
+        grad_checkpointing: recompute each block in the backward pass (training without a cache only).
         attn_backend: ``"auto"`` (flex on CUDA, SDPA elsewhere), ``"sdpa"`` or ``"flex"``.
     """
 
@@ -127,7 +136,8 @@ class Transformer(nn.Module):
                  attn_scale: Optional[float] = None, attn_dropout: float = 0.0, resid_dropout: float = 0.0,
                  ff_dropout: float = 0.0, rotary_axes: int = 1, rotary_base: float = 10000.0,
                  rotary_dim: Optional[int] = None, dim_cond: Optional[int] = None, final_norm: bool = True,
-                 attn_backend: str = "auto"):
+                 attn_backend: str = "auto", ff_hidden_dropout: float = 0.0, causal: bool = True,
+                 grad_checkpointing: bool = False):
         super().__init__()
         check(dim > 0 and depth > 0 and heads > 0, f"`dim`, `depth` and `heads` must be positive, got {dim}, {depth}, {heads}")
         check(dim_head is not None or divisible_by(dim, heads),
@@ -142,13 +152,15 @@ class Transformer(nn.Module):
 
         self.dim, self.depth, self.heads, self.kv_heads, self.dim_head = dim, depth, heads, kv_heads, dim_head
         self.dim_cond, self.attn_backend = dim_cond, attn_backend
+        self.causal, self.grad_checkpointing = causal, grad_checkpointing
         self.rotary = RotaryEmbedding(dim_head, axes=rotary_axes, base=rotary_base, rot_dim=rotary_dim) if rotary_axes else None
         self.layers = nn.ModuleList([
             Block(dim, norm=norm, norm_eps=norm_eps, dim_cond=dim_cond,
                   attention=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, qkv_bias=qkv_bias,
                                       out_bias=out_bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attn_scale,
                                       attn_dropout=attn_dropout, resid_dropout=resid_dropout),
-                  feed_forward=FeedForward(dim, ff_hidden, kind=ff, bias=ff_bias, dropout=ff_dropout))
+                  feed_forward=FeedForward(dim, ff_hidden, kind=ff, bias=ff_bias, dropout=ff_dropout,
+                                           hidden_dropout=ff_hidden_dropout))
             for _ in range(depth)
         ])
         self.norm = make_norm(norm, dim, eps=norm_eps) if final_norm else nn.Identity()
@@ -192,15 +204,17 @@ class Transformer(nn.Module):
         if self.rotary is not None:
             positions = positions if positions is not None else sequence_positions(length, batch, start, device=x.device)
             rotary = self.rotary(positions, zero_rotation)
-        if cond_index is not None:
-            cond_mask = cond_index >= 0
-        elif cond is not None and cond_mask is None:
-            cond_mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        if cond is not None and cond_index is None:  # per-token conditions: a table of b * n rows
+            cond_mask = cond_mask if cond_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+            rows = torch.arange(batch * length, device=x.device).view(batch, length)
+            cond, cond_index = cond.reshape(batch * length, -1), torch.where(cond_mask, rows, -1)
 
         hiddens: List[Tensor] = []
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for index, block in enumerate(self.layers):
-            x = block(x, cond=cond, cond_mask=cond_mask, cond_index=cond_index, mask=mask, rotary=rotary, cache=cache,
-                      layer_index=index, write_cache=write_cache)
+            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=cache,
+                          layer_index=index, write_cache=write_cache)
+            x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
             if block_hook is not None:
                 replaced = block_hook(index, x)
                 x = replaced if replaced is not None else x
@@ -225,6 +239,8 @@ class Transformer(nn.Module):
     def _attention_mask(self, x: Tensor, layout: Optional[TokenLayout], cache: Optional[KVCache],
                         backend: Optional[str]) -> AttentionMask:
         batch, length = x.shape[:2]
+        if layout is None and cache is None and not self.causal:
+            return AttentionMask()
         backend = self.resolve_backend(x, length, backend)
         if layout is None and cache is None and backend == "sdpa":
             return AttentionMask(is_causal=True)

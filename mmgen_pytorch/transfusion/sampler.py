@@ -258,7 +258,8 @@ class Sampler:
         for i in pending:
             if rows[i].pending != (modality, shape):
                 continue
-            if rows[i].length + count + 1 > self.max_length:  # no room for the modality and its [eom]
+            out_of_room = rows[i].length + count + 1 > self.max_length  # the modality and its [eom]
+            if out_of_room or (self.max_modalities is not None and rows[i].modalities >= self.max_modalities):
                 rows[i].done = True
             else:
                 group.append(i)

@@ -1,0 +1,235 @@
+"""Train a model of this library on scikit-learn's bundled 8x8 handwritten digits, sample, evaluate.
+
+    python examples/train_digits.py --model transfusion      # default
+    python examples/train_digits.py --model transfusion --steps 200 --out /tmp/quick
+
+The data (1,797 real digits, 10 classes) ships with scikit-learn: nothing is downloaded. The split is
+the one `evaluate_digits.py` uses; only the training split is trained on. Outputs in `--out`
+(default `results/<model>/`): `samples.png` (one row per class), `samples.npz` (`images` float32
+(N, 8, 8) in [0, 1], `labels` int64 (N,)), `metrics.json`, and `checkpoint/` (safetensors weights,
+optimizer and EMA state) that `--resume` continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from ema_pytorch import EMA
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate_digits import evaluate, split  # noqa: E402
+
+from mmgen_pytorch import Transfusion  # noqa: E402
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+# data
+
+def training_data() -> tuple:
+    x_train, _, y_train, _ = split()
+    images = torch.tensor(x_train, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
+    return images, torch.tensor(y_train, dtype=torch.long)
+
+
+def heldout_data() -> tuple:
+    _, x_test, _, y_test = split()
+    return torch.tensor(x_test, dtype=torch.float32).reshape(-1, 8, 8) / 16.0, torch.tensor(y_test, dtype=torch.long)
+
+
+def patchify(images: Tensor, patch: int = 2) -> Tensor:
+    """(N, 8, 8) in [0, 1] -> (N, 8/p, 8/p, p*p) latents in [-1, 1]."""
+    n, h, w = images.shape
+    x = images * 2 - 1
+    return x.reshape(n, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4).reshape(n, h // patch, w // patch, patch * patch)
+
+
+def unpatchify(latents: Tensor, patch: int = 2) -> Tensor:
+    n, gh, gw, _ = latents.shape
+    x = latents.reshape(n, gh, gw, patch, patch).permute(0, 1, 3, 2, 4).reshape(n, gh * patch, gw * patch)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def caption_ids(label: int) -> Tensor:
+    return torch.tensor(list(NAMES[label].encode()), dtype=torch.long)
+
+
+def read_caption(ids: Tensor) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 128).decode(errors="replace")
+
+
+# recipes: one per model
+
+class TransfusionRecipe:
+    """Caption <-> image both ways in ONE model: `[caption, image]` and `[image, caption]` samples."""
+
+    default_steps, batch_size, lr = 3000, 64, 1e-3
+
+    def __init__(self, args):
+        self.args = args
+        self.model = Transfusion(num_text_tokens=128, dim_latent=4, modality_default_shape=(4, 4),
+                                 prob_uncond=0.1, transformer=dict(dim=128, depth=4, heads=4, attn_backend="sdpa"))
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        latents = patchify(images)
+        batch = []
+        for latent, label in zip(latents, labels.tolist()):
+            caption = caption_ids(label)
+            batch.append([caption, latent] if random.random() < 0.5 else [latent, caption])
+        return self.model(batch)
+
+    @torch.no_grad()
+    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
+        prompts = [[caption_ids(label)] for label in labels.tolist()]
+        samples = model.sample(prompts, max_length=32, cfg_scale=self.args.cfg, modality_steps=self.args.modality_steps,
+                               force_modality_at_start=(0, (4, 4)), max_modalities=1, generator=generator,
+                               progress=self.args.progress)
+        latents = torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
+        return unpatchify(latents)
+
+    @torch.no_grad()
+    def extra_metrics(self, model, generator: torch.Generator) -> Dict[str, float]:
+        images, labels = heldout_data()
+        prompts = [[(0, latent)] for latent in patchify(images)]
+        samples = model.sample(prompts, max_length=40, cfg_scale=1.0, text_temperature=0.0, max_modalities=0,
+                               generator=generator, progress=self.args.progress)
+        captions = [read_caption(torch.cat([i for i in s[1:] if isinstance(i, Tensor)] or [torch.zeros(0)]))
+                    for s in samples]
+        correct = [caption == NAMES[label] for caption, label in zip(captions, labels.tolist())]
+        return {"caption_accuracy": float(np.mean(correct)), "caption_examples": captions[:10]}
+
+
+RECIPES = {"transfusion": TransfusionRecipe}
+
+
+# training loop shared by every recipe
+
+def save_checkpoint(folder: Path, model, ema: EMA, optimizer, step: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in ema.ema_model.state_dict().items()}, folder / "ema.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "ema_step": ema.step, "step": step,
+                "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])},
+               folder / "training_state.pt")
+
+
+def load_checkpoint(folder: Path, model, ema: EMA, optimizer) -> int:
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    ema.ema_model.load_state_dict(load_file(folder / "ema.safetensors"))
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    ema.step.copy_(state["ema_step"])
+    ema.initted.fill_(True)
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(recipe, args) -> float:
+    model = recipe.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    ema = EMA(model, beta=args.ema_beta, update_after_step=100, update_every=1)
+    checkpoint = Path(args.out) / "checkpoint"
+    start = load_checkpoint(checkpoint, model, ema, optimizer) if args.resume and checkpoint.exists() else 0
+    images, labels = training_data()
+    steps = args.steps if args.steps is not None else recipe.default_steps
+    started = time.time()
+    model.train()
+    bar = tqdm(range(start, steps), desc=f"training {args.model}", disable=not args.progress, initial=start, total=steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, recipe.lr)
+        index = torch.randint(0, len(images), (recipe.batch_size,))
+        loss = recipe.loss(images[index], labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(checkpoint, model, ema, optimizer, step + 1)
+    return (time.time() - started) / 60
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10, scale: int = 6) -> None:
+    rows = []
+    for digit in range(10):
+        chosen = images[labels == digit][:per_row]
+        chosen = np.concatenate([chosen, np.zeros((per_row - len(chosen), 8, 8))]) if len(chosen) < per_row else chosen
+        rows.append(np.concatenate([np.pad(c, 1) for c in chosen], axis=1))
+    grid = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def run(args) -> Dict:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = RECIPES[args.model](args)
+    minutes = train(recipe, args)
+
+    ema_model = recipe.model if args.no_ema else EMA(recipe.model).ema_model
+    if not args.no_ema:
+        ema_model.load_state_dict(load_file(out / "checkpoint" / "ema.safetensors"))
+    ema_model.eval()
+    labels = torch.arange(args.num_samples) % 10
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.time()
+    images = recipe.sample(ema_model, labels, generator).numpy().astype(np.float32)
+    sampling_seconds = time.time() - started
+    np.savez(out / "samples.npz", images=images, labels=labels.numpy().astype(np.int64))
+    sample_grid(images, labels.numpy(), out / "samples.png")
+
+    metrics = {"model": args.model, "train_minutes": minutes, "sampling_seconds": sampling_seconds,
+               **evaluate(images, labels.numpy())}
+    if hasattr(recipe, "extra_metrics"):
+        metrics.update(recipe.extra_metrics(ema_model, generator))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def parse_args(argv: List[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(RECIPES), default="transfusion")
+    parser.add_argument("--out", default=None, help="output folder (default results/<model>/)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the model's recipe)")
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale for sampling")
+    parser.add_argument("--modality-steps", type=int, default=16)
+    parser.add_argument("--ema-beta", type=float, default=0.995)
+    parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join("results", args.model)
+    return args
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    run(parse_args())
