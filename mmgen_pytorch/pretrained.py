@@ -7,6 +7,9 @@ unexpected key.
 
 from __future__ import annotations
 
+import argparse
+import os
+import pickle
 import re
 from typing import Callable, Dict, Mapping, Optional
 
@@ -23,18 +26,24 @@ class CheckpointMismatchError(RuntimeError):
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a readable diff of missing, unexpected and misshapen keys."""
-    expected = module.state_dict()
+    check_state_dict(module.state_dict(), state_dict, target=type(module).__name__, source=source)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], *, target: str,
+                     source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` naming every missing, unexpected and misshapen key of
+    ``state_dict`` against ``expected`` (e.g. a model's state dict in the upstream key names)."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshapen = sorted(f"{k}: model {tuple(expected[k].shape)} vs {source} {tuple(state_dict[k].shape)}"
                        for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
     if missing or unexpected or misshapen:
-        lines = [f"the {source} does not fit {type(module).__name__}:"]
+        lines = [f"the {source} does not fit {target}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise CheckpointMismatchError("\n".join(lines))
-    module.load_state_dict(state_dict, strict=True)
 
 
 def rename_keys(state_dict: Mapping[str, Tensor], rules: Mapping[str, str]) -> StateDict:
@@ -78,6 +87,26 @@ def llamagen_backbone_state_dict(state_dict: Mapping[str, Tensor], prefix: str =
     return {prefix + k: v for k, v in rename_keys(blocks, LLAMAGEN_BLOCK_RULES).items()}
 
 
+LLAMAGEN_BLOCK_RULES_INVERSE = {
+    r"layers\.(\d+)\.attn\.to_qkv\.weight": r"layers.\1.attention.wqkv.weight",
+    r"layers\.(\d+)\.attn\.to_out\.weight": r"layers.\1.attention.wo.weight",
+    r"layers\.(\d+)\.ff\.proj_out\.weight": r"layers.\1.feed_forward.w2.weight",
+    r"layers\.(\d+)\.attn_norm\.weight": r"layers.\1.attention_norm.weight",
+    r"layers\.(\d+)\.ff_norm\.weight": r"layers.\1.ffn_norm.weight",
+}
+
+
+def llamagen_backbone_to_official(state_dict: Mapping[str, Tensor], prefix: str = "") -> StateDict:
+    """The inverse of :func:`llamagen_backbone_state_dict`: our ``{prefix}layers.*`` and ``{prefix}norm.weight``
+    as LlamaGen keys (``proj_in`` split back into ``w1`` | ``w3``); keys outside ``prefix`` are left out."""
+    blocks = {k[len(prefix):]: v for k, v in state_dict.items()
+              if k.startswith(prefix + "layers.") or k == prefix + "norm.weight"}
+    for key in [k for k in blocks if k.endswith(".ff.proj_in.weight")]:
+        stem = key[: -len("ff.proj_in.weight")]
+        blocks[stem + "feed_forward.w1.weight"], blocks[stem + "feed_forward.w3.weight"] = blocks.pop(key).chunk(2)
+    return rename_keys(blocks, LLAMAGEN_BLOCK_RULES_INVERSE)
+
+
 # Hugging Face LLaMA (LlamaForCausalLM) blocks -> backbone
 
 HF_LLAMA_BLOCK_RULES = {
@@ -119,3 +148,142 @@ def unwrap_checkpoint(checkpoint: Mapping, keys=("model", "module", "state_dict"
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             return dict(checkpoint[key])
     return dict(checkpoint)
+
+
+# Checkpoint files
+
+def load_checkpoint(source, *, prefer: Optional[str] = None) -> StateDict:
+    """A state dict from a path or an in-memory checkpoint, unwrapped from ``{"model"/"state_dict"/...}``.
+
+    Files load with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``"args"`` entry of
+    LlamaGen/MAR training checkpoints) is allow-listed for that call only. ``prefer`` picks a wrapper
+    key first when present (e.g. ``"ema"``, ``"model_ema"``, ``"state_dict_ema"``). A DDP ``module.``
+    prefix on every key is dropped.
+    """
+    state_dict = unwrap_checkpoint(read_checkpoint(source), prefer=prefer)
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def read_checkpoint(source) -> Mapping:
+    """The whole checkpoint mapping (wrappers and ``"args"`` included) from a path, or ``source`` itself.
+
+    Files load with ``torch.load(weights_only=True)``, ``argparse.Namespace`` allow-listed for that call.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                source = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointMismatchError(
+                f"{source} holds objects torch.load(weights_only=True) refuses (e.g. omegaconf configs); load it "
+                f"yourself with weights_only=False if you trust it and pass the dict instead:\n{error}") from error
+    if not isinstance(source, Mapping):
+        raise TypeError(f"expected a path or a state dict / checkpoint mapping, got {type(source).__name__}")
+    return source
+
+
+# Image tokenizers (mmgen_pytorch.tokenizers): our encoder/decoder layout is LlamaGen's
+# (`conv_blocks.{k}.res/attn/downsample|upsample`, `mid.{0,1,2}`, decoder levels lowest resolution
+# first); the taming/LDM layout of MAR's KL-16 and DnD's RQ-VAE is renamed onto it.
+
+LDM_AUTOENCODER_RULES = {
+    r"(encoder|decoder)\.mid\.block_1\.(.+)": r"\1.mid.0.\2",
+    r"(encoder|decoder)\.mid\.attn_1\.(.+)": r"\1.mid.1.\2",
+    r"(encoder|decoder)\.mid\.block_2\.(.+)": r"\1.mid.2.\2",
+    r"encoder\.down\.(\d+)\.block\.(.+)": r"encoder.conv_blocks.\1.res.\2",
+    r"encoder\.down\.(\d+)\.(attn|downsample)\.(.+)": r"encoder.conv_blocks.\1.\2.\3",
+}
+_LDM_UP = re.compile(r"decoder\.up\.(\d+)\.(block|attn|upsample)\.(.+)")
+
+
+def ldm_autoencoder_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """LDM/taming ``encoder.*`` / ``decoder.*`` keys in our layout. LDM's ``decoder.up.{i}`` counts
+    levels from full resolution; ours (``decoder.conv_blocks.{k}``) in processing order, so
+    ``k = num_levels - 1 - i``. Other keys pass through unchanged."""
+    renamed = rename_keys(state_dict, LDM_AUTOENCODER_RULES)
+    up_levels = [int(m.group(1)) for m in map(_LDM_UP.fullmatch, renamed) if m]
+    last = max(up_levels, default=0)
+
+    def up(match: re.Match) -> str:
+        part = "res" if match.group(2) == "block" else match.group(2)
+        return f"decoder.conv_blocks.{last - int(match.group(1))}.{part}.{match.group(3)}"
+
+    return {_LDM_UP.sub(up, key): value for key, value in renamed.items()}
+
+
+def llamagen_vq_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """LlamaGen ``VQModel`` keys are already ours (``quantize.embedding.weight`` is stored un-normalised,
+    ``quantize.codebook_used`` is the usage log)."""
+    return dict(state_dict)
+
+
+def mar_vae_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """MAR's ``AutoencoderKL`` (LDM layout) as :class:`~mmgen_pytorch.tokenizers.AutoencoderKL` keys."""
+    return ldm_autoencoder_state_dict(state_dict)
+
+
+_RQ_CODEBOOK = re.compile(r"quantizer\.codebooks\.(\d+)\.(weight|embed_ema|cluster_size_ema)")
+
+
+def dnd_rqvae_state_dict(state_dict: Mapping[str, Tensor], *, depth: Optional[int] = None) -> StateDict:
+    """DnD's RQ-VAE (kakaobrain layout) as :class:`~mmgen_pytorch.tokenizers.RQVAE` keys.
+
+    The shared codebook is saved once per depth (``quantizer.codebooks.{d}.*``, ``weight`` with a
+    never-selected padding row). The copies must be identical and, when ``depth`` is given, exactly
+    ``depth`` of them; they become one table ``quantizer.codebook`` (padding row dropped),
+    ``quantizer.embed_ema`` and ``quantizer.cluster_size_ema``.
+    """
+    copies: Dict[int, Dict[str, Tensor]] = {}
+    rest = {}
+    for key, value in state_dict.items():
+        match = _RQ_CODEBOOK.fullmatch(key)
+        if match:
+            copies.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        else:
+            rest[key] = value
+    found = sorted(copies)
+    if not found:
+        raise CheckpointMismatchError("the checkpoint has no `quantizer.codebooks.{d}.weight` keys (RQ-VAE codebook)")
+    if found != list(range(len(found))) or (depth is not None and len(found) != depth):
+        wanted = range(depth if depth is not None else len(found))
+        extra = [f"quantizer.codebooks.{d}.*" for d in found if d not in wanted]
+        absent = [f"quantizer.codebooks.{d}.*" for d in wanted if d not in copies]
+        raise CheckpointMismatchError(
+            f"the checkpoint has codebook copies for depths {found} but the model quantizes "
+            f"{len(wanted)} depths: unexpected {extra or 'none'}, missing {absent or 'none'}")
+    first = copies[0]
+    for d in found[1:]:
+        for name in sorted(set(first) | set(copies[d])):
+            if name not in first or name not in copies[d] or not torch.equal(first[name], copies[d][name]):
+                raise CheckpointMismatchError(
+                    f"`quantizer.codebooks.{d}.{name}` differs from `quantizer.codebooks.0.{name}`: the codebook "
+                    f"is not shared across depths (only shared_codebook=True checkpoints are supported)")
+    if "weight" not in first:
+        raise CheckpointMismatchError("`quantizer.codebooks.0.weight` is missing")
+    rest["quantizer.codebook"] = first["weight"][:-1]  # the last row is the padding index
+    for name in ("embed_ema", "cluster_size_ema"):
+        if name in first:
+            rest[f"quantizer.{name}"] = first[name]
+    return ldm_autoencoder_state_dict(rest)
+
+
+# MAR (LTH14/mar): timm Blocks in `encoder_blocks` / `decoder_blocks` -> backbone `encoder` / `decoder`
+
+TIMM_BLOCK_RENAMES = {
+    "norm1": "attn_norm", "attn.qkv": "attn.to_qkv", "attn.proj": "attn.to_out",
+    "norm2": "ff_norm", "mlp.fc1": "ff.proj_in", "mlp.fc2": "ff.proj_out",
+}
+
+MAR_RULES = {
+    **{rf"(encoder|decoder)_blocks\.(\d+)\.{re.escape(timm)}\.(weight|bias)": rf"\1.layers.\2.{ours}.\3"
+       for timm, ours in TIMM_BLOCK_RENAMES.items()},
+    r"(encoder|decoder)_norm\.(weight|bias)": r"\1.norm.\2",
+}
+
+
+def mar_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """An official MAR state dict with its timm blocks and final norms renamed for our backbone;
+    every other key (embeddings, ``z_proj``, ``decoder_embed``, ``diffloss.net.*``) is unchanged."""
+    return rename_keys(state_dict, MAR_RULES)

@@ -1,0 +1,9 @@
+"""Image tokenizers: LlamaGen's VQ (VQ-16/VQ-8), MAR's KL-16 autoencoder and DnD's RQ-VAE, built
+on one shared convolutional encoder/decoder (:mod:`.blocks`)."""
+
+from .kl import KL16_LATENT_SCALE, AutoencoderKL, DiagonalGaussian, KLConfig
+from .rq import RQConfig, RQVAE
+from .vq import VQ_PRESETS, VQConfig, VQVAE
+
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "KL16_LATENT_SCALE", "KLConfig", "RQConfig", "RQVAE",
+           "VQConfig", "VQVAE", "VQ_PRESETS"]
