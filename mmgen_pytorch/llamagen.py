@@ -1,0 +1,682 @@
+"""LlamaGen (Sun et al. 2024, arXiv 2406.06525): next-token image generation with a LLaMA decoder.
+
+The sequence is a condition prefix of ``cls_token_num`` tokens (a class embedding, or projected
+caption features) followed by the VQ codes of an image in raster order; there is no BOS token.
+Upstream conventions kept exactly (see ``shared/reference/llamagen.md``):
+
+- the shared backbone with RMSNorm, SwiGLU and 2-D RoPE (row pairs, then column pairs, adjacent
+  channels) whose rotation is *zeroed* on the prefix, so the prefix queries and keys are zero vectors;
+- a class table with a null row ``num_classes`` when class dropout > 0; captions go through
+  ``fc2(gelu_tanh(fc1(.)))`` without biases, are left-padded with a mask, and the unconditional
+  caption is a stored buffer;
+- an untied output head with fp32 logits; training logits are sliced from ``cls_token_num - 1``;
+- a CFG batch of [conditional; unconditional] rows, guidance mixed on fp32 logits before temperature
+  and top-k / top-p.
+
+Reading order: presets -> :class:`LlamaGen` (construction, training forward, generation, decoding to
+images, presets and official checkpoints, internals) -> the condition prefixes and the optional
+x-transformers caption encoder -> the running state of one generation -> official config parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._utils import check, default, describe
+from .backbone import PADDING, TokenLayout, Transformer, llamagen_positions
+from .backbone.masks import NO_BLOCK
+from .pretrained import (check_state_dict, llamagen_backbone_state_dict, llamagen_backbone_to_official, load_strict,
+                         read_checkpoint, unwrap_checkpoint)
+from .sampling import sample_from_logits, split_cfg
+
+MODEL_TYPES = ("c2i", "t2i")
+
+# upstream GPT_models: name -> (dim, n_layer, n_head); FFN hidden = find_multiple(int(8 * dim / 3), 256)
+PRESETS: Dict[str, Tuple[int, int, int]] = {
+    "GPT-B": (768, 12, 12),
+    "GPT-L": (1024, 24, 16),
+    "GPT-XL": (1280, 36, 20),
+    "GPT-XXL": (1536, 48, 24),
+    "GPT-XXXL": (2560, 48, 40),
+    "GPT-1B": (2048, 22, 32),
+    "GPT-3B": (3200, 24, 32),  # head_dim 100
+    "GPT-7B": (4096, 32, 32),
+}
+
+# upstream key -> ours, outside the transformer blocks (those go through pretrained.llamagen_backbone_*)
+OFFICIAL_KEYS = {
+    "tok_embeddings.weight": "token_embed.weight",
+    "cls_embedding.embedding_table.weight": "prefix_embed.table.weight",
+    "cls_embedding.uncond_embedding": "prefix_embed.uncond_embedding",
+    "cls_embedding.cap_proj.fc1.weight": "prefix_embed.fc1.weight",
+    "cls_embedding.cap_proj.fc2.weight": "prefix_embed.fc2.weight",
+    "output.weight": "to_logits.weight",
+}
+
+
+class LlamaGen(nn.Module):
+    """Class- (``"c2i"``) or caption-conditional (``"t2i"``) autoregressive image generator.
+
+    Args (keyword-only):
+        dim, depth, heads, kv_heads: transformer size (``kv_heads`` < ``heads``: grouped-query attention).
+        vocab_size: size of the image tokenizer's codebook. grid_size: image tokens per side.
+        model_type: ``"c2i"`` (class labels) or ``"t2i"`` (caption embeddings).
+        num_classes, class_dropout_prob: c2i classes; with dropout > 0 the table gets the null row
+            ``num_classes`` (needed for CFG). For t2i the probability of swapping the caption for the
+            unconditional one.
+        caption_dim: t2i caption feature width (default 2048, FLAN-T5-XL; or the caption encoder's).
+        cls_token_num: prefix length (default 1 for c2i, 120 for t2i as upstream).
+        ff_multiple_of, ff_dim_multiplier, rope_base, norm_eps: LLaMA details (upstream defaults).
+        token_dropout, attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
+        initializer_range: std of the N(0, std) init (the output head starts at zero, as upstream).
+        caption_encoder: optional trainable module ``ids [b, n] -> (embeds [b, n, caption_dim], mask)``,
+            e.g. :class:`CaptionEncoder`; enables ``caption_ids=`` and integer conditions in ``generate``.
+        tokenizer: optional image tokenizer with ``decode_code(codes [b, h, w]) -> images in [-1, 1]``,
+            used by :meth:`sample`; not a submodule (not in ``state_dict``, not moved by ``.to``).
+        attn_backend: the backbone's attention backend (``"auto"``, ``"sdpa"``, ``"flex"``).
+    """
+
+    def __init__(self, *, dim: int, depth: int, heads: int, kv_heads: Optional[int] = None,
+                 vocab_size: int = 16384, grid_size: int = 16, model_type: str = "c2i", num_classes: int = 1000,
+                 class_dropout_prob: float = 0.1, caption_dim: Optional[int] = None,
+                 cls_token_num: Optional[int] = None, ff_multiple_of: int = 256,
+                 ff_dim_multiplier: Optional[float] = None, rope_base: float = 10000.0, norm_eps: float = 1e-5,
+                 token_dropout: float = 0.0, attn_dropout: float = 0.0, resid_dropout: float = 0.0,
+                 ff_dropout: float = 0.0, initializer_range: float = 0.02, caption_encoder: Optional[nn.Module] = None,
+                 tokenizer: Any = None, attn_backend: str = "auto"):
+        super().__init__()
+        check(model_type in MODEL_TYPES, f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}")
+        check(vocab_size > 0 and grid_size > 0,
+              f"`vocab_size` and `grid_size` must be positive, got {vocab_size} and {grid_size}")
+        check(0.0 <= class_dropout_prob < 1.0, f"`class_dropout_prob` must be in [0, 1), got {class_dropout_prob}")
+        cls_token_num = default(cls_token_num, 1 if model_type == "c2i" else 120)
+        check(cls_token_num >= 1, f"`cls_token_num` must be >= 1, got {cls_token_num}")
+        caption_dim = default(caption_dim, getattr(caption_encoder, "dim", 2048))
+
+        self.model_type, self.vocab_size, self.grid_size = model_type, vocab_size, grid_size
+        self.cls_token_num, self.class_dropout_prob = cls_token_num, class_dropout_prob
+        self.num_image_tokens = grid_size * grid_size
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.prefix_embed = (ClassPrefix(num_classes=num_classes, dim=dim, tokens=cls_token_num,
+                                         dropout_prob=class_dropout_prob) if model_type == "c2i"
+                             else CaptionPrefix(caption_dim=caption_dim, dim=dim, tokens=cls_token_num))
+        self.token_dropout = nn.Dropout(token_dropout)
+        self.backbone = Transformer(dim=dim, depth=depth, heads=heads, kv_heads=kv_heads, norm="rmsnorm",
+                                    norm_eps=norm_eps, ff="swiglu", ff_multiple_of=ff_multiple_of,
+                                    ff_dim_multiplier=ff_dim_multiplier, attn_dropout=attn_dropout,
+                                    resid_dropout=resid_dropout, ff_dropout=ff_dropout, rotary_axes=2,
+                                    rotary_base=rope_base, attn_backend=attn_backend)
+        self.to_logits = nn.Linear(dim, vocab_size, bias=False)
+        self._init_weights(initializer_range)
+        self.caption_encoder = self._checked_caption_encoder(caption_encoder)
+        self._tokenizer = (tokenizer,)  # a tuple keeps a tokenizer module out of submodules and state_dict
+
+    # training
+
+    def forward(self, codes: Union[Int[Tensor, "b h w"], Int[Tensor, "b n"]], *,
+                class_labels: Optional[Int[Tensor, "b"]] = None,
+                caption_embeds: Optional[Float[Tensor, "b m d"]] = None,
+                caption_mask: Optional[Bool[Tensor, "b m"]] = None, caption_ids: Optional[Int[Tensor, "b m"]] = None,
+                cond_drop_prob: Optional[float] = None, return_logits: bool = False):
+        """Next-token cross-entropy in upstream's training convention: the input is
+        ``[prefix, codes[:, :-1]]`` and ``logits[:, t]`` (sliced from position ``cls_token_num - 1``)
+        predicts ``codes[:, t]``.
+
+        Args:
+            codes: image tokens ``[b, h, w]`` (the full grid) or ``[b, n]`` (the first n in raster order).
+            class_labels: c2i class ids in ``[0, num_classes)``.
+            caption_embeds, caption_mask: t2i caption features ``[b, m, caption_dim]`` (m <= cls_token_num)
+                and their validity mask (default: all valid). Captions are left-padded as upstream: shorter
+                ones are padded, and valid tokens after padding (right padding) are moved to the end.
+            caption_ids: t2i caption token ids for the attached ``caption_encoder``.
+            cond_drop_prob: chance of replacing a sample's condition by the null class / unconditional
+                caption (default: ``class_dropout_prob`` in training mode, 0 in eval mode).
+        Returns the mean loss, or ``(loss, logits [b, n, vocab_size] fp32)`` with ``return_logits``.
+        """
+        codes = self._check_codes(codes)
+        batch = codes.shape[0]
+        drop = self._condition_dropout(batch, cond_drop_prob, codes.device)
+        prefix, prefix_mask = self._prefix(batch, drop, class_labels=class_labels, caption_embeds=caption_embeds,
+                                           caption_mask=caption_mask, caption_ids=caption_ids)
+        x = self.token_dropout(torch.cat((prefix, self.token_embed(codes[:, :-1])), dim=1))
+        hidden = self._transformer(x, prefix_mask)
+        logits = self.to_logits(hidden[:, self.cls_token_num - 1:]).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        return (loss, logits) if return_logits else loss
+
+    # generation
+
+    @torch.no_grad()
+    def generate(self, condition: Union[Tensor, Sequence[int]], *, caption_mask: Optional[Bool[Tensor, "b m"]] = None,
+                 max_new_tokens: Optional[int] = None, cfg_scale: float = 1.0, cfg_interval: float = -1,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                 generator: Optional[torch.Generator] = None, progress: bool = True, use_cache: bool = True,
+                 return_logits: bool = False):
+        """Sample image tokens, one per step (prefill of the prefix, then single-token steps).
+
+        Args:
+            condition: c2i class ids ``[b]``; t2i caption features ``[b, m, caption_dim]`` (with
+                ``caption_mask``) or, with a ``caption_encoder``, caption token ids ``[b, m]``.
+            max_new_tokens: number of tokens (default: the whole grid, ``grid_size ** 2``).
+            cfg_scale: classifier-free guidance ``uncond + scale * (cond - uncond)`` on the fp32 logits,
+                before temperature and filtering; any value but 1 runs the [cond; uncond] batch
+                (upstream guides only for ``cfg_scale > 1``).
+            cfg_interval: as upstream, ``> -1`` stops guiding after the first ``cfg_interval + 2``
+                tokens (the prefill and decode steps ``0..cfg_interval``); the unconditional rows are then
+                dropped. ``-1``: guide every step.
+            temperature, top_k, top_p: sampling (``top_k=0`` / ``top_p=1``: off). greedy: argmax.
+            generator: random generator for the multinomial draws. progress: a tqdm bar.
+            use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step.
+            return_logits: also return the (guided) fp32 logits of every step ``[b, n, vocab_size]``.
+        Returns codes ``[b, grid, grid]`` for a full grid, else ``[b, n]`` (int64).
+        """
+        steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
+        guide = cfg_scale != 1.0
+        with _eval_mode(self):
+            batch, prefix, prefix_mask = self._generation_prefix(condition, caption_mask, guide)
+            state = _Generation(self, prefix, prefix_mask, steps, use_cache=use_cache)
+            codes, step_logits = [], []
+            for step in tqdm(range(steps), disable=not progress, desc="LlamaGen", leave=False):
+                guided = guide and not (cfg_interval > -1 and step - 1 > cfg_interval)
+                if not guided:
+                    state.keep_rows(batch)
+                logits = state.next_logits()
+                logits = split_cfg(logits, cfg_scale) if guided else logits
+                token = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           greedy=greedy, generator=generator)
+                state.append(token)
+                codes.append(token)
+                if return_logits:
+                    step_logits.append(logits)
+        codes = torch.stack(codes, dim=1)
+        if steps == self.num_image_tokens:
+            codes = codes.view(batch, self.grid_size, self.grid_size)
+        return (codes, torch.stack(step_logits, dim=1)) if return_logits else codes
+
+    @torch.no_grad()
+    def sample(self, condition: Union[Tensor, Sequence[int]], **generate_kwargs) -> Float[Tensor, "b c H W"]:
+        """:meth:`generate` a full grid and decode it with the attached tokenizer: images in [0, 1]."""
+        check(self.tokenizer is not None,
+              "`sample` decodes through a tokenizer: pass `tokenizer=` (anything with "
+              "`decode_code(codes [b, h, w]) -> images in [-1, 1]`), or call `generate` for the codes")
+        check(generate_kwargs.get("max_new_tokens") in (None, self.num_image_tokens)
+              and not generate_kwargs.get("return_logits"),
+              f"`sample` generates the whole {self.grid_size}x{self.grid_size} grid and returns images only; "
+              f"use `generate` for partial grids or logits")
+        codes = self.generate(condition, **generate_kwargs)
+        images = self.tokenizer.decode_code(codes)
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer[0]
+
+    def set_tokenizer(self, tokenizer: Any) -> "LlamaGen":
+        self._tokenizer = (tokenizer,)
+        return self
+
+    # presets and official checkpoints
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "LlamaGen":
+        """An upstream size by name (``"GPT-B"`` ... ``"GPT-7B"``, see ``PRESETS``); ``kwargs`` set the
+        rest (vocab_size, grid_size, model_type, num_classes, ...)."""
+        check(name in PRESETS, f"`name` must be one of {list(PRESETS)}, got {name!r}")
+        fixed = sorted({"dim", "depth", "heads"} & set(kwargs))
+        check(not fixed, f"preset {name} fixes dim, depth and heads, got {fixed} as well; "
+                         f"build LlamaGen(dim=..., depth=..., heads=...) for a custom size")
+        dim, depth, heads = PRESETS[name]
+        return cls(dim=dim, depth=depth, heads=heads, **kwargs)
+
+    @classmethod
+    def from_official(cls, checkpoint, *, config: Union[Mapping[str, Any], str, None] = None, use_ema: bool = False,
+                      **kwargs) -> "LlamaGen":
+        """A model from an official LlamaGen GPT checkpoint, in eval mode.
+
+        Args:
+            checkpoint: a path (``torch.load(weights_only=True)``, ``argparse.Namespace`` allowed) or a
+                mapping: a raw state dict (FSDP's ``consolidated.pth``) or a training checkpoint with
+                ``"model"`` / ``"module"`` / ``"state_dict"`` / ``"ema"``. A stray ``freqs_cis`` is dropped.
+            config: upstream ``ModelArgs`` fields by name (dim, n_layer, n_head, n_kv_head, multiple_of,
+                ffn_dim_multiplier, rope_base, norm_eps, num_classes, caption_dim, class_dropout_prob,
+                model_type, vocab_size, cls_token_num, block_size, dropouts, ...), plus ``gpt_model`` (a
+                preset name), ``image_size`` and ``downsample_size``; or just a preset name. Fields the
+                checkpoint's training ``"args"`` also give must agree with them. The RoPE grid is not
+                stored in checkpoints: it comes from ``block_size`` or ``image_size / downsample_size``,
+                and a disagreement between those is an error (a 384 px model needs ``block_size=576``).
+            use_ema: load the ``"ema"`` weights of a training checkpoint.
+            kwargs: passed to the constructor (``tokenizer``, ``caption_encoder``, ``attn_backend``).
+        """
+        raw = read_checkpoint(checkpoint)
+        model = cls(**official_config(config, raw.get("args")), **kwargs)
+        model.load_official_state_dict(_official_weights(raw, use_ema))
+        return model.eval()
+
+    def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load upstream-named weights strictly; a mismatch names the upstream keys."""
+        state_dict = {k: v for k, v in state_dict.items() if k != "freqs_cis"}
+        check_state_dict(self.official_state_dict(), state_dict, target=self._summary(), source="official checkpoint")
+        ours = llamagen_backbone_state_dict(state_dict, prefix="backbone.")
+        ours.update({OFFICIAL_KEYS[k]: v for k, v in state_dict.items() if k in OFFICIAL_KEYS})
+        if self.caption_encoder is not None:
+            ours.update({f"caption_encoder.{k}": v for k, v in self.caption_encoder.state_dict().items()})
+        load_strict(self, ours, source="official checkpoint")
+
+    def official_state_dict(self) -> Dict[str, Tensor]:
+        """The weights under upstream's key names (without the caption encoder, which upstream lacks)."""
+        ours = self.state_dict()
+        official = llamagen_backbone_to_official(ours, prefix="backbone.")
+        official.update({theirs: ours[mine] for theirs, mine in OFFICIAL_KEYS.items() if mine in ours})
+        return official
+
+    # internals: inputs
+
+    def _check_codes(self, codes: Tensor) -> Int[Tensor, "b n"]:
+        g = self.grid_size
+        check(isinstance(codes, Tensor) and not codes.is_floating_point() and codes.ndim in (2, 3),
+              f"`codes` must be an integer tensor [b, h, w] or [b, n], got {describe(codes)}")
+        check(codes.ndim == 2 or tuple(codes.shape[1:]) == (g, g),
+              f"`codes` [b, h, w] must be [b, {g}, {g}] (grid_size={g}), got {tuple(codes.shape)}")
+        codes = codes.reshape(codes.shape[0], -1).long()
+        check(0 < codes.shape[1] <= self.num_image_tokens,
+              f"`codes` must hold 1..{self.num_image_tokens} tokens per sample (grid_size={g}), got {codes.shape[1]}")
+        low, high = int(codes.min()), int(codes.max())
+        check(low >= 0 and high < self.vocab_size,
+              f"`codes` must be token ids in [0, {self.vocab_size}) (vocab_size), got values in [{low}, {high}]")
+        return codes
+
+    def _check_sampling(self, max_new_tokens: Optional[int], temperature: float, top_k: int, top_p: float) -> int:
+        steps = default(max_new_tokens, self.num_image_tokens)
+        check(0 < steps <= self.num_image_tokens,
+              f"`max_new_tokens` must be in [1, {self.num_image_tokens}] (grid_size ** 2), got {steps}")
+        check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
+        check(top_k >= 0, f"`top_k` must be >= 0 (0: off), got {top_k}")
+        check(0.0 < top_p <= 1.0, f"`top_p` must be in (0, 1] (1: off), got {top_p}")
+        return steps
+
+    def _condition_dropout(self, batch: int, prob: Optional[float], device) -> Optional[Bool[Tensor, "b"]]:
+        prob = default(prob, self.class_dropout_prob if self.training else 0.0)
+        check(0.0 <= prob <= 1.0, f"`cond_drop_prob` must be in [0, 1], got {prob}")
+        if prob == 0.0:
+            return None
+        check(self.prefix_embed.has_unconditional,
+              "condition dropout needs the null class row: build the c2i model with `class_dropout_prob` > 0")
+        return torch.rand(batch, device=device) < prob
+
+    # internals: the condition prefix
+
+    def _prefix(self, batch: Optional[int], drop: Optional[Tensor], *, class_labels=None, caption_embeds=None,
+                caption_mask=None, caption_ids=None) -> Tuple[Float[Tensor, "b p d"], Optional[Bool[Tensor, "b p"]]]:
+        """Prefix embeddings and, for t2i, the prefix validity mask (None: all valid)."""
+        if self.model_type == "c2i":
+            check(caption_embeds is None and caption_mask is None and caption_ids is None,
+                  "a c2i model is conditioned on `class_labels`, not on captions")
+            labels = self.prefix_embed.check_labels(class_labels, batch, self.token_embed.weight.device)
+            return self.prefix_embed(labels, drop), None
+        check(class_labels is None, "a t2i model is conditioned on captions (`caption_embeds` + `caption_mask`, "
+                                    "or `caption_ids`), not on `class_labels`")
+        caption, mask = self._caption(batch, caption_embeds, caption_mask, caption_ids)
+        return self.prefix_embed(caption, drop), (None if bool(mask.all()) else mask)
+
+    def _caption(self, batch: Optional[int], embeds, mask, ids) -> Tuple[Tensor, Bool[Tensor, "b p"]]:
+        if ids is not None:
+            check(self.caption_encoder is not None, "`caption_ids` needs a `caption_encoder` (constructor argument)")
+            check(embeds is None and mask is None,
+                  "give `caption_ids` or `caption_embeds` (+ `caption_mask`), not both")
+            embeds, mask = self.caption_encoder(ids)
+        return self.prefix_embed.check_caption(embeds, mask, batch)
+
+    def _generation_prefix(self, condition, caption_mask, guide: bool):
+        """``(batch, prefix, mask)``; under CFG the rows are [conditional; unconditional]."""
+        kwargs = self._condition_kwargs(condition, caption_mask)
+        prefix, mask = self._prefix(None, None, **kwargs)
+        batch = prefix.shape[0]
+        if guide:
+            check(self.prefix_embed.has_unconditional,
+                  "`cfg_scale` != 1 needs an unconditional prefix: build the c2i model with `class_dropout_prob` > 0 "
+                  "(the null class row)")
+            drop = torch.ones(batch, dtype=torch.bool, device=prefix.device)
+            prefix = torch.cat((prefix, self._prefix(None, drop, **kwargs)[0]))
+            mask = None if mask is None else torch.cat((mask, mask))
+        return batch, prefix, mask
+
+    def _condition_kwargs(self, condition, caption_mask) -> Dict[str, Any]:
+        check(condition is not None, "`condition` is required (class ids, caption embeddings or caption ids)")
+        if self.model_type == "c2i":
+            check(caption_mask is None, "`caption_mask` is for t2i models")
+            return {"class_labels": condition}
+        if isinstance(condition, Tensor) and not condition.is_floating_point():
+            check(caption_mask is None, "integer `condition` are caption ids; their mask comes from the encoder")
+            return {"caption_ids": condition}
+        return {"caption_embeds": condition, "caption_mask": caption_mask}
+
+    # internals: the transformer
+
+    def _transformer(self, x: Float[Tensor, "b n d"], prefix_mask: Optional[Tensor] = None, *,
+                     cache=None) -> Float[Tensor, "b n d"]:
+        """The backbone over a chunk that starts at the cache's length (0 without a cache)."""
+        batch, length = x.shape[:2]
+        start = cache.length if cache is not None else 0
+        positions, zero = llamagen_positions(self.grid_size, self.cls_token_num, device=x.device)
+        positions, zero = positions[:, start:start + length], zero[:, start:start + length]
+        zero = zero.expand(batch, -1) if start < self.cls_token_num else None
+        layout = self._layout(prefix_mask, length) if start == 0 else None
+        return self.backbone(x, layout=layout, positions=positions.expand(batch, -1, -1), zero_rotation=zero,
+                             cache=cache)
+
+    @staticmethod
+    def _layout(prefix_mask: Optional[Tensor], length: int) -> Optional[TokenLayout]:
+        """Caption padding as the backbone's padding segment: no token attends to it, and a padding
+        query sees only itself (upstream's forced diagonal). None: plain causal."""
+        if prefix_mask is None:
+            return None
+        batch, prefix = prefix_mask.shape
+        segments = torch.zeros(batch, length, dtype=torch.long, device=prefix_mask.device)
+        segments[:, :prefix] = torch.where(prefix_mask, 0, PADDING)
+        return TokenLayout(segments, torch.full_like(segments, NO_BLOCK))
+
+    def _init_weights(self, std: float) -> None:
+        for module in (self.token_embed, self.prefix_embed, self.backbone, self.to_logits):
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(self.to_logits.weight)
+
+    def _checked_caption_encoder(self, encoder: Optional[nn.Module]) -> Optional[nn.Module]:
+        if encoder is None:
+            return None
+        check(self.model_type == "t2i", "`caption_encoder` is for t2i models")
+        width = getattr(encoder, "dim", None)
+        check(width is None or width == self.prefix_embed.caption_dim,
+              f"`caption_encoder` produces width {width} but `caption_dim` is {self.prefix_embed.caption_dim}")
+        return encoder
+
+    def _summary(self) -> str:
+        b = self.backbone
+        extra = (f"num_classes={self.prefix_embed.num_classes}" if self.model_type == "c2i"
+                 else f"caption_dim={self.prefix_embed.caption_dim}")
+        return (f"LlamaGen(model_type={self.model_type!r}, dim={b.dim}, depth={b.depth}, heads={b.heads}, "
+                f"kv_heads={b.kv_heads}, vocab_size={self.vocab_size}, {extra}, cls_token_num={self.cls_token_num}) "
+                f"(check `config`)")
+
+
+# condition prefixes
+
+
+class ClassPrefix(nn.Module):
+    """Class ids -> ``tokens`` prefix embeddings (upstream's LabelEmbedder; one token there). With
+    ``dropout_prob > 0`` the table has the null class row ``num_classes``. Several tokens per class
+    are one table row of ``tokens * dim``."""
+
+    def __init__(self, *, num_classes: int, dim: int, tokens: int, dropout_prob: float):
+        super().__init__()
+        check(num_classes > 0, f"`num_classes` must be positive, got {num_classes}")
+        self.num_classes, self.tokens = num_classes, tokens
+        self.null_class = num_classes if dropout_prob > 0 else None
+        self.table = nn.Embedding(num_classes + int(dropout_prob > 0), tokens * dim)
+
+    @property
+    def has_unconditional(self) -> bool:
+        return self.null_class is not None
+
+    def check_labels(self, labels, batch: Optional[int], device) -> Int[Tensor, "b"]:
+        check(labels is not None, "a c2i model needs `class_labels`")
+        labels = torch.as_tensor(labels, device=device)
+        check(not labels.is_floating_point() and labels.ndim == 1 and labels.numel() > 0
+              and batch in (None, labels.shape[0]),
+              f"`class_labels` must be integer class ids [batch={batch}], got {describe(labels)}")
+        low, high = int(labels.min()), int(labels.max())
+        check(low >= 0 and high < self.num_classes,
+              f"`class_labels` must be in [0, {self.num_classes}) (num_classes), got values in [{low}, {high}]")
+        return labels.long()
+
+    def forward(self, labels: Int[Tensor, "b"], drop: Optional[Bool[Tensor, "b"]]) -> Float[Tensor, "b p d"]:
+        if drop is not None:
+            labels = torch.where(drop, self.null_class, labels)
+        return rearrange(self.table(labels), "b (p d) -> b p d", p=self.tokens)
+
+
+class CaptionPrefix(nn.Module):
+    """Caption features -> prefix embeddings ``fc2(gelu_tanh(fc1(caption)))`` without biases
+    (upstream's CaptionEmbedder). The unconditional caption is a buffer of ``tokens`` rows
+    (upstream: always 120), initialised to ``randn / sqrt(caption_dim)``."""
+
+    def __init__(self, *, caption_dim: int, dim: int, tokens: int):
+        super().__init__()
+        check(caption_dim > 0, f"`caption_dim` must be positive, got {caption_dim}")
+        self.caption_dim, self.tokens = caption_dim, tokens
+        self.fc1 = nn.Linear(caption_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("uncond_embedding", torch.randn(tokens, caption_dim) / math.sqrt(caption_dim))
+
+    has_unconditional = True
+
+    def check_caption(self, embeds, mask, batch: Optional[int]) -> Tuple[Float[Tensor, "b p c"], Bool[Tensor, "b p"]]:
+        """Validate, zero the padding and left-pad to ``tokens``: the valid tokens are moved, in order, to
+        the end (upstream's layout), since the last prefix token predicts the first image token."""
+        check(isinstance(embeds, Tensor) and embeds.is_floating_point() and embeds.ndim == 3,
+              f"a t2i model needs `caption_embeds` [b, m, caption_dim={self.caption_dim}], got {describe(embeds)}")
+        b, m, width = embeds.shape
+        check(width == self.caption_dim,
+              f"`caption_embeds` must have width caption_dim={self.caption_dim}, got {width} "
+              f"(shape {tuple(embeds.shape)})")
+        check(0 < m <= self.tokens, f"`caption_embeds` must hold 1..{self.tokens} tokens (cls_token_num), got {m}")
+        check(batch in (None, b), f"`caption_embeds` has batch {b}, expected {batch}")
+        mask = torch.ones(b, m, dtype=torch.bool, device=embeds.device) if mask is None else mask
+        check(isinstance(mask, Tensor) and tuple(mask.shape) == (b, m) and not mask.is_floating_point(),
+              f"`caption_mask` must be a bool (or 0/1) tensor [{b}, {m}], got {describe(mask)}")
+        weight = self.fc1.weight
+        embeds = embeds.to(device=weight.device, dtype=weight.dtype)
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        embeds = torch.where(mask[..., None], embeds, 0)
+        pad = self.tokens - m
+        embeds = torch.cat((embeds.new_zeros(b, pad, width), embeds), dim=1)
+        mask = torch.cat((mask.new_zeros(b, pad), mask), dim=1)
+        order = torch.sort(mask.int(), dim=1, stable=True).indices  # padding first, valid tokens in order
+        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+
+    def forward(self, caption: Float[Tensor, "b p c"], drop: Optional[Bool[Tensor, "b"]]) -> Float[Tensor, "b p d"]:
+        if drop is not None:
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.fc2(F.gelu(self.fc1(caption), approximate="tanh"))
+
+
+class CaptionEncoder(nn.Module):
+    """A small trainable caption encoder: x-transformers ``TransformerWrapper`` + ``Encoder`` over
+    caption token ids, returning ``(embeddings [b, n, dim] with padding zeroed, mask [b, n])``.
+    A light stand-in for upstream's frozen FLAN-T5 features that trains end to end with the GPT;
+    ``encoder_kwargs`` go to ``Encoder`` (e.g. ``rotary_pos_emb=True``, ``attn_dim_head=32``)."""
+
+    def __init__(self, *, num_tokens: int, dim: int = 256, depth: int = 2, heads: int = 4, max_seq_len: int = 120,
+                 pad_id: int = 0, **encoder_kwargs):
+        super().__init__()
+        from x_transformers import Encoder, TransformerWrapper
+
+        check(num_tokens > 0 and dim > 0 and max_seq_len > 0,
+              f"`num_tokens`, `dim` and `max_seq_len` must be positive, got {num_tokens}, {dim}, {max_seq_len}")
+        self.num_tokens, self.dim, self.max_seq_len, self.pad_id = num_tokens, dim, max_seq_len, pad_id
+        self.net = TransformerWrapper(num_tokens=num_tokens, max_seq_len=max_seq_len, return_only_embed=True,
+                                      attn_layers=Encoder(dim=dim, depth=depth, heads=heads, **encoder_kwargs))
+
+    def forward(self, ids: Int[Tensor, "b n"]) -> Tuple[Float[Tensor, "b n d"], Bool[Tensor, "b n"]]:
+        check(isinstance(ids, Tensor) and not ids.is_floating_point() and ids.ndim == 2
+              and 0 < ids.shape[1] <= self.max_seq_len,
+              f"`caption_ids` must be integer ids [b, n <= {self.max_seq_len}], got {describe(ids)}")
+        check(int(ids.min()) >= 0 and int(ids.max()) < self.num_tokens,
+              f"`caption_ids` must be in [0, {self.num_tokens}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        mask = ids != self.pad_id
+        embeds = self.net(ids, mask=mask, return_embeddings=True)
+        return embeds.masked_fill(~mask[..., None], 0.0), mask
+
+
+# one generation
+
+
+class _Generation:
+    """The running state of one ``generate`` call: the prefix rows ([cond; uncond] under CFG), the
+    tokens so far and, when cached, the static KV cache (sized for prefix + all but the last token)."""
+
+    def __init__(self, model: LlamaGen, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *, use_cache: bool):
+        self.model, self.prefix, self.prefix_mask = model, prefix, prefix_mask
+        self.tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
+        length = model.cls_token_num + steps - 1
+        self.cache = model.backbone.new_cache(prefix.shape[0], length) if use_cache else None
+
+    @property
+    def rows(self) -> int:
+        return self.prefix.shape[0]
+
+    def next_logits(self) -> Float[Tensor, "rows vocab"]:
+        model = self.model
+        if self.cache is None:  # the reference path: the whole sequence, every step
+            x = torch.cat((self.prefix, model.token_embed(self.tokens)), dim=1)
+            hidden = model._transformer(x, self.prefix_mask)
+        elif self.cache.length == 0:
+            hidden = model._transformer(self.prefix, self.prefix_mask, cache=self.cache)
+        else:
+            hidden = model._transformer(model.token_embed(self.tokens[:, -1:]), cache=self.cache)
+        return model.to_logits(hidden[:, -1]).float()
+
+    def append(self, token: Int[Tensor, "b"]) -> None:
+        """The same token for every copy of a sample (both CFG halves)."""
+        self.tokens = torch.cat((self.tokens, token.repeat(self.rows // token.shape[0])[:, None]), dim=1)
+
+    def keep_rows(self, rows: int) -> None:
+        """Keep the first ``rows`` rows (drop the unconditional half once guidance stops)."""
+        if rows == self.rows:
+            return
+        self.prefix, self.tokens = self.prefix[:rows], self.tokens[:rows]
+        self.prefix_mask = None if self.prefix_mask is None else self.prefix_mask[:rows]
+        if self.cache is not None:
+            self.cache.select(torch.arange(rows, device=self.prefix.device))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+# official checkpoints: ModelArgs of autoregressive/models/gpt.py and training args
+
+OFFICIAL_DEFAULTS: Dict[str, Any] = dict(
+    dim=4096, n_layer=32, n_head=32, n_kv_head=None, multiple_of=256, ffn_dim_multiplier=None, rope_base=10000,
+    norm_eps=1e-5, initializer_range=0.02, token_dropout_p=0.1, attn_dropout_p=0.0, resid_dropout_p=0.1,
+    ffn_dropout_p=0.1, drop_path_rate=0.0, num_classes=1000, caption_dim=2048, class_dropout_prob=0.1,
+    model_type="c2i", vocab_size=16384, cls_token_num=1, block_size=256, max_batch_size=32, max_seq_len=2048,
+)
+OFFICIAL_EXTRAS = ("gpt_model", "image_size", "downsample_size")
+# training-script argument -> config field (train_c2i.py / sample_c2i.py names)
+TRAINING_ARGS = {"gpt_model": "gpt_model", "gpt_type": "model_type", "vocab_size": "vocab_size",
+                 "cls_token_num": "cls_token_num", "num_classes": "num_classes", "image_size": "image_size",
+                 "downsample_size": "downsample_size"}
+
+
+def official_config(config: Union[Mapping[str, Any], str, None], args: Any = None) -> Dict[str, Any]:
+    """Upstream ``ModelArgs`` fields (+ ``gpt_model`` / ``image_size`` / ``downsample_size`` and the
+    checkpoint's training ``args``) -> :class:`LlamaGen` constructor arguments."""
+    given = _config_dict(config)
+    unknown = sorted(set(given) - set(OFFICIAL_DEFAULTS) - set(OFFICIAL_EXTRAS))
+    check(not unknown, f"`config` has unknown fields {unknown}; expected upstream ModelArgs names "
+                       f"{sorted(OFFICIAL_DEFAULTS)} or {list(OFFICIAL_EXTRAS)}")
+    given = _with_training_args(given, args)
+    given = _with_preset(given)
+    grid = _official_grid(given)
+    if given.get("model_type") == "t2i":
+        given.setdefault("cls_token_num", 120)  # upstream t2i runs only with 120 caption tokens
+    m = {**OFFICIAL_DEFAULTS, **given}
+    if m["drop_path_rate"]:
+        warnings.warn(f"drop_path_rate={m['drop_path_rate']} is ignored: stochastic depth is not implemented "
+                      f"(inference is unaffected)")
+    return dict(dim=m["dim"], depth=m["n_layer"], heads=m["n_head"], kv_heads=m["n_kv_head"],
+                ff_multiple_of=m["multiple_of"], ff_dim_multiplier=m["ffn_dim_multiplier"], rope_base=m["rope_base"],
+                norm_eps=m["norm_eps"], initializer_range=m["initializer_range"], token_dropout=m["token_dropout_p"],
+                attn_dropout=m["attn_dropout_p"], resid_dropout=m["resid_dropout_p"], ff_dropout=m["ffn_dropout_p"],
+                num_classes=m["num_classes"], caption_dim=m["caption_dim"],
+                class_dropout_prob=m["class_dropout_prob"], model_type=m["model_type"], vocab_size=m["vocab_size"],
+                cls_token_num=m["cls_token_num"], grid_size=grid)
+
+
+def _config_dict(config) -> Dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, str):
+        return {"gpt_model": config}
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    check(hasattr(config, "__dict__"), f"`config` must be a mapping, a dataclass, a namespace or a preset name, "
+                                       f"got {type(config).__name__}")
+    return dict(vars(config))
+
+
+def _with_training_args(given: Dict[str, Any], args: Any) -> Dict[str, Any]:
+    """Fill from the checkpoint's training ``args``; a field given both ways must agree."""
+    if args is None:
+        return given
+    args = args if isinstance(args, Mapping) else vars(args)
+    given = dict(given)
+    for arg, field in TRAINING_ARGS.items():
+        if args.get(arg) is None:
+            continue
+        check(given.get(field, args[arg]) == args[arg],
+              f"`config['{field}']` is {given.get(field)!r} but the checkpoint was trained with {arg}={args[arg]!r}")
+        given[field] = args[arg]
+    return given
+
+
+def _with_preset(given: Dict[str, Any]) -> Dict[str, Any]:
+    name = given.pop("gpt_model", None)
+    if name is None:
+        return given
+    check(name in PRESETS, f"`gpt_model` must be one of {list(PRESETS)}, got {name!r}")
+    for field, value in zip(("dim", "n_layer", "n_head"), PRESETS[name]):
+        check(given.get(field, value) == value,
+              f"`config['{field}']` is {given.get(field)!r} but gpt_model {name} has {field}={value}")
+        given[field] = value
+    return given
+
+
+def _official_grid(given: Mapping[str, Any]) -> int:
+    """The image-token grid side from ``block_size`` and/or ``image_size / downsample_size``."""
+    block, image = given.get("block_size"), given.get("image_size")
+    down = given.get("downsample_size") or 16
+    check(block is not None or image is not None,
+          "`config` must give `block_size` (grid_size ** 2) or `image_size` (+ `downsample_size`, default 16): "
+          "checkpoints do not store the 2-D RoPE grid, and a wrong one loads silently "
+          "(256 px: block_size 256; 384 px: block_size 576)")
+    grid_block = math.isqrt(block) if block is not None else None
+    check(block is None or grid_block * grid_block == block,
+          f"`block_size` must be a square number (grid_size ** 2), got {block}")
+    if image is None:
+        return grid_block
+    check(image % down == 0, f"`image_size` ({image}) must be divisible by `downsample_size` ({down})")
+    grid_image = image // down
+    check(grid_block in (None, grid_image),
+          f"`block_size`={block} is a {grid_block}x{grid_block} grid but `image_size`={image} / `downsample_size`="
+          f"{down} is {grid_image}x{grid_image} (block_size {grid_image ** 2}); the checkpoint would load without "
+          f"error and generate with wrong 2-D positions")
+    return grid_image
+
+
+def _official_weights(raw: Mapping, use_ema: bool) -> Dict[str, Tensor]:
+    wrappers = ("model", "module", "state_dict", "ema")
+    check(not use_ema or isinstance(raw.get("ema"), Mapping),
+          f"`use_ema=True` but the checkpoint has no 'ema' entry (top-level keys: {sorted(raw)[:10]})")
+    return unwrap_checkpoint(raw, keys=wrappers, prefer="ema" if use_ema else None)
