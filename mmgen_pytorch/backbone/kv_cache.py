@@ -8,8 +8,9 @@ A forward over a chunk of ``c`` tokens with a cache either
 
 - writes the chunk (``write=True``): its K/V land at ``[length, length + c)`` and ``length``
   advances by ``c`` at the end of the forward; or
-- only reads (``write=False``): the chunk attends to the cached prefix plus itself and the cache is
-  left exactly as it was — every denoising step but the last.
+- only reads (``write=False``): the chunk attends to the cached prefix plus itself and the cache's
+  contents ``[0, length)``, its layout and ``length`` stay exactly as they were — every denoising step
+  but the last. (Its K/V use the free slots after ``length`` as scratch space.)
 
 CFG is a doubled batch inside the same cache (conditional rows first).
 """
@@ -59,11 +60,12 @@ class KVCache(nn.Module):
               error=RuntimeError)
 
     def attend_keys(self, layer: int, k: Tensor, v: Tensor, write: bool) -> Tuple[Tensor, Tensor]:
-        """The keys and values a chunk attends to: the cached prefix followed by the chunk itself."""
+        """The keys and values a chunk attends to: the cached prefix followed by the chunk itself.
+
+        Either way the chunk's K/V go into the slots after ``length`` (no copy of the prefix); only a
+        written chunk advances ``length``, so a read-only chunk's slots are free again afterwards.
+        """
         start, end = self.length, self.length + k.shape[2]
-        if not write:
-            return (torch.cat((self.keys[layer, :, :, :start], k.to(self.keys.dtype)), dim=2),
-                    torch.cat((self.values[layer, :, :, :start], v.to(self.values.dtype)), dim=2))
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -249,7 +249,8 @@ class Transformer(nn.Module):
         offset = cache.length if cache is not None else 0
         if backend == "flex":
             return AttentionMask(block_mask=queries.block_mask(keys, offset))
-        return AttentionMask(dense=queries.dense_mask(keys, offset))
+        dense = queries.dense_mask(keys, offset)
+        return AttentionMask() if bool(dense.all()) else AttentionMask(dense=dense)  # all-visible: no mask
 
     def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:
         check(isinstance(x, Tensor) and x.ndim == 3 and x.shape[-1] == self.dim,

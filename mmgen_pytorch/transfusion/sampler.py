@@ -221,6 +221,8 @@ class Sampler:
                 row.forced = self.vocab.shape_ids(self.fixed_shape)
             row.text.append(token)
             row.next_token = token
+            if row.length + 1 >= self.max_length:  # the sequence is full with this token: no need to feed it
+                row.done = True
 
     def feed_text(self, rows: List[Row]) -> Tensor:
         """Feed every active row's chosen token: one forward of one token per row."""
