@@ -1,5 +1,4 @@
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ settings.register_profile("ci", max_examples=100, deadline=None, suppress_health
 settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# flex_attention warns on every eager (uncompiled) CPU call; the tests run it eagerly on purpose.
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -56,6 +56,10 @@ class TokenLayout:
               f"{tuple(self.segment_ids.shape)} and {tuple(self.block_ids.shape)}")
         check(not self.segment_ids.is_floating_point() and not self.block_ids.is_floating_point(),
               "`segment_ids` and `block_ids` must be integer tensors")
+        if self.causal_limits is not None:
+            check(self.causal_limits.shape == self.segment_ids.shape and not self.causal_limits.is_floating_point(),
+                  f"`causal_limits` must be an integer tensor shaped like `segment_ids` {tuple(self.segment_ids.shape)}, "
+                  f"got {self.causal_limits.dtype} {tuple(self.causal_limits.shape)}")
 
     # construction
 
