@@ -1,0 +1,59 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    text = (HERE / "mmgen_pytorch" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("could not find __version__ in mmgen_pytorch/__init__.py")
+    return match.group(1)
+
+
+readme = HERE / "README.md"
+long_description = readme.read_text(encoding="utf-8") if readme.exists() else ""
+
+setup(
+    name="mmgen-pytorch",
+    version=read_version(),
+    description="Transfusion and its siblings on one shared transformer backbone, in PyTorch",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(exclude=["tests*", "benchmarks*", "examples*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "einops>=0.8",
+        "beartype",
+        "jaxtyping",
+        "ema-pytorch",
+        "torchdiffeq",
+        "rotary-embedding-torch>=0.8",
+        "x-transformers",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "scikit-learn", "Pillow", "numpy"],
+        "examples": ["scikit-learn", "Pillow", "numpy"],
+    },
+    keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: OS Independent",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
