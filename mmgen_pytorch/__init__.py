@@ -1,9 +1,18 @@
 """mmgen_pytorch: Transfusion and its siblings on one shared transformer backbone."""
 
 from .backbone import KVCache, TokenLayout, Transformer
+from .diffloss import DiffLoss
+from .llamagen import CaptionEncoder, LlamaGen
+from .mar import MAR
+from .objectives import RectifiedFlow
+from .objectives.gaussian import GaussianDiffusion
+from .tokenizers import RQVAE, VQVAE, AutoencoderKL
 from .transfusion import LossBreakdown, Transfusion, print_modality_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "LossBreakdown", "TokenLayout", "Transformer", "Transfusion", "print_modality_sample",
-           "__version__"]
+__all__ = [
+    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR",
+    "RQVAE", "RectifiedFlow", "TokenLayout", "Transformer", "Transfusion", "VQVAE", "print_modality_sample",
+    "__version__",
+]
