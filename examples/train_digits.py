@@ -105,6 +105,7 @@ class TransfusionRecipe:
     @torch.no_grad()
     def extra_metrics(self, model, generator: torch.Generator) -> Dict[str, float]:
         images, labels = heldout_data()
+        images, labels = images[:self.args.caption_samples], labels[:self.args.caption_samples]
         prompts = [[(0, latent)] for latent in patchify(images)]
         samples = model.sample(prompts, max_length=40, cfg_scale=1.0, text_temperature=0.0, max_modalities=0,
                                generator=generator, progress=self.args.progress)
@@ -224,6 +225,8 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    parser.add_argument("--caption-samples", type=int, default=None,
+                        help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
