@@ -39,8 +39,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn", "Pillow", "numpy"],
-        "examples": ["scikit-learn", "Pillow", "numpy"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "Pillow", "numpy", "nbformat", "nbclient", "ipykernel"],
+        "examples": ["scikit-learn", "Pillow", "numpy", "notebook"],
     },
     keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],
     classifiers=[

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_digits import evaluate, split  # noqa: E402
 
-from mmgen_pytorch import Transfusion  # noqa: E402
+from mmgen_pytorch import MAR, Transfusion  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -115,7 +115,28 @@ class TransfusionRecipe:
         return {"caption_accuracy": float(np.mean(correct)), "caption_examples": captions[:10]}
 
 
-RECIPES = {"transfusion": TransfusionRecipe}
+class MARRecipe:
+    """Class-conditional MAR directly on 2x2 pixel patches (a 4x4 grid of 4-channel tokens)."""
+
+    default_steps, batch_size, lr = 3000, 64, 1e-3
+
+    def __init__(self, args):
+        self.args = args
+        self.model = MAR(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_dim=128, encoder_depth=3,
+                         encoder_heads=4, num_classes=10, buffer_size=4, attn_dropout=0.0, proj_dropout=0.0,
+                         diffloss_depth=2, diffloss_width=192, num_sampling_steps="50", diffusion_batch_mul=2)
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.model(patchify(images).permute(0, 3, 1, 2), labels)
+
+    @torch.no_grad()
+    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
+        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg=self.args.cfg, generator=generator,
+                               num_sampling_steps=str(self.args.modality_steps * 3), progress=self.args.progress)
+        return unpatchify(samples.latents.permute(0, 2, 3, 1))
+
+
+RECIPES = {"transfusion": TransfusionRecipe, "mar": MARRecipe}
 
 
 # training loop shared by every recipe
@@ -225,6 +246,7 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    parser.add_argument("--mar-iters", type=int, default=16, help="MAR: autoregressive steps when sampling")
     parser.add_argument("--caption-samples", type=int, default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
