@@ -250,6 +250,7 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--caption-samples", type=int, default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("results", args.model)
@@ -257,5 +258,6 @@ def parse_args(argv: List[str] | None = None):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    run(parse_args())
+    arguments = parse_args()
+    torch.set_num_threads(arguments.threads)
+    run(arguments)
