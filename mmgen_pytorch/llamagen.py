@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,10 @@ class LlamaGen(nn.Module):
         attn_backend: the backbone's attention backend (``"auto"``, ``"sdpa"``, ``"flex"``).
     """
 
+    presets: ClassVar[Dict[str, Tuple[int, int, int]]] = PRESETS  # for from_preset and `gpt_model`
+    # the final norm + one ``to_logits`` head; False: a subclass attaches its own heads (DnD's depth heads)
+    final_head: ClassVar[bool] = True
+
     def __init__(self, *, dim: int, depth: int, heads: int, kv_heads: Optional[int] = None,
                  vocab_size: int = 16384, grid_size: int = 16, model_type: str = "c2i", num_classes: int = 1000,
                  class_dropout_prob: float = 0.1, caption_dim: Optional[int] = None,
@@ -116,8 +120,9 @@ class LlamaGen(nn.Module):
                                     norm_eps=norm_eps, ff="swiglu", ff_multiple_of=ff_multiple_of,
                                     ff_dim_multiplier=ff_dim_multiplier, attn_dropout=attn_dropout,
                                     resid_dropout=resid_dropout, ff_dropout=ff_dropout, rotary_axes=2,
-                                    rotary_base=rope_base, attn_backend=attn_backend)
-        self.to_logits = nn.Linear(dim, vocab_size, bias=False)
+                                    rotary_base=rope_base, attn_backend=attn_backend, final_norm=self.final_head)
+        if self.final_head:
+            self.to_logits = nn.Linear(dim, vocab_size, bias=False)
         self._init_weights(initializer_range)
         self.caption_encoder = self._checked_caption_encoder(caption_encoder)
         self._tokenizer = (tokenizer,)  # a tuple keeps a tokenizer module out of submodules and state_dict
@@ -182,26 +187,24 @@ class LlamaGen(nn.Module):
         Returns codes ``[b, grid, grid]`` for a full grid, else ``[b, n]`` (int64).
         """
         steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
         guide = cfg_scale != 1.0
         with _eval_mode(self):
             batch, prefix, prefix_mask = self._generation_prefix(condition, caption_mask, guide)
-            state = _Generation(self, prefix, prefix_mask, steps, use_cache=use_cache)
+            state = self._new_generation(prefix, prefix_mask, steps, use_cache=use_cache)
             codes, step_logits = [], []
-            for step in tqdm(range(steps), disable=not progress, desc="LlamaGen", leave=False):
+            for step in tqdm(range(steps), disable=not progress, desc=type(self).__name__, leave=False):
                 guided = guide and not (cfg_interval > -1 and step - 1 > cfg_interval)
                 if not guided:
                     state.keep_rows(batch)
-                logits = state.next_logits()
-                logits = split_cfg(logits, cfg_scale) if guided else logits
-                token = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                           greedy=greedy, generator=generator)
+                token, logits = self._generation_step(state, cfg_scale if guided else 1.0, sampling)
                 state.append(token)
                 codes.append(token)
                 if return_logits:
                     step_logits.append(logits)
         codes = torch.stack(codes, dim=1)
         if steps == self.num_image_tokens:
-            codes = codes.view(batch, self.grid_size, self.grid_size)
+            codes = codes.view(batch, self.grid_size, self.grid_size, *codes.shape[2:])
         return (codes, torch.stack(step_logits, dim=1)) if return_logits else codes
 
     @torch.no_grad()
@@ -232,11 +235,11 @@ class LlamaGen(nn.Module):
     def from_preset(cls, name: str, **kwargs) -> "LlamaGen":
         """An upstream size by name (``"GPT-B"`` ... ``"GPT-7B"``, see ``PRESETS``); ``kwargs`` set the
         rest (vocab_size, grid_size, model_type, num_classes, ...)."""
-        check(name in PRESETS, f"`name` must be one of {list(PRESETS)}, got {name!r}")
+        check(name in cls.presets, f"`name` must be one of {list(cls.presets)}, got {name!r}")
         fixed = sorted({"dim", "depth", "heads"} & set(kwargs))
         check(not fixed, f"preset {name} fixes dim, depth and heads, got {fixed} as well; "
-                         f"build LlamaGen(dim=..., depth=..., heads=...) for a custom size")
-        dim, depth, heads = PRESETS[name]
+                         f"build {cls.__name__}(dim=..., depth=..., heads=...) for a custom size")
+        dim, depth, heads = cls.presets[name]
         return cls(dim=dim, depth=depth, heads=heads, **kwargs)
 
     @classmethod
@@ -259,16 +262,22 @@ class LlamaGen(nn.Module):
             kwargs: passed to the constructor (``tokenizer``, ``caption_encoder``, ``attn_backend``).
         """
         raw = read_checkpoint(checkpoint)
-        model = cls(**official_config(config, raw.get("args")), **kwargs)
+        model = cls(**cls._official_config(config, raw.get("args")), **kwargs)
         model.load_official_state_dict(_official_weights(raw, use_ema))
         return model.eval()
+
+    @classmethod
+    def _official_config(cls, config, args) -> Dict[str, Any]:
+        """Constructor arguments from upstream ``ModelArgs`` fields and the training ``args``."""
+        return official_config(config, args)
 
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load upstream-named weights strictly; a mismatch names the upstream keys."""
         state_dict = {k: v for k, v in state_dict.items() if k != "freqs_cis"}
         check_state_dict(self.official_state_dict(), state_dict, target=self._summary(), source="official checkpoint")
         ours = llamagen_backbone_state_dict(state_dict, prefix="backbone.")
-        ours.update({OFFICIAL_KEYS[k]: v for k, v in state_dict.items() if k in OFFICIAL_KEYS})
+        keys = self._official_keys()
+        ours.update({keys[k]: v for k, v in state_dict.items() if k in keys})
         if self.caption_encoder is not None:
             ours.update({f"caption_encoder.{k}": v for k, v in self.caption_encoder.state_dict().items()})
         load_strict(self, ours, source="official checkpoint")
@@ -277,8 +286,12 @@ class LlamaGen(nn.Module):
         """The weights under upstream's key names (without the caption encoder, which upstream lacks)."""
         ours = self.state_dict()
         official = llamagen_backbone_to_official(ours, prefix="backbone.")
-        official.update({theirs: ours[mine] for theirs, mine in OFFICIAL_KEYS.items() if mine in ours})
+        official.update({theirs: ours[mine] for theirs, mine in self._official_keys().items() if mine in ours})
         return official
+
+    def _official_keys(self) -> Dict[str, str]:
+        """Upstream key -> ours for the weights outside the transformer blocks."""
+        return OFFICIAL_KEYS
 
     # internals: inputs
 
@@ -361,11 +374,29 @@ class LlamaGen(nn.Module):
             return {"caption_ids": condition}
         return {"caption_embeds": condition, "caption_mask": caption_mask}
 
+    # internals: one generation step (overridden by models with other heads)
+
+    def _new_generation(self, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *,
+                        use_cache: bool) -> "_Generation":
+        return _Generation(self, prefix, prefix_mask, steps, use_cache=use_cache)
+
+    def _generation_step(self, state: "_Generation", cfg_scale: float,
+                         sampling: Dict[str, Any]) -> Tuple[Int[Tensor, "b"], Float[Tensor, "b vocab"]]:
+        """The next token of every sample and the (guided) logits it was drawn from; ``cfg_scale`` 1:
+        no guidance (the state holds the conditional rows only)."""
+        logits = split_cfg(state.next_logits(), cfg_scale)
+        return sample_from_logits(logits, **sampling), logits
+
+    def _embed_codes(self, codes: Int[Tensor, "b n"]) -> Float[Tensor, "b n d"]:
+        """Input embeddings of image codes."""
+        return self.token_embed(codes)
+
     # internals: the transformer
 
     def _transformer(self, x: Float[Tensor, "b n d"], prefix_mask: Optional[Tensor] = None, *,
-                     cache=None) -> Float[Tensor, "b n d"]:
-        """The backbone over a chunk that starts at the cache's length (0 without a cache)."""
+                     cache=None, block_hook=None) -> Float[Tensor, "b n d"]:
+        """The backbone over a chunk that starts at the cache's length (0 without a cache);
+        ``block_hook(index, hidden)`` runs after every block (see :class:`Transformer`)."""
         batch, length = x.shape[:2]
         start = cache.length if cache is not None else 0
         positions, zero = llamagen_positions(self.grid_size, self.cls_token_num, device=x.device)
@@ -373,7 +404,7 @@ class LlamaGen(nn.Module):
         zero = zero.expand(batch, -1) if start < self.cls_token_num else None
         layout = self._layout(prefix_mask, length) if start == 0 else None
         return self.backbone(x, layout=layout, positions=positions.expand(batch, -1, -1), zero_rotation=zero,
-                             cache=cache)
+                             cache=cache, block_hook=block_hook)
 
     @staticmethod
     def _layout(prefix_mask: Optional[Tensor], length: int) -> Optional[TokenLayout]:
@@ -387,11 +418,11 @@ class LlamaGen(nn.Module):
         return TokenLayout(segments, torch.full_like(segments, NO_BLOCK))
 
     def _init_weights(self, std: float) -> None:
-        for module in (self.token_embed, self.prefix_embed, self.backbone, self.to_logits):
-            for layer in module.modules():
-                if isinstance(layer, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(layer.weight, std=std)
-        nn.init.zeros_(self.to_logits.weight)
+        for layer in self.modules():  # the caption encoder is attached afterwards and keeps its own init
+            if isinstance(layer, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(layer.weight, std=std)
+        if self.final_head:
+            nn.init.zeros_(self.to_logits.weight)
 
     def _checked_caption_encoder(self, encoder: Optional[nn.Module]) -> Optional[nn.Module]:
         if encoder is None:
@@ -525,11 +556,13 @@ class CaptionEncoder(nn.Module):
 
 class _Generation:
     """The running state of one ``generate`` call: the prefix rows ([cond; uncond] under CFG), the
-    tokens so far and, when cached, the static KV cache (sized for prefix + all but the last token)."""
+    tokens so far (``[rows, n, *code_shape]``: one id per position, or DnD's ``code_shape=(depth,)``)
+    and, when cached, the static KV cache (sized for prefix + all but the last token)."""
 
-    def __init__(self, model: LlamaGen, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *, use_cache: bool):
+    def __init__(self, model: LlamaGen, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *, use_cache: bool,
+                 code_shape: Tuple[int, ...] = ()):
         self.model, self.prefix, self.prefix_mask = model, prefix, prefix_mask
-        self.tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
+        self.tokens = torch.zeros(prefix.shape[0], 0, *code_shape, dtype=torch.long, device=prefix.device)
         length = model.cls_token_num + steps - 1
         self.cache = model.backbone.new_cache(prefix.shape[0], length) if use_cache else None
 
@@ -537,20 +570,28 @@ class _Generation:
     def rows(self) -> int:
         return self.prefix.shape[0]
 
-    def next_logits(self) -> Float[Tensor, "rows vocab"]:
+    @property
+    def recomputed_tokens(self) -> Int[Tensor, "rows m ..."]:
+        """The earlier tokens whose positions the next step runs again (all of them without a cache)."""
+        return self.tokens if self.cache is None else self.tokens[:, :0]
+
+    def next_hidden(self, block_hook=None) -> Float[Tensor, "rows m d"]:
+        """The backbone output of this step's chunk; its last position predicts the next token."""
         model = self.model
         if self.cache is None:  # the reference path: the whole sequence, every step
-            x = torch.cat((self.prefix, model.token_embed(self.tokens)), dim=1)
-            hidden = model._transformer(x, self.prefix_mask)
-        elif self.cache.length == 0:
-            hidden = model._transformer(self.prefix, self.prefix_mask, cache=self.cache)
-        else:
-            hidden = model._transformer(model.token_embed(self.tokens[:, -1:]), cache=self.cache)
-        return model.to_logits(hidden[:, -1]).float()
+            x = torch.cat((self.prefix, model._embed_codes(self.tokens)), dim=1)
+            return model._transformer(x, self.prefix_mask, block_hook=block_hook)
+        if self.cache.length == 0:
+            return model._transformer(self.prefix, self.prefix_mask, cache=self.cache, block_hook=block_hook)
+        return model._transformer(model._embed_codes(self.tokens[:, -1:]), cache=self.cache, block_hook=block_hook)
 
-    def append(self, token: Int[Tensor, "b"]) -> None:
-        """The same token for every copy of a sample (both CFG halves)."""
-        self.tokens = torch.cat((self.tokens, token.repeat(self.rows // token.shape[0])[:, None]), dim=1)
+    def next_logits(self) -> Float[Tensor, "rows vocab"]:
+        return self.model.to_logits(self.next_hidden()[:, -1]).float()
+
+    def append(self, token: Int[Tensor, "b ..."]) -> None:
+        """The same token(s) for every copy of a sample (both CFG halves)."""
+        copies = self.rows // token.shape[0]
+        self.tokens = torch.cat((self.tokens, torch.cat([token] * copies)[:, None]), dim=1)
 
     def keep_rows(self, rows: int) -> None:
         """Keep the first ``rows`` rows (drop the unconditional half once guidance stops)."""
@@ -587,15 +628,17 @@ TRAINING_ARGS = {"gpt_model": "gpt_model", "gpt_type": "model_type", "vocab_size
                  "downsample_size": "downsample_size"}
 
 
-def official_config(config: Union[Mapping[str, Any], str, None], args: Any = None) -> Dict[str, Any]:
+def official_config(config: Union[Mapping[str, Any], str, None], args: Any = None, *,
+                    presets: Mapping[str, Tuple[int, int, int]] = PRESETS) -> Dict[str, Any]:
     """Upstream ``ModelArgs`` fields (+ ``gpt_model`` / ``image_size`` / ``downsample_size`` and the
-    checkpoint's training ``args``) -> :class:`LlamaGen` constructor arguments."""
+    checkpoint's training ``args``) -> :class:`LlamaGen` constructor arguments. ``presets``: the
+    ``gpt_model`` names (upstream's ``GPT_models``)."""
     given = _config_dict(config)
     unknown = sorted(set(given) - set(OFFICIAL_DEFAULTS) - set(OFFICIAL_EXTRAS))
     check(not unknown, f"`config` has unknown fields {unknown}; expected upstream ModelArgs names "
                        f"{sorted(OFFICIAL_DEFAULTS)} or {list(OFFICIAL_EXTRAS)}")
     given = _with_training_args(given, args)
-    given = _with_preset(given)
+    given = _with_preset(given, presets)
     grid = _official_grid(given)
     if given.get("model_type") == "t2i":
         given.setdefault("cls_token_num", 120)  # upstream t2i runs only with 120 caption tokens
@@ -641,12 +684,12 @@ def _with_training_args(given: Dict[str, Any], args: Any) -> Dict[str, Any]:
     return given
 
 
-def _with_preset(given: Dict[str, Any]) -> Dict[str, Any]:
+def _with_preset(given: Dict[str, Any], presets: Mapping[str, Tuple[int, int, int]]) -> Dict[str, Any]:
     name = given.pop("gpt_model", None)
     if name is None:
         return given
-    check(name in PRESETS, f"`gpt_model` must be one of {list(PRESETS)}, got {name!r}")
-    for field, value in zip(("dim", "n_layer", "n_head"), PRESETS[name]):
+    check(name in presets, f"`gpt_model` must be one of {list(presets)}, got {name!r}")
+    for field, value in zip(("dim", "n_layer", "n_head"), presets[name]):
         check(given.get(field, value) == value,
               f"`config['{field}']` is {given.get(field)!r} but gpt_model {name} has {field}={value}")
         given[field] = value
