@@ -2,6 +2,7 @@
 
 from .backbone import KVCache, TokenLayout, Transformer
 from .diffloss import DiffLoss
+from .dnd import DnDTransformer
 from .llamagen import CaptionEncoder, LlamaGen
 from .mar import MAR
 from .objectives import RectifiedFlow
@@ -12,7 +13,7 @@ from .transfusion import LossBreakdown, Transfusion, print_modality_sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR",
+    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "DnDTransformer", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR",
     "RQVAE", "RectifiedFlow", "TokenLayout", "Transformer", "Transfusion", "VQVAE", "print_modality_sample",
     "__version__",
 ]
