@@ -58,7 +58,6 @@ about 3 to 5 minutes on 2 CPU cores, most of it flex attention's eager path and 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -72,6 +71,10 @@ import warnings
 from datetime import date
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
+from _common import strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 VARIANTS = ("sdpa", "flex", "flex-compiled", "einsum")
 HEADS, DIM_HEAD, BATCH = 8, 64, 1
@@ -100,53 +103,14 @@ def block_spans(length: int, blocks: int, block_len: int) -> Tuple[List[Tuple[in
     return [(int(round(gap * (i + 1) + block_len * i)), block_len) for i in range(blocks)], block_len
 
 
-def _rss_kib() -> Tuple[int, int]:
-    status = Path("/proc/self/status").read_text()
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-    return rss, hwm
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
-def _strict_allocator() -> bool:
-    """Make glibc malloc return allocations over 64 KiB to the OS when they are freed.
-
-    By default glibc raises its mmap threshold (up to 32 MiB) after large frees and then serves
-    later allocations from memory it kept resident, so the RSS of repeated calls stops showing their
-    working set. A fixed threshold disables that; :func:`_trim` releases what is already cached.
-    """
-    libc = _libc()
-    try:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return (libc is not None and libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
-                and libc.mallopt(m_trim_threshold, 0) == 1)
-    except AttributeError:
-        return False
 
 
-def _trim() -> None:
-    """Hand the free memory of every malloc arena back to the OS (``malloc_trim(0)``)."""
-    libc = _libc()
-    try:
-        if libc is not None:
-            libc.malloc_trim(0)
-    except AttributeError:
-        pass
 
 
 def _tensor_bytes(obj) -> int:
@@ -267,11 +231,6 @@ def repeats_for(length: int, requested: Optional[int]) -> int:
     return 10 if length <= 512 else 5 if length <= 2048 else 3
 
 
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
 
 
 def fmt(value: Optional[float], spec: str) -> str:

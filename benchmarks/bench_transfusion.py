@@ -78,7 +78,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # upstream shows tqdm bars unconditionally; read when tqdm is imported
 
 import argparse
-import ctypes
 import gc
 import json
 import platform
@@ -94,6 +93,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
+from _common import strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("readme", "long", "sample", "text")
@@ -357,44 +360,14 @@ def work_summary(task: str, work: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rss_kib():
-    status = Path("/proc/self/status").read_text()
-    return (int(re.search(r"VmRSS:\s+(\d+)", status).group(1)), int(re.search(r"VmHWM:\s+(\d+)", status).group(1)))
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
-def _strict_allocator() -> bool:
-    libc = _libc()
-    try:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return (libc is not None and libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
-                and libc.mallopt(m_trim_threshold, 0) == 1)
-    except AttributeError:
-        return False
 
 
-def _trim() -> None:
-    libc = _libc()
-    try:
-        if libc is not None:
-            libc.malloc_trim(0)
-    except AttributeError:
-        pass
 
 
 def memory_worker(config: dict) -> dict:
@@ -473,11 +446,6 @@ def profile_ours(fn: Callable, label: str, rows: int = 15) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
 
 
 def machine_description(threads: int) -> List[str]:

@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmarks: peak-memory measurement of one process on Linux and machine facts.
+
+Peak memory: each measured call runs in a fresh process; before it, glibc is told to return freed
+allocations to the OS (so a repeated call's working set shows in the RSS), cached free memory is
+trimmed and the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``); the peak is then
+``VmHWM`` after the call minus ``VmRSS`` before it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+from typing import Tuple
+
+
+def rss_kib() -> Tuple[int, int]:
+    """(current RSS, RSS high-water mark) of this process in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return (int(re.search(r"VmRSS:\s+(\d+)", status).group(1)), int(re.search(r"VmHWM:\s+(\d+)", status).group(1)))
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def strict_allocator() -> bool:
+    """Make glibc return allocations over 64 KiB to the OS when freed (a fixed mmap threshold)."""
+    libc = _libc()
+    try:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return (libc is not None and libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
+                and libc.mallopt(m_trim_threshold, 0) == 1)
+    except AttributeError:
+        return False
+
+
+def trim() -> None:
+    """Hand the free memory of every malloc arena back to the OS (``malloc_trim(0)``)."""
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
