@@ -84,7 +84,7 @@ class TransfusionRecipe:
         self.model = Transfusion(num_text_tokens=128, dim_latent=4, modality_default_shape=(4, 4),
                                  prob_uncond=0.1, time_sampling="logit_normal",
                                  transformer=dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32,
-                                                                   attn_backend="sdpa"))
+                                                  attn_backend="sdpa"))
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
         latents = patchify(images)
