@@ -5,6 +5,7 @@ from .diffloss import DiffLoss
 from .dnd import DnDTransformer
 from .llamagen import CaptionEncoder, LlamaGen
 from .mar import MAR
+from .monoformer import MonoFormer
 from .objectives import RectifiedFlow
 from .objectives.gaussian import GaussianDiffusion
 from .tokenizers import RQVAE, VQVAE, AutoencoderKL
@@ -13,7 +14,7 @@ from .transfusion import LossBreakdown, Transfusion, print_modality_sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "DnDTransformer", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR",
+    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "DnDTransformer", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR", "MonoFormer",
     "RQVAE", "RectifiedFlow", "TokenLayout", "Transformer", "Transfusion", "VQVAE", "print_modality_sample",
     "__version__",
 ]

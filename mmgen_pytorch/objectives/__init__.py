@@ -1,3 +1,5 @@
+from .base import ContinuousObjective
 from .flow import RectifiedFlow, TimeEmbedding
+from .gaussian import GaussianDiffusion, GaussianObjective
 
-__all__ = ["RectifiedFlow", "TimeEmbedding"]
+__all__ = ["ContinuousObjective", "GaussianDiffusion", "GaussianObjective", "RectifiedFlow", "TimeEmbedding"]

@@ -1,8 +1,8 @@
 """Rectified flow (flow matching), apart from any model.
 
-Convention (Transfusion): ``x_t = t * x + (1 - t) * noise``, ``t = 0`` is noise and ``t = 1`` is data,
-and the network predicts the velocity ``x - noise``. Sampling integrates the velocity from 0 to 1 with
-a torchdiffeq solver.
+Convention (Transfusion): ``x_t = t * x + (1 - t) * noise``, ``t = 0`` is noise and ``t = 1`` is data
+(``clean_time``), and the network predicts the velocity ``x - noise``. Sampling integrates the
+velocity from 0 to 1 with a torchdiffeq solver. Implements :class:`~.base.ContinuousObjective`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from .._utils import check
+from ..sampling import split_cfg
+from .base import ContinuousObjective, Denoiser
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 
 
-class RectifiedFlow:
+class RectifiedFlow(ContinuousObjective):
+    clean_time = 1.0
+
     def __init__(self, *, time_sampling: str = "uniform", logit_normal_mean: float = 0.0,
                  logit_normal_std: float = 1.0, ode_method: str = "midpoint", ode_kwargs: Optional[dict] = None):
         check(time_sampling in TIME_SAMPLINGS, f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
@@ -34,20 +38,44 @@ class RectifiedFlow:
         normal = torch.randn(count, device=device, generator=generator) * self.std + self.mean
         return torch.sigmoid(normal)
 
+    def check_time(self, time: float, *, name: str) -> None:
+        check(0.0 <= float(time) <= 1.0, f"{name} must be a flow time in [0, 1], got {time}")
+
     @staticmethod
     def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``t`` broadcasts against ``x`` from the left (one time per leading entry)."""
         t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
         return t * x + (1 - t) * noise
 
+    def noised(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return self.interpolate(x, noise, t)
+
+    @staticmethod
+    def time_embedding_input(t: Tensor) -> Tensor:
+        return t.float() * 1000.0  # DiT's scale: the embedding sees [0, 1000]
+
+    @staticmethod
+    def output_dim(dim_latent: int) -> int:
+        return dim_latent
+
     @staticmethod
     def velocity_target(x: Tensor, noise: Tensor) -> Tensor:
         return x - noise
 
     @staticmethod
-    def loss(predicted_velocity: Tensor, x: Tensor, noise: Tensor) -> Tensor:
-        """Per-element squared error against the velocity target."""
-        return F.mse_loss(predicted_velocity, x - noise, reduction="none")
+    def loss(output: Tensor, x: Tensor, noise: Tensor, x_t: Optional[Tensor] = None,
+             t: Optional[Tensor] = None) -> Tensor:
+        """Per-token squared error against the velocity target (mean over channels)."""
+        return F.mse_loss(output, x - noise, reduction="none").mean(-1)
+
+    @staticmethod
+    def guide(output: Tensor, scale: float) -> Tensor:
+        return split_cfg(output, scale)
+
+    def generate(self, denoise: Denoiser, noise: Tensor, steps: int, *,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Integrate ``denoise`` (a velocity) from noise to data; deterministic, so ``generator`` is unused."""
+        return self.integrate(lambda t, x: denoise(x, t), noise, steps)
 
     def integrate(self, velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Tensor:
         """Solve ``dx/dt = velocity(t, x)`` from ``t = 0`` (noise) to ``t = 1``; returns the final x.
@@ -65,9 +93,12 @@ class RectifiedFlow:
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of ``t in [0, 1]`` (scaled by 1000, DiT style) followed by an MLP."""
+    """DiT's timestep embedder: a ``[cos, sin]`` sinusoid of ``scale · t`` followed by an MLP.
 
-    def __init__(self, dim: int, *, frequency_dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0):
+    Models feed it ``objective.time_embedding_input(t)`` (flow: ``t · 1000``; DDPM: the integer step).
+    """
+
+    def __init__(self, dim: int, *, frequency_dim: int = 256, max_period: float = 10000.0, scale: float = 1.0):
         super().__init__()
         half = frequency_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)

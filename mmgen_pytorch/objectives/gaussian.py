@@ -14,7 +14,8 @@ Conventions:
   predicted mean detached (it trains only the variance): a normal KL for ``t > 0`` and the
   discretised-Gaussian decoder NLL (255 bins on [-1, 1]) at ``t = 0``.
 
-A model callback everywhere is ``model(x_t, t_original) -> output``.
+A model callback everywhere is ``model(x_t, t_original) -> output``. :class:`GaussianObjective`
+puts the chain behind the objective interface that Transfusion and MonoFormer share.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._utils import check
+from .base import ContinuousObjective, Denoiser
 
 SCHEDULES = ("linear", "cosine")
 VARIANCES = ("learned_range", "fixed_small", "fixed_large")
@@ -431,3 +433,90 @@ def _randn(shape, *, like: Tensor, generator: Optional[torch.Generator] = None) 
     """Standard normal float32 noise on ``like``'s device, drawn on the generator's device."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+# the objective interface (channel-last tokens)
+
+class GaussianObjective(ContinuousObjective):
+    """:class:`GaussianDiffusion` behind :class:`~.base.ContinuousObjective`, on channel-last tokens.
+
+    Times are ORIGINAL integer timesteps in ``[0, num_timesteps)`` held in float tensors; ``-1``
+    (``clean_time``) marks a clean latent in the context, embedded like step 0. Training draws steps
+    uniformly and scores the hybrid loss; the network outputs ``[ε | v]`` per token (``[ε]`` for a fixed
+    variance). ``generate(steps=N)`` runs the chain respaced to N steps (``"ddpm"`` ancestral or
+    ``"ddim"``, fresh noise scaled by ``temperature``), feeding the network the original timesteps.
+
+    ``guide_features``: CFG guides only the first that many ε features of a token (MonoFormer's
+    first-3-of-4-channels quirk); default all of ε. The variance values are never guided.
+    """
+
+    clean_time = -1.0
+
+    def __init__(self, *, schedule: str = "linear", num_timesteps: int = 1000, variance: str = "learned_range",
+                 guide_features: Optional[int] = None):
+        check(guide_features is None or (isinstance(guide_features, int) and guide_features > 0),
+              f"`guide_features` must be None or a positive int, got {guide_features!r}")
+        self.diffusion = GaussianDiffusion.create(schedule=schedule, num_timesteps=num_timesteps, variance=variance)
+        self.guide_features = guide_features
+        self._chains: Dict[str, GaussianDiffusion] = {}
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.diffusion.variance == "learned_range"
+
+    def sample_times(self, count: int, *, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        return self.diffusion.sample_timesteps(count, device=device, generator=generator).float()
+
+    def check_time(self, time: float, *, name: str) -> None:
+        valid = float(time) == int(time) and 0 <= int(time) < self.num_timesteps
+        check(valid, f"{name} must be an integer timestep in [0, {self.num_timesteps}), got {time}")
+
+    def noised(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        x_t = self.diffusion.q_sample(x, t.long().clamp_min(0), noise).to(x.dtype)
+        clean = (t == self.clean_time).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+        return torch.where(clean, x, x_t)
+
+    @staticmethod
+    def time_embedding_input(t: Tensor) -> Tensor:
+        return t.float().clamp_min(0)
+
+    def output_dim(self, dim_latent: int) -> int:
+        return 2 * dim_latent if self.learned_variance else dim_latent
+
+    def loss(self, output: Tensor, x: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.diffusion.losses(output, x, x_t, t.long(), noise).loss
+
+    def guide(self, output: Tensor, scale: float) -> Tensor:
+        eps_features = output.shape[-1] // (2 if self.learned_variance else 1)
+        channels = self.guide_features if self.guide_features is not None else eps_features
+        check(channels <= eps_features,
+              f"`guide_features` ({channels}) exceeds the {eps_features} ε features of a token")
+        return guide_conditional(output.movedim(-1, 1), scale, channels=channels).movedim(1, -1)
+
+    def sampling_chain(self, steps: Spacing) -> GaussianDiffusion:
+        """The training chain respaced to ``steps`` (an int N or any :func:`space_timesteps` spacing), cached."""
+        check(not isinstance(steps, int) or 1 <= steps <= self.num_timesteps,
+              f"`steps` must be in [1, {self.num_timesteps}], got {steps}")
+        key = str(steps)
+        if key not in self._chains:
+            self._chains[key] = self.diffusion.respaced(steps)
+        return self._chains[key]
+
+    def generate(self, denoise: Denoiser, noise: Tensor, steps: Spacing, *,
+                 generator: Optional[torch.Generator] = None, temperature: float = 1.0, sampler: str = "ddpm",
+                 eta: float = 0.0, progress: bool = False) -> Tensor:
+        """The respaced reverse chain over the tokens of ``noise [b, n, d]`` (every token is one row of
+        the chain's batch); returns float32 latents."""
+        chain = self.sampling_chain(steps)
+        shape = noise.shape
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            return denoise(x.view(shape), t[0]).reshape(x.shape[0], -1)
+
+        out = chain.sample_loop(model, noise.reshape(-1, shape[-1]), temperature=temperature, sampler=sampler,
+                                eta=eta, generator=generator, progress=progress)
+        return out.view(shape)

@@ -1,7 +1,13 @@
 """Transfusion: one transformer, next-token prediction on text and flow matching on modalities.
 
-Reading order: construction -> input normalisation -> forward (pack, noise, embed, backbone,
-losses) -> the embedding / head helpers the sampler shares (``sampler.py``).
+Reading order: time injection -> construction -> input normalisation -> forward (pack, noise,
+embed, backbone, losses) -> the embedding / head helpers the sampler shares (``sampler.py``).
+
+The pieces a sibling model swaps (MonoFormer): the continuous ``objective``
+(:class:`~mmgen_pytorch.objectives.base.ContinuousObjective`), the ``time_injection`` (how a
+modality's time reaches the backbone), the placement of modality tokens (``flat_positions``), the
+unconditional text (``uncond_text``), and the modality layers (``_build_modality_layers``,
+``embed_latents``, ``modality_output``, ``to_modality``, ``decode_modality``).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from torch import Tensor, nn
 
 from .._utils import check, default, describe
 from ..backbone import Transformer
+from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
-from .packing import LatentGroup, Modality, PackedBatch, Shape, Vocabulary, build_training_sequence, pack
-from .sampler import Sampler, forced_tokens, prompt_as_list
+from .packing import (UNCOND_TEXT, LatentGroup, Modality, PackedBatch, Placement, Shape, Vocabulary,
+                      build_training_sequence, pack)
+from .sampler import LatentInput, Sampler, forced_tokens, prompt_as_list
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
 
@@ -25,9 +33,32 @@ ModalityInput = Union[Tensor, Tuple[int, Tensor]]
 class LossBreakdown(NamedTuple):
     total: Tensor
     text: Tensor                    # mean cross-entropy over labelled text tokens
-    flow: Tuple[Tensor, ...]        # mean flow loss per modality type (0 where absent)
+    flow: Tuple[Tensor, ...]        # mean objective (flow / diffusion) loss per modality type (0 where absent)
     text_per_sample: Tensor         # [b] mean text loss of each sample (nan if it has no labels)
-    flow_per_sample: Tensor         # [b, M] mean flow loss of each sample per type (nan if absent)
+    flow_per_sample: Tensor         # [b, M] mean objective loss of each sample per type (nan if absent)
+
+
+class TimeInjection(nn.Module):
+    """How the time of a modality's tokens reaches the backbone.
+
+    ``forward(x, time_table, time_index, latents) -> (x, backbone_kwargs)``: ``time_table [k, dim]`` holds
+    the embedded distinct times, ``time_index [b, n]`` the row of each latent token (-1 elsewhere),
+    ``latents`` the embedded runs (:data:`LatentInput`). ``time_tokens``: tokens the placement reserves
+    right before each modality's latents for this injection; ``block_conditioned``: the backbone's
+    blocks take the time (per-block adaLN, built with ``dim_cond``).
+    """
+
+    time_tokens: int = 0
+    block_conditioned: bool = False
+
+
+class PerBlockAdaLN(TimeInjection):
+    """Transfusion: every block modulates latent tokens by their time (adaLN-Zero inside the backbone)."""
+
+    block_conditioned = True
+
+    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: List[LatentInput]):
+        return x, dict(cond=time_table, cond_index=time_index)
 
 
 def _per_modality(value, count: int, name: str) -> tuple:
@@ -57,6 +88,17 @@ class FrozenWrapper(nn.Module):
 
 
 class Transfusion(nn.Module):
+    """Text (next-token prediction) and modalities (a continuous objective) in one transformer.
+
+    The arguments follow transfusion-pytorch (see the README); the pieces a sibling model swaps:
+
+    - ``objective``: a :class:`~mmgen_pytorch.objectives.base.ContinuousObjective` (default: rectified
+      flow from ``time_sampling`` / ``ode_method`` / ``ode_kwargs``);
+    - ``time_injection``: a :class:`TimeInjection` (default: per-block adaLN inside the backbone);
+    - ``flat_positions``: modality tokens take consecutive 1-D positions instead of M-RoPE grid positions;
+    - ``uncond_text``: CFG's dropped text is ``"null"`` (``null_text`` ids) or ``"empty"`` (left out).
+    """
+
     def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
                  dim_latent: Union[int, Sequence[int], None] = None,
                  channel_first_latent: Union[bool, Sequence[bool]] = False,
@@ -65,10 +107,13 @@ class Transfusion(nn.Module):
                  text_loss_weight: float = 1.0, flow_loss_weight: float = 1.0,
                  modality_loss_weights: Optional[Sequence[float]] = None, prob_uncond: float = 0.1,
                  ignore_index: int = -1, time_sampling: str = "uniform", ode_method: str = "midpoint",
-                 ode_kwargs: Optional[dict] = None, attn_backend: str = "auto"):
+                 ode_kwargs: Optional[dict] = None, attn_backend: str = "auto",
+                 objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
+                 flat_positions: bool = False, uncond_text: str = "null"):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
         check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
+        check(uncond_text in UNCOND_TEXT, f"`uncond_text` must be one of {UNCOND_TEXT}, got {uncond_text!r}")
         transformer_dim = transformer.dim if isinstance(transformer, Transformer) else transformer["dim"]
         dims = tuple(dim_latent) if isinstance(dim_latent, (list, tuple)) else (default(dim_latent, transformer_dim),)
         num_modalities = len(dims)
@@ -80,29 +125,45 @@ class Transfusion(nn.Module):
         inferred_rank = tuple(len(s) if s is not None else None for s in self.default_shapes)
         ranks = _per_modality(modality_num_dim, num_modalities, "modality_num_dim") if modality_num_dim is not None else inferred_rank
         self.ranks = tuple(r if r is not None else inferred for r, inferred in zip(ranks, inferred_rank))
-        self.rotary_axes = max([1] + [r for r in self.ranks if r is not None])
+        self.time_injection = default(time_injection, PerBlockAdaLN())
+        self.rotary_axes = 1 if flat_positions else max([1] + [r for r in self.ranks if r is not None])
+        self.placement = Placement(axes=self.rotary_axes, flat=flat_positions,
+                                   time_tokens=self.time_injection.time_tokens)
+        self.uncond_text = uncond_text
         self.encoders = nn.ModuleList(FrozenWrapper(e) for e in _per_modality(modality_encoder, num_modalities, "modality_encoder"))
         self.decoders = nn.ModuleList(FrozenWrapper(d) for d in _per_modality(modality_decoder, num_modalities, "modality_decoder"))
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
         self.prob_uncond, self.ignore_index = prob_uncond, ignore_index
-        self.flow = RectifiedFlow(time_sampling=time_sampling, ode_method=ode_method, ode_kwargs=ode_kwargs)
+        self.objective = objective if objective is not None else RectifiedFlow(
+            time_sampling=time_sampling, ode_method=ode_method, ode_kwargs=ode_kwargs)
 
         self.transformer = self._build_transformer(transformer, attn_backend)
         dim = self.transformer.dim
         self.dim = dim
         self.token_emb = nn.Embedding(self.vocab.size, dim)
-        self.latent_to_model = nn.ModuleList(nn.Linear(d, dim) for d in dims)
-        self.model_to_latent = nn.ModuleList(nn.Linear(dim, d) for d in dims)
-        self.pos_emb = nn.ModuleList(
-            nn.Sequential(nn.Linear(self.rotary_axes, dim), nn.SiLU(), nn.Linear(dim, dim)) if use else None
-            for use in _per_modality(add_pos_emb, num_modalities, "add_pos_emb"))
-        self.time_emb = TimeEmbedding(dim)
+        self._build_modality_layers(dims, _per_modality(add_pos_emb, num_modalities, "add_pos_emb"))
         self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
 
+    def _build_modality_layers(self, dims: Sequence[int], add_pos_emb: Sequence[bool]) -> None:
+        """Linear in / out per modality, an optional learned position MLP, the time embedding."""
+        dim = self.dim
+        self.latent_to_model = nn.ModuleList(nn.Linear(d, dim) for d in dims)
+        self.model_to_latent = nn.ModuleList(nn.Linear(dim, self.objective.output_dim(d)) for d in dims)
+        self.pos_emb = nn.ModuleList(
+            nn.Sequential(nn.Linear(self.rotary_axes, dim), nn.SiLU(), nn.Linear(dim, dim)) if use else None
+            for use in add_pos_emb)
+        self.time_emb = TimeEmbedding(dim)
+
+    @property
+    def flow(self) -> ContinuousObjective:
+        """The continuous objective (Transfusion's rectified flow); kept under its historical name."""
+        return self.objective
+
     def _build_transformer(self, transformer, attn_backend: str) -> Transformer:
+        block_conditioned = self.time_injection.block_conditioned
         if isinstance(transformer, Transformer):
-            check(transformer.dim_cond == transformer.dim,
+            check(not block_conditioned or transformer.dim_cond == transformer.dim,
                   "a Transformer instance given to Transfusion needs `dim_cond=dim` (timestep adaLN)")
             return transformer
         check(isinstance(transformer, dict) and "dim" in transformer and "depth" in transformer,
@@ -112,7 +173,7 @@ class Transfusion(nn.Module):
         dim_head = config.get("dim_head", config["dim"] // config["heads"])
         config.setdefault("dim_head", dim_head)
         config.update(rotary_axes=self.rotary_axes, rotary_dim=dim_head - dim_head % (2 * self.rotary_axes),
-                      dim_cond=config["dim"])
+                      dim_cond=config["dim"] if block_conditioned else None)
         return Transformer(**config)
 
     @property
@@ -199,36 +260,41 @@ class Transfusion(nn.Module):
         samples, text_only = self.normalize_batch(x, modality_type)
         prob_uncond = default(prob_uncond, self.prob_uncond if self.training else 0.0)
         drop = [random.random() < prob_uncond and any(isinstance(i, Modality) for i in s) for s in samples]
-        sequences = [build_training_sequence(items, self.vocab, self.rotary_axes, drop_text=d, sos=not text_only,
-                                             eos=not text_only)
+        sequences = [build_training_sequence(items, self.vocab, self.placement, drop_text=d,
+                                             uncond_text=self.uncond_text, sos=not text_only, eos=not text_only)
                      for items, d in zip(samples, drop)]
         packed = pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, device=self.device)
         instance_times, instance_noise = self._draw_noise(packed, times, noise)
 
         groups = [self._noised_group(g, packed, instance_times, instance_noise) for g in packed.groups]
+        token_times = self._token_times(packed, instance_times)
         hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
                                    [(g.modality, g.flat_index, x_t, g.coords) for g, (x_t, _) in zip(packed.groups, groups)],
-                                   self._token_times(packed, instance_times))
+                                   token_times)
         text_logits = self.to_text_logits(hidden)
         if text_only:
             text_logits = text_logits[..., :self.vocab.num_text_tokens]
-        velocities = [self.velocity(hidden, g.modality, g.flat_index) for g in packed.groups]
+        outputs = [self.modality_output(hidden, g.modality, g.flat_index, token_times.view(-1)[g.flat_index])
+                   for g in packed.groups]
         if not return_loss:
-            return text_logits, velocities
-        breakdown = self._losses(packed, text_logits, velocities, groups)
+            return text_logits, outputs
+        breakdown = self._losses(packed, text_logits, outputs, groups, instance_times)
         return (breakdown.total, breakdown) if return_breakdown else breakdown.total
 
     def _draw_noise(self, packed: PackedBatch, times, noise) -> Tuple[Tensor, List[Optional[Tensor]]]:
-        """Time and noise of every instance: clean ones get time 1 and no noise."""
+        """Time and noise of every instance: clean ones get the objective's clean time and no noise."""
         noised = sorted((i for i, inst in enumerate(packed.instances) if inst.noised),
                         key=lambda i: (packed.instances[i].row, packed.instances[i].ordinal))
-        instance_times = torch.ones(len(packed.instances), device=self.device)
+        instance_times = torch.full((len(packed.instances),), self.objective.clean_time, device=self.device)
         instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
         given_times = self._per_noised_instance(packed, noised, times, "times")
         given_noise = self._per_noised_instance(packed, noised, noise, "noise")
-        drawn = self.flow.sample_times(len(noised), device=self.device)
+        drawn = self.objective.sample_times(len(noised), device=self.device)
         for k, i in enumerate(noised):
             instance = packed.instances[i]
+            if given_times is not None:
+                self.objective.check_time(given_times[k], name=f"`times` for modality {instance.ordinal} of sample "
+                                                               f"{instance.row}")
             instance_times[i] = float(given_times[k]) if given_times is not None else drawn[k]
             size = (instance.index.numel(), self.dim_latents[instance.modality])
             if given_noise is None:
@@ -255,15 +321,16 @@ class Transfusion(nn.Module):
                            torch.zeros_like(group.tokens[:packed.instances[i].index.numel()])
                            for i in group.instance.unique_consecutive().tolist()])
         t = instance_times[group.instance]
-        return self.flow.interpolate(group.tokens, noise, t), noise
+        return self.objective.noised(group.tokens, noise, t), noise
 
     def _token_times(self, packed: PackedBatch, instance_times: Tensor) -> Tensor:
-        token_times = torch.ones(packed.shape, device=self.device)
+        token_times = torch.full(packed.shape, self.objective.clean_time, device=self.device)
         for group in packed.groups:
             token_times.view(-1)[group.flat_index] = instance_times[group.instance]
         return token_times
 
-    def _losses(self, packed: PackedBatch, text_logits: Tensor, velocities: List[Tensor], groups) -> LossBreakdown:
+    def _losses(self, packed: PackedBatch, text_logits: Tensor, outputs: List[Tensor], groups,
+                instance_times: Tensor) -> LossBreakdown:
         batch = packed.shape[0]
         token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
                                    ignore_index=self.ignore_index, reduction="none")
@@ -275,11 +342,12 @@ class Transfusion(nn.Module):
         flow_per_sample = torch.full((batch, self.num_modalities), float("nan"), device=self.device)
         noised_instance = torch.tensor([inst.noised for inst in packed.instances], device=self.device)
         rows = torch.tensor([inst.row for inst in packed.instances], device=self.device)
-        for group, velocity, (_, noise) in zip(packed.groups, velocities, groups):
+        for group, output, (x_t, noise) in zip(packed.groups, outputs, groups):
             keep = noised_instance[group.instance]
             if not keep.any():
                 continue
-            per_token = self.flow.loss(velocity, group.tokens, noise).mean(-1)[keep]
+            per_token = self.objective.loss(output[keep], group.tokens[keep], noise[keep], x_t[keep],
+                                            instance_times[group.instance][keep])
             flow[group.modality] = per_token.mean()
             token_rows = rows[group.instance][keep]
             sums = torch.zeros(batch, device=self.device).index_add(0, token_rows, per_token)
@@ -291,30 +359,37 @@ class Transfusion(nn.Module):
 
     # pieces shared with the sampler
 
-    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout,
-                     latents: List[Tuple[int, Tensor, Tensor, Tensor]], token_times: Tensor, **backbone_kwargs) -> Tensor:
+    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout, latents: List[LatentInput],
+                     token_times: Tensor, **backbone_kwargs) -> Tensor:
         """Embed text ids and latent tokens (``(modality, flat_index, values, coords_in_modality)``),
-        condition latent tokens on their times, and run the transformer."""
+        inject the latent tokens' times, and run the transformer."""
         x = self.token_emb(token_ids)
         flat = x.reshape(-1, self.dim).clone()
         latent_mask = torch.zeros(token_ids.numel(), dtype=torch.bool, device=x.device)
         for modality, index, values, coords in latents:
-            embedded = self.latent_to_model[modality](values.to(x.dtype))
-            if self.pos_emb[modality] is not None:
-                embedded = embedded + self.pos_emb[modality](coords.to(x.dtype))
-            flat = flat.index_copy(0, index, embedded)
+            flat = flat.index_copy(0, index, self.embed_latents(modality, values.to(x.dtype), coords))
             latent_mask[index] = True
         x = flat.view_as(x)
         latent_mask = latent_mask.view(token_ids.shape)
-        # every token of a modality shares its time: embed and modulate each distinct time once
+        # every token of a modality shares its time: embed (and modulate) each distinct time once
         times, inverse = torch.unique(token_times[latent_mask], return_inverse=True)
-        cond_index = torch.full_like(token_ids, -1).masked_scatter(latent_mask, inverse)
+        time_index = torch.full_like(token_ids, -1).masked_scatter(latent_mask, inverse)
         if times.numel() == 0:
-            times = token_times.new_ones(1)
-        return self.transformer(x, layout=layout, positions=positions, cond=self.time_emb(times),
-                                cond_index=cond_index, **backbone_kwargs)
+            times = token_times.new_full((1,), self.objective.clean_time)
+        time_table = self.time_emb(self.objective.time_embedding_input(times))
+        x, time_kwargs = self.time_injection(x, time_table, time_index, latents)
+        return self.transformer(x, layout=layout, positions=positions, **time_kwargs, **backbone_kwargs)
 
-    def velocity(self, hidden: Tensor, modality: int, flat_index: Tensor) -> Tensor:
+    def embed_latents(self, modality: int, values: Tensor, coords: Tensor) -> Tensor:
+        """``[k, dim_latent]`` latent tokens (and their coordinates in the modality) -> ``[k, dim]``."""
+        embedded = self.latent_to_model[modality](values)
+        if self.pos_emb[modality] is not None:
+            embedded = embedded + self.pos_emb[modality](coords.to(values.dtype))
+        return embedded
+
+    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor:
+        """The objective's prediction (``[k, output_dim]``, float32) at latent tokens ``flat_index`` whose
+        times are ``times [k]`` (Transfusion's linear head ignores them)."""
         return self.model_to_latent[modality](hidden.reshape(-1, self.dim)[flat_index]).float()
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
@@ -332,12 +407,13 @@ class Transfusion(nn.Module):
                cfg_scale: float = 3.0, modality_steps: int = 16, fixed_modality_shape: Optional[Shape] = None,
                force_modality_at_start=None, max_modalities: Optional[int] = None,
                return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-               generator: Optional[torch.Generator] = None):
+               generator: Optional[torch.Generator] = None, objective_kwargs: Optional[dict] = None):
         """Generate interleaved text and modalities.
 
         ``prompt``: None, one prompt (a list of text tensors / modalities, or a single tensor), or a list
         of prompts (batched). Returns one sample (a list of text tensors and ``(modality_type, tensor)``),
-        or a list of samples for a list of prompts or a ``batch_size``.
+        or a list of samples for a list of prompts or a ``batch_size``. ``objective_kwargs`` go to the
+        objective's ``generate`` (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``).
         """
         batched = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) or p is None for p in prompt)
         prompts = prompt if batched else [prompt] * default(batch_size, 1)
@@ -351,7 +427,8 @@ class Transfusion(nn.Module):
                           text_top_k=text_top_k, text_top_p=text_top_p, cfg_scale=cfg_scale,
                           modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
                           max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
-                          use_cache=use_cache, progress=progress, generator=generator)
+                          use_cache=use_cache, progress=progress, generator=generator,
+                          objective_kwargs=objective_kwargs)
         samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
         self.train(was_training)
         return samples if batched or batch_size is not None else samples[0]
@@ -383,8 +460,8 @@ class Transfusion(nn.Module):
               f"`modality_type` is needed when the model has {self.num_modalities} modalities")
         modality = default(modality_type, 0)
         shape = self.shape_for(modality, None, fixed_modality_shape)
-        count = int(torch.tensor(shape).prod()) if shape else 1
-        samples = self.sample([[] for _ in range(batch_size)], max_length=count + len(shape) * 8 + 8,
+        max_length = self.placement.length(shape) + len(shape) * 8 + 8
+        samples = self.sample([[] for _ in range(batch_size)], max_length=max_length,
                               cfg_scale=1.0, modality_steps=modality_steps, force_modality_at_start=(modality, shape),
                               max_modalities=1, return_unprocessed_modalities=return_unprocessed_modalities,
                               progress=progress, generator=generator)

@@ -4,14 +4,20 @@ A sample is a list of text tensors (long, 1-D) and modalities (float tensors, or
 Each modality becomes ``[meta] <shape as ASCII> [som_m] <latent tokens> [eom_m]`` and a sample is
 wrapped in ``[sos] ... [eos]`` during training.
 
-Positions: text advances one position per token (the same value on every rotary axis). A modality of
-rank r that starts at position p gives token ``(i_1..i_r)`` the position ``p + (0, .., 0, i_1, .., i_r)``
-(left-padded with zeros up to the number of rotary axes; rank 0 = one token at p), and text resumes at
-``p + max(shape)`` — the M-RoPE scheme: real 1-D / 2-D / 3-D positions inside every modality.
+Positions (:class:`Placement`): text advances one position per token (the same value on every rotary
+axis). On the grid (Transfusion), a modality of rank r that starts at position p gives token
+``(i_1..i_r)`` the position ``p + (0, .., 0, i_1, .., i_r)`` (left-padded with zeros up to the number of
+rotary axes; rank 0 = one token at p), and text resumes at ``p + max(shape)`` — the M-RoPE scheme: real
+1-D / 2-D / 3-D positions inside every modality. Flat (MonoFormer, LLaMA's 1-D RoPE): every token of
+the modality takes the next position, row-major. A placement may also put time tokens (MonoFormer's
+timestep token) right before the latents, inside the modality's block.
+
+Dropping text for CFG: ``"null"`` replaces each text token by ``null_text`` (Transfusion), ``"empty"``
+removes the text (MonoFormer's empty prompt); structure tokens and modalities stay.
 
 Conditioning of earlier modalities (training == sampling): a modality that is followed by more
-content is placed CLEAN in the sequence (time 1, no loss), exactly as the sampler writes a finished
-modality into its cache; its NOISED copy (which carries the flow loss) is appended after the sample,
+content is placed CLEAN in the sequence (the objective's clean time, no loss), exactly as the sampler
+writes a finished modality into its cache; its NOISED copy (which carries the loss) is appended after the sample,
 with the same positions, in its own bidirectional block, seeing only the prefix up to its ``[som]``
 (``TokenLayout.causal_limits``). A modality at the end of a sample is noised in place.
 """
@@ -30,6 +36,7 @@ from ..backbone import NO_BLOCK, PADDING, TokenLayout, grid_positions
 
 Shape = Tuple[int, ...]
 SHAPE_PATTERN = re.compile(r"^(\d+(,\d+)*)?$")
+UNCOND_TEXT = ("null", "empty")
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,44 @@ def modality_extent(shape: Shape) -> int:
     return max(shape) if shape else 1
 
 
+def token_count(shape: Shape) -> int:
+    return int(torch.tensor(shape).prod()) if shape else 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a modality's tokens sit: ``time_tokens`` time tokens, then its latents.
+
+    ``flat=False``: grid (M-RoPE) positions over ``axes`` rotary axes; ``flat=True``: consecutive 1-D
+    positions (every axis equal), the time tokens included.
+    """
+
+    axes: int = 1
+    flat: bool = False
+    time_tokens: int = 0
+
+    def __post_init__(self):
+        check(self.flat or self.time_tokens == 0, "time tokens need flat positions")
+
+    def length(self, shape: Shape) -> int:
+        """Tokens the modality occupies."""
+        return self.time_tokens + token_count(shape)
+
+    def positions(self, start: int, shape: Shape) -> Tensor:
+        """``[length, axes]`` positions of the modality's tokens starting at ``start``."""
+        if not self.flat:
+            return modality_positions(start, shape, self.axes)
+        return (start + torch.arange(self.length(shape)))[:, None].expand(-1, self.axes).clone()
+
+    def coords(self, shape: Shape) -> Tensor:
+        """``[count, axes]`` position of each latent relative to the first latent."""
+        return self.positions(0, shape)[self.time_tokens:] - self.time_tokens
+
+    def extent(self, shape: Shape) -> int:
+        """How far text positions advance past the modality."""
+        return self.length(shape) if self.flat else modality_extent(shape)
+
+
 @dataclass
 class Modality:
     """A modality instance in channel-last token form."""
@@ -124,12 +169,18 @@ class Segment:
     causal_limit: Optional[int] = None       # for appended noised copies: sample-relative index
     labelled: bool = True                    # text tokens in it are prediction targets
     ordinal: int = -1                        # which modality of the sample (0, 1, ...) it holds
+    lead: int = 0                            # time tokens before the latents
 
 
 @dataclass
 class SampleSequence:
+    placement: Placement = Placement()
     segments: List[Segment] = field(default_factory=list)
     next_position: int = 0
+
+    @property
+    def axes(self) -> int:
+        return self.placement.axes
 
     @property
     def length(self) -> int:
@@ -144,26 +195,28 @@ class SampleSequence:
         self.next_position += ids.numel()
 
     def add_modality(self, modality: Modality, *, noised: bool, ordinal: int = -1) -> Segment:
-        positions = modality_positions(self.next_position, modality.shape, self.axes)
-        segment = Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality, noised, ordinal=ordinal)
+        positions = self.placement.positions(self.next_position, modality.shape)
+        segment = Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality, noised,
+                          ordinal=ordinal, lead=self.placement.time_tokens)
         self.segments.append(segment)
-        self.next_position += modality_extent(modality.shape)
+        self.next_position += self.placement.extent(modality.shape)
         return segment
 
-    axes: int = 1
 
-
-def build_training_sequence(items: Sequence, vocab: Vocabulary, axes: int, *, drop_text: bool = False,
-                            sos: bool = True, eos: bool = True, noise_last: bool = True) -> SampleSequence:
+def build_training_sequence(items: Sequence, vocab: Vocabulary, placement: Placement, *, drop_text: bool = False,
+                            uncond_text: str = "null", sos: bool = True, eos: bool = True,
+                            noise_last: bool = True) -> SampleSequence:
     """``items``: text id tensors and :class:`Modality` instances, in order.
 
-    ``drop_text`` replaces every text id by ``null_text`` (CFG's unconditional stream) and marks it
-    unlabelled. Modalities followed by more content stay clean and get an appended noised copy.
+    ``drop_text`` builds CFG's unconditional stream: ``uncond_text="null"`` replaces every text id by
+    ``null_text`` (unlabelled), ``"empty"`` leaves the text out. Modalities followed by more content
+    stay clean and get an appended noised copy.
     """
-    sequence = SampleSequence(axes=axes)
+    check(uncond_text in UNCOND_TEXT, f"`uncond_text` must be one of {UNCOND_TEXT}, got {uncond_text!r}")
+    sequence = SampleSequence(placement)
     if sos:
         sequence.add_text([vocab.sos])
-    copies: List[Tuple[Modality, int, Tensor, int]] = []
+    copies: List[Tuple[Modality, int, Segment]] = []
     ordinal = 0
     for index, item in enumerate(items):
         if isinstance(item, Modality):
@@ -172,17 +225,19 @@ def build_training_sequence(items: Sequence, vocab: Vocabulary, axes: int, *, dr
             som_index = sequence.length - 1
             segment = sequence.add_modality(item, noised=noise_last and not followed, ordinal=ordinal)
             if followed and noise_last:
-                copies.append((item, som_index, segment.positions, ordinal))
+                copies.append((item, som_index, segment))
             sequence.add_text([vocab.eom(item.modality)])
             ordinal += 1
-        else:
-            ids = torch.full_like(item, vocab.null_text) if drop_text else item
-            sequence.add_text(ids, labelled=not drop_text)
+        elif not drop_text:
+            sequence.add_text(item)
+        elif uncond_text == "null":
+            sequence.add_text(torch.full_like(item, vocab.null_text), labelled=False)
     if eos:
         sequence.add_text([vocab.eos])
-    for modality, som_index, positions, ordinal in copies:
-        sequence.segments.append(Segment(torch.zeros(positions.shape[0], dtype=torch.long), positions, modality,
-                                         noised=True, causal_limit=som_index, labelled=False, ordinal=ordinal))
+    for modality, som_index, clean in copies:
+        sequence.segments.append(Segment(torch.zeros_like(clean.token_ids), clean.positions, modality, noised=True,
+                                         causal_limit=som_index, labelled=False, ordinal=clean.ordinal,
+                                         lead=clean.lead))
     return sequence
 
 
@@ -252,15 +307,16 @@ def pack(sequences: Sequence[SampleSequence], *, num_modalities: int, ignore_ind
             if segment.modality is None:
                 text_target[row, span] = segment.labelled
             else:
-                latent_mask[row, span] = True
+                latents = slice(cursor + segment.lead, cursor + n)  # the time tokens before them are neither
+                latent_mask[row, latents] = True                    # latents nor text targets
                 block_ids[row, span] = len(instances)
                 if segment.causal_limit is not None:
                     causal_limits[row, span] = sample_start + segment.causal_limit
-                flat = torch.arange(cursor, cursor + n) + row * total
+                flat = torch.arange(latents.start, latents.stop) + row * total
                 instance_id = len(instances)
                 instances.append(Instance(row, segment.modality.modality, segment.modality.shape, segment.noised, flat,
                                           segment.ordinal))
-                coords = segment.positions - segment.positions[0]
+                coords = segment.positions[segment.lead:] - segment.positions[segment.lead]
                 per_type[segment.modality.modality].append((flat, segment.modality.tokens, instance_id, coords))
             cursor += n
 

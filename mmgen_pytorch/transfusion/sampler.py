@@ -1,11 +1,13 @@
 """Batched, cached sampling of interleaved text and modalities.
 
 All rows advance in lockstep over one static KV cache (rows with CFG: conditional rows first, then
-their unconditional twins, whose text ids are ``null_text`` exactly as in training). Each iteration
+their unconditional twins, whose text is dropped exactly as in training: ``null_text`` ids, or left
+out — the twin then feeds padding and its positions lag behind by ``Row.twin_shift``). Each iteration
 either feeds one text token per row, or generates one modality for the rows that just fed ``[som]``:
-every ODE evaluation runs only the modality tokens against the cached prefix WITHOUT writing them,
-and the finished clean latent is written once, at time 1, before ``[eom]``. Rows that sit out a step
-feed padding, which no token ever attends to.
+every denoiser evaluation of the objective's ``generate`` (ODE steps, or diffusion steps) runs only the
+modality tokens against the cached prefix WITHOUT writing them, and the finished clean latent is
+written once, at the objective's clean time, before ``[eom]``. Rows that sit out a step feed padding,
+which no token ever attends to.
 
 The :class:`UncachedDecoder` replays the whole history for every call through the same code path:
 it is the reference that the cached sampler is tested against.
@@ -22,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .._utils import check
 from ..backbone import NO_BLOCK, PADDING, TokenLayout
-from ..sampling import sample_from_logits, split_cfg
-from .packing import Shape, build_training_sequence, modality_extent, modality_positions, pack
+from ..sampling import sample_from_logits
+from .packing import Shape, build_training_sequence, pack, token_count
 
 LatentInput = Tuple[int, Tensor, Tensor, Tensor]  # (modality, flat index into [b * c], values, coords)
 GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from prompt instance ids
@@ -108,6 +110,7 @@ class Row:
     pending: Optional[Tuple[int, Shape]] = None      # (modality, shape) after a fed [som]
     length: int = 0                                  # tokens in the sequence (prompt included)
     position: int = 0                                # next rotary position
+    twin_shift: int = 0                              # the unconditional twin's position minus this row's
     modalities: int = 0
     done: bool = False
 
@@ -123,7 +126,8 @@ class Sampler:
                  text_top_k: int = 0, text_top_p: float = 1.0, cfg_scale: float = 3.0, modality_steps: int = 16,
                  fixed_modality_shape: Optional[Shape] = None, max_modalities: Optional[int] = None,
                  return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-                 generator: Optional[torch.Generator] = None, text_only: bool = False):
+                 generator: Optional[torch.Generator] = None, text_only: bool = False,
+                 objective_kwargs: Optional[dict] = None):
         check(max_length > 0, f"`max_length` must be positive, got {max_length}")
         check(cfg_scale >= 0, f"`cfg_scale` must be >= 0, got {cfg_scale}")
         self.model, self.vocab = model, model.vocab
@@ -132,6 +136,7 @@ class Sampler:
         self.fixed_shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else None
         self.max_modalities, self.unprocessed = max_modalities, return_unprocessed_modalities
         self.use_cache, self.progress, self.generator, self.text_only = use_cache, progress, generator, text_only
+        self.objective_kwargs = dict(objective_kwargs or {})
         self.guided = cfg_scale != 1.0 and not text_only
         self.copies = 2 if self.guided else 1
 
@@ -164,14 +169,16 @@ class Sampler:
         sequences = []
         for drop in ([False, True] if self.guided else [False]):
             for items, extra in zip(prompts, forced):
-                sequence = build_training_sequence(items, vocab, model.rotary_axes, drop_text=drop,
-                                                   sos=not self.text_only, eos=False, noise_last=False)
+                sequence = build_training_sequence(items, vocab, model.placement, drop_text=drop,
+                                                   uncond_text=model.uncond_text, sos=not self.text_only, eos=False,
+                                                   noise_last=False)
                 sequence.add_text(extra)
                 sequences.append(sequence)
         check(all(s.length > 0 for s in sequences), "a prompt is empty and a text-only model has no [sos]: "
                                                     "give at least one token")
-        for row, sequence in zip(rows, sequences):
+        for row, sequence, twin in zip(rows, sequences, sequences[len(rows):] if self.guided else sequences):
             row.length, row.position = sequence.length, sequence.next_position
+            row.twin_shift = twin.next_position - sequence.next_position
             row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
             check(row.length <= self.max_length,
                   f"the prompt ({row.length} tokens) is longer than `max_length` ({self.max_length})")
@@ -180,7 +187,7 @@ class Sampler:
                       pad_left=True, device=model.device)
         chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
                       [(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
-                      torch.ones(packed.shape, device=model.device))
+                      torch.full(packed.shape, model.objective.clean_time, device=model.device))
         decoder_class = CachedDecoder if self.use_cache else UncachedDecoder
         self.decoder = decoder_class(model, len(sequences), packed.shape[1] + self.max_length + 8)
         return self.decoder(chunk, write=True)[:, -1]
@@ -235,10 +242,14 @@ class Sampler:
                 continue
             token, row.next_token = row.next_token, None
             for copy in range(copies):
-                null = copy == 1 and token < self.vocab.num_text_tokens
-                token_ids[i + copy * batch, 0] = self.vocab.null_text if null else token
-                positions[i + copy * batch] = row.position
-                segment[i + copy * batch] = 0
+                r = i + copy * batch
+                dropped = copy == 1 and token < self.vocab.num_text_tokens
+                if dropped and self.model.uncond_text == "empty":  # the twin skips it: padding
+                    row.twin_shift -= 1
+                    continue
+                token_ids[r, 0] = self.vocab.null_text if dropped else token
+                positions[r] = self.position_of(rows, r)
+                segment[r] = 0
             row.fed.append(token)
             row.position += 1
             row.length += 1
@@ -246,7 +257,7 @@ class Sampler:
         device = self.model.device
         chunk = Chunk(token_ids.to(device), positions.to(device),
                       TokenLayout(segment.to(device), torch.full_like(segment, NO_BLOCK).to(device)), [],
-                      torch.ones(batch * copies, 1, device=device))
+                      torch.full((batch * copies, 1), self.model.objective.clean_time, device=device))
         return self.decoder(chunk, write=True)[:, -1]
 
     # modalities
@@ -255,12 +266,12 @@ class Sampler:
         """Generate one modality for every pending row that wants the same (type, shape)."""
         model = self.model
         modality, shape = rows[pending[0]].pending
-        count = int(torch.tensor(shape).prod()) if shape else 1
+        count, length = token_count(shape), model.placement.length(shape)
         group = []
         for i in pending:
             if rows[i].pending != (modality, shape):
                 continue
-            out_of_room = rows[i].length + count + 1 > self.max_length  # the modality and its [eom]
+            out_of_room = rows[i].length + length + 1 > self.max_length  # the modality and its [eom]
             if out_of_room or (self.max_modalities is not None and rows[i].modalities >= self.max_modalities):
                 rows[i].done = True
             else:
@@ -273,18 +284,19 @@ class Sampler:
         noise = torch.randn(len(group), count, dim_latent, device=model.device, generator=self.generator)
         chunk = self.modality_chunk(rows, all_rows, modality, shape, count, batch * self.copies)
 
-        def velocity(t: Tensor, x: Tensor) -> Tensor:
-            guided = self.modality_forward(chunk, x.repeat(self.copies, 1, 1), t, write=False)
-            return split_cfg(guided, self.cfg_scale) if self.guided else guided
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            output = self.modality_forward(chunk, x.repeat(self.copies, 1, 1), t, write=False)
+            return model.objective.guide(output, self.cfg_scale) if self.guided else output
 
-        latent = model.flow.integrate(velocity, noise, self.steps)
-        self.modality_forward(chunk, latent.repeat(self.copies, 1, 1), torch.ones(()), write=True)
+        latent = model.objective.generate(denoise, noise, self.steps, generator=self.generator, **self.objective_kwargs)
+        self.modality_forward(chunk, latent.repeat(self.copies, 1, 1), torch.tensor(model.objective.clean_time),
+                              write=True)
         for k, i in enumerate(group):
             row = rows[i]
             row.flush_text(self.vocab.num_text_tokens)
             row.items.append((modality, self.output_modality(modality, latent[k], shape)))
-            row.position += modality_extent(shape)
-            row.length += count
+            row.position += model.placement.extent(shape)
+            row.length += length
             row.modalities += 1
             row.pending = None
             row.next_token = self.vocab.eom(modality)
@@ -297,31 +309,39 @@ class Sampler:
         latent = tokens.reshape(*shape, self.model.dim_latents[modality])
         return latent.movedim(-1, 0) if self.model.channel_first[modality] else latent
 
+    def position_of(self, rows: List[Row], r: int) -> int:
+        """The next position of batch row ``r`` (a conditional row, or an unconditional twin)."""
+        row = rows[r % len(rows)]
+        return row.position + (row.twin_shift if r >= len(rows) else 0)
+
     def modality_chunk(self, rows, all_rows, modality, shape, count, total_rows) -> Chunk:
-        axes = self.model.rotary_axes
-        device = self.model.device
-        token_ids = torch.zeros(total_rows, count, dtype=torch.long)
-        positions = torch.zeros(total_rows, count, axes, dtype=torch.long)
-        segment = torch.full((total_rows, count), PADDING, dtype=torch.long)
-        block = torch.full((total_rows, count), NO_BLOCK, dtype=torch.long)
+        """The ``count`` latents of ``shape`` (after the placement's time tokens) for rows ``all_rows``."""
+        placement, device = self.model.placement, self.model.device
+        lead = placement.time_tokens
+        length = lead + count
+        token_ids = torch.zeros(total_rows, length, dtype=torch.long)
+        positions = torch.zeros(total_rows, length, placement.axes, dtype=torch.long)
+        segment = torch.full((total_rows, length), PADDING, dtype=torch.long)
+        block = torch.full((total_rows, length), NO_BLOCK, dtype=torch.long)
         block_id = GENERATED_BLOCK_OFFSET + self.decoder.length
-        batch = len(rows)
         for r in all_rows:
-            positions[r] = modality_positions(rows[r % batch].position, shape, axes)
+            positions[r] = placement.positions(self.position_of(rows, r), shape)
             segment[r], block[r] = 0, block_id
-        flat = torch.cat([torch.arange(count) + r * count for r in all_rows]).to(device)
-        coords = modality_positions(0, shape, axes).repeat(len(all_rows), 1).to(device)
+        flat = torch.cat([torch.arange(lead, length) + r * length for r in all_rows]).to(device)
+        coords = placement.coords(shape).repeat(len(all_rows), 1).to(device)
         return Chunk(token_ids.to(device), positions.to(device), TokenLayout(segment.to(device), block.to(device)),
-                     [(modality, flat, None, coords)], torch.ones(total_rows, count, device=device))
+                     [(modality, flat, None, coords)],
+                     torch.full((total_rows, length), self.model.objective.clean_time, device=device))
 
     def modality_forward(self, chunk: Chunk, x: Tensor, t: Tensor, write: bool) -> Tensor:
+        """The objective's output for latents ``x [rows, count, d]`` at the shared time ``t``."""
         modality, flat, _, coords = chunk.latents[0]
         times = chunk.token_times.clone()
         times.view(-1)[flat] = t.to(times.dtype)
         step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
                      [(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
         hidden = self.decoder(step, write=write)
-        return self.model.velocity(hidden, modality, flat).view(x.shape)
+        return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat]).view(*x.shape[:-1], -1)
 
 
 def forced_tokens(model, force_modality_at_start) -> List[int]:
