@@ -9,7 +9,10 @@ trimmed and the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``
 from __future__ import annotations
 
 import ctypes
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Tuple
 
@@ -63,3 +66,18 @@ def loadavg() -> str:
         return Path("/proc/loadavg").read_text().split()[0]
     except OSError:
         return "?"
+
+
+def run_json_subprocess(script: str, flag: str, config: dict, timeout: float) -> dict:
+    """Run ``python script flag '<config json>'`` and return the JSON after its last ``RESULT `` line
+    (or ``{"error": ...}`` on a timeout, a failure or no result)."""
+    command = [sys.executable, script, flag, json.dumps(config)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1][len("RESULT "):])

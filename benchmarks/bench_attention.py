@@ -64,7 +64,6 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -74,7 +73,7 @@ from typing import List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
-from _common import strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
+from _common import run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 VARIANTS = ("sdpa", "flex", "flex-compiled", "einsum")
 HEADS, DIM_HEAD, BATCH = 8, 64, 1
@@ -213,16 +212,7 @@ def worker(config: dict) -> dict:
 
 
 def run_worker(config: dict, timeout: float) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        return {"error": f"exit {done.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_json_subprocess(str(Path(__file__).resolve()), "--worker", config, timeout)
 
 
 def repeats_for(length: int, requested: Optional[int]) -> int:

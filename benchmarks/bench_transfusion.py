@@ -85,7 +85,6 @@ import random
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -96,7 +95,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
-from _common import strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
+from _common import run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("readme", "long", "sample", "text")
@@ -400,16 +399,7 @@ def memory_worker(config: dict) -> dict:
 
 def run_memory(task: str, variant: str, threads: int, quick: bool, timeout: float) -> dict:
     config = {"task": task, "variant": variant, "threads": threads, "quick": quick}
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(config)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        return {"error": f"exit {done.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_json_subprocess(str(Path(__file__).resolve()), "--memory-worker", config, timeout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,14 +10,9 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError, mar_vae_state_dict
 from mmgen_pytorch.tokenizers import AutoencoderKL, DiagonalGaussian, KLConfig
 
+from _images import smooth_images
+
 TINY = KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(), decoder_attn_levels=())
-
-
-def smooth_images(n=2, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
-    return torch.sin(freq * xx + freq.flip(1) * yy)
 
 
 def test_golden_posterior_and_decode(golden):

@@ -9,15 +9,10 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import RQConfig, RQVAE
 
+from _images import smooth_images
+
 TINY = RQConfig(embed_dim=8, n_embed=16, depth=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(),
                 z_channels=8)
-
-
-def smooth_images(n=2, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
-    return torch.sin(freq * xx + freq.flip(1) * yy)
 
 
 def test_golden_codes_decode_recon_and_commitment(golden):

@@ -11,19 +11,14 @@ from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import VQConfig, VQVAE
 from mmgen_pytorch.tokenizers.vq import infer_vq_config
 
+from _images import smooth_images
+
 TINY = VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                 z_channels=32, num_res_blocks=1, usage_window=256)
 
 
 class Opaque:
     """Stands for objects weights_only loading refuses (e.g. omegaconf configs in a checkpoint)."""
-
-
-def smooth_images(n=2, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
-    return torch.sin(freq * xx + freq.flip(1) * yy)
 
 
 def test_golden_quant_indices_decode_and_recon(golden):
