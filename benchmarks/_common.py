@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 
 def rss_kib() -> Tuple[int, int]:
@@ -81,3 +84,20 @@ def run_json_subprocess(script: str, flag: str, config: dict, timeout: float) ->
         tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         return {"error": f"exit {done.returncode}: {tail[:200]}"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(torch_version: str, threads: Optional[int]) -> List[str]:
+    """The date / machine / versions header every results file starts with."""
+    return [f"- date: {date.today().isoformat()}",
+            f"- machine: {os.cpu_count()}-core CPU ({cpu_name()}), {platform.system()} {platform.release()}",
+            f"- python {platform.python_version()}, torch {torch_version}, intra-op threads: {threads}"]

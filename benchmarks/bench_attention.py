@@ -59,21 +59,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import resource
 import statistics
 import sys
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
-from _common import run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
+from _common import machine_lines, run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 VARIANTS = ("sdpa", "flex", "flex-compiled", "einsum")
 HEADS, DIM_HEAD, BATCH = 8, 64, 1
@@ -228,17 +224,7 @@ def fmt(value: Optional[float], spec: str) -> str:
 
 
 def machine_description(torch_version: str, threads: Optional[int]) -> List[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return [f"- date: {date.today().isoformat()}",
-            f"- machine: {os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.release()}",
-            f"- python {platform.python_version()}, torch {torch_version}, intra-op threads: {threads}"]
+    return machine_lines(torch_version, threads)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

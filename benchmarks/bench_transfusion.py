@@ -80,22 +80,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # upstream shows tqdm bars unconditi
 import argparse
 import gc
 import json
-import platform
 import random
-import re
 import resource
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg as _loadavg, reset_peak as _reset_peak, rss_kib as _rss_kib  # noqa: E402
-from _common import run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
+from _common import machine_lines, run_json_subprocess, strict_allocator as _strict_allocator, trim as _trim  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("readme", "long", "sample", "text")
@@ -446,18 +443,9 @@ def machine_description(threads: int) -> List[str]:
     except PackageNotFoundError:
         upstream = "?"
     import mmgen_pytorch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return [f"- date: {date.today().isoformat()}",
-            f"- machine: {os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.release()}",
-            f"- python {platform.python_version()}, torch {torch.__version__}, transfusion-pytorch {upstream}, "
-            f"mmgen_pytorch {mmgen_pytorch.__version__}; intra-op threads: {threads}; fp32"]
+    lines = machine_lines(torch.__version__, threads)
+    lines[-1] += f"; transfusion-pytorch {upstream}, mmgen_pytorch {mmgen_pytorch.__version__}; fp32"
+    return lines
 
 
 @dataclass

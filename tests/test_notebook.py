@@ -1,6 +1,5 @@
 """`examples/quickstart.ipynb` runs end to end on CPU (few training steps)."""
 
-import os
 from pathlib import Path
 
 import pytest

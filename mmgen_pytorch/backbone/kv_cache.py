@@ -17,7 +17,7 @@ CFG is a doubled batch inside the same cache (conditional rows first).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
