@@ -133,7 +133,8 @@ class MARRecipe:
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
         samples = model.sample(labels, num_iter=self.args.mar_iters, cfg=self.args.cfg, generator=generator,
-                               num_sampling_steps=str(self.args.modality_steps * 3), progress=self.args.progress)
+                               num_sampling_steps=str(self.args.modality_steps * 3), clip_denoised=1.0,
+                               progress=self.args.progress)
         return unpatchify(samples.latents.permute(0, 2, 3, 1))
 
 

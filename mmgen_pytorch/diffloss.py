@@ -74,7 +74,8 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None, cfg: float = 1.0,
                temperature: float = 1.0, num_sampling_steps: Spacing = None, noise: Optional[Tensor] = None,
-               sampler: str = "ddpm", generator: Optional[torch.Generator] = None) -> Float[Tensor, "n c"]:
+               sampler: str = "ddpm", generator: Optional[torch.Generator] = None,
+               clip_denoised: Optional[float] = None) -> Float[Tensor, "n c"]:
         """One token per row of ``z``, float32.
 
         With ``cfg != 1`` the network sees ``[x; x]`` under ``[z; z_uncond]`` and ε is guided
@@ -104,7 +105,8 @@ class DiffLoss(nn.Module):
                 return self.net.forward_embedded(x, y)
             return guide_conditional(self.net.forward_embedded(torch.cat((x, x)), y), cfg, channels=self.in_channels)
 
-        return diffusion.sample_loop(denoise, noise, temperature=temperature, sampler=sampler, generator=generator)
+        return diffusion.sample_loop(denoise, noise, temperature=temperature, sampler=sampler, generator=generator,
+                                     clip_denoised=clip_denoised)
 
     def _check_condition(self, z: Tensor, rows: Optional[int], name: str) -> None:
         width = self.net.cond_embed.in_features

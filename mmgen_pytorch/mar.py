@@ -180,7 +180,7 @@ class MAR(nn.Module):
     def sample(self, class_labels: Union[int, Tensor, Sequence[int], None] = None, *, batch_size: Optional[int] = None,
                num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                num_sampling_steps: Spacing = None, generator: Optional[torch.Generator] = None,
-               progress: bool = True) -> MARSamples:
+               clip_denoised: Optional[float] = None, progress: bool = True) -> MARSamples:
         """Generate latents (and images with a VAE) in ``num_iter`` steps.
 
         ``class_labels``: class ids ``[b]``, or an int batch size (class-unconditional: every row
@@ -188,7 +188,8 @@ class MAR(nn.Module):
         picks the next tokens along a random order by the cosine schedule and samples exactly those
         with the diffusion head (``num_sampling_steps`` overrides its respacing, ``temperature``
         scales its per-step noise). ``cfg != 1`` runs the transformer on ``[cond; null]`` rows and
-        guides ε with the per-step scale of ``cfg_schedule``.
+        guides ε with the per-step scale of ``cfg_schedule``. ``clip_denoised=c`` clamps the head's
+        predicted x_0 to ``[-c, c]`` (bounded data such as pixels; upstream does not clip latents).
         """
         labels, batch = self._sampling_labels(class_labels, batch_size)
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
@@ -197,7 +198,8 @@ class MAR(nn.Module):
         class_embedding = self.class_embedding(labels, batch)
         if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows
             class_embedding = torch.cat((class_embedding, self.fake_latent.expand(batch, -1)))
-        head = dict(temperature=temperature, num_sampling_steps=num_sampling_steps, generator=generator)
+        head = dict(temperature=temperature, num_sampling_steps=num_sampling_steps, generator=generator,
+                    clip_denoised=clip_denoised)
         tokens = torch.zeros(batch, self.seq_len, self.token_dim, device=self.device)
         orders = self.random_orders(batch, generator=generator)
         masked = self.seq_len

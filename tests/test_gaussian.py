@@ -229,3 +229,15 @@ def test_reverse_loop_at_temperature_zero_matches_official(golden):
     torch.testing.assert_close(loop, expected, rtol=1e-5, atol=atol)
     fast = head.sample(inputs["gen_c"], temperature=0.0, noise=inputs["gen_xt"])  # embeddings computed once
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=atol)
+
+
+def test_clip_denoised_clamps_x0_and_uses_it_in_the_posterior_mean():
+    diffusion = GaussianDiffusion.create(schedule="cosine", variance="learned_range").respaced("10")
+    x_t, output = torch.randn(4, 6) * 3, torch.randn(4, 12) * 3
+    free = diffusion.p_mean_variance(output, x_t, 9)
+    clipped = diffusion.p_mean_variance(output, x_t, 9, clip_denoised=1.0)
+    assert free.pred_xstart.abs().max() > 1 and clipped.pred_xstart.abs().max() <= 1
+    torch.testing.assert_close(clipped.pred_xstart, free.pred_xstart.clamp(-1, 1))
+    expected_mean, _, _ = diffusion.q_posterior(free.pred_xstart.clamp(-1, 1), x_t, 9)
+    torch.testing.assert_close(clipped.mean, expected_mean)
+    torch.testing.assert_close(clipped.log_variance, free.log_variance)

@@ -299,13 +299,17 @@ class GaussianDiffusion:
             return model_output, None
         return model_output[:, :channels], model_output[:, channels:]
 
-    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: StepIndex) -> Prediction:
-        """p(x_{t-1} | x_t) from the network output at chain index ``t`` (no x_0 clipping)."""
+    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: StepIndex,
+                        clip_denoised: Optional[float] = None) -> Prediction:
+        """p(x_{t-1} | x_t) from the network output at chain index ``t``; ``clip_denoised=c`` clamps the
+        predicted x_0 to ``[-c, c]`` first (for bounded data such as pixels; upstream MAR does not clip)."""
         x_t = x_t.float()
         eps, values = self.split_output(model_output, x_t)
         log_variance = self._log_variance(values, t, x_t)
         pred_xstart = self.table("sqrt_recip_alphas_cumprod", t, x_t) * x_t - \
             self.table("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        if clip_denoised is not None:
+            pred_xstart = pred_xstart.clamp(-clip_denoised, clip_denoised)
         mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
         return Prediction(mean, torch.exp(log_variance), log_variance, pred_xstart)
 
@@ -376,7 +380,8 @@ class GaussianDiffusion:
         return mean + _nonzero(t, noise) * sigma * noise * temperature
 
     def sample_loop(self, model: Model, noise: Tensor, *, temperature: float = 1.0, sampler: str = "ddpm",
-                    eta: float = 0.0, generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
+                    eta: float = 0.0, generator: Optional[torch.Generator] = None, progress: bool = False,
+                    clip_denoised: Optional[float] = None) -> Tensor:
         """Run the chain from ``x_T = noise`` (not scaled by the temperature) down to x_0.
 
         ``model(x_t, t_original)`` is called with every row at the same step; ``temperature``
@@ -389,7 +394,7 @@ class GaussianDiffusion:
         steps = range(self.num_timesteps - 1, -1, -1)
         for index in tqdm(steps, desc="diffusion", leave=False) if progress else steps:
             t_model = torch.full((x.shape[0],), originals[index], dtype=torch.long, device=x.device)
-            prediction = self.p_mean_variance(model(x, t_model), x, index)  # one shared step: scalar coefficients
+            prediction = self.p_mean_variance(model(x, t_model), x, index, clip_denoised)  # one shared step
             noisy = index > 0 and temperature > 0
             fresh = _randn(x.shape, like=x, generator=generator) if noisy else torch.zeros_like(x)
             x = (self.p_sample(prediction, index, fresh, temperature=temperature) if sampler == "ddpm"
