@@ -1,6 +1,7 @@
 """mmgen_pytorch: Transfusion and its siblings on one shared transformer backbone."""
 
 from .backbone import KVCache, TokenLayout, Transformer
+from .checkpoint import Checkpointable, load_model, load_training_state, save_training_state
 from .diffloss import DiffLoss
 from .dnd import DnDTransformer
 from .llamagen import CaptionEncoder, LlamaGen
@@ -14,7 +15,8 @@ from .transfusion import LossBreakdown, Transfusion, print_modality_sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoencoderKL", "CaptionEncoder", "DiffLoss", "DnDTransformer", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR", "MonoFormer",
-    "RQVAE", "RectifiedFlow", "TokenLayout", "Transformer", "Transfusion", "VQVAE", "print_modality_sample",
+    "AutoencoderKL", "CaptionEncoder", "Checkpointable", "DiffLoss", "DnDTransformer", "GaussianDiffusion", "KVCache", "LlamaGen", "LossBreakdown", "MAR", "MonoFormer",
+    "RQVAE", "RectifiedFlow", "TokenLayout", "Transformer", "Transfusion", "VQVAE", "load_model", "load_training_state",
+    "print_modality_sample", "save_training_state",
     "__version__",
 ]
