@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, TypeVar
+import contextlib
+import math
+import numbers
+from typing import Any, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +29,17 @@ def round_up_to_multiple(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run a block in eval mode and restore the module's training flag afterwards, also on errors."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
 def check(condition: bool, message: str, error: type = ValueError) -> None:
     """Raise ``error(message)`` when ``condition`` is false: the one way inputs are validated."""
     if not condition:
@@ -40,4 +54,33 @@ def describe(tensor: Any) -> str:
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
+    """Skipped under ``torch.compile`` (as :func:`check_index_range`): a value check would break the graph."""
+    if torch.compiler.is_compiling():
+        return
     check(bool(torch.isfinite(tensor).all()), f"`{name}` contains NaN or inf values")
+
+
+def is_index_tensor(value: Any) -> bool:
+    """An integer tensor that can index an embedding: not float, complex or bool."""
+    return (isinstance(value, Tensor) and not value.is_floating_point() and not value.is_complex()
+            and value.dtype != torch.bool)
+
+
+def check_index_range(name: str, ids: Tensor, upper: int, *, what: str = "", bound: Optional[str] = None) -> None:
+    """``ids`` must lie in ``[0, upper)``; ``bound`` names the setting behind ``upper`` (e.g. ``"vocab_size"``).
+
+    One min/max reduction (a host sync); an empty tensor passes. Skipped under ``torch.compile``,
+    where the host sync would break the graph (the compiled embedding lookups bounds-check)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    check(0 <= low and high < upper, f"`{name}` must be {what + ' ' if what else ''}in [0, {upper})"
+                                     f"{f' ({bound})' if bound else ''}, got values in [{low}, {high}]")
+
+
+def check_finite_number(name: str, value: Any, *, minimum: Optional[float] = None) -> None:
+    """A real, finite scalar option (a guidance scale, a temperature), optionally ``>= minimum``."""
+    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+    check(isinstance(number, numbers.Real) and not isinstance(number, bool) and math.isfinite(number)
+          and (minimum is None or number >= minimum),
+          f"`{name}` must be a finite number{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")

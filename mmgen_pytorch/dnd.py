@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._utils import check, describe
+from ._utils import check, check_index_range, describe, is_index_tensor
 from .backbone import RMSNorm
 from .llamagen import OFFICIAL_KEYS, LlamaGen, _config_dict, _Generation, official_config
 from .pretrained import CheckpointMismatchError
@@ -60,6 +60,8 @@ class DnDTransformer(LlamaGen):
         dim, depth, heads, kv_heads: transformer size (``depth`` blocks).
         head_positions: 0-based, strictly increasing block indices; head ``k`` follows block
             ``head_positions[k]`` and predicts depth ``k`` (ImageNet: ``(39, 47)`` of 48 blocks).
+            Blocks after the last head affect no output and get no gradient (DDP then needs
+            ``find_unused_parameters=True``).
         vocab_size: the RQ-VAE's shared codebook size. grid_size: positions per side.
         num_classes, class_dropout_prob: classes; with dropout > 0 the table has the null class row
             ``num_classes`` (needed for CFG).
@@ -252,8 +254,8 @@ class DnDTransformer(LlamaGen):
 
     def _check_codes(self, codes: Tensor) -> Int[Tensor, "b n D"]:
         g, depth = self.grid_size, self.code_depth
-        check(isinstance(codes, Tensor) and not codes.is_floating_point() and codes.ndim in (3, 4),
-              f"`codes` must be an integer tensor [b, h, w, D] or [b, n, D], got {describe(codes)}")
+        check(is_index_tensor(codes) and codes.ndim in (3, 4) and codes.shape[0] > 0,
+              f"`codes` must be an integer tensor [b, h, w, D] or [b, n, D] with b >= 1, got {describe(codes)}")
         check(codes.shape[-1] == depth,
               f"`codes` must hold D={depth} codes per position in the last axis (one per head, head_positions="
               f"{self.head_positions}), got {codes.shape[-1]} (shape {tuple(codes.shape)})")
@@ -263,9 +265,7 @@ class DnDTransformer(LlamaGen):
         check(0 < codes.shape[1] <= self.num_image_tokens,
               f"`codes` must hold 1..{self.num_image_tokens} positions per sample (grid_size={g}), "
               f"got {codes.shape[1]}")
-        low, high = int(codes.min()), int(codes.max())
-        check(low >= 0 and high < self.vocab_size,
-              f"`codes` must be code ids in [0, {self.vocab_size}) (vocab_size), got values in [{low}, {high}]")
+        check_index_range("codes", codes, self.vocab_size, what="code ids", bound="vocab_size")
         return codes
 
     def _summary(self) -> str:

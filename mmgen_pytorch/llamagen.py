@@ -20,11 +20,10 @@ x-transformers caption encoder -> the running state of one generation -> officia
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Any, ClassVar, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +32,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check, default, describe
+from ._utils import check, check_finite, check_index_range, default, describe, eval_mode, is_index_tensor
 from .backbone import PADDING, TokenLayout, Transformer, llamagen_positions
 from .backbone.masks import NO_BLOCK
-from .pretrained import (check_state_dict, llamagen_backbone_state_dict, llamagen_backbone_to_official, load_strict,
-                         read_checkpoint, unwrap_checkpoint)
-from .sampling import sample_from_logits, split_cfg
+from .checkpoint import Checkpointable
+from .pretrained import (check_checkpoint_kind, check_state_dict, llamagen_backbone_state_dict,
+                         llamagen_backbone_to_official, load_strict, read_checkpoint, unwrap_checkpoint)
+from .sampling import check_cfg_scale, check_sampling_options, sample_from_logits, split_cfg
 
 MODEL_TYPES = ("c2i", "t2i")
 
@@ -65,7 +65,7 @@ OFFICIAL_KEYS = {
 }
 
 
-class LlamaGen(nn.Module):
+class LlamaGen(Checkpointable, nn.Module):
     """Class- (``"c2i"``) or caption-conditional (``"t2i"``) autoregressive image generator.
 
     Args (keyword-only):
@@ -187,9 +187,10 @@ class LlamaGen(nn.Module):
         Returns codes ``[b, grid, grid]`` for a full grid, else ``[b, n]`` (int64).
         """
         steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_cfg_scale(cfg_scale)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
         guide = cfg_scale != 1.0
-        with _eval_mode(self):
+        with eval_mode(self):
             batch, prefix, prefix_mask = self._generation_prefix(condition, caption_mask, guide)
             state = self._new_generation(prefix, prefix_mask, steps, use_cache=use_cache)
             codes, step_logits = [], []
@@ -262,8 +263,11 @@ class LlamaGen(nn.Module):
             kwargs: passed to the constructor (``tokenizer``, ``caption_encoder``, ``attn_backend``).
         """
         raw = read_checkpoint(checkpoint)
-        model = cls(**cls._official_config(config, raw.get("args")), **kwargs)
-        model.load_official_state_dict(_official_weights(raw, use_ema))
+        arguments = cls._official_config(config, raw.get("args"))
+        weights = _official_weights(raw, use_ema)
+        check_checkpoint_kind(weights, "llamagen_gpt")
+        model = cls(**arguments, **kwargs)
+        model.load_official_state_dict(weights)
         return model.eval()
 
     @classmethod
@@ -297,25 +301,21 @@ class LlamaGen(nn.Module):
 
     def _check_codes(self, codes: Tensor) -> Int[Tensor, "b n"]:
         g = self.grid_size
-        check(isinstance(codes, Tensor) and not codes.is_floating_point() and codes.ndim in (2, 3),
-              f"`codes` must be an integer tensor [b, h, w] or [b, n], got {describe(codes)}")
+        check(is_index_tensor(codes) and codes.ndim in (2, 3) and codes.shape[0] > 0,
+              f"`codes` must be an integer tensor [b, h, w] or [b, n] with b >= 1, got {describe(codes)}")
         check(codes.ndim == 2 or tuple(codes.shape[1:]) == (g, g),
               f"`codes` [b, h, w] must be [b, {g}, {g}] (grid_size={g}), got {tuple(codes.shape)}")
         codes = codes.reshape(codes.shape[0], -1).long()
         check(0 < codes.shape[1] <= self.num_image_tokens,
               f"`codes` must hold 1..{self.num_image_tokens} tokens per sample (grid_size={g}), got {codes.shape[1]}")
-        low, high = int(codes.min()), int(codes.max())
-        check(low >= 0 and high < self.vocab_size,
-              f"`codes` must be token ids in [0, {self.vocab_size}) (vocab_size), got values in [{low}, {high}]")
+        check_index_range("codes", codes, self.vocab_size, what="token ids", bound="vocab_size")
         return codes
 
     def _check_sampling(self, max_new_tokens: Optional[int], temperature: float, top_k: int, top_p: float) -> int:
         steps = default(max_new_tokens, self.num_image_tokens)
         check(0 < steps <= self.num_image_tokens,
               f"`max_new_tokens` must be in [1, {self.num_image_tokens}] (grid_size ** 2), got {steps}")
-        check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
-        check(top_k >= 0, f"`top_k` must be >= 0 (0: off), got {top_k}")
-        check(0.0 < top_p <= 1.0, f"`top_p` must be in (0, 1] (1: off), got {top_p}")
+        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
         return steps
 
     def _condition_dropout(self, batch: int, prob: Optional[float], device) -> Optional[Bool[Tensor, "b"]]:
@@ -464,12 +464,9 @@ class ClassPrefix(nn.Module):
     def check_labels(self, labels, batch: Optional[int], device) -> Int[Tensor, "b"]:
         check(labels is not None, "a c2i model needs `class_labels`")
         labels = torch.as_tensor(labels, device=device)
-        check(not labels.is_floating_point() and labels.ndim == 1 and labels.numel() > 0
-              and batch in (None, labels.shape[0]),
+        check(is_index_tensor(labels) and labels.ndim == 1 and labels.numel() > 0 and batch in (None, labels.shape[0]),
               f"`class_labels` must be integer class ids [batch={batch}], got {describe(labels)}")
-        low, high = int(labels.min()), int(labels.max())
-        check(low >= 0 and high < self.num_classes,
-              f"`class_labels` must be in [0, {self.num_classes}) (num_classes), got values in [{low}, {high}]")
+        check_index_range("class_labels", labels, self.num_classes, bound="num_classes")
         return labels.long()
 
     def forward(self, labels: Int[Tensor, "b"], drop: Optional[Bool[Tensor, "b"]]) -> Float[Tensor, "b p d"]:
@@ -511,6 +508,7 @@ class CaptionPrefix(nn.Module):
         embeds = embeds.to(device=weight.device, dtype=weight.dtype)
         mask = mask.to(device=weight.device, dtype=torch.bool)
         embeds = torch.where(mask[..., None], embeds, 0)
+        check_finite("caption_embeds", embeds)  # the valid tokens (padding is zeroed above)
         pad = self.tokens - m
         embeds = torch.cat((embeds.new_zeros(b, pad, width), embeds), dim=1)
         mask = torch.cat((mask.new_zeros(b, pad), mask), dim=1)
@@ -523,7 +521,7 @@ class CaptionPrefix(nn.Module):
         return self.fc2(F.gelu(self.fc1(caption), approximate="tanh"))
 
 
-class CaptionEncoder(nn.Module):
+class CaptionEncoder(Checkpointable, nn.Module):
     """A small trainable caption encoder: x-transformers ``TransformerWrapper`` + ``Encoder`` over
     caption token ids, returning ``(embeddings [b, n, dim] with padding zeroed, mask [b, n])``.
     A light stand-in for upstream's frozen FLAN-T5 features that trains end to end with the GPT;
@@ -601,16 +599,6 @@ class _Generation:
         self.prefix_mask = None if self.prefix_mask is None else self.prefix_mask[:rows]
         if self.cache is not None:
             self.cache.select(torch.arange(rows, device=self.prefix.device))
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(training)
 
 
 # official checkpoints: ModelArgs of autoregressive/models/gpt.py and training args

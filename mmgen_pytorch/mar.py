@@ -25,11 +25,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check, describe
+from ._utils import check, check_finite, check_index_range, describe, is_index_tensor
 from .backbone import Transformer
+from .checkpoint import Checkpointable
 from .diffloss import DiffLoss
 from .objectives.gaussian import Spacing
-from .pretrained import load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
+from .pretrained import check_checkpoint_kind, load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
+from .sampling import check_cfg_scale
 
 __all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "cfg_scale", "mar_base", "mar_large",
            "mar_huge", "PRESETS", "VAE_SCALE"]
@@ -53,7 +55,7 @@ class MARSamples(NamedTuple):
     images: Optional[Float[Tensor, "b 3 H W"]]    # vae.decode(latents / vae_scale), when a VAE is attached
 
 
-class MAR(nn.Module):
+class MAR(Checkpointable, nn.Module):
     """Masked autoregressive model over ``[b, vae_embed_dim, h, w]`` latents.
 
     Args (keyword-only):
@@ -157,7 +159,9 @@ class MAR(nn.Module):
     def forward(self, latents: Float[Tensor, "b c h w"], labels: Optional[Int[Tensor, " b"]] = None, *,
                 generator: Optional[torch.Generator] = None) -> Tensor:
         """Diffusion loss on the masked tokens of (already scaled) latents; ``labels=None`` trains
-        class-unconditionally. One mask ratio per batch, one random order per sample.
+        class-unconditionally (``class_emb`` then gets no gradient: freeze it, or wrap the model in
+        DistributedDataParallel with ``find_unused_parameters=True``). One mask ratio per batch, one
+        random order per sample.
 
         ``generator`` seeds the mask ratio, orders, label drop, timesteps and noise; dropout layers
         draw from torch's global RNG."""
@@ -195,6 +199,7 @@ class MAR(nn.Module):
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
         check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
+        check_cfg_scale(cfg, "cfg")
         class_embedding = self.class_embedding(labels, batch)
         if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows
             class_embedding = torch.cat((class_embedding, self.fake_latent.expand(batch, -1)))
@@ -267,6 +272,7 @@ class MAR(nn.Module):
         raw = read_checkpoint(checkpoint)
         state = unwrap_checkpoint(raw, prefer="model_ema" if use_ema else "model")
         kwargs = _config_kwargs(config, raw.get("args"))
+        check_checkpoint_kind(state, "mar")
         kwargs.update(_diffloss_size(state, kwargs))
         kwargs.update(overrides)
         model = cls(**kwargs)
@@ -290,9 +296,12 @@ class MAR(nn.Module):
         if labels is None:
             return self.fake_latent.expand(batch, -1)
         embedding = self.class_emb(labels)
-        if not drop or self.label_drop_prob == 0:
+        if not drop:
             return embedding
-        dropped = _rand((batch,), generator, self.device) < self.label_drop_prob
+        # in training the null class stays in the graph even when nothing can be dropped (as upstream's
+        # torch.where): every parameter gets a gradient each step, which DistributedDataParallel requires
+        dropped = (_rand((batch,), generator, self.device) < self.label_drop_prob if self.label_drop_prob > 0
+                   else torch.zeros(batch, dtype=torch.bool, device=self.device))
         return torch.where(dropped[:, None], self.fake_latent.to(embedding.dtype), embedding)
 
     def random_orders(self, batch: int, *, generator: Optional[torch.Generator] = None) -> Int[Tensor, "b n"]:
@@ -352,18 +361,19 @@ class MAR(nn.Module):
         size = self.seq_h * self.patch_size
         expected = (self.vae_embed_dim, size, size)
         check(isinstance(latents, Tensor) and latents.ndim == 4 and tuple(latents.shape[1:]) == expected
-              and latents.is_floating_point(),
-              f"`latents` must be a float tensor [b, {self.vae_embed_dim}, {size}, {size}], got {describe(latents)}")
+              and latents.is_floating_point() and latents.shape[0] > 0,
+              f"`latents` must be a float tensor [b >= 1, {self.vae_embed_dim}, {size}, {size}], "
+              f"got {describe(latents)}")
+        check_finite("latents", latents)
 
     def _check_labels(self, labels, batch: Optional[int], name: str) -> Optional[Tensor]:
         if labels is None:
             return None
         labels = torch.as_tensor(labels, device=self.device)
-        check(labels.ndim == 1 and not labels.is_floating_point() and labels.dtype != torch.bool
-              and (batch is None or labels.shape[0] == batch) and labels.numel() > 0,
+        check(is_index_tensor(labels) and labels.ndim == 1 and (batch is None or labels.shape[0] == batch)
+              and labels.numel() > 0,
               f"`{name}` must be integer class ids [{'b' if batch is None else batch}], got {describe(labels)}")
-        check(bool(((labels >= 0) & (labels < self.num_classes)).all()),
-              f"`{name}` must lie in [0, {self.num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        check_index_range(name, labels, self.num_classes, bound="num_classes")
         return labels.long()
 
     def _sampling_labels(self, class_labels, batch_size: Optional[int]):

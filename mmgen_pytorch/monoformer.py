@@ -235,23 +235,30 @@ class MonoFormer(Transfusion):
               f"`{name}`: MonoFormer expects image latents of shape (C, H, W) = {self.latent_shape}, "
               f"got {describe(tensor)}")
         check(bool(torch.isfinite(tensor).all()), f"`{name}`: the latent contains NaN or inf values")
-        return Modality(0, patchify(tensor.to(self.device), self.patch_size), self.grid)
+        return Modality(0, patchify(tensor.to(self.device).float(), self.patch_size), self.grid)
 
     def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
         return unpatchify(tokens, self.grid, self.patch_size)
+
+    def check_shape(self, modality: int, shape, *, name: str) -> Shape:
+        check(isinstance(shape, (tuple, list)) and tuple(shape) == self.grid,
+              f"`{name}`: MonoFormer generates only its {self.grid} patch grid (latent_size / patch_size), "
+              f"got {shape!r}")
+        return self.grid
 
     # sampling
 
     @torch.no_grad()
     def generate_images(self, prompts: Sequence[Tensor], *, cfg_scale: float = 4.0, steps: Spacing = 20,
-                        temperature: float = 1.0, sampler: str = "ddpm", eta: float = 0.0, use_cache: bool = True,
-                        progress: bool = False,
+                        temperature: float = 1.0, sampler: str = "ddpm", eta: float = 0.0,
+                        clip_denoised: Optional[float] = None, use_cache: bool = True, progress: bool = False,
                         generator: Optional[torch.Generator] = None) -> Float[Tensor, "b c h w"]:
         """One image latent per text prompt (1-D long tensors; an empty tensor is the unconditional prompt).
 
         CFG (``cfg_scale != 1``) runs each prompt beside its empty-prompt twin; the prompt's K/V is
         computed once and every one of the ``steps`` respaced DDPM steps (``sampler="ddim"`` for DDIM)
-        runs only the image tokens against the cache.
+        runs only the image tokens against the cache. ``clip_denoised=c`` clamps every step's x0
+        prediction to [-c, c], for latents known to lie there.
         """
         check(isinstance(prompts, (list, tuple)) and len(prompts) > 0,
               f"`prompts` must be a non-empty list of 1-D token tensors, got {describe(prompts)}")
@@ -262,7 +269,8 @@ class MonoFormer(Transfusion):
         samples = self.sample([[p] for p in prompts], max_length=max_length, cfg_scale=cfg_scale, modality_steps=steps,
                               force_modality_at_start=0, max_modalities=1, use_cache=use_cache, progress=progress,
                               generator=generator,
-                              objective_kwargs=dict(temperature=temperature, sampler=sampler, eta=eta))
+                              objective_kwargs=dict(temperature=temperature, sampler=sampler, eta=eta,
+                                                    clip_denoised=clip_denoised))
         return torch.stack([sample[-1][1] for sample in samples])
 
     # LLaMA initialisation

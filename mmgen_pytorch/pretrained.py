@@ -46,6 +46,52 @@ def check_state_dict(expected: Mapping[str, Tensor], state_dict: Mapping[str, Te
         raise CheckpointMismatchError("\n".join(lines))
 
 
+# Which upstream a state dict comes from, by keys only that upstream has: a checkpoint of the wrong
+# kind is named as such instead of failing with hundreds of missing keys. Checked in this order.
+_GPT_BLOCK = re.compile(r"layers\.\d+\.attention\.wqkv\.weight")
+
+
+def _is_variational_kl(state_dict: Mapping[str, Tensor]) -> bool:
+    """LDM's KL head: ``quant_conv`` makes [mean | logvar] for ``post_quant_conv``'s channels."""
+    moments, latent = state_dict.get("quant_conv.weight"), state_dict.get("post_quant_conv.weight")
+    return moments is not None and latent is not None and moments.shape[0] == 2 * latent.shape[1]
+
+
+CHECKPOINT_KINDS: Dict[str, tuple] = {
+    "mar": ("a MAR checkpoint", "MAR.from_official",
+            lambda sd: any(k.startswith(("diffloss.net.", "encoder_blocks.", "decoder_blocks.")) for k in sd)),
+    "llamagen_gpt": ("a LlamaGen / DnD GPT checkpoint", "LlamaGen.from_official or DnDTransformer.from_official",
+                     lambda sd: "tok_embeddings.weight" in sd or any(map(_GPT_BLOCK.fullmatch, sd))),
+    "hf_llama": ("a Hugging Face LLaMA checkpoint", "MonoFormer.from_llama",
+                 lambda sd: "model.embed_tokens.weight" in sd),
+    "vq": ("a LlamaGen VQ tokenizer checkpoint", "VQVAE.from_official",
+           lambda sd: "quantize.embedding.weight" in sd),
+    "rq": ("an RQ-VAE checkpoint", "RQVAE.from_official",
+           lambda sd: "quantizer.codebook" in sd or any(k.startswith("quantizer.codebooks.") for k in sd)),
+    "kl": ("a KL autoencoder checkpoint", "AutoencoderKL.from_official", _is_variational_kl),
+    "llamagen_ours": ("an mmgen_pytorch LlamaGen / DnD state dict (our key names, not upstream's)",
+                      "`load_state_dict` on a model built with the same arguments",
+                      lambda sd: "token_embed.weight" in sd),
+}
+
+
+def checkpoint_kind(state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The :data:`CHECKPOINT_KINDS` key of the upstream whose keys ``state_dict`` has, or None."""
+    return next((kind for kind, (_, _, matches) in CHECKPOINT_KINDS.items() if matches(state_dict)), None)
+
+
+def check_checkpoint_kind(state_dict: Mapping[str, Tensor], expected: str) -> None:
+    """Raise :class:`CheckpointMismatchError` when ``state_dict`` is empty or recognisably another kind
+    of checkpoint than ``expected`` (unrecognised ones are left to the strict key check)."""
+    if not state_dict:
+        raise CheckpointMismatchError(f"the checkpoint holds no weights, expected {CHECKPOINT_KINDS[expected][0]}")
+    found = checkpoint_kind(state_dict)
+    if found is not None and found != expected:
+        what, loader, _ = CHECKPOINT_KINDS[found]
+        raise CheckpointMismatchError(f"the checkpoint looks like {what}, not {CHECKPOINT_KINDS[expected][0]}; "
+                                      f"load it with {loader}")
+
+
 def rename_keys(state_dict: Mapping[str, Tensor], rules: Mapping[str, str]) -> StateDict:
     """Apply the first matching regex rule to every key; keys that no rule matches are kept."""
     renamed = {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import check
+from ._utils import check, check_finite_number
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -39,11 +40,25 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < limit, float("-inf"))
 
 
+def check_sampling_options(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                           prefix: str = "") -> None:
+    """Validate token-sampling options before any work; ``prefix`` is the arguments' prefix in the
+    caller's signature (Transfusion's ``text_``)."""
+    check_finite_number(f"{prefix}temperature", temperature, minimum=0)
+    check(isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0,
+          f"`{prefix}top_k` must be an int >= 0 (0: off), got {top_k!r}")
+    check(0.0 < top_p <= 1.0, f"`{prefix}top_p` must be in (0, 1] (1: off), got {top_p}")
+    check(0.0 <= min_p < 1.0, f"`{prefix}min_p` must be in [0, 1) (0: off), got {min_p}")
+
+
+def check_cfg_scale(cfg_scale: float, name: str = "cfg_scale") -> None:
+    """A guidance scale: finite and >= 0 (1: no guidance, 0: the unconditional prediction)."""
+    check_finite_number(name, cfg_scale, minimum=0)
+
+
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0) -> Tensor:
-    check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
-    check(0.0 < top_p <= 1.0, f"`top_p` must be in (0, 1], got {top_p}")
-    check(0.0 <= min_p < 1.0, f"`min_p` must be in [0, 1), got {min_p}")
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = logits.float() / max(temperature, 1e-5)
     return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
 

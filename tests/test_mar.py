@@ -194,14 +194,7 @@ def test_fast_sampler_equals_an_upstream_style_loop():
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5 + 1e-5 * expected.abs().max().item())
 
 
-def test_bf16_model_samples_and_trains():
-    m = tiny().to(torch.bfloat16)
-    out = m.sample([1], num_iter=3, cfg=2.0, progress=False).latents
-    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
-    m = tiny().train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m(torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+# bf16 / fp16 training and sampling: tests/test_precision.py
 
 
 class FakeVAE(torch.nn.Module):

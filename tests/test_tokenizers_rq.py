@@ -93,9 +93,9 @@ def test_key_errors_name_the_keys(golden):
 
 def test_bad_inputs_raise_value_errors_naming_the_argument():
     model = RQVAE(TINY).eval()
-    with pytest.raises(ValueError, match=r"`codes` values must lie in \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"`codes` must be code ids in \[0, 16\)"):
         model.decode_code(torch.full((1, 2, 2, 3), 16))
-    with pytest.raises(ValueError, match=r"`codes` values must lie in \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"`codes` must be code ids in \[0, 16\)"):
         model.decode_code(torch.full((1, 2, 2, 3), -1))
     with pytest.raises(ValueError, match="`codes` must have 1..3 depth slices"):
         model.decode_code(torch.zeros(1, 2, 2, 4, dtype=torch.long))

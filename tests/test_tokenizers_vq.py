@@ -91,7 +91,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         model.encode_to_indices(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="multiples of 2"):
         model.encode(torch.zeros(1, 3, 7, 8))
-    with pytest.raises(ValueError, match=r"`indices` values must lie in \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"`indices` must be code ids in \[0, 16\)"):
         model.decode_code(torch.full((1, 2, 2), 16))
     with pytest.raises(ValueError, match="`indices` must be an integer tensor"):
         model.decode_code(torch.zeros(1, 2, 2))

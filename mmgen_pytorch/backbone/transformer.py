@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import check, default, divisible_by, round_up_to_multiple
+from ..checkpoint import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
 from .kv_cache import KVCache
 from .masks import TokenLayout
@@ -107,7 +108,7 @@ class Block(nn.Module):
         return x + gate_f * self.ff(self.ff_norm(x) * (1 + scale_f) + shift_f)
 
 
-class Transformer(nn.Module):
+class Transformer(Checkpointable, nn.Module):
     """Pre-norm transformer.
 
     Args (keyword-only):
@@ -250,6 +251,8 @@ class Transformer(nn.Module):
         if backend == "flex":
             return AttentionMask(block_mask=queries.block_mask(keys, offset))
         dense = queries.dense_mask(keys, offset)
+        if torch.compiler.is_compiling():  # the all-visible shortcut below is a data-dependent branch
+            return AttentionMask(dense=dense)
         return AttentionMask() if bool(dense.all()) else AttentionMask(dense=dense)  # all-visible: no mask
 
     def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:
@@ -281,7 +284,8 @@ class Transformer(nn.Module):
             check(cond is not None and cond_mask is None, "`cond_index` needs a `cond` table and excludes `cond_mask`")
             check(not cond_index.is_floating_point() and tuple(cond_index.shape) == (batch, length),
                   f"`cond_index` must be an integer tensor [{batch}, {length}], got {cond_index.dtype} {tuple(cond_index.shape)}")
-            check(int(cond_index.max()) < cond.shape[0], f"`cond_index` points past the {cond.shape[0]} rows of `cond`")
+            check(torch.compiler.is_compiling() or int(cond_index.max()) < cond.shape[0],  # no host sync in a graph
+                  f"`cond_index` points past the {cond.shape[0]} rows of `cond`")
         if cond_mask is not None:
             check(cond is not None, "`cond_mask` was given without `cond`")
             check(cond_mask.dtype == torch.bool and tuple(cond_mask.shape) == (batch, length),

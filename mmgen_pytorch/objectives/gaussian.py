@@ -513,9 +513,10 @@ class GaussianObjective(ContinuousObjective):
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: Spacing, *,
                  generator: Optional[torch.Generator] = None, temperature: float = 1.0, sampler: str = "ddpm",
-                 eta: float = 0.0, progress: bool = False) -> Tensor:
+                 eta: float = 0.0, clip_denoised: Optional[float] = None, progress: bool = False) -> Tensor:
         """The respaced reverse chain over the tokens of ``noise [b, n, d]`` (every token is one row of
-        the chain's batch); returns float32 latents."""
+        the chain's batch); ``clip_denoised=c`` clamps each step's x0 prediction to [-c, c] (data known to
+        be bounded). Returns float32 latents."""
         chain = self.sampling_chain(steps)
         shape = noise.shape
 
@@ -523,5 +524,5 @@ class GaussianObjective(ContinuousObjective):
             return denoise(x.view(shape), t[0]).reshape(x.shape[0], -1)
 
         out = chain.sample_loop(model, noise.reshape(-1, shape[-1]), temperature=temperature, sampler=sampler,
-                                eta=eta, generator=generator, progress=progress)
+                                eta=eta, generator=generator, clip_denoised=clip_denoised, progress=progress)
         return out.view(shape)

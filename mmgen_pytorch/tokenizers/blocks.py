@@ -24,13 +24,12 @@ import re
 from dataclasses import replace
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._utils import check, describe, divisible_by
+from .._utils import check, check_finite, check_index_range, describe, divisible_by, is_index_tensor
 
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -226,13 +225,17 @@ def check_images(images: Tensor, channels: int, factor: int, name: str = "images
           f"`{name}` must be a 4-D tensor [b, {channels}, h, w], got {describe(images)}")
     check(images.is_floating_point(), f"`{name}` must be a floating tensor, got {describe(images)}")
     check(images.shape[1] == channels, f"`{name}` must have {channels} channels, got {describe(images)}")
+    check(images.shape[0] > 0 and images.shape[-2] > 0 and images.shape[-1] > 0,
+          f"`{name}` must hold at least one non-empty image, got {describe(images)}")
     check(divisible_by(images.shape[-2], factor) and divisible_by(images.shape[-1], factor),
           f"`{name}` height and width must be multiples of {factor} (the downsampling factor), got {describe(images)}")
+    check_finite(name, images)
 
 
 def check_latent(z: Tensor, channels: int, name: str = "z") -> None:
     check(isinstance(z, Tensor) and z.ndim == 4 and z.is_floating_point() and z.shape[1] == channels,
           f"`{name}` must be a floating tensor [b, {channels}, h, w], got {describe(z)}")
+    check_finite(name, z)
 
 
 def _level_keys(state_dict: Mapping[str, Tensor], part: str) -> Dict[int, List[str]]:
@@ -287,20 +290,18 @@ def resolve_config(config, cls, presets: Mapping[str, object], overrides: Mappin
 def check_codes(codes: Tensor, vocab: int, ndim: int, name: str, layout: str) -> None:
     check(isinstance(codes, Tensor) and codes.ndim == ndim,
           f"`{name}` must be a {ndim}-D integer tensor {layout}, got {describe(codes)}")
-    check(not codes.is_floating_point() and not codes.is_complex() and codes.dtype != torch.bool,
-          f"`{name}` must be an integer tensor, got {describe(codes)}")
-    if codes.numel() > 0:
-        low, high = int(codes.min()), int(codes.max())
-        check(low >= 0 and high < vocab, f"`{name}` values must lie in [0, {vocab}), got min {low} and max {high}")
+    check(is_index_tensor(codes), f"`{name}` must be an integer tensor, got {describe(codes)}")
+    check_index_range(name, codes, vocab, what="code ids", bound="codebook size")
 
 
-def from_official(cls, source, config, *, to_ours, infer, prefer: Optional[str]):
+def from_official(cls, source, config, *, kind: str, to_ours, infer, prefer: Optional[str]):
     """Build ``cls`` from an official checkpoint (path, wrapped checkpoint or raw state dict):
     ``to_ours(official, config)`` maps the keys; with ``config=None``, ``infer(official)`` reads the
-    architecture off the weights."""
-    from ..pretrained import CheckpointMismatchError, load_checkpoint, load_strict
+    architecture off the weights; ``kind``: the :data:`~mmgen_pytorch.pretrained.CHECKPOINT_KINDS` key."""
+    from ..pretrained import CheckpointMismatchError, check_checkpoint_kind, load_checkpoint, load_strict
 
     official = load_checkpoint(source, prefer=prefer)
+    check_checkpoint_kind(official, kind)
     if config is None:
         try:
             config = infer(official)

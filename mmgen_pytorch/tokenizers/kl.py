@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._utils import check
+from ..checkpoint import Checkpointable
 from ..pretrained import mar_vae_state_dict
 from .blocks import (Decoder, Encoder, check_images, check_latent, from_official, infer_conv_layout,
                      levels_at_resolutions, resolve_config)
@@ -98,7 +99,7 @@ class KLOutput(NamedTuple):
     posterior: DiagonalGaussian
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Checkpointable, nn.Module):
     """``AutoencoderKL("KL-16")`` (MAR's released VAE), or a :class:`KLConfig`; keyword overrides
     replace config fields. ``use_variational=False`` reproduces MAR's quirk: the posterior gets
     logvar 1 (std e^0.5), so ``sample()`` still adds noise; use ``.mean`` for a deterministic latent."""
@@ -147,7 +148,8 @@ class AutoencoderKL(nn.Module):
         ``config`` is a preset name, a :class:`KLConfig`, the official constructor arguments as a dict,
         or None to read the architecture off the weights. ``ema`` picks ``"model_ema"``."""
         config = None if config is None else resolve_config(config, KLConfig, KL_PRESETS, {})
-        return from_official(cls, source, config, to_ours=lambda official, _: mar_vae_state_dict(official),
+        return from_official(cls, source, config, kind="kl",
+                             to_ours=lambda official, _: mar_vae_state_dict(official),
                              infer=infer_kl_config, prefer="model_ema" if ema else None)
 
 

@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .._utils import check
+from ..checkpoint import Checkpointable
 from ..pretrained import CheckpointMismatchError, dnd_rqvae_state_dict
 from .blocks import (Decoder, Encoder, check_codes, check_images, check_latent, from_official, infer_conv_layout,
                      levels_at_resolutions, resolve_config)
@@ -168,19 +169,24 @@ class ResidualQuantizer(nn.Module):
         return torch.stack(codes, dim=-1), partial_sums
 
     def forward(self, latent: Float[Tensor, "b d h w"], *, update: Optional[bool] = None) -> RQQuantized:
-        """Quantize; in training mode (or with ``update=True``) the shared codebook is EMA-updated."""
+        """Quantize; in training mode (or with ``update=True``) the shared codebook is EMA-updated.
+
+        The code search and EMA run in the codebook's dtype with autocast off: bf16 distances pick
+        wrong codes, and the float32 EMA buffers cannot take bf16 vectors."""
         z = rearrange(latent, "b d h w -> b h w d")
         flat = z.reshape(-1, z.shape[-1])
-        codes, partial_sums = self.residual_codes(flat.detach(), self.training if update is None else update)
+        with torch.autocast(flat.device.type, enabled=False):
+            codes, partial_sums = self.residual_codes(flat.detach().to(self.codebook.dtype),
+                                                      self.training if update is None else update)
         commitment = torch.stack([F.mse_loss(flat, partial) for partial in partial_sums]).mean()
-        quant = z + (partial_sums[-1].view_as(z) - z).detach()
+        quant = z + (partial_sums[-1].view_as(z).to(z.dtype) - z).detach()
         return RQQuantized(rearrange(quant, "b h w d -> b d h w"), codes.view(*z.shape[:-1], -1), commitment)
 
     def embed(self, codes: Int[Tensor, "b h w k"]) -> Float[Tensor, "b d h w"]:
         return rearrange(F.embedding(codes, self.codebook).sum(-2), "b h w d -> b d h w")
 
 
-class RQVAE(nn.Module):
+class RQVAE(Checkpointable, nn.Module):
     """DnD's RQ-VAE. ``RQVAE(RQConfig(...))``, ``RQVAE(official_kwargs_dict)`` or keyword overrides
     of the defaults (ImageNet 16x16x2 widths; the released checkpoint's attention placement is not
     documented, so load it with ``RQVAE.from_official(path)`` which reads it off the weights)."""
@@ -253,7 +259,8 @@ class RQVAE(nn.Module):
         a dict, or None to read the architecture off the weights. ``ema`` picks ``"state_dict_ema"``.
         The per-depth codebook copies must be identical and match ``depth``."""
         config = None if config is None else resolve_config(config, RQConfig, {}, {})
-        return from_official(cls, source, config, to_ours=lambda sd, cfg: dnd_rqvae_state_dict(sd, depth=cfg.depth),
+        return from_official(cls, source, config, kind="rq",
+                             to_ours=lambda sd, cfg: dnd_rqvae_state_dict(sd, depth=cfg.depth),
                              infer=infer_rq_config, prefer="state_dict_ema" if ema else None)
 
 

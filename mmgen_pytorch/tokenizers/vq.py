@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .._utils import check, describe
+from ..checkpoint import Checkpointable
 from ..pretrained import llamagen_vq_state_dict
 from .blocks import (Decoder, Encoder, check_codes, check_images, check_latent, from_official, infer_conv_layout,
                      resolve_config)
@@ -126,7 +127,9 @@ class VectorQuantizer(nn.Module):
         if self.config.l2_norm:
             z = F.normalize(z, dim=-1)
         flat, codebook = z.reshape(-1, z.shape[-1]), self.codebook()
-        distance = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        with torch.autocast(flat.device.type, enabled=False):  # bf16 distances would pick wrong codes
+            flat = flat.to(codebook.dtype)
+            distance = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
         return z, distance, distance.argmin(-1).view(z.shape[:-1])
 
     @torch.no_grad()
@@ -150,7 +153,7 @@ class VectorQuantizer(nn.Module):
         return VQEncoding(rearrange(quant, "b h w d -> b d h w"), losses, indices)
 
 
-class VQVAE(nn.Module):
+class VQVAE(Checkpointable, nn.Module):
     """LlamaGen VQ tokenizer. ``VQVAE("VQ-16")``, ``VQVAE("VQ-8")`` or ``VQVAE(VQConfig(...))``;
     keyword overrides replace config fields, e.g. ``VQVAE("VQ-16", codebook_size=4096)``."""
 
@@ -214,7 +217,8 @@ class VQVAE(nn.Module):
         state dict. ``config`` is a preset name, a :class:`VQConfig`, LlamaGen ``ModelArgs`` fields
         as a dict, or None to read the architecture off the weights. ``ema`` picks ``"ema"``."""
         config = None if config is None else resolve_config(config, VQConfig, VQ_PRESETS, {})
-        return from_official(cls, source, config, to_ours=lambda official, _: llamagen_vq_state_dict(official),
+        return from_official(cls, source, config, kind="vq",
+                             to_ours=lambda official, _: llamagen_vq_state_dict(official),
                              infer=infer_vq_config, prefer="ema" if ema else None)
 
 

@@ -12,15 +12,15 @@ unconditional text (``uncond_text``), and the modality layers (``_build_modality
 
 from __future__ import annotations
 
-import random
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check, default, describe
+from .._utils import check, default, describe, eval_mode
 from ..backbone import Transformer
+from ..checkpoint import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
 from .packing import (UNCOND_TEXT, LatentGroup, Modality, PackedBatch, Placement, Shape, Vocabulary,
@@ -87,7 +87,7 @@ class FrozenWrapper(nn.Module):
         return self.module(x[None])[0]
 
 
-class Transfusion(nn.Module):
+class Transfusion(Checkpointable, nn.Module):
     """Text (next-token prediction) and modalities (a continuous objective) in one transformer.
 
     The arguments follow transfusion-pytorch (see the README); the pieces a sibling model swaps:
@@ -203,7 +203,7 @@ class Transfusion(nn.Module):
         check(isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int, torch.int16, torch.uint8),
               f"`{name}` must be a long tensor of text token ids, got {describe(ids)}")
         check(ids.ndim == 1, f"`{name}`: text must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-        if ids.numel():
+        if ids.numel() and not torch.compiler.is_compiling():  # value checks are host syncs: not in a graph
             low, high = int(ids.min()), int(ids.max())
             check(low >= 0 and high < self.vocab.num_text_tokens,
                   f"`{name}`: text token ids must be in [0, {self.vocab.num_text_tokens}), got values in [{low}, {high}]")
@@ -214,7 +214,8 @@ class Transfusion(nn.Module):
               f"`{name}`: unknown modality type {modality}; this model has {self.num_modalities} (0..{self.num_modalities - 1})")
         check(isinstance(tensor, Tensor) and tensor.is_floating_point(),
               f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
-        check(bool(torch.isfinite(tensor).all()), f"`{name}`: the modality contains NaN or inf values")
+        check(torch.compiler.is_compiling() or bool(torch.isfinite(tensor).all()),
+              f"`{name}`: the modality contains NaN or inf values")
         tensor = tensor.to(self.device)
         encoder = self.encoders[modality]
         if encoder.module is not None:
@@ -229,10 +230,14 @@ class Transfusion(nn.Module):
         rank = self.ranks[modality]
         check(rank is None or len(shape) == rank,
               f"`{name}`: modality {modality} has rank {rank}, got a latent grid of shape {shape}")
-        return Modality(modality, latent.reshape(-1, dim_latent), shape)
+        check(all(size > 0 for size in shape), f"`{name}`: modality {modality} got an empty latent grid {shape}")
+        # latents are float32 targets whatever the input precision (float64 would not mix with the losses)
+        return Modality(modality, latent.reshape(-1, dim_latent).float(), shape)
 
     def normalize_batch(self, x, modality_type: Optional[int]) -> Tuple[List[List], bool]:
         """Returns (samples of items, text_only)."""
+        check(not isinstance(x, Tensor) or (x.ndim >= 1 and x.shape[0] > 0),
+              f"`x` must hold at least one sample, got {describe(x)}")
         if isinstance(x, Tensor) and not x.is_floating_point():
             check(x.ndim == 2, f"text-only input must be Int[batch, seq], got shape {tuple(x.shape)}")
             return [[self.check_text(row, name=f"x[{i}]")] for i, row in enumerate(x)], True
@@ -256,10 +261,17 @@ class Transfusion(nn.Module):
         channel-last tokens ``[n, dim_latent]``) per NOISED modality of that sample, in order; drawn at
         random when not given. Returns the loss, ``(loss, LossBreakdown)``, or with ``return_loss=False``
         the text logits and per-modality velocity predictions of the packed batch.
+
+        A batch without any modality of some type (text-only pretraining steps) leaves that type's
+        layers without a gradient: under DistributedDataParallel use ``find_unused_parameters=True``.
         """
         samples, text_only = self.normalize_batch(x, modality_type)
         prob_uncond = default(prob_uncond, self.prob_uncond if self.training else 0.0)
-        drop = [random.random() < prob_uncond and any(isinstance(i, Modality) for i in s) for s in samples]
+        check(0.0 <= prob_uncond <= 1.0, f"`prob_uncond` must be in [0, 1], got {prob_uncond}")
+        # drawn from torch's generator (not Python's `random`) so that torch.manual_seed alone reproduces
+        # a forward; nothing is drawn without dropout, which leaves the times and noise drawn below unchanged
+        draws = torch.rand(len(samples)) if prob_uncond > 0 else torch.ones(len(samples))
+        drop = [bool(u < prob_uncond) and any(isinstance(i, Modality) for i in s) for u, s in zip(draws, samples)]
         sequences = [build_training_sequence(items, self.vocab, self.placement, drop_text=d,
                                              uncond_text=self.uncond_text, sos=not text_only, eos=not text_only)
                      for items, d in zip(samples, drop)]
@@ -303,6 +315,8 @@ class Transfusion(nn.Module):
             check(given_noise[k].numel() == size[0] * size[1],
                   f"`noise` for modality {instance.ordinal} of sample {instance.row} must have "
                   f"{size[0]} x {size[1]} values, got shape {tuple(given_noise[k].shape)}")
+            check(torch.compiler.is_compiling() or bool(torch.isfinite(given_noise[k]).all()),
+                  f"`noise` for modality {instance.ordinal} of sample {instance.row} contains NaN or inf values")
             instance_noise[i] = given_noise[k].reshape(size).to(self.device)
         return instance_times, instance_noise
 
@@ -394,10 +408,26 @@ class Transfusion(nn.Module):
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""
-        shape = fixed if fixed is not None else emitted if emitted is not None else self.default_shapes[modality]
+        if fixed is not None:
+            return self.check_shape(modality, fixed, name="fixed_modality_shape")
+        shape = emitted if emitted is not None else self.default_shapes[modality]
         check(shape is not None, f"modality {modality} has no valid shape: pass `fixed_modality_shape` "
                                  f"or build the model with `modality_default_shape`")
         return tuple(shape)
+
+    def check_shape(self, modality: int, shape, *, name: str) -> Shape:
+        """A latent grid shape given for ``modality``: positive ints, as many as the modality's rank."""
+        rank = self.ranks[modality]
+        valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)
+        check(valid and (rank is None or len(shape) == rank),
+              f"`{name}` must be a tuple of {rank if rank is not None else 'any number of'} positive ints for "
+              f"modality {modality}, got {shape!r}")
+        return tuple(shape)
+
+    def check_modality_type(self, modality: int, *, name: str = "modality_type") -> int:
+        check(isinstance(modality, int) and 0 <= modality < self.num_modalities,
+              f"`{name}` must be a modality type in [0, {self.num_modalities}), got {modality!r}")
+        return modality
 
     # sampling
 
@@ -415,11 +445,12 @@ class Transfusion(nn.Module):
         or a list of samples for a list of prompts or a ``batch_size``. ``objective_kwargs`` go to the
         objective's ``generate`` (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``).
         """
+        check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
+              f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        check(max_modalities is None or max_modalities >= 0, f"`max_modalities` must be >= 0, got {max_modalities}")
         batched = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) or p is None for p in prompt)
         prompts = prompt if batched else [prompt] * default(batch_size, 1)
         check(len(prompts) > 0, "`prompt` is an empty list of prompts")
-        was_training = self.training
-        self.eval()
         prompts = [prompt_as_list(p) for p in prompts]
         items = [self.to_items(p, name=f"prompt[{i}]") if p else [] for i, p in enumerate(prompts)]
         forced = [forced_tokens(self, force_modality_at_start)] * len(items)
@@ -429,8 +460,8 @@ class Transfusion(nn.Module):
                           max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
                           use_cache=use_cache, progress=progress, generator=generator,
                           objective_kwargs=objective_kwargs)
-        samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
-        self.train(was_training)
+        with eval_mode(self):  # inputs are validated above, so a bad call leaves the mode untouched
+            samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
         return samples if batched or batch_size is not None else samples[0]
 
     @torch.no_grad()
@@ -438,16 +469,15 @@ class Transfusion(nn.Module):
                            top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, progress: bool = True,
                            generator: Optional[torch.Generator] = None) -> Tensor:
         """Text-only continuation of ``prompt`` (Int[b, n]) up to ``seq_len`` tokens; returns the new tokens."""
-        check(isinstance(prompt, Tensor) and prompt.ndim == 2 and not prompt.is_floating_point(),
-              f"`prompt` must be Int[batch, seq], got {describe(prompt)}")
+        check(isinstance(prompt, Tensor) and prompt.ndim == 2 and not prompt.is_floating_point()
+              and prompt.shape[0] > 0,
+              f"`prompt` must be Int[batch, seq] with batch >= 1, got {describe(prompt)}")
         check(seq_len > prompt.shape[1], f"`seq_len` ({seq_len}) must exceed the prompt length ({prompt.shape[1]})")
-        was_training = self.training
-        self.eval()
         rows = [[self.check_text(p, name=f"prompt[{i}]")] for i, p in enumerate(prompt)]
         sampler = Sampler(self, max_length=seq_len, text_temperature=temperature, text_min_p=min_p, text_top_k=top_k,
                           text_top_p=top_p, use_cache=use_cache, progress=progress, generator=generator, text_only=True)
-        out = sampler(rows, [[]] * len(rows))
-        self.train(was_training)
+        with eval_mode(self):
+            out = sampler(rows, [[]] * len(rows))
         return torch.stack([sample[-1] for sample in out]).to(prompt.device)
 
     @torch.no_grad()
@@ -458,7 +488,8 @@ class Transfusion(nn.Module):
         """Unconditional modalities ``[batch_size, ...]`` (no text, no guidance)."""
         check(modality_type is not None or self.num_modalities == 1,
               f"`modality_type` is needed when the model has {self.num_modalities} modalities")
-        modality = default(modality_type, 0)
+        check(isinstance(batch_size, int) and batch_size >= 1, f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        modality = self.check_modality_type(default(modality_type, 0))
         shape = self.shape_for(modality, None, fixed_modality_shape)
         max_length = self.placement.length(shape) + len(shape) * 8 + 8
         samples = self.sample([[] for _ in range(batch_size)], max_length=max_length,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._utils import check
 from ..backbone import NO_BLOCK, PADDING, TokenLayout
-from ..sampling import sample_from_logits
+from ..sampling import check_cfg_scale, check_sampling_options, sample_from_logits
 from .packing import Shape, build_training_sequence, pack, token_count
 
 LatentInput = Tuple[int, Tensor, Tensor, Tensor]  # (modality, flat index into [b * c], values, coords)
@@ -129,7 +129,9 @@ class Sampler:
                  generator: Optional[torch.Generator] = None, text_only: bool = False,
                  objective_kwargs: Optional[dict] = None):
         check(max_length > 0, f"`max_length` must be positive, got {max_length}")
-        check(cfg_scale >= 0, f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        check_cfg_scale(cfg_scale)
+        check_sampling_options(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p,
+                               prefix="" if text_only else "text_")
         self.model, self.vocab = model, model.vocab
         self.max_length, self.cfg_scale, self.steps = max_length, cfg_scale, modality_steps
         self.text_kwargs = dict(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p)
@@ -176,12 +178,14 @@ class Sampler:
                 sequences.append(sequence)
         check(all(s.length > 0 for s in sequences), "a prompt is empty and a text-only model has no [sos]: "
                                                     "give at least one token")
-        for row, sequence, twin in zip(rows, sequences, sequences[len(rows):] if self.guided else sequences):
+        for index, (row, sequence, twin) in enumerate(zip(rows, sequences,
+                                                          sequences[len(rows):] if self.guided else sequences)):
             row.length, row.position = sequence.length, sequence.next_position
             row.twin_shift = twin.next_position - sequence.next_position
             row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
             check(row.length <= self.max_length,
-                  f"the prompt ({row.length} tokens) is longer than `max_length` ({self.max_length})")
+                  f"`prompt[{index}]` ({row.length} tokens with its structure tokens) is longer than `max_length` "
+                  f"({self.max_length})")
             self.mark_fed(row, row.fed[-1])
         packed = pack(sequences, num_modalities=model.num_modalities, ignore_index=model.ignore_index,
                       pad_left=True, device=model.device)
@@ -350,9 +354,10 @@ def forced_tokens(model, force_modality_at_start) -> List[int]:
         return []
     modality, shape = (force_modality_at_start if isinstance(force_modality_at_start, tuple)
                        else (force_modality_at_start, None))
-    check(0 <= modality < model.num_modalities,
-          f"`force_modality_at_start`: unknown modality type {modality}; the model has {model.num_modalities}")
-    shape = model.shape_for(modality, None, tuple(shape) if shape is not None else None)
+    check(isinstance(modality, int) and 0 <= modality < model.num_modalities,
+          f"`force_modality_at_start`: unknown modality type {modality!r}; the model has {model.num_modalities}")
+    shape = (model.check_shape(modality, shape, name="force_modality_at_start") if shape is not None
+             else model.shape_for(modality, None, None))
     return [model.vocab.meta, *model.vocab.shape_ids(shape), model.vocab.som(modality)]
 
 
