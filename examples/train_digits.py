@@ -33,9 +33,14 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_digits import evaluate, split  # noqa: E402
 
-from mmgen_pytorch import MAR, Transfusion  # noqa: E402
+from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, Transfusion,  # noqa: E402
+                           load_training_state, save_training_state)
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def default(value, fallback):
+    return fallback if value is None else value
 
 
 # data
@@ -138,30 +143,104 @@ class MARRecipe:
         return unpatchify(samples.latents.permute(0, 2, 3, 1))
 
 
-RECIPES = {"transfusion": TransfusionRecipe, "mar": MARRecipe}
+class MonoFormerRecipe:
+    """The class name as a text prompt -> a [1, 8, 8] image in [-1, 1], DDPM in the same causal LLaMA
+    (2x2 patches: 16 image tokens), the whole prompt dropped 10% of the time for CFG."""
+
+    default_steps, batch_size, lr = 3000, 64, 1e-3
+
+    def __init__(self, args):
+        self.args = args
+        self.model = MonoFormer(num_text_tokens=128, latent_channels=1, latent_size=8, patch_size=2,
+                                schedule="cosine", max_prompt_length=8,
+                                transformer=dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32,
+                                                 attn_backend="sdpa"))
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.model([[caption_ids(label), image[None] * 2 - 1] for image, label in zip(images, labels.tolist())])
+
+    @torch.no_grad()
+    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
+        latents = model.generate_images([caption_ids(label) for label in labels.tolist()], cfg_scale=self.args.cfg,
+                                        steps=self.args.modality_steps * 3, clip_denoised=1.0, generator=generator,
+                                        progress=self.args.progress)
+        return ((latents[:, 0] + 1) / 2).clamp(0, 1)
+
+
+# tokenizer-first recipes: the tokenizer is trained once, kept in <out>/tokenizer and reused
+
+def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: int = 64):
+    """Train ``tokenizer`` (its forward returns ``.loss``) on the training digits, or load it from
+    ``<out>/tokenizer/model.safetensors`` when an earlier run left it there. Returns it in eval mode."""
+    path = Path(args.out) / "tokenizer" / "model.safetensors"
+    if path.exists():
+        tokenizer.load_state_dict(load_file(path))
+        return tokenizer.eval().requires_grad_(False)
+    images = training_data()[0].unsqueeze(1) * 2 - 1
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)
+    tokenizer.train()
+    bar = tqdm(range(steps), desc=f"training {type(tokenizer).__name__}", disable=not args.progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        output = tokenizer(images[torch.randint(0, len(images), (batch_size,))])
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        bar.set_postfix(recon=f"{output.recon_loss.item():.4f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, path)
+    return tokenizer.eval().requires_grad_(False)
+
+
+TOKENIZER_CONV = dict(in_channels=1, ch=32, num_res_blocks=1, attn_levels=(), z_channels=64)
+
+
+class LlamaGenRecipe:
+    """A VQVAE (8x8 -> 4x4 codes) trained first, then the class-conditional LlamaGen GPT over its codes."""
+
+    default_steps, batch_size, lr, tokenizer_steps = 3000, 64, 1e-3, 2000
+
+    def __init__(self, args):
+        self.args = args
+        vq = VQVAE(None, codebook_size=256, codebook_dim=8, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                   **TOKENIZER_CONV)
+        self.tokenizer = fit_tokenizer(vq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
+        self.model = LlamaGen(dim=128, depth=4, heads=4, vocab_size=vq.codebook_size, grid_size=4, num_classes=10,
+                              class_dropout_prob=0.1, ff_multiple_of=32, tokenizer=self.tokenizer)
+
+    def codes(self, images: Tensor) -> Tensor:
+        return self.tokenizer.encode_to_indices(images.unsqueeze(1) * 2 - 1)
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.model(self.codes(images), class_labels=labels)
+
+    @torch.no_grad()
+    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
+        return model.sample(labels, cfg_scale=self.args.cfg, temperature=self.args.temperature, generator=generator,
+                            progress=self.args.progress)[:, 0]
+
+
+class DnDRecipe(LlamaGenRecipe):
+    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes) trained first, then the DnD GPT with one head per depth."""
+
+    def __init__(self, args):
+        self.args = args
+        rq = RQVAE(None, n_embed=256, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
+        self.tokenizer = fit_tokenizer(rq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
+        self.model = DnDTransformer(dim=128, depth=4, heads=4, head_positions=(2, 3), vocab_size=rq.config.n_embed,
+                                    grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
+                                    tokenizer=self.tokenizer)
+
+    def codes(self, images: Tensor) -> Tensor:
+        return self.tokenizer.encode_to_codes(images.unsqueeze(1) * 2 - 1)
+
+
+RECIPES = {"transfusion": TransfusionRecipe, "monoformer": MonoFormerRecipe, "mar": MARRecipe,
+           "llamagen": LlamaGenRecipe, "dnd": DnDRecipe}
 
 
 # training loop shared by every recipe
-
-def save_checkpoint(folder: Path, model, ema: EMA, optimizer, step: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in ema.ema_model.state_dict().items()}, folder / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "ema_step": ema.step, "step": step,
-                "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])},
-               folder / "training_state.pt")
-
-
-def load_checkpoint(folder: Path, model, ema: EMA, optimizer) -> int:
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    ema.ema_model.load_state_dict(load_file(folder / "ema.safetensors"))
-    state = torch.load(folder / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    ema.step.copy_(state["ema_step"])
-    ema.initted.fill_(True)
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
 
 def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
@@ -174,7 +253,8 @@ def train(recipe, args) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     ema = EMA(model, beta=args.ema_beta, update_after_step=100, update_every=1)
     checkpoint = Path(args.out) / "checkpoint"
-    start = load_checkpoint(checkpoint, model, ema, optimizer) if args.resume and checkpoint.exists() else 0
+    resume = args.resume and (checkpoint / "training_state.pt").exists()
+    start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if resume else 0
     images, labels = training_data()
     steps = args.steps if args.steps is not None else recipe.default_steps
     started = time.time()
@@ -192,7 +272,7 @@ def train(recipe, args) -> float:
         ema.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(checkpoint, model, ema, optimizer, step + 1)
+            save_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema, step=step + 1)
     return (time.time() - started) / 60
 
 
@@ -241,8 +321,11 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--model", choices=sorted(RECIPES), default="transfusion")
     parser.add_argument("--out", default=None, help="output folder (default results/<model>/)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the model's recipe)")
+    parser.add_argument("--tokenizer-steps", type=int, default=None,
+                        help="LlamaGen / DnD: tokenizer training steps (default: the recipe's)")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale for sampling")
+    parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: sampling temperature")
     parser.add_argument("--modality-steps", type=int, default=16)
     parser.add_argument("--ema-beta", type=float, default=0.995)
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")

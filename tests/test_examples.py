@@ -19,7 +19,7 @@ import train_digits  # noqa: E402
 def test_train_digits_smoke(model, tmp_path):
     out = tmp_path / model
     argv = ["--model", model, "--steps", "2", "--num-samples", "20", "--modality-steps", "2", "--out", str(out),
-            "--checkpoint-every", "1", "--caption-samples", "10", "--no-progress"]
+            "--checkpoint-every", "1", "--caption-samples", "10", "--tokenizer-steps", "2", "--no-progress"]
     metrics = train_digits.run(train_digits.parse_args(argv))
 
     data = np.load(out / "samples.npz")
