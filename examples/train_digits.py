@@ -82,7 +82,7 @@ def read_caption(ids: Tensor) -> str:
 class TransfusionRecipe:
     """Caption <-> image both ways in ONE model: `[caption, image]` and `[image, caption]` samples."""
 
-    default_steps, batch_size, lr = 3000, 64, 1e-3
+    default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
 
     def __init__(self, args):
         self.args = args
@@ -124,7 +124,7 @@ class TransfusionRecipe:
 class MARRecipe:
     """Class-conditional MAR directly on 2x2 pixel patches (a 4x4 grid of 4-channel tokens)."""
 
-    default_steps, batch_size, lr = 3000, 64, 1e-3
+    default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
 
     def __init__(self, args):
         self.args = args
@@ -147,7 +147,8 @@ class MonoFormerRecipe:
     """The class name as a text prompt -> a [1, 8, 8] image in [-1, 1], DDPM in the same causal LLaMA
     (2x2 patches: 16 image tokens), the whole prompt dropped 10% of the time for CFG."""
 
-    default_steps, batch_size, lr = 3000, 64, 1e-3
+    # CFG 1.25: at 1.5 the samples of a class grow alike (FD 33.6 vs 26.3, accuracy 99.6 vs 99.4 %)
+    default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.25
 
     def __init__(self, args):
         self.args = args
@@ -173,6 +174,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     """Train ``tokenizer`` (its forward returns ``.loss``) on the training digits, or load it from
     ``<out>/tokenizer/model.safetensors`` when an earlier run left it there. Returns it in eval mode."""
     path = Path(args.out) / "tokenizer" / "model.safetensors"
+    started = time.time()
     if path.exists():
         tokenizer.load_state_dict(load_file(path))
         return tokenizer.eval().requires_grad_(False)
@@ -190,6 +192,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
         bar.set_postfix(recon=f"{output.recon_loss.item():.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, path)
+    args.tokenizer_minutes = (time.time() - started) / 60
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -199,7 +202,7 @@ TOKENIZER_CONV = dict(in_channels=1, ch=32, num_res_blocks=1, attn_levels=(), z_
 class LlamaGenRecipe:
     """A VQVAE (8x8 -> 4x4 codes) trained first, then the class-conditional LlamaGen GPT over its codes."""
 
-    default_steps, batch_size, lr, tokenizer_steps = 3000, 64, 1e-3, 2000
+    default_steps, batch_size, lr, cfg, tokenizer_steps = 3000, 64, 1e-3, 1.5, 2000
 
     def __init__(self, args):
         self.args = args
@@ -307,7 +310,9 @@ def run(args) -> Dict:
     np.savez(out / "samples.npz", images=images, labels=labels.numpy().astype(np.int64))
     sample_grid(images, labels.numpy(), out / "samples.png")
 
-    metrics = {"model": args.model, "train_minutes": minutes, "sampling_seconds": sampling_seconds,
+    tokenizer_minutes = getattr(args, "tokenizer_minutes", 0.0)  # LlamaGen / DnD: trained first, counted in
+    metrics = {"model": args.model, "train_minutes": minutes + tokenizer_minutes,
+               "tokenizer_minutes": tokenizer_minutes, "sampling_seconds": sampling_seconds,
                **evaluate(images, labels.numpy())}
     if hasattr(recipe, "extra_metrics"):
         metrics.update(recipe.extra_metrics(ema_model, generator))
@@ -324,7 +329,8 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--tokenizer-steps", type=int, default=None,
                         help="LlamaGen / DnD: tokenizer training steps (default: the recipe's)")
     parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale for sampling")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale for sampling (default: the recipe's)")
     parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: sampling temperature")
     parser.add_argument("--modality-steps", type=int, default=16)
     parser.add_argument("--ema-beta", type=float, default=0.995)
@@ -339,6 +345,7 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("results", args.model)
+    args.cfg = default(args.cfg, RECIPES[args.model].cfg)
     return args
 
 

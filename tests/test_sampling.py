@@ -79,3 +79,21 @@ def test_cfg_takes_conditional_rows_first():
     torch.testing.assert_close(cfg_combine(cond, uncond, 1.0), cond)
     batch = torch.randn(4, 10)
     assert split_cfg(batch, 1.0) is batch
+
+
+def reference_min_p(logits, min_p):
+    out = logits.clone()
+    for row in out:
+        probs = [math.exp(v) for v in row.double().log_softmax(-1).tolist()]
+        for index, prob in enumerate(probs):
+            if prob < min_p * max(probs):
+                row[index] = -math.inf
+    return out
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.1, 0.5, 0.99])
+def test_min_p_matches_reference(min_p):
+    from mmgen_pytorch.sampling import min_p_filter
+    logits = random_logits(3)
+    assert torch.equal(min_p_filter(logits, min_p), reference_min_p(logits, min_p))
+    assert torch.isfinite(min_p_filter(logits, min_p)).sum(-1).min() >= 1  # the top token always stays

@@ -270,6 +270,8 @@ BAD_INPUTS = [
     ("empty batch", lambda: [], ValueError, "non-empty list"),
     ("token out of range", lambda: [[torch.tensor([1, 40])]], ValueError, r"\[0, 32\)"),
     ("nan latent", lambda: [[randint(0, 32, (3,)), torch.full((2, 2, 8), float("nan"))]], ValueError, "NaN"),
+    ("inf latent", lambda: [[randint(0, 32, (3,)), torch.full((2, 2, 8), float("inf"))]], ValueError, "inf"),
+    ("negative token", lambda: [[torch.tensor([1, -2])]], ValueError, r"\[0, 32\).*-2"),
     ("wrong rank", lambda: [[randint(0, 32, (3,)), randn(2, 8)]], ValueError, "rank 2"),
     ("text 2-D in a sample", lambda: [[randint(0, 32, (2, 3))]], ValueError, "1-D"),
 ]
@@ -282,6 +284,39 @@ def test_bad_input_raises_clear_error(name, make, error, message):
         model(make())
 
 
+def test_a_modality_of_unknown_rank_needs_one_the_rotary_axes_can_hold():
+    model = tiny(modality_default_shape=None)  # rank unknown: 1-D rotary
+    model([[randint(0, 32, (3,)), randn(5, 8)]]).backward()  # a 1-D latent fits
+    with pytest.raises(ValueError, match="rank is unknown.*modality_num_dim"):
+        model([[randint(0, 32, (3,)), randn(2, 2, 8)]])
+    with pytest.raises(ValueError, match="rank is unknown.*text must be a long tensor"):
+        model([[randint(0, 32, (3,)), randn(8)]])  # float "text" of length dim_latent
+    model = tiny(modality_default_shape=None, modality_num_dim=2)
+    model([[randint(0, 32, (3,)), randn(2, 3, 8)]]).backward()
+
+
+def test_a_transformer_instance_must_have_the_modalities_rotary_axes():
+    from mmgen_pytorch import Transformer
+    backbone = Transformer(dim=32, depth=1, heads=2, rotary_axes=1, dim_cond=32)
+    with pytest.raises(ValueError, match="`transformer`.*rotary_axes=2"):
+        Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2), transformer=backbone)
+    Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2),
+                transformer=Transformer(dim=32, depth=1, heads=2, rotary_axes=2, dim_cond=32))
+
+
+def test_times_as_a_padded_tensor_equal_times_as_lists():
+    torch.manual_seed(0)
+    model = tiny(prob_uncond=0.0).eval()
+    batch = [[randint(0, 32, (3,)), randn(2, 2, 8), randint(0, 32, (2,)), randn(2, 2, 8)],
+             [randint(0, 32, (4,)), randn(2, 2, 8)]]
+    noise = [[randn(4, 8), randn(4, 8)], [randn(4, 8)]]
+    as_lists = model(batch, times=[[0.2, 0.7], [0.4]], noise=noise)
+    padded = model(batch, times=torch.tensor([[0.2, 0.7], [0.4, 0.0]]), noise=noise)
+    torch.testing.assert_close(padded, as_lists, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`times` as a tensor must be \[batch=2, >= 2\]"):
+        model(batch, times=torch.tensor([[0.2], [0.4]]), noise=noise)
+
+
 def test_prompt_longer_than_max_length():
     model = tiny()
     with pytest.raises(ValueError, match="longer than `max_length`"):
@@ -292,3 +327,40 @@ def test_modality_only_needs_modality_type():
     model = tiny(dim_latent=(8, 4), modality_default_shape=((2, 2), (3,)))
     with pytest.raises(ValueError, match="modality_type"):
         model(randn(2, 2, 2, 8))
+
+
+def test_dropped_text_keeps_every_structure_token():
+    from mmgen_pytorch.transfusion.packing import Modality, Placement, build_training_sequence
+    vocab = Vocabulary(32, 1)
+    items = [randint(0, 32, (4,)), Modality(0, randn(4, 8), (2, 2)), randint(0, 32, (3,))]
+    kept = build_training_sequence(items, vocab, Placement(axes=2))
+    dropped = build_training_sequence(items, vocab, Placement(axes=2), drop_text=True, uncond_text="null")
+    ids = lambda s: torch.cat([segment.token_ids for segment in s.segments])  # noqa: E731
+    is_text = torch.cat([torch.full_like(seg.token_ids, seg.modality is None) for seg in kept.segments]).bool()
+    original, null = ids(kept), ids(dropped)
+    text = is_text & (original < vocab.num_text_tokens)  # the 4 + 3 caption ids; the rest is structure
+    assert torch.equal(null[text], torch.full((7,), vocab.null_text))
+    assert torch.equal(null[~text], original[~text])  # [sos], [meta], shape, [som], [eom], [eos], latents
+    assert all(not seg.labelled for seg in dropped.segments if seg.modality is None and seg.token_ids[0] == vocab.null_text)
+    empty = build_training_sequence(items, vocab, Placement(axes=2), drop_text=True, uncond_text="empty")
+    assert torch.equal(ids(empty), original[~text])
+
+
+def test_cfg_scale_zero_samples_the_unconditional_stream_whatever_the_prompt():
+    """At cfg_scale 0 the guided prediction is the unconditional twin's alone, and the twin of any prompt
+    of the same length is the same null-text row: the images must be identical."""
+    torch.manual_seed(0)
+    model = tiny(prob_uncond=0.1).eval()
+    with torch.no_grad():  # zero-initialised gates and heads would make every prediction context-free
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    a, b = randint(0, 32, (5,)), randint(0, 32, (5,))
+
+    def image(prompt, cfg_scale):
+        out = model.sample([[prompt]], max_length=24, cfg_scale=cfg_scale, force_modality_at_start=0,
+                           max_modalities=1, modality_steps=3, generator=torch.Generator().manual_seed(1),
+                           progress=False)
+        return next(item[1] for item in out[0] if isinstance(item, tuple))
+
+    torch.testing.assert_close(image(a, 0.0), image(b, 0.0), rtol=0, atol=0)
+    assert not torch.allclose(image(a, 1.0), image(b, 1.0))

@@ -165,6 +165,10 @@ class Transfusion(Checkpointable, nn.Module):
         if isinstance(transformer, Transformer):
             check(not block_conditioned or transformer.dim_cond == transformer.dim,
                   "a Transformer instance given to Transfusion needs `dim_cond=dim` (timestep adaLN)")
+            axes = transformer.rotary.axes if transformer.rotary is not None else 0
+            check(axes == self.rotary_axes,
+                  f"`transformer`: the modalities' ranks {self.ranks} need a Transformer with "
+                  f"`rotary_axes={self.rotary_axes}`, got one with rotary_axes={axes}")
             return transformer
         check(isinstance(transformer, dict) and "dim" in transformer and "depth" in transformer,
               f"`transformer` must be a Transformer or a dict with at least `dim` and `depth`, got {describe(transformer)}")
@@ -230,6 +234,10 @@ class Transfusion(Checkpointable, nn.Module):
         rank = self.ranks[modality]
         check(rank is None or len(shape) == rank,
               f"`{name}`: modality {modality} has rank {rank}, got a latent grid of shape {shape}")
+        check(rank is not None or 0 < len(shape) <= self.rotary_axes or self.placement.flat,
+              f"`{name}`: modality {modality} got a latent grid of shape {shape}, but its rank is unknown and the "
+              f"model has {self.rotary_axes} rotary axes: build the model with `modality_num_dim` or "
+              f"`modality_default_shape` for it" + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
         check(all(size > 0 for size in shape), f"`{name}`: modality {modality} got an empty latent grid {shape}")
         # latents are float32 targets whatever the input precision (float64 would not mix with the losses)
         return Modality(modality, latent.reshape(-1, dim_latent).float(), shape)
@@ -253,13 +261,13 @@ class Transfusion(Checkpointable, nn.Module):
     # forward
 
     def forward(self, x, *, return_loss: bool = True, return_breakdown: bool = False,
-                modality_type: Optional[int] = None, times: Optional[Sequence[Sequence[float]]] = None,
+                modality_type: Optional[int] = None, times: Union[Sequence[Sequence[float]], Tensor, None] = None,
                 noise: Optional[Sequence[Sequence[Tensor]]] = None, prob_uncond: Optional[float] = None):
         """Loss of a batch (see the README for the input forms).
 
         ``times`` / ``noise``: per sample, one time in [0, 1) / one noise tensor (shaped like the latent,
         channel-last tokens ``[n, dim_latent]``) per NOISED modality of that sample, in order; drawn at
-        random when not given. Returns the loss, ``(loss, LossBreakdown)``, or with ``return_loss=False``
+        random when not given. ``times`` may also be transfusion-pytorch's padded ``Float[b, m]`` tensor. Returns the loss, ``(loss, LossBreakdown)``, or with ``return_loss=False``
         the text logits and per-modality velocity predictions of the packed batch.
 
         A batch without any modality of some type (text-only pretraining steps) leaves that type's
@@ -323,10 +331,24 @@ class Transfusion(Checkpointable, nn.Module):
     def _per_noised_instance(self, packed: PackedBatch, noised: List[int], values, name: str):
         if values is None:
             return None
+        if isinstance(values, Tensor) and name == "times":  # transfusion-pytorch's padded Float[b, m]
+            values = self._unpad_times(packed, noised, values)
         check(len(values) == len(packed.lengths), f"`{name}` needs one list per sample ({len(packed.lengths)}), got {len(values)}")
         flat = [v for per_sample in values for v in per_sample]
         check(len(flat) == len(noised), f"`{name}` needs one entry per modality ({len(noised)} in this batch), got {len(flat)}")
         return flat
+
+    @staticmethod
+    def _unpad_times(packed: PackedBatch, noised: List[int], times: Tensor) -> List[List[float]]:
+        """Row ``r`` of a padded ``[b, m]`` tensor gives sample ``r``'s noised modalities their times in
+        order; the entries past them are padding."""
+        counts = [0] * len(packed.lengths)
+        for i in noised:
+            counts[packed.instances[i].row] += 1
+        check(times.ndim == 2 and times.shape[0] == len(counts) and times.shape[1] >= max(counts, default=0),
+              f"`times` as a tensor must be [batch={len(counts)}, >= {max(counts, default=0)}] (per sample, the "
+              f"times of its noised modalities, then padding), got shape {tuple(times.shape)}")
+        return [row[:count] for row, count in zip(times.tolist(), counts)]
 
     def _noised_group(self, group: LatentGroup, packed: PackedBatch, instance_times: Tensor,
                       instance_noise: List[Optional[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
