@@ -152,6 +152,8 @@ class MonoFormer(Transfusion):
         schedule, num_timesteps: the DDPM chain (``"linear"`` 1e-4..0.02, or ``"cosine"``).
         cfg_channels: guide only the first that many latent channels (upstream: 3 of 4); None = all.
         text_loss_weight: loss = diffusion + text_loss_weight · text (upstream 0.01).
+        text_loss_on_image_rows: False (upstream) computes the text loss only on samples without an
+            image, so prompts are conditioning, not targets; True also trains the LM on them.
         prob_uncond: probability of dropping a training sample's whole prompt (CFG).
         max_prompt_length: the most text tokens in a prompt (the text just before an image).
 
@@ -164,7 +166,7 @@ class MonoFormer(Transfusion):
                  timestep_injection: str = "adaln_before_decoder", schedule: str = "linear",
                  num_timesteps: int = 1000, cfg_channels: Optional[int] = None, text_loss_weight: float = 0.01,
                  prob_uncond: float = 0.1, max_prompt_length: int = 128, ignore_index: int = -1,
-                 attn_backend: str = "auto"):
+                 text_loss_on_image_rows: bool = False, attn_backend: str = "auto"):
         height, width = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
         check(min(latent_channels, height, width, patch_size) > 0 and height % patch_size == 0
               and width % patch_size == 0,
@@ -184,7 +186,7 @@ class MonoFormer(Transfusion):
                          modality_default_shape=(height // patch_size, width // patch_size),
                          text_loss_weight=text_loss_weight, prob_uncond=prob_uncond, ignore_index=ignore_index,
                          attn_backend=attn_backend, time_injection=injection, flat_positions=True,
-                         uncond_text="empty",
+                         uncond_text="empty", text_loss_on_modality_rows=text_loss_on_image_rows,
                          objective=GaussianObjective(schedule=schedule, num_timesteps=num_timesteps,
                                                      guide_features=guide_features))
         self.latent_shape = (latent_channels, height, width)

@@ -193,6 +193,54 @@ def test_from_llama_rejects_foreign_keys(golden):
         MonoFormer.from_llama(state, data["config"], latent_channels=4, latent_size=4, patch_size=2)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_from_llama_reads_files_and_a_config_path(golden, tmp_path, fmt):
+    import json
+
+    from safetensors.torch import save_file
+    data, expected = golden_model(golden)
+    weights = tmp_path / f"model.{'safetensors' if fmt == 'safetensors' else 'bin'}"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in data["state_dict"].items()}, weights)
+    else:
+        torch.save(data["state_dict"], weights)
+    (tmp_path / "config.json").write_text(json.dumps(data["config"]))
+    model = MonoFormer.from_llama(weights, tmp_path / "config.json", latent_channels=4, latent_size=4, patch_size=2,
+                                  attn_backend="sdpa").eval()
+    logits, _ = model(data["inputs"]["input_ids"], return_loss=False)
+    torch.testing.assert_close(logits, data["outputs"]["logits"], atol=1e-5, rtol=0)
+
+
+def test_from_llama_ties_a_missing_lm_head_and_rejects_other_sizes(golden):
+    data = golden("hf_llama.pt")
+    tied = {k: v for k, v in data["state_dict"].items() if k != "lm_head.weight"}
+    model = MonoFormer.from_llama(tied, data["config"], latent_channels=4, latent_size=4, patch_size=2)
+    vocab = data["config"]["vocab_size"]
+    assert torch.equal(model.to_text_logits.weight[:vocab], tied["model.embed_tokens.weight"])
+    wider = dict(data["config"], intermediate_size=data["config"]["intermediate_size"] * 2)
+    with pytest.raises(CheckpointMismatchError, match="mlp|ff"):
+        MonoFormer.from_llama(data["state_dict"], wider, latent_channels=4, latent_size=4, patch_size=2)
+
+
+# the loss
+
+def test_loss_is_diffusion_plus_weighted_text_and_prompts_are_not_lm_targets():
+    model = randomised(tiny(prob_uncond=0.0)).train()
+    image, noise, text = randn(4, 4, 4), [[randn(4, 16)], []], torch.randint(0, 8, (7,))
+    batch = [[PROMPTS[0], image], [text]]  # an image row and a text-only row
+    _, parts = model(batch, return_breakdown=True, times=[[300], []], noise=noise)
+    torch.testing.assert_close(parts.total, parts.flow[0] + 0.01 * parts.text)
+    assert torch.isnan(parts.text_per_sample[0]) and torch.isfinite(parts.text_per_sample[1])
+    torch.testing.assert_close(parts.text, parts.text_per_sample[1])  # only the text-only row is an LM target
+    _, text_only = model([[text]], return_breakdown=True)
+    torch.testing.assert_close(parts.text, text_only.text)
+
+    lm_everywhere = randomised(tiny(prob_uncond=0.0, text_loss_on_image_rows=True, text_loss_weight=0.5)).train()
+    _, parts = lm_everywhere(batch, return_breakdown=True, times=[[300], []], noise=noise)
+    assert torch.isfinite(parts.text_per_sample).all()
+    torch.testing.assert_close(parts.total, parts.flow[0] + 0.5 * parts.text)
+
+
 # sampling
 
 @pytest.mark.parametrize("injection", ["adaln_before_decoder", "token"])

@@ -26,7 +26,7 @@ def test_golden_posterior_and_decode(golden):
         for name, value in (("moments", posterior.parameters), ("posterior_mean", posterior.mean),
                             ("posterior_logvar", posterior.logvar), ("posterior_std", posterior.std)):
             torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(decoded, expected["decoded"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(decoded, expected["decoded"], atol=1e-5, rtol=1e-5)
     assert model.config.encoder_attn_levels == () and model.config.decoder_attn_levels == ()
 
 

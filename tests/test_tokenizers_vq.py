@@ -32,8 +32,8 @@ def test_golden_quant_indices_decode_and_recon(golden):
     assert torch.equal(indices.flatten(), expected["indices"])
     assert torch.equal(model.encode_to_indices(image), expected["indices"].view(2, 8, 8))
     torch.testing.assert_close(quant, expected["quant"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(decoded, expected["decoded"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(recon, expected["recon"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(decoded, expected["decoded"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=0)
     assert losses.entropy == 0 and losses.commit.item() == pytest.approx(0.25 * losses.vq.item())
     assert infer_vq_config(data["state_dict"]) == model.config  # the architecture read off the weights
 

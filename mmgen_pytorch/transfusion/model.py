@@ -96,7 +96,9 @@ class Transfusion(Checkpointable, nn.Module):
       flow from ``time_sampling`` / ``ode_method`` / ``ode_kwargs``);
     - ``time_injection``: a :class:`TimeInjection` (default: per-block adaLN inside the backbone);
     - ``flat_positions``: modality tokens take consecutive 1-D positions instead of M-RoPE grid positions;
-    - ``uncond_text``: CFG's dropped text is ``"null"`` (``null_text`` ids) or ``"empty"`` (left out).
+    - ``uncond_text``: CFG's dropped text is ``"null"`` (``null_text`` ids) or ``"empty"`` (left out);
+    - ``text_loss_on_modality_rows``: False leaves the text of samples that hold a modality out of the
+      text loss (MonoFormer's rule); the default trains on every sample's text.
     """
 
     def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
@@ -109,7 +111,7 @@ class Transfusion(Checkpointable, nn.Module):
                  ignore_index: int = -1, time_sampling: str = "uniform", ode_method: str = "midpoint",
                  ode_kwargs: Optional[dict] = None, attn_backend: str = "auto",
                  objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
-                 flat_positions: bool = False, uncond_text: str = "null"):
+                 flat_positions: bool = False, uncond_text: str = "null", text_loss_on_modality_rows: bool = True):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
         check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
@@ -133,6 +135,7 @@ class Transfusion(Checkpointable, nn.Module):
         self.encoders = nn.ModuleList(FrozenWrapper(e) for e in _per_modality(modality_encoder, num_modalities, "modality_encoder"))
         self.decoders = nn.ModuleList(FrozenWrapper(d) for d in _per_modality(modality_decoder, num_modalities, "modality_decoder"))
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
+        self.text_loss_on_modality_rows = text_loss_on_modality_rows
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
         self.prob_uncond, self.ignore_index = prob_uncond, ignore_index
         self.objective = objective if objective is not None else RectifiedFlow(
@@ -370,7 +373,12 @@ class Transfusion(Checkpointable, nn.Module):
         batch = packed.shape[0]
         token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
                                    ignore_index=self.ignore_index, reduction="none")
-        labelled = (packed.labels != self.ignore_index).float()
+        labelled = packed.labels != self.ignore_index
+        if not self.text_loss_on_modality_rows:  # MonoFormer: only rows without a modality train the LM
+            with_modality = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            with_modality[[inst.row for inst in packed.instances]] = True
+            labelled &= ~with_modality[:, None]
+        labelled = labelled.float()
         text = (token_ce * labelled).sum() / labelled.sum().clamp_min(1)
         text_per_sample = (token_ce * labelled).sum(1) / labelled.sum(1)
 
