@@ -32,11 +32,12 @@ from .diffloss import DiffLoss
 from .objectives.gaussian import Spacing
 from .pretrained import check_checkpoint_kind, load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
 from .sampling import check_cfg_scale
+from .tokenizers.kl import KL16_LATENT_SCALE
 
 __all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "cfg_scale", "mar_base", "mar_large",
            "mar_huge", "PRESETS", "VAE_SCALE"]
 
-VAE_SCALE = 0.2325  # KL-16 latents are multiplied by this before MAR sees them
+VAE_SCALE = KL16_LATENT_SCALE  # KL-16 latents are multiplied by this before MAR sees them
 CFG_SCHEDULES = ("linear", "constant")
 
 # upstream factory dims; the DiffLoss sizes are those of the released checkpoints
@@ -71,7 +72,8 @@ class MAR(Checkpointable, nn.Module):
         diffusion_batch_mul: how many times each token's ``z`` is reused with fresh (t, noise) in training.
         grad_checkpointing: recompute transformer and MLP blocks in the backward pass.
         vae, vae_scale: an optional frozen autoencoder (``encode(x).sample()/.mean``, ``decode(z)``),
-            kept out of the state dict, and the latent scale applied outside it.
+            kept out of the state dict, and the latent scale applied outside it (default: the VAE's
+            ``scale_factor``, else KL-16's 0.2325).
     """
 
     def __init__(self, *, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1, vae_embed_dim: int = 16,
@@ -82,7 +84,7 @@ class MAR(Checkpointable, nn.Module):
                  buffer_size: int = 64, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
                  diffloss_depth: int = 3, diffloss_width: int = 1024, num_sampling_steps: Spacing = "100",
                  diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, vae: Optional[nn.Module] = None,
-                 vae_scale: float = VAE_SCALE):
+                 vae_scale: Optional[float] = None):
         super().__init__()
         decoder_dim = encoder_dim if decoder_dim is None else decoder_dim
         decoder_depth = encoder_depth if decoder_depth is None else decoder_depth
@@ -101,7 +103,9 @@ class MAR(Checkpointable, nn.Module):
         self.token_dim = vae_embed_dim * patch_size ** 2
         self.buffer_size, self.num_classes = buffer_size, num_classes
         self.mask_ratio_min, self.label_drop_prob = mask_ratio_min, label_drop_prob
-        self.diffusion_batch_mul, self.vae_scale = diffusion_batch_mul, vae_scale
+        # the VAE's own latent scale (AutoencoderKL.scale_factor) unless one is given, else KL-16's
+        vae_scale = vae_scale if vae_scale is not None else getattr(vae, "scale_factor", VAE_SCALE)
+        self.diffusion_batch_mul, self.vae_scale = diffusion_batch_mul, float(vae_scale)
         self._vae = (vae,)  # a tuple keeps the frozen VAE out of parameters() and state_dict()
         if vae is not None:
             vae.requires_grad_(False).eval()

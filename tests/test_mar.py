@@ -126,6 +126,39 @@ def test_training_forward_is_seeded_and_trains_every_part():
         assert grad is not None and grad.abs().max() > 0, name
 
 
+def test_loss_rows_are_the_masked_tokens_of_each_sample_repeated_diffusion_batch_mul_times():
+    """The head sees exactly the masked tokens (the same count in every sample: one ratio per batch; a
+    different set per sample: one order each), each with its own condition, ``diffusion_batch_mul`` times."""
+    model = tiny(img_size=128, diffusion_batch_mul=3).train()  # 8 x 8 = 64 tokens
+    latents, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    seen = {}
+
+    def recording(target, z, generator=None):
+        seen.update(target=target, z=z)
+        return target.sum() * 0
+    model.diffloss.forward = recording
+    model(latents, labels, generator=torch.Generator().manual_seed(0))
+    tokens = model.patchify(latents)  # [2, 64, 4]
+    target, z = seen["target"], seen["z"]
+    chunks, zs = target.chunk(3), z.chunk(3)
+    assert all(torch.equal(c, chunks[0]) for c in chunks) and all(torch.equal(c, zs[0]) for c in zs)
+    match = (chunks[0][:, None, None] == tokens[None]).all(-1)  # [rows, 2, 64]
+    assert (match.flatten(1).sum(1) == 1).all()  # every row is one token of one sample
+    per_sample = match.any(0)  # [2, 64]: the masked positions
+    count = int(per_sample[0].sum())
+    assert int(per_sample[1].sum()) == count and 0.7 * 64 <= count <= 64 and target.shape[0] == 3 * 2 * count
+    assert count == 64 or not torch.equal(per_sample[0], per_sample[1])
+
+
+def test_diffloss_size_is_read_off_the_weights(data):
+    config = {k: v for k, v in data["config"].items() if k not in ("diffloss_d", "diffloss_w")}
+    model = MAR.from_official(data["state_dict"], config=config)
+    assert (model.diffloss.net.input_proj.out_features, len(model.diffloss.net.res_blocks)) == (64, 2)
+    x = data["inputs"]
+    z = model.condition(model.patchify(x["x"]), x["mask"], model.class_emb(x["labels"]))
+    torch.testing.assert_close(z, data["outputs"]["z_cond"], **TOL)
+
+
 def test_mask_ratio_is_a_truncated_normal_on_the_support():
     m = tiny(img_size=256)  # 256 tokens
     counts = torch.tensor([m.sample_num_masked(generator=torch.Generator().manual_seed(i)) for i in range(400)])
@@ -277,7 +310,7 @@ def test_preset_names_are_accepted_as_config():
 
 
 def test_with_the_kl_autoencoder():
-    kl = pytest.importorskip("mmgen_pytorch.tokenizers.kl")
+    from mmgen_pytorch.tokenizers import kl
     torch.manual_seed(0)
     vae = kl.AutoencoderKL(kl.KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1))
     m = tiny(img_size=8, vae_stride=2, vae=vae)
@@ -288,6 +321,16 @@ def test_with_the_kl_autoencoder():
     assert torch.isfinite(m(latents, torch.tensor([0, 1])))
     out = m.sample([3], num_iter=2, progress=False)
     assert out.images.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(out.images, vae.decode(out.latents / 0.2325))  # [-1, 1], as the VAE decodes
+
+
+def test_the_latent_scale_comes_from_the_vae_unless_given():
+    from mmgen_pytorch.tokenizers import KL16_LATENT_SCALE, AutoencoderKL, KLConfig
+    vae = AutoencoderKL(KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.5))
+    assert AutoencoderKL(KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2))).scale_factor == KL16_LATENT_SCALE == 0.2325
+    assert tiny(img_size=8, vae_stride=2, vae=vae).vae_scale == 0.5
+    assert tiny(img_size=8, vae_stride=2, vae=vae, vae_scale=0.1).vae_scale == 0.1
+    assert tiny().vae_scale == 0.2325
 
 
 # the backbone options MAR configures

@@ -2,8 +2,9 @@
 1x1 ``quant_conv`` -> diagonal Gaussian posterior ``[mean | logvar]`` -> 1x1 ``post_quant_conv`` ->
 conv decoder (attention only in its middle block).
 
-MAR scales latents by 0.2325 *outside* the VAE (:data:`KL16_LATENT_SCALE`): it trains on
-``encode(x).sample() * 0.2325`` and decodes ``decode(z / 0.2325)``.
+MAR scales latents by 0.2325 *outside* the VAE (:data:`KL16_LATENT_SCALE`, the config's
+``scale_factor``): it trains on ``encode(x).sample() * 0.2325`` and decodes ``decode(z / 0.2325)``;
+a MAR given this VAE takes its ``scale_factor`` unless told another ``vae_scale``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class KLConfig:
     in_channels: int = 3
     dropout: float = 0.0
     kl_weight: float = 1e-6  # LDM's kl-f16 recipe; the training loss here is MSE + kl_weight * KL
+    scale_factor: float = KL16_LATENT_SCALE  # what a generator multiplies the latents by (not used inside)
 
     @classmethod
     def from_official(cls, args: Mapping) -> "KLConfig":
@@ -119,6 +121,10 @@ class AutoencoderKL(Checkpointable, nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.encoder.downsample_factor
+
+    @property
+    def scale_factor(self) -> float:
+        return self.config.scale_factor
 
     def encode(self, images: Float[Tensor, "b c H W"]) -> DiagonalGaussian:
         check_images(images, self.config.in_channels, self.downsample_factor)
