@@ -8,6 +8,8 @@ import numbers
 from typing import Any, Iterator, Optional, TypeVar
 
 import torch
+from beartype import BeartypeConf, beartype
+from jaxtyping import jaxtyped
 from torch import Tensor
 
 T = TypeVar("T")
@@ -38,6 +40,13 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(training)
+
+
+def typechecked(function):
+    """Check a function's arguments against its jaxtyping / typing annotations at call time (beartype),
+    ints accepted where floats are annotated; a mismatch raises a ``TypeError`` naming the argument.
+    For small public helpers whose inputs come straight from users, not for per-layer hot paths."""
+    return jaxtyped(typechecker=beartype(conf=BeartypeConf(is_pep484_tower=True)))(function)
 
 
 def check(condition: bool, message: str, error: type = ValueError) -> None:

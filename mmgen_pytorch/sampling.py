@@ -7,19 +7,22 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._utils import check, check_finite_number
+from ._utils import check, check_finite_number, typechecked
 
 
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
+@typechecked
+def top_k_filter(logits: Float[Tensor, "*batch vocab"], k: int) -> Float[Tensor, "*batch vocab"]:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = logits.topk(k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
+@typechecked
+def top_p_filter(logits: Float[Tensor, "*batch vocab"], p: float) -> Float[Tensor, "*batch vocab"]:
     """Nucleus filtering; the most likely token is always kept (HF's shift-right rule)."""
     if p >= 1.0:
         return logits
@@ -31,7 +34,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
-def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+@typechecked
+def min_p_filter(logits: Float[Tensor, "*batch vocab"], min_p: float) -> Float[Tensor, "*batch vocab"]:
     """Keep tokens whose probability is at least ``min_p`` times the top token's."""
     if min_p <= 0.0:
         return logits
@@ -56,15 +60,18 @@ def check_cfg_scale(cfg_scale: float, name: str = "cfg_scale") -> None:
     check_finite_number(name, cfg_scale, minimum=0)
 
 
-def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> Tensor:
+@typechecked
+def filter_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> Float[Tensor, "*batch vocab"]:
     check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = logits.float() / max(temperature, 1e-5)
     return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
 
 
-def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       min_p: float = 0.0, greedy: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+@typechecked
+def sample_from_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
+                       generator: Optional[torch.Generator] = None) -> Int[Tensor, "*batch"]:
     """One token id per row of ``logits [..., vocab]``; ``greedy`` (or temperature 0) takes the argmax."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
@@ -73,7 +80,8 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int =
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+@typechecked
+def cfg_combine(cond: Float[Tensor, "*shape"], uncond: Float[Tensor, "*shape"], scale: float) -> Float[Tensor, "*shape"]:
     """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
     return uncond + (cond - uncond) * scale
 

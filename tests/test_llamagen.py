@@ -117,7 +117,8 @@ def test_cached_generation_equals_uncached(model_type):
                                    generator=torch.Generator().manual_seed(7), use_cache=use_cache,
                                    return_logits=True, **mask))
     assert torch.equal(runs[0][0], runs[1][0])
-    torch.testing.assert_close(runs[0][1], runs[1][1], atol=ATOL, rtol=0)
+    # guided logits (cfg 3 amplifies the two paths' float32 rounding differences threefold)
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cfg_interval", [-1, 1])

@@ -97,3 +97,14 @@ def test_min_p_matches_reference(min_p):
     logits = random_logits(3)
     assert torch.equal(min_p_filter(logits, min_p), reference_min_p(logits, min_p))
     assert torch.isfinite(min_p_filter(logits, min_p)).sum(-1).min() >= 1  # the top token always stays
+
+
+def test_annotations_are_checked_at_call_time():
+    """beartype + jaxtyping on the public helpers: a wrong dtype or type names the argument."""
+    with pytest.raises(TypeError, match="logits"):
+        top_k_filter(torch.ones(2, 5, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="k"):
+        top_k_filter(torch.ones(2, 5), 2.5)
+    with pytest.raises(TypeError, match="uncond"):
+        cfg_combine(torch.ones(2, 5), torch.ones(2, 4), 2)  # shapes must agree
+    assert torch.equal(cfg_combine(torch.ones(2), torch.zeros(2), 3), torch.full((2,), 3.0))  # an int scale is fine
