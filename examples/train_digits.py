@@ -177,6 +177,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     started = time.time()
     if path.exists():
         tokenizer.load_state_dict(load_file(path))
+        args.tokenizer_minutes = json.loads((path.parent / "train_minutes.json").read_text())["minutes"]
         return tokenizer.eval().requires_grad_(False)
     images = training_data()[0].unsqueeze(1) * 2 - 1
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)
@@ -193,6 +194,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, path)
     args.tokenizer_minutes = (time.time() - started) / 60
+    (path.parent / "train_minutes.json").write_text(json.dumps({"minutes": args.tokenizer_minutes}))
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -202,7 +204,9 @@ TOKENIZER_CONV = dict(in_channels=1, ch=32, num_res_blocks=1, attn_levels=(), z_
 class LlamaGenRecipe:
     """A VQVAE (8x8 -> 4x4 codes) trained first, then the class-conditional LlamaGen GPT over its codes."""
 
-    default_steps, batch_size, lr, cfg, tokenizer_steps = 3000, 64, 1e-3, 1.5, 2000
+    # top-p 0.8: a code from the tail of the distribution spoils a 2x2 patch of an 8x8 digit (at top-p 1
+    # conditional accuracy is 96.6 %); stronger guidance over-sharpens the logits of this small GPT
+    default_steps, batch_size, lr, cfg, top_p, tokenizer_steps = 3000, 64, 1e-3, 1.25, 0.8, 2000
 
     def __init__(self, args):
         self.args = args
@@ -220,7 +224,8 @@ class LlamaGenRecipe:
 
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        return model.sample(labels, cfg_scale=self.args.cfg, temperature=self.args.temperature, generator=generator,
+        return model.sample(labels, cfg_scale=self.args.cfg, temperature=self.args.temperature, top_p=self.args.top_p,
+                            generator=generator,
                             progress=self.args.progress)[:, 0]
 
 
@@ -252,12 +257,15 @@ def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> floa
 
 
 def train(recipe, args) -> float:
+    """Train (or continue) the recipe's model; returns the minutes spent training, earlier runs included."""
     model = recipe.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     ema = EMA(model, beta=args.ema_beta, update_after_step=100, update_every=1)
     checkpoint = Path(args.out) / "checkpoint"
     resume = args.resume and (checkpoint / "training_state.pt").exists()
     start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if resume else 0
+    timing = checkpoint / "train_minutes.json"
+    earlier = json.loads(timing.read_text())["minutes"] if resume and timing.exists() else 0.0
     images, labels = training_data()
     steps = args.steps if args.steps is not None else recipe.default_steps
     started = time.time()
@@ -276,7 +284,8 @@ def train(recipe, args) -> float:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
             save_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema, step=step + 1)
-    return (time.time() - started) / 60
+            timing.write_text(json.dumps({"minutes": earlier + (time.time() - started) / 60}))
+    return earlier + (time.time() - started) / 60
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10, scale: int = 6) -> None:
@@ -313,6 +322,8 @@ def run(args) -> Dict:
     tokenizer_minutes = getattr(args, "tokenizer_minutes", 0.0)  # LlamaGen / DnD: trained first, counted in
     metrics = {"model": args.model, "train_minutes": minutes + tokenizer_minutes,
                "tokenizer_minutes": tokenizer_minutes, "sampling_seconds": sampling_seconds,
+               "sampling": {"cfg": args.cfg, "top_p": args.top_p, "temperature": args.temperature,
+                            "modality_steps": args.modality_steps, "mar_iters": args.mar_iters},
                **evaluate(images, labels.numpy())}
     if hasattr(recipe, "extra_metrics"):
         metrics.update(recipe.extra_metrics(ema_model, generator))
@@ -332,6 +343,7 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--cfg", type=float, default=None,
                         help="classifier-free guidance scale for sampling (default: the recipe's)")
     parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: sampling temperature")
+    parser.add_argument("--top-p", type=float, default=None, help="LlamaGen / DnD: nucleus sampling (default: the recipe's)")
     parser.add_argument("--modality-steps", type=int, default=16)
     parser.add_argument("--ema-beta", type=float, default=0.995)
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
@@ -346,6 +358,7 @@ def parse_args(argv: List[str] | None = None):
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("results", args.model)
     args.cfg = default(args.cfg, RECIPES[args.model].cfg)
+    args.top_p = default(args.top_p, getattr(RECIPES[args.model], "top_p", 1.0))
     return args
 
 

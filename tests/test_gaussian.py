@@ -8,7 +8,7 @@ import torch
 
 from mmgen_pytorch.diffloss import DiffLoss
 from mmgen_pytorch.objectives.gaussian import (GaussianDiffusion, cosine_betas, guide, guide_conditional, linear_betas,
-                                               space_timesteps)
+                                               make_betas, space_timesteps)
 
 
 def golden_diffloss(data):
@@ -241,3 +241,67 @@ def test_clip_denoised_clamps_x0_and_uses_it_in_the_posterior_mean():
     expected_mean, _, _ = diffusion.q_posterior(free.pred_xstart.clamp(-1, 1), x_t, 9)
     torch.testing.assert_close(clipped.mean, expected_mean)
     torch.testing.assert_close(clipped.log_variance, free.log_variance)
+
+
+def reference_vb_bits(betas, eps, values, x0, x_t, t):
+    """The hybrid loss's VB term from the formulas, in float64, one sample at a time (Nichol & Dhariwal
+    2021: learned-range variance, KL to the true posterior, discretised-Gaussian NLL at t = 0)."""
+    betas = betas.double()
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    alpha_bar_prev = torch.cat((torch.ones(1, dtype=torch.float64), alpha_bar[:-1]))
+    posterior_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    log_posterior_clipped = torch.log(torch.cat((posterior_var[1:2], posterior_var[1:])))
+    cdf = lambda x: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))  # noqa: E731
+    bits = []
+    for i, step in enumerate(t.tolist()):
+        x0_i, xt_i, eps_i = x0[i].double(), x_t[i].double(), eps[i].double()
+        coef1 = betas[step] * alpha_bar_prev[step].sqrt() / (1 - alpha_bar[step])
+        coef2 = (1 - alpha_bar_prev[step]) * (1 - betas[step]).sqrt() / (1 - alpha_bar[step])
+        frac = (values[i].double() + 1) / 2
+        log_var = frac * torch.log(betas[step]) + (1 - frac) * log_posterior_clipped[step]
+        pred_x0 = (xt_i - (1 - alpha_bar[step]).sqrt() * eps_i) / alpha_bar[step].sqrt()
+        mean = coef1 * pred_x0 + coef2 * xt_i
+        if step > 0:
+            true_mean = coef1 * x0_i + coef2 * xt_i
+            true_log_var = log_posterior_clipped[step]
+            kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                        + (true_mean - mean) ** 2 * torch.exp(-log_var))
+            bits.append(kl.mean() / math.log(2))
+        else:
+            inv_std = torch.exp(-0.5 * log_var)
+            upper, lower = cdf(inv_std * (x0_i - mean + 1 / 255)), cdf(inv_std * (x0_i - mean - 1 / 255))
+            log_prob = torch.where(x0_i < -0.999, torch.log(upper.clamp_min(1e-12)),
+                                   torch.where(x0_i > 0.999, torch.log((1 - lower).clamp_min(1e-12)),
+                                               torch.log((upper - lower).clamp_min(1e-12))))
+            bits.append(-log_prob.mean() / math.log(2))
+    return torch.stack(bits)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_vb_term_matches_the_closed_form(schedule):
+    diffusion = GaussianDiffusion.create(schedule=schedule)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 4, generator=generator) * 1.8 - 0.9
+    x0[0, 0], x0[0, 1] = -1.0, 1.0  # the NLL's edge bins
+    noise, eps = torch.randn(6, 4, generator=generator), torch.randn(6, 4, generator=generator)
+    values = torch.rand(6, 4, generator=generator) * 2 - 1
+    t = torch.tensor([0, 1, 7, 250, 600, 999])
+    x_t = diffusion.q_sample(x0, t, noise)
+    losses = diffusion.losses(torch.cat((eps, values), 1), x0, x_t, t, noise)
+    expected = reference_vb_bits(make_betas(schedule, 1000), eps, values, x0, x_t, t)
+    torch.testing.assert_close(losses.vb.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses.mse, ((noise - eps) ** 2).mean(1))
+
+
+def test_ddim_at_eta_one_is_the_ancestral_step_with_the_posterior_variance():
+    """DDIM's σ(η=1)² equals β̃_t and its mean the posterior mean of the predicted x_0 (Song et al. 2021)."""
+    diffusion = GaussianDiffusion.create(schedule="linear", spacing="50", variance="fixed_small")
+    generator = torch.Generator().manual_seed(1)
+    x_t, eps, noise = (torch.randn(3, 4, generator=generator) for _ in range(3))
+    for index in (1, 20, 49):
+        prediction = diffusion.p_mean_variance(eps, x_t, index)
+        ddim = diffusion.ddim_step(prediction, x_t, index, noise, eta=1.0)
+        ancestral = diffusion.p_sample(prediction, index, noise)
+        torch.testing.assert_close(ddim, ancestral, rtol=1e-5, atol=1e-5)
+        half = diffusion.ddim_step(prediction, x_t, index, noise, eta=1.0, temperature=0.5)
+        torch.testing.assert_close(half - prediction.mean, (ancestral - prediction.mean) * 0.5, rtol=1e-4, atol=1e-5)
