@@ -186,8 +186,12 @@ def hf_llama_backbone_state_dict(state_dict: Mapping[str, Tensor], *, dim_head: 
     return {prefix + k: v for k, v in blocks.items()}
 
 
-def unwrap_checkpoint(checkpoint: Mapping, keys=("model", "module", "state_dict"), prefer: Optional[str] = None) -> StateDict:
-    """The state dict inside a training checkpoint (``{"model": ...}`` etc.) or the dict itself."""
+WRAPPER_KEYS = ("model", "module", "state_dict", "ema", "model_ema", "state_dict_ema")
+
+
+def unwrap_checkpoint(checkpoint: Mapping, keys=WRAPPER_KEYS, prefer: Optional[str] = None) -> StateDict:
+    """The state dict inside a training checkpoint (``{"model": ...}`` etc.) or the dict itself; the raw
+    weights before EMA ones unless ``prefer`` names the EMA key (a checkpoint of EMA weights alone unwraps too)."""
     if prefer is not None and prefer in checkpoint:
         return dict(checkpoint[prefer])
     for key in keys:

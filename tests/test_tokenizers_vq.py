@@ -57,10 +57,12 @@ def test_from_official_unwraps_training_checkpoints_and_files(tmp_path):
                   "args": argparse.Namespace(vq_model="VQ-16", codebook_size=16)}
     path = tmp_path / "vq.pt"
     torch.save(checkpoint, path)
-    for source in (path, str(path), checkpoint, {"state_dict": state_dict}, state_dict):
+    for source in (path, str(path), checkpoint, {"state_dict": state_dict}, {"module": state_dict}, state_dict):
         model = VQVAE.from_official(source, config=TINY)
         assert torch.equal(model.quant_conv.bias, reference.quant_conv.bias)
     assert torch.equal(VQVAE.from_official(path, ema=True).quant_conv.bias, reference.quant_conv.bias + 1)
+    ema_only = {"ema": ema, "steps": 7}  # a checkpoint of EMA weights alone unwraps without ema=True
+    assert torch.equal(VQVAE.from_official(ema_only, config=TINY).quant_conv.bias, reference.quant_conv.bias + 1)
 
 
 def test_key_errors_name_the_keys():
