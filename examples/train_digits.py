@@ -177,7 +177,8 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     started = time.time()
     if path.exists():
         tokenizer.load_state_dict(load_file(path))
-        args.tokenizer_minutes = json.loads((path.parent / "train_minutes.json").read_text())["minutes"]
+        timing = path.parent / "train_minutes.json"
+        args.tokenizer_minutes = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
         return tokenizer.eval().requires_grad_(False)
     images = training_data()[0].unsqueeze(1) * 2 - 1
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)
@@ -219,8 +220,13 @@ class LlamaGenRecipe:
     def codes(self, images: Tensor) -> Tensor:
         return self.tokenizer.encode_to_indices(images.unsqueeze(1) * 2 - 1)
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.model(self.codes(images), class_labels=labels)
+    @torch.no_grad()
+    def prepare(self, images: Tensor) -> Tensor:
+        """The frozen tokenizer's codes of every training image, computed once."""
+        return torch.cat([self.codes(chunk) for chunk in images.split(256)])
+
+    def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
+        return self.model(codes, class_labels=labels)
 
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -230,15 +236,19 @@ class LlamaGenRecipe:
 
 
 class DnDRecipe(LlamaGenRecipe):
-    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes) trained first, then the DnD GPT with one head per depth."""
+    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes, 64 shared codes) trained first, then the DnD GPT with
+    one head per depth. 1257 training digits are memorised fast: attention / residual dropout and 1500
+    steps generalise better than longer training or a wider model."""
+
+    default_steps = 1500
 
     def __init__(self, args):
         self.args = args
-        rq = RQVAE(None, n_embed=256, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
+        rq = RQVAE(None, n_embed=64, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
         self.tokenizer = fit_tokenizer(rq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
-        self.model = DnDTransformer(dim=128, depth=4, heads=4, head_positions=(2, 3), vocab_size=rq.config.n_embed,
+        self.model = DnDTransformer(dim=128, depth=5, heads=4, head_positions=(3, 4), vocab_size=rq.config.n_embed,
                                     grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
-                                    tokenizer=self.tokenizer)
+                                    attn_dropout=0.1, resid_dropout=0.2, ff_dropout=0.2, tokenizer=self.tokenizer)
 
     def codes(self, images: Tensor) -> Tensor:
         return self.tokenizer.encode_to_codes(images.unsqueeze(1) * 2 - 1)
@@ -266,16 +276,17 @@ def train(recipe, args) -> float:
     start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if resume else 0
     timing = checkpoint / "train_minutes.json"
     earlier = json.loads(timing.read_text())["minutes"] if resume and timing.exists() else 0.0
-    images, labels = training_data()
-    steps = args.steps if args.steps is not None else recipe.default_steps
     started = time.time()
+    images, labels = training_data()
+    inputs = recipe.prepare(images) if hasattr(recipe, "prepare") else images  # e.g. tokenizer codes
+    steps = args.steps if args.steps is not None else recipe.default_steps
     model.train()
     bar = tqdm(range(start, steps), desc=f"training {args.model}", disable=not args.progress, initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, recipe.lr)
         index = torch.randint(0, len(images), (recipe.batch_size,))
-        loss = recipe.loss(images[index], labels[index])
+        loss = recipe.loss(inputs[index], labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
