@@ -82,7 +82,8 @@ def read_caption(ids: Tensor) -> str:
 class TransfusionRecipe:
     """Caption <-> image both ways in ONE model: `[caption, image]` and `[image, caption]` samples."""
 
-    default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
+    # 2200 steps fit the 10-minute budget on 2 cores (3.5 steps/s); 3000 steps score better (99.6 %, FD 24)
+    default_steps, batch_size, lr, cfg = 2200, 64, 1e-3, 1.5
 
     def __init__(self, args):
         self.args = args
@@ -138,6 +139,7 @@ class MARRecipe:
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
         samples = model.sample(labels, num_iter=self.args.mar_iters, cfg=self.args.cfg, generator=generator,
+                               temperature=self.args.temperature,
                                num_sampling_steps=str(self.args.modality_steps * 3), clip_denoised=1.0,
                                progress=self.args.progress)
         return unpatchify(samples.latents.permute(0, 2, 3, 1))
@@ -353,14 +355,14 @@ def parse_args(argv: List[str] | None = None):
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--cfg", type=float, default=None,
                         help="classifier-free guidance scale for sampling (default: the recipe's)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: sampling temperature")
+    parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: token sampling temperature; MAR: the diffusion head's noise temperature")
     parser.add_argument("--top-p", type=float, default=None, help="LlamaGen / DnD: nucleus sampling (default: the recipe's)")
     parser.add_argument("--modality-steps", type=int, default=16)
     parser.add_argument("--ema-beta", type=float, default=0.995)
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
-    parser.add_argument("--mar-iters", type=int, default=16, help="MAR: autoregressive steps when sampling")
+    parser.add_argument("--mar-iters", type=int, default=8, help="MAR: autoregressive steps when sampling")
     parser.add_argument("--caption-samples", type=int, default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
