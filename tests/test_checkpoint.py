@@ -18,7 +18,7 @@ from mmgen_pytorch import (MAR, RQVAE, VQVAE, AutoencoderKL, CaptionEncoder, Che
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import KLConfig, RQConfig, VQConfig
 
-from _images import smooth_images
+from _helpers import perturbed, smooth_images
 
 TRANSFORMER = dict(dim=32, depth=2, heads=2, attn_backend="sdpa")
 VQ = VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=32,
@@ -84,13 +84,6 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-def perturbed(model, seed=0):
-    """Every parameter moved off its init (zero-initialised heads would hide a weight that did not load)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
 
 
 def tensors(output):

@@ -9,6 +9,7 @@ import torch._dynamo
 import torch._inductor.config
 from torch import nn, randint, randn
 
+from _helpers import perturbed
 from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
 
 # about 1.5 minutes of compilation on 2 cores; CI runs it (plain `pytest` deselects no marker)
@@ -26,13 +27,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def randomized(model: nn.Module, std: float = 0.05) -> nn.Module:
-    """Noise on every parameter, so zero-initialised heads do not give a constant loss."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * std)
-    return model.train()
 
 
 def run(model: nn.Module, step, forward=None):
@@ -59,7 +53,7 @@ def assert_compiled_matches_eager(model: nn.Module, step, backend: str) -> None:
 def test_transfusion_inductor():
     """Random draws differ under inductor (its own RNG), so times and noise are given."""
     torch.manual_seed(0)
-    model = randomized(Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2), prob_uncond=0.0,
+    model = perturbed(Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2), prob_uncond=0.0,
                                    transformer=dict(dim=32, depth=1, heads=2, dim_head=16, attn_backend="sdpa")))
     # equal text lengths and latent shapes in both samples keep the number of shape specialisations low
     batch = [[randint(0, 32, (4,)), randn(2, 2, 8), randint(0, 32, (4,))] for _ in range(2)]
@@ -69,7 +63,7 @@ def test_transfusion_inductor():
 
 def test_monoformer_aot_eager():
     torch.manual_seed(0)
-    model = randomized(MonoFormer(num_text_tokens=8, transformer=dict(dim=32, depth=2, heads=2, attn_backend="sdpa"),
+    model = perturbed(MonoFormer(num_text_tokens=8, transformer=dict(dim=32, depth=2, heads=2, attn_backend="sdpa"),
                                   latent_channels=4, latent_size=4, patch_size=2, prob_uncond=0.5))
     batch = [[randint(0, 8, (3,)), randn(4, 4, 4)] for _ in range(2)]
     assert_compiled_matches_eager(model, lambda m: m(batch), "aot_eager")
@@ -77,7 +71,7 @@ def test_monoformer_aot_eager():
 
 def test_mar_aot_eager():
     torch.manual_seed(0)
-    model = randomized(MAR(img_size=64, vae_stride=16, vae_embed_dim=4, encoder_dim=32, encoder_depth=1,
+    model = perturbed(MAR(img_size=64, vae_stride=16, vae_embed_dim=4, encoder_dim=32, encoder_depth=1,
                            encoder_heads=2, decoder_depth=1, num_classes=10, buffer_size=2, diffloss_depth=1,
                            diffloss_width=32, num_sampling_steps="4", diffusion_batch_mul=2, label_drop_prob=0.5))
     latents, labels = randn(2, 4, 4, 4), torch.tensor([1, 2])  # dropout layers draw from the seeded global RNG
@@ -87,7 +81,7 @@ def test_mar_aot_eager():
 
 def test_llamagen_aot_eager():
     torch.manual_seed(0)
-    model = randomized(LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5,
+    model = perturbed(LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5,
                                 class_dropout_prob=0.5), std=0.2)
     codes, labels = randint(0, 24, (2, 3, 3)), torch.tensor([1, 3])
     assert_compiled_matches_eager(model, lambda m: m(codes, class_labels=labels), "aot_eager")
@@ -95,7 +89,7 @@ def test_llamagen_aot_eager():
 
 def test_dnd_aot_eager():
     torch.manual_seed(0)
-    model = randomized(DnDTransformer(dim=32, depth=4, heads=2, head_positions=(1, 3), vocab_size=24, grid_size=3,
+    model = perturbed(DnDTransformer(dim=32, depth=4, heads=2, head_positions=(1, 3), vocab_size=24, grid_size=3,
                                       num_classes=5, cls_token_num=2), std=0.2)
     codes, labels = randint(0, 24, (2, 3, 3, 2)), torch.tensor([1, 3])
     assert_compiled_matches_eager(model, lambda m: m(codes, class_labels=labels), "aot_eager")

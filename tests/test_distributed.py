@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from _helpers import perturbed
 from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
 from mmgen_pytorch.backbone.transformer import Block
 
@@ -54,13 +55,6 @@ class Case(NamedTuple):
 # the five models, tiny, with a fixed global batch each
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter: zero-initialised layers would give trivially equal (zero) gradients."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.train()
 
 
 def pick(values, rows):
@@ -76,7 +70,7 @@ def transfusion_case() -> Case:
                 torch.randint(0, 32, (3,), generator=g)] for _ in range(GLOBAL_BATCH)]
     times = [[float(t)] for t in torch.rand(GLOBAL_BATCH, generator=g)]
     noise = [[torch.randn(4, 8, generator=g)] for _ in range(GLOBAL_BATCH)]
-    return Case(randomized(model),
+    return Case(perturbed(model),
                 lambda call, inner, rows: call(pick(samples, rows), times=pick(times, rows), noise=pick(noise, rows),
                                                prob_uncond=0.0),
                 lambda call, inner, rows: call(pick(samples, rows), prob_uncond=0.5))
@@ -89,7 +83,7 @@ def monoformer_case() -> Case:
     samples = [[torch.randint(0, 8, (3,), generator=g), torch.randn(4, 4, 4, generator=g)] for _ in range(GLOBAL_BATCH)]
     times = [[int(t)] for t in torch.randint(0, 1000, (GLOBAL_BATCH,), generator=g)]
     noise = [[torch.randn(4, 16, generator=g)] for _ in range(GLOBAL_BATCH)]  # 4 patches of 4·2·2 features
-    return Case(randomized(model),
+    return Case(perturbed(model),
                 lambda call, inner, rows: call(pick(samples, rows), times=pick(times, rows), noise=pick(noise, rows),
                                                prob_uncond=0.0),
                 lambda call, inner, rows: call(pick(samples, rows), prob_uncond=0.5))
@@ -133,14 +127,14 @@ def mar_case() -> Case:
         inner.label_drop_prob = 0.5
         return call(latents[rows], labels[rows])
 
-    return Case(randomized(model), exact, free)
+    return Case(perturbed(model), exact, free)
 
 
 def llamagen_case() -> Case:
     model = LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5)
     g = torch.Generator().manual_seed(4)
     codes, labels = torch.randint(0, 24, (GLOBAL_BATCH, 3, 3), generator=g), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
-    return Case(randomized(model),
+    return Case(perturbed(model),
                 lambda call, inner, rows: call(codes[rows], class_labels=labels[rows], cond_drop_prob=0.0),
                 lambda call, inner, rows: call(codes[rows], class_labels=labels[rows]))
 
@@ -151,7 +145,7 @@ def dnd_case() -> Case:
     g = torch.Generator().manual_seed(5)
     codes = torch.randint(0, 24, (GLOBAL_BATCH, 3, 3, 2), generator=g)
     labels = torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
-    return Case(randomized(model),
+    return Case(perturbed(model),
                 lambda call, inner, rows: call(codes[rows], class_labels=labels[rows], cond_drop_prob=0.0),
                 lambda call, inner, rows: call(codes[rows], class_labels=labels[rows]))
 

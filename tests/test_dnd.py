@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import reinitialised
 from mmgen_pytorch.dnd import ARXIV_HEAD_POSITIONS, PRESETS, DnDTransformer, official_config_dnd
 from mmgen_pytorch.llamagen import LlamaGen
 from mmgen_pytorch.pretrained import CheckpointMismatchError
@@ -19,20 +20,13 @@ def official(golden):
     return data, DnDTransformer.from_official(data["state_dict"], config=data["config"])
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere (the official init zeroes the heads)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(mean=1.0 if name.endswith("norm.weight") else 0.0, std=0.1 if "norm" in name else 0.2)
-    return model.eval()
 
 
 def tiny(**kwargs):
     """Three depths, a head that is not after the last block, blocks after the last head, two class tokens."""
     kwargs = {**dict(dim=32, depth=5, heads=2, head_positions=(0, 2, 3), vocab_size=24, grid_size=3,
                      num_classes=5, cls_token_num=2), **kwargs}
-    return randomize(DnDTransformer(**kwargs))
+    return reinitialised(DnDTransformer(**kwargs))
 
 
 # golden

@@ -6,6 +6,7 @@ import argparse
 import pytest
 import torch
 
+from _helpers import reinitialised
 from mmgen_pytorch.llamagen import PRESETS, CaptionEncoder, LlamaGen, official_config
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 
@@ -23,19 +24,12 @@ def condition_kwargs(inputs):
     return dict(caption_embeds=inputs["caption"], caption_mask=inputs["emb_mask"].bool())
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere (the official init zeroes the output head)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(mean=1.0 if name.endswith("norm.weight") else 0.0, std=0.1 if "norm" in name else 0.2)
-    return model.eval()
 
 
 def tiny(model_type="c2i", **kwargs):
     kwargs = {**dict(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, model_type=model_type, num_classes=5,
                      caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6), **kwargs}
-    return randomize(LlamaGen(**kwargs))
+    return reinitialised(LlamaGen(**kwargs))
 
 
 # golden: class-conditional

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import randn
 
+from _helpers import perturbed
 from mmgen_pytorch.monoformer import MonoFormer, patchify, sincos_2d, unpatchify
 from mmgen_pytorch.objectives import ContinuousObjective, GaussianObjective, RectifiedFlow
 from mmgen_pytorch.objectives.gaussian import space_timesteps
@@ -21,13 +22,6 @@ def tiny(**kwargs):
     return MonoFormer(**config)
 
 
-def randomised(model, seed=0):
-    """Zero-initialised layers would hide the image path: give every parameter some random weight."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model.eval()
 
 
 def assert_latents_close(a, b):
@@ -137,7 +131,7 @@ def test_zero_initialised_input_and_injection_and_no_block_adaln():
 
 @torch.no_grad()
 def test_image_block_bidirectional_prompt_causal_and_any_number_of_images():
-    model = randomised(tiny())
+    model = perturbed(tiny()).eval()
     first, second = randn(4, 4, 4), randn(4, 4, 4)
     changed = second.clone()
     changed[:, 3, 3] += 1.0  # the last token of the second image
@@ -152,7 +146,7 @@ def test_image_block_bidirectional_prompt_causal_and_any_number_of_images():
 
 
 def test_dropped_prompt_is_the_empty_prompt():
-    model = randomised(tiny())
+    model = perturbed(tiny()).eval()
     image, noise = randn(4, 4, 4), [[randn(4, 16)]]
     dropped = model([[PROMPTS[0], image]], return_breakdown=True, times=[[300]], noise=noise, prob_uncond=1.0)[1]
     empty = model([[torch.tensor([], dtype=torch.long), image]], return_breakdown=True, times=[[300]], noise=noise)[1]
@@ -225,7 +219,7 @@ def test_from_llama_ties_a_missing_lm_head_and_rejects_other_sizes(golden):
 # the loss
 
 def test_loss_is_diffusion_plus_weighted_text_and_prompts_are_not_lm_targets():
-    model = randomised(tiny(prob_uncond=0.0)).train()
+    model = perturbed(tiny(prob_uncond=0.0)).train()
     image, noise, text = randn(4, 4, 4), [[randn(4, 16)], []], torch.randint(0, 8, (7,))
     batch = [[PROMPTS[0], image], [text]]  # an image row and a text-only row
     _, parts = model(batch, return_breakdown=True, times=[[300], []], noise=noise)
@@ -235,7 +229,7 @@ def test_loss_is_diffusion_plus_weighted_text_and_prompts_are_not_lm_targets():
     _, text_only = model([[text]], return_breakdown=True)
     torch.testing.assert_close(parts.text, text_only.text)
 
-    lm_everywhere = randomised(tiny(prob_uncond=0.0, text_loss_on_image_rows=True, text_loss_weight=0.5)).train()
+    lm_everywhere = perturbed(tiny(prob_uncond=0.0, text_loss_on_image_rows=True, text_loss_weight=0.5)).train()
     _, parts = lm_everywhere(batch, return_breakdown=True, times=[[300], []], noise=noise)
     assert torch.isfinite(parts.text_per_sample).all()
     torch.testing.assert_close(parts.total, parts.flow[0] + 0.5 * parts.text)
@@ -245,7 +239,7 @@ def test_loss_is_diffusion_plus_weighted_text_and_prompts_are_not_lm_targets():
 
 @pytest.mark.parametrize("injection", ["adaln_before_decoder", "token"])
 def test_cached_image_sampling_equals_uncached(injection):
-    model = randomised(tiny(timestep_injection=injection))
+    model = perturbed(tiny(timestep_injection=injection)).eval()
     out = [model.generate_images(PROMPTS, cfg_scale=3.0, steps=6, use_cache=use_cache,
                                  generator=torch.Generator().manual_seed(5)) for use_cache in (True, False)]
     assert out[0].shape == (2, 4, 4, 4)
@@ -255,7 +249,7 @@ def test_cached_image_sampling_equals_uncached(injection):
 def test_cfg_scale_zero_is_the_empty_prompt_and_one_is_unguided():
     """At temperature 0 only ε matters: guidance 0 must reproduce sampling from the empty prompt, which
     checks that the unconditional twin is the empty prompt with its own positions."""
-    model = randomised(tiny())
+    model = perturbed(tiny()).eval()
 
     def run(prompts, scale, **kwargs):
         return model.generate_images(prompts, cfg_scale=scale, steps=5, temperature=0.0,
@@ -272,7 +266,7 @@ def test_cfg_scale_zero_is_the_empty_prompt_and_one_is_unguided():
 def test_generated_text_is_left_out_of_the_unconditional_twin(use_cache):
     """The model writes text before its image; the empty-prompt twin skips it (padding), so at guidance 0
     the image is still the empty prompt's."""
-    model = randomised(tiny())
+    model = perturbed(tiny()).eval()
     vocab = model.vocab
     script = [5, vocab.meta, *vocab.shape_ids((2, 2)), vocab.som(0)]
 
@@ -293,7 +287,7 @@ def test_generated_text_is_left_out_of_the_unconditional_twin(use_cache):
 
 
 def test_three_channel_guidance_quirk_changes_only_guided_sampling():
-    full = randomised(tiny())
+    full = perturbed(tiny()).eval()
     quirk = tiny(cfg_channels=3)
     quirk.load_state_dict(full.state_dict())
     quirk.eval()

@@ -10,22 +10,15 @@ import pytest
 import torch
 from torch import nn, randint, randn
 
+from _helpers import perturbed, smooth_images
 from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
 from mmgen_pytorch.objectives.gaussian import GaussianDiffusion
 from mmgen_pytorch.tokenizers import AutoencoderKL, KLConfig, RQConfig, RQVAE, VQConfig, VQVAE
 
-from _images import smooth_images
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-def randomized(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
-    """Noise on every parameter: zero-initialised heads would give every precision the same trivial loss."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * std)
-    return model
 
 
 @dataclass
@@ -40,12 +33,12 @@ class Case:
 
 
 def _transfusion():
-    return randomized(Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2),
+    return perturbed(Transfusion(num_text_tokens=32, dim_latent=8, modality_default_shape=(2, 2),
                                   transformer=dict(dim=32, depth=2, heads=2, dim_head=16, attn_backend="sdpa")))
 
 
 def _monoformer():
-    return randomized(MonoFormer(num_text_tokens=8, transformer=dict(dim=32, depth=2, heads=2, attn_backend="sdpa"),
+    return perturbed(MonoFormer(num_text_tokens=8, transformer=dict(dim=32, depth=2, heads=2, attn_backend="sdpa"),
                                  latent_channels=4, latent_size=4, patch_size=2))
 
 
@@ -53,15 +46,15 @@ def _mar(**kwargs):
     config = dict(img_size=64, vae_stride=16, vae_embed_dim=4, encoder_dim=32, encoder_depth=1, encoder_heads=2,
                   decoder_depth=1, num_classes=10, buffer_size=2, diffloss_depth=1, diffloss_width=32,
                   num_sampling_steps="4", diffusion_batch_mul=2, attn_dropout=0.0, proj_dropout=0.0)
-    return randomized(MAR(**{**config, **kwargs}))
+    return perturbed(MAR(**{**config, **kwargs}))
 
 
 def _llamagen():
-    return randomized(LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5), std=0.2)
+    return perturbed(LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5), std=0.2)
 
 
 def _dnd():
-    return randomized(DnDTransformer(dim=32, depth=4, heads=2, head_positions=(1, 3), vocab_size=24, grid_size=3,
+    return perturbed(DnDTransformer(dim=32, depth=4, heads=2, head_positions=(1, 3), vocab_size=24, grid_size=3,
                                      num_classes=5, cls_token_num=2), std=0.2)
 
 

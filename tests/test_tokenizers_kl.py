@@ -10,7 +10,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError, mar_vae_state_dict
 from mmgen_pytorch.tokenizers import AutoencoderKL, DiagonalGaussian, KLConfig
 
-from _images import smooth_images
+from _helpers import smooth_images
 
 TINY = KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(), decoder_attn_levels=())
 

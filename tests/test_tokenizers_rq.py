@@ -9,7 +9,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import RQConfig, RQVAE
 
-from _images import smooth_images
+from _helpers import smooth_images
 
 TINY = RQConfig(embed_dim=8, n_embed=16, depth=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(),
                 z_channels=8)

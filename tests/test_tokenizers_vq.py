@@ -11,7 +11,7 @@ from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import VQConfig, VQVAE
 from mmgen_pytorch.tokenizers.vq import infer_vq_config
 
-from _images import smooth_images
+from _helpers import smooth_images
 
 TINY = VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                 z_channels=32, num_res_blocks=1, usage_window=256)

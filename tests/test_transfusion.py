@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn, randint, randn
 
+from _helpers import perturbed
 from mmgen_pytorch import Transfusion, print_modality_sample
 from mmgen_pytorch.transfusion.packing import Vocabulary
 
@@ -350,10 +351,7 @@ def test_cfg_scale_zero_samples_the_unconditional_stream_whatever_the_prompt():
     """At cfg_scale 0 the guided prediction is the unconditional twin's alone, and the twin of any prompt
     of the same length is the same null-text row: the images must be identical."""
     torch.manual_seed(0)
-    model = tiny(prob_uncond=0.1).eval()
-    with torch.no_grad():  # zero-initialised gates and heads would make every prediction context-free
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    model = perturbed(tiny(prob_uncond=0.1), std=0.1).eval()  # zero-initialised gates: context-free outputs
     a, b = randint(0, 32, (5,)), randint(0, 32, (5,))
 
     def image(prompt, cfg_scale):

@@ -1,0 +1,32 @@
+"""Helpers shared by the tests: deterministic images, and models moved off their initialisation."""
+
+import torch
+from torch import nn
+
+
+def perturbed(model: nn.Module, *, std: float = 0.05, seed: int = 0) -> nn.Module:
+    """Seeded noise on every parameter, in place. Zero-initialised heads and gates would otherwise make
+    outputs constant or context-free, hiding a weight that did not load or a path that was cut."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight redrawn (norm gains around 1, the rest N(0, 0.2²)) from ``torch.manual_seed(seed)``, in
+    eval mode: the official inits zero the output heads, which would make every logit equal."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(mean=1.0 if name.endswith("norm.weight") else 0.0, std=0.1 if "norm" in name else 0.2)
+    return model.eval()
+
+
+def smooth_images(n=2, size=8, seed=0):
+    """``[n, 3, size, size]`` smooth sinusoidal images in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
+    return torch.sin(freq * xx + freq.flip(1) * yy)
