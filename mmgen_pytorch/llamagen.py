@@ -542,8 +542,7 @@ class CaptionEncoder(Checkpointable, nn.Module):
         check(isinstance(ids, Tensor) and not ids.is_floating_point() and ids.ndim == 2
               and 0 < ids.shape[1] <= self.max_seq_len,
               f"`caption_ids` must be integer ids [b, n <= {self.max_seq_len}], got {describe(ids)}")
-        check(int(ids.min()) >= 0 and int(ids.max()) < self.num_tokens,
-              f"`caption_ids` must be in [0, {self.num_tokens}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        check_index_range("caption_ids", ids, self.num_tokens, bound="num_tokens")
         mask = ids != self.pad_id
         embeds = self.net(ids, mask=mask, return_embeddings=True)
         return embeds.masked_fill(~mask[..., None], 0.0), mask

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check, default, describe, eval_mode
+from .._utils import check, check_index_range, default, describe, eval_mode
 from ..backbone import Transformer
 from ..checkpoint import Checkpointable
 from ..objectives.base import ContinuousObjective
@@ -210,10 +210,7 @@ class Transfusion(Checkpointable, nn.Module):
         check(isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int, torch.int16, torch.uint8),
               f"`{name}` must be a long tensor of text token ids, got {describe(ids)}")
         check(ids.ndim == 1, f"`{name}`: text must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-        if ids.numel() and not torch.compiler.is_compiling():  # value checks are host syncs: not in a graph
-            low, high = int(ids.min()), int(ids.max())
-            check(low >= 0 and high < self.vocab.num_text_tokens,
-                  f"`{name}`: text token ids must be in [0, {self.vocab.num_text_tokens}), got values in [{low}, {high}]")
+        check_index_range(name, ids, self.vocab.num_text_tokens, what="text token ids", bound="num_text_tokens")
         return ids.long().to(self.device)
 
     def to_modality(self, tensor, modality: int, *, name: str) -> Modality:
