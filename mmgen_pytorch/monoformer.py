@@ -33,7 +33,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._utils import check, describe
+from ._utils import check, check_finite, describe
 from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianObjective, Spacing
 from .pretrained import CheckpointMismatchError, hf_llama_backbone_state_dict, load_checkpoint, load_strict
@@ -236,7 +236,7 @@ class MonoFormer(Transfusion):
         check(isinstance(tensor, Tensor) and tensor.is_floating_point() and tuple(tensor.shape) == self.latent_shape,
               f"`{name}`: MonoFormer expects image latents of shape (C, H, W) = {self.latent_shape}, "
               f"got {describe(tensor)}")
-        check(bool(torch.isfinite(tensor).all()), f"`{name}`: the latent contains NaN or inf values")
+        check_finite(name, tensor)
         return Modality(0, patchify(tensor.to(self.device).float(), self.patch_size), self.grid)
 
     def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:

@@ -63,7 +63,7 @@ CASES = [
     ("transfusion/empty-latent-grid", lambda m: m.transfusion([[codes(2), randn(0, 2, 4)]]), ValueError,
      r"`x\[0\]\[1\]`: modality 0 got an empty latent grid \(0, 2\)"),
     ("transfusion/nan-latent", lambda m: m.transfusion([[codes(2), NAN_LATENT]]), ValueError,
-     r"`x\[0\]\[1\]`: the modality contains NaN or inf"),
+     r"`x\[0\]\[1\]` contains NaN or inf"),
     ("transfusion/prob-uncond", lambda m: m.transfusion([[randn(2, 2, 4)]], prob_uncond=2.0), ValueError,
      r"`prob_uncond` must be in \[0, 1\], got 2.0"),
     ("transfusion/nan-noise", lambda m: m.transfusion([[randn(2, 2, 4)]], noise=[[torch.full((4, 4), NAN)]]),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check, check_index_range, default, describe, eval_mode
+from .._utils import check, check_finite, check_index_range, default, describe, eval_mode
 from ..backbone import Transformer
 from ..checkpoint import Checkpointable
 from ..objectives.base import ContinuousObjective
@@ -218,8 +218,7 @@ class Transfusion(Checkpointable, nn.Module):
               f"`{name}`: unknown modality type {modality}; this model has {self.num_modalities} (0..{self.num_modalities - 1})")
         check(isinstance(tensor, Tensor) and tensor.is_floating_point(),
               f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
-        check(torch.compiler.is_compiling() or bool(torch.isfinite(tensor).all()),
-              f"`{name}`: the modality contains NaN or inf values")
+        check_finite(name, tensor)
         tensor = tensor.to(self.device)
         encoder = self.encoders[modality]
         if encoder.module is not None:
