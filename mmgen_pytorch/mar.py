@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check, check_finite, check_index_range, describe, is_index_tensor
+from ._utils import check, check_finite, check_finite_number, check_index_range, describe, is_index_tensor
 from .backbone import Transformer
 from .checkpoint import Checkpointable
 from .diffloss import DiffLoss
@@ -202,7 +202,7 @@ class MAR(Checkpointable, nn.Module):
         labels, batch = self._sampling_labels(class_labels, batch_size)
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
         check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
+        check_finite_number("temperature", temperature, minimum=0)
         check_cfg_scale(cfg, "cfg")
         class_embedding = self.class_embedding(labels, batch)
         if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows

@@ -232,7 +232,7 @@ class MonoFormer(Transfusion):
               f"got {ids.numel()}")
 
     def to_modality(self, tensor, modality: int, *, name: str) -> Modality:
-        check(modality == 0, f"`{name}`: unknown modality type {modality}; MonoFormer has one (0: images)")
+        self.check_modality_type(modality, name=name)  # MonoFormer has one: 0, images
         check(isinstance(tensor, Tensor) and tensor.is_floating_point() and tuple(tensor.shape) == self.latent_shape,
               f"`{name}`: MonoFormer expects image latents of shape (C, H, W) = {self.latent_shape}, "
               f"got {describe(tensor)}")

@@ -266,7 +266,7 @@ BAD_INPUTS = [
     ("float text", lambda: [[randn(5), randn(2, 2, 8)]], ValueError, "8 channels"),
     ("int modality", lambda: [[(0, randint(0, 3, (2, 2, 8)))]], ValueError, "must be a float tensor"),
     ("wrong latent dim", lambda: [[randint(0, 32, (3,)), randn(2, 2, 5)]], ValueError, "expects latents with 8 channels"),
-    ("unknown modality", lambda: [[(3, randn(2, 2, 8))]], ValueError, "unknown modality type 3"),
+    ("unknown modality", lambda: [[(3, randn(2, 2, 8))]], ValueError, r"modality type in \[0, 1\), got 3"),
     ("empty sample", lambda: [[]], ValueError, "is empty"),
     ("empty batch", lambda: [], ValueError, "non-empty list"),
     ("token out of range", lambda: [[torch.tensor([1, 40])]], ValueError, r"\[0, 32\)"),

@@ -214,8 +214,7 @@ class Transfusion(Checkpointable, nn.Module):
         return ids.long().to(self.device)
 
     def to_modality(self, tensor, modality: int, *, name: str) -> Modality:
-        check(0 <= modality < self.num_modalities,
-              f"`{name}`: unknown modality type {modality}; this model has {self.num_modalities} (0..{self.num_modalities - 1})")
+        modality = self.check_modality_type(modality, name=name)
         check(isinstance(tensor, Tensor) and tensor.is_floating_point(),
               f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
         check_finite(name, tensor)
@@ -249,9 +248,7 @@ class Transfusion(Checkpointable, nn.Module):
             check(x.ndim == 2, f"text-only input must be Int[batch, seq], got shape {tuple(x.shape)}")
             return [[self.check_text(row, name=f"x[{i}]")] for i, row in enumerate(x)], True
         if isinstance(x, Tensor):
-            check(modality_type is not None or self.num_modalities == 1,
-                  f"modality-only input needs `modality_type` when the model has {self.num_modalities} modalities")
-            m = default(modality_type, 0)
+            m = self.check_modality_type(modality_type)
             return [[self.to_modality(row, m, name=f"x[{i}]")] for i, row in enumerate(x)], False
         check(isinstance(x, (list, tuple)) and len(x) > 0,
               f"`x` must be a non-empty list of samples, an Int[b, n] or a Float[b, ...] tensor, got {describe(x)}")
@@ -306,6 +303,8 @@ class Transfusion(Checkpointable, nn.Module):
                         key=lambda i: (packed.instances[i].row, packed.instances[i].ordinal))
         instance_times = torch.full((len(packed.instances),), self.objective.clean_time, device=self.device)
         instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
+        if isinstance(times, Tensor):  # transfusion-pytorch's padded Float[b, m]
+            times = self._unpad_times(packed, noised, times)
         given_times = self._per_noised_instance(packed, noised, times, "times")
         given_noise = self._per_noised_instance(packed, noised, noise, "noise")
         drawn = self.objective.sample_times(len(noised), device=self.device)
@@ -330,8 +329,6 @@ class Transfusion(Checkpointable, nn.Module):
     def _per_noised_instance(self, packed: PackedBatch, noised: List[int], values, name: str):
         if values is None:
             return None
-        if isinstance(values, Tensor) and name == "times":  # transfusion-pytorch's padded Float[b, m]
-            values = self._unpad_times(packed, noised, values)
         check(len(values) == len(packed.lengths), f"`{name}` needs one list per sample ({len(packed.lengths)}), got {len(values)}")
         flat = [v for per_sample in values for v in per_sample]
         check(len(flat) == len(noised), f"`{name}` needs one entry per modality ({len(noised)} in this batch), got {len(flat)}")
@@ -450,8 +447,12 @@ class Transfusion(Checkpointable, nn.Module):
               f"modality {modality}, got {shape!r}")
         return tuple(shape)
 
-    def check_modality_type(self, modality: int, *, name: str = "modality_type") -> int:
-        check(isinstance(modality, int) and 0 <= modality < self.num_modalities,
+    def check_modality_type(self, modality: Optional[int], *, name: str = "modality_type") -> int:
+        """A modality type in ``[0, num_modalities)``; None means 0 and is allowed with one modality only."""
+        check(modality is not None or self.num_modalities == 1,
+              f"`{name}` is needed when the model has {self.num_modalities} modalities")
+        modality = default(modality, 0)
+        check(isinstance(modality, int) and not isinstance(modality, bool) and 0 <= modality < self.num_modalities,
               f"`{name}` must be a modality type in [0, {self.num_modalities}), got {modality!r}")
         return modality
 
@@ -512,10 +513,8 @@ class Transfusion(Checkpointable, nn.Module):
                                return_unprocessed_modalities: bool = False, progress: bool = True,
                                generator: Optional[torch.Generator] = None) -> Tensor:
         """Unconditional modalities ``[batch_size, ...]`` (no text, no guidance)."""
-        check(modality_type is not None or self.num_modalities == 1,
-              f"`modality_type` is needed when the model has {self.num_modalities} modalities")
         check(isinstance(batch_size, int) and batch_size >= 1, f"`batch_size` must be an int >= 1, got {batch_size!r}")
-        modality = self.check_modality_type(default(modality_type, 0))
+        modality = self.check_modality_type(modality_type)
         shape = self.shape_for(modality, None, fixed_modality_shape)
         max_length = self.placement.length(shape) + len(shape) * 8 + 8
         samples = self.sample([[] for _ in range(batch_size)], max_length=max_length,

@@ -354,8 +354,7 @@ def forced_tokens(model, force_modality_at_start) -> List[int]:
         return []
     modality, shape = (force_modality_at_start if isinstance(force_modality_at_start, tuple)
                        else (force_modality_at_start, None))
-    check(isinstance(modality, int) and 0 <= modality < model.num_modalities,
-          f"`force_modality_at_start`: unknown modality type {modality!r}; the model has {model.num_modalities}")
+    modality = model.check_modality_type(modality, name="force_modality_at_start")
     shape = (model.check_shape(modality, shape, name="force_modality_at_start") if shape is not None
              else model.shape_for(modality, None, None))
     return [model.vocab.meta, *model.vocab.shape_ids(shape), model.vocab.som(modality)]
