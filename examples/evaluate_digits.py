@@ -5,7 +5,10 @@
 - conditional accuracy: an RBF SVC fitted on the training split classifies each sample; the score is
   the fraction classified as the class it was asked for;
 - Fréchet distance between the samples and the held-out real digits in the 20-dim PCA space of the
-  training split, with the floor given by two disjoint sets of real digits of the same sizes.
+  training split, with the floor given by two disjoint sets of real digits of the same sizes;
+- memorisation: the median Euclidean distance (pixel units 0..16) from a sample to its nearest
+  training digit, beside the same figure for held-out real digits (about 17). A generator that
+  recites its training set scores far below the real figure while its FD stays near the floor.
 
 The split is ``train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)`` on pixel values 0..16.
 """
@@ -63,6 +66,13 @@ def real_floor(count: int, seed: int = 0) -> float:
     return frechet_distance(pca.transform(chosen), pca.transform(x_test))
 
 
+def nearest_train_distance(pixels: np.ndarray) -> float:
+    """Median over ``pixels`` (N, 64), in 0..16, of the Euclidean distance to the nearest training digit."""
+    x_train = split()[0]
+    squared = (pixels ** 2).sum(1)[:, None] - 2 * pixels @ x_train.T + (x_train ** 2).sum(1)[None]
+    return float(np.median(np.sqrt(np.clip(squared.min(1), 0.0, None))))
+
+
 def evaluate(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     classifier, pca, classifier_accuracy = fitted()
     _, x_test, _, _ = split()
@@ -73,6 +83,8 @@ def evaluate(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
         "frechet_distance": frechet_distance(pca.transform(pixels), pca.transform(x_test)),
         "frechet_floor_real": real_floor(len(images)),
         "classifier_heldout_accuracy": classifier_accuracy,
+        "nearest_train_distance": nearest_train_distance(pixels),
+        "nearest_train_distance_real": nearest_train_distance(x_test),
         "num_samples": int(len(images)),
     }
 
