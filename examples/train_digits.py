@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from ema_pytorch import EMA
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -35,6 +34,7 @@ from evaluate_digits import evaluate, split  # noqa: E402
 
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, Transfusion,  # noqa: E402
                            load_training_state, save_training_state)
+from mmgen_pytorch.checkpoint import load_weights, save_weights  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -126,13 +126,16 @@ class TransfusionRecipe:
 class MARRecipe:
     """Class-conditional MAR directly on 2x2 pixel patches (a 4x4 grid of 4-channel tokens)."""
 
+    # mask ratios from 0.3 (upstream: 0.7): with 16 tokens, 0.7 never trains the late sampling steps,
+    # where most tokens are known (FD 37.6 against 43.7 at the same steps)
     default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
 
     def __init__(self, args):
         self.args = args
         self.model = MAR(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_dim=128, encoder_depth=3,
                          encoder_heads=4, num_classes=10, buffer_size=4, attn_dropout=0.0, proj_dropout=0.0,
-                         diffloss_depth=2, diffloss_width=192, num_sampling_steps="50", diffusion_batch_mul=2)
+                         mask_ratio_min=0.3, diffloss_depth=2, diffloss_width=192, num_sampling_steps="50",
+                         diffusion_batch_mul=2)
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
         return self.model(patchify(images).permute(0, 3, 1, 2), labels)
@@ -179,7 +182,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     path = Path(args.out) / "tokenizer" / "model.safetensors"
     started = time.time()
     if path.exists():
-        tokenizer.load_state_dict(load_file(path))
+        load_weights(tokenizer, path)
         timing = path.parent / "train_minutes.json"
         args.tokenizer_minutes = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
         return tokenizer.eval().requires_grad_(False)
@@ -196,7 +199,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
         optimizer.step()
         bar.set_postfix(recon=f"{output.recon_loss.item():.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, path)
+    save_weights(tokenizer, path)
     args.tokenizer_minutes = (time.time() - started) / 60
     (path.parent / "train_minutes.json").write_text(json.dumps({"minutes": args.tokenizer_minutes}))
     return tokenizer.eval().requires_grad_(False)
@@ -239,15 +242,17 @@ class LlamaGenRecipe:
 
 
 class DnDRecipe(LlamaGenRecipe):
-    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes, 64 shared codes) trained first, then the DnD GPT with
-    one head per depth. 1257 training digits are memorised fast: attention / residual dropout and 1500
-    steps generalise better than longer training or a wider model."""
+    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes, 16 shared codes) trained first, then the DnD GPT with
+    one head per depth."""
 
-    default_steps = 1500
+    # 1257 training digits are memorised fast: attention / residual dropout keep the GPT from reciting
+    # them. 16 shared codes (256 pairs a position) beat 64 at 1500 steps (97.4 % against 94.0 %); at
+    # 3000 steps top-p 0.9 keeps the variety (95.6 % / FD 26.5; top-p 0.8: 96.0 % / FD 35.2)
+    default_steps, top_p = 3000, 0.9
 
     def __init__(self, args):
         self.args = args
-        rq = RQVAE(None, n_embed=64, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
+        rq = RQVAE(None, n_embed=16, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
         self.tokenizer = fit_tokenizer(rq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
         self.model = DnDTransformer(dim=128, depth=5, heads=4, head_positions=(3, 4), vocab_size=rq.config.n_embed,
                                     grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
@@ -323,7 +328,7 @@ def run(args) -> Dict:
 
     ema_model = recipe.model if args.no_ema else EMA(recipe.model).ema_model
     if not args.no_ema:
-        ema_model.load_state_dict(load_file(out / "checkpoint" / "ema.safetensors"))
+        load_weights(ema_model, out / "checkpoint" / "ema.safetensors")
     ema_model.eval()
     labels = torch.arange(args.num_samples) % 10
     generator = torch.Generator().manual_seed(args.seed)

@@ -28,7 +28,8 @@ def test_train_digits_smoke(model, tmp_path):
     assert data["labels"].dtype == np.int64 and sorted(set(data["labels"].tolist())) == list(range(10))
     assert Image.open(out / "samples.png").size[0] > 8 * 10
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("conditional_accuracy", "frechet_distance", "frechet_floor_real", "train_minutes", "sampling_seconds"):
+    for key in ("conditional_accuracy", "frechet_distance", "frechet_floor_real", "nearest_train_distance",
+                "nearest_train_distance_real", "train_minutes", "sampling_seconds"):
         assert key in saved and key in metrics
     assert (out / "checkpoint" / "model.safetensors").exists()
 
