@@ -24,8 +24,6 @@ def condition_kwargs(inputs):
     return dict(caption_embeds=inputs["caption"], caption_mask=inputs["emb_mask"].bool())
 
 
-
-
 def tiny(model_type="c2i", **kwargs):
     kwargs = {**dict(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, model_type=model_type, num_classes=5,
                      caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6), **kwargs}
@@ -128,13 +126,18 @@ def test_step_logits_are_the_guided_teacher_forced_logits(cfg_interval):
     assert torch.equal(codes.flatten(1), steps.argmax(-1))
 
 
-def test_generation_shapes_modes_and_progress():
-    model = tiny("c2i").train()
+def test_generation_modes_progress_and_guidance_zero_is_the_null_class():
+    model = tiny("c2i", class_dropout_prob=0.1).train()
     assert model.generate([1, 2], max_new_tokens=4, progress=True).shape == (2, 4)
     assert model.training  # restored after generating in eval mode
-    codes = model.generate(torch.tensor([0]), cfg_scale=0.0, greedy=True, progress=False)
-    assert codes.shape == (1, 3, 3) and codes.dtype == torch.long
-    assert int(codes.min()) >= 0 and int(codes.max()) < 24
+    codes = model.generate(torch.tensor([0, 3]), cfg_scale=0.0, greedy=True, progress=False)
+    assert codes.shape == (2, 3, 3) and codes.dtype == torch.long
+    # at scale 0 only the null-class stream counts: every label gives the same codes, and they are the
+    # argmax of the teacher-forced null-class logits (an independent, uncached reference)
+    assert torch.equal(codes[0], codes[1])
+    with torch.no_grad():
+        _, logits = model.eval()(codes, class_labels=torch.tensor([0, 3]), cond_drop_prob=1.0, return_logits=True)
+    assert torch.equal(codes.flatten(1), logits.argmax(-1))
 
 
 def test_condition_dropout_uses_the_null_class():
