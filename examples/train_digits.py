@@ -183,8 +183,7 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
     started = time.time()
     if path.exists():
         load_weights(tokenizer, path)
-        timing = path.parent / "train_minutes.json"
-        args.tokenizer_minutes = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
+        args.tokenizer_minutes = json.loads((path.parent / "train_minutes.json").read_text())["minutes"]
         return tokenizer.eval().requires_grad_(False)
     images = training_data()[0].unsqueeze(1) * 2 - 1
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)

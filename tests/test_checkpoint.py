@@ -84,8 +84,6 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-
-
 def tensors(output):
     return [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
 

@@ -27,8 +27,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-
-
 def run(model: nn.Module, step, forward=None):
     """Loss and gradients of ``model`` after one training step through ``forward`` (default: ``model``)
     with torch's global RNG seeded."""

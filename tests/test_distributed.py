@@ -55,8 +55,6 @@ class Case(NamedTuple):
 # the five models, tiny, with a fixed global batch each
 
 
-
-
 def pick(values, rows):
     return [values[i] for i in rows]
 

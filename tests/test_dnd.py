@@ -20,8 +20,6 @@ def official(golden):
     return data, DnDTransformer.from_official(data["state_dict"], config=data["config"])
 
 
-
-
 def tiny(**kwargs):
     """Three depths, a head that is not after the last block, blocks after the last head, two class tokens."""
     kwargs = {**dict(dim=32, depth=5, heads=2, head_positions=(0, 2, 3), vocab_size=24, grid_size=3,

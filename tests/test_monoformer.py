@@ -22,8 +22,6 @@ def tiny(**kwargs):
     return MonoFormer(**config)
 
 
-
-
 def assert_latents_close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
 

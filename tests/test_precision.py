@@ -19,8 +19,6 @@ from mmgen_pytorch.tokenizers import AutoencoderKL, KLConfig, RQConfig, RQVAE, V
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-
-
 @dataclass
 class Case:
     """A tiny model and one training step of it returning the loss (global RNG seeded before each call)."""
