@@ -28,8 +28,24 @@ def assert_latents_close(a, b):
 
 # the Gaussian objective through the interface
 
-def test_both_objectives_implement_the_interface():
-    assert isinstance(RectifiedFlow(), ContinuousObjective) and isinstance(GaussianObjective(), ContinuousObjective)
+@pytest.mark.parametrize("objective", [RectifiedFlow(), GaussianObjective()], ids=["flow", "ddpm"])
+def test_both_objectives_keep_the_interface_contract(objective):
+    """What Transfusion's shared machinery relies on, for either objective."""
+    assert isinstance(objective, ContinuousObjective)
+    x, noise = randn(5, 4), randn(5, 4)
+    times = objective.sample_times(5, generator=torch.Generator().manual_seed(0))
+    assert times.shape == (5,) and not (times == objective.clean_time).any()
+    for t in times.tolist():
+        objective.check_time(t, name="times")  # drawn times are valid training times
+    clean = torch.full((5,), objective.clean_time)
+    assert torch.equal(objective.noised(x, noise, clean), x)  # a clean latent enters the context as is
+    assert not torch.equal(objective.noised(x, noise, times), x)
+    # guidance of a doubled batch: scale 1 is the conditional half, scale 0 the unconditional one's
+    # guided features
+    out = randn(6, 3, objective.output_dim(4))
+    guided = out.shape[-1] if isinstance(objective, RectifiedFlow) else 4
+    torch.testing.assert_close(objective.guide(out, 1.0), out[:3])
+    torch.testing.assert_close(objective.guide(out, 0.0)[..., :guided], out[3:, ..., :guided])
 
 
 def test_gaussian_objective_noising_loss_and_time_input():

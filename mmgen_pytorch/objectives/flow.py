@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from .._utils import check
-from ..sampling import split_cfg
+from ..sampling import cfg_combine
 from .base import ContinuousObjective, Denoiser
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -70,7 +70,8 @@ class RectifiedFlow(ContinuousObjective):
 
     @staticmethod
     def guide(output: Tensor, scale: float) -> Tensor:
-        return split_cfg(output, scale)
+        cond, uncond = output.chunk(2, dim=0)  # always a doubled batch, as the interface says
+        return cfg_combine(cond, uncond, scale)
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: int, *,
                  generator: Optional[torch.Generator] = None) -> Tensor:
