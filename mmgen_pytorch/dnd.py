@@ -68,6 +68,8 @@ class DnDTransformer(LlamaGen):
         cls_token_num: class prefix length (1 upstream).
         ff_multiple_of, ff_dim_multiplier, rope_base, norm_eps: LLaMA details (upstream defaults).
         token_dropout, attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
+        input_corruption: training-mode chance of replacing an input position's ``D`` codes by random
+            codes, targets and injected codes unchanged (see :class:`~mmgen_pytorch.llamagen.LlamaGen`).
         initializer_range: std of the N(0, std) init (the heads start at zero, as upstream).
         tokenizer: optional RQ-VAE with ``decode_code(codes [b, h, w, D]) -> images in [-1, 1]``, used by
             :meth:`sample`; not a submodule (not in ``state_dict``).
@@ -82,16 +84,16 @@ class DnDTransformer(LlamaGen):
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, cls_token_num: int = 1,
                  ff_multiple_of: int = 256, ff_dim_multiplier: Optional[float] = None, rope_base: float = 10000.0,
                  norm_eps: float = 1e-5, token_dropout: float = 0.0, attn_dropout: float = 0.0,
-                 resid_dropout: float = 0.0, ff_dropout: float = 0.0, initializer_range: float = 0.02,
-                 tokenizer: Any = None, attn_backend: str = "auto"):
+                 resid_dropout: float = 0.0, ff_dropout: float = 0.0, input_corruption: float = 0.0,
+                 initializer_range: float = 0.02, tokenizer: Any = None, attn_backend: str = "auto"):
         positions = _checked_head_positions(head_positions, depth)
         super().__init__(dim=dim, depth=depth, heads=heads, kv_heads=kv_heads, vocab_size=vocab_size,
                          grid_size=grid_size, model_type="c2i", num_classes=num_classes,
                          class_dropout_prob=class_dropout_prob, cls_token_num=cls_token_num,
                          ff_multiple_of=ff_multiple_of, ff_dim_multiplier=ff_dim_multiplier, rope_base=rope_base,
                          norm_eps=norm_eps, token_dropout=token_dropout, attn_dropout=attn_dropout,
-                         resid_dropout=resid_dropout, ff_dropout=ff_dropout, initializer_range=initializer_range,
-                         attn_backend=attn_backend)
+                         resid_dropout=resid_dropout, ff_dropout=ff_dropout, input_corruption=input_corruption,
+                         initializer_range=initializer_range, attn_backend=attn_backend)
         self.head_positions, self.code_depth = positions, len(positions)
         self._head_after = {block: k for k, block in enumerate(positions)}
         self.depth_heads = nn.ModuleList([DepthHead(dim=dim, vocab_size=vocab_size, norm_eps=norm_eps)
@@ -117,7 +119,7 @@ class DnDTransformer(LlamaGen):
         batch = codes.shape[0]
         drop = self._condition_dropout(batch, cond_drop_prob, codes.device)
         prefix, _ = self._prefix(batch, drop, class_labels=class_labels)
-        x = self.token_dropout(torch.cat((prefix, self._embed_codes(codes[:, :-1])), dim=1))
+        x = self.token_dropout(torch.cat((prefix, self._embed_codes(self._corrupted(codes[:, :-1]))), dim=1))
         depth_logits: List[Tensor] = []
         self._transformer(x, block_hook=self._teacher_forcing_hook(codes, depth_logits))
         logits = torch.stack(depth_logits, dim=2)

@@ -79,6 +79,9 @@ class LlamaGen(Checkpointable, nn.Module):
         cls_token_num: prefix length (default 1 for c2i, 120 for t2i as upstream).
         ff_multiple_of, ff_dim_multiplier, rope_base, norm_eps: LLaMA details (upstream defaults).
         token_dropout, attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
+        input_corruption: in training mode, the chance that an input image position is replaced by
+            uniformly random codes while its target stays the true code (not upstream; 0: off). It
+            teaches the model to continue past codes it would not have chosen, as it must when sampling.
         initializer_range: std of the N(0, std) init (the output head starts at zero, as upstream).
         caption_encoder: optional trainable module ``ids [b, n] -> (embeds [b, n, caption_dim], mask)``,
             e.g. :class:`CaptionEncoder`; enables ``caption_ids=`` and integer conditions in ``generate``.
@@ -97,19 +100,21 @@ class LlamaGen(Checkpointable, nn.Module):
                  cls_token_num: Optional[int] = None, ff_multiple_of: int = 256,
                  ff_dim_multiplier: Optional[float] = None, rope_base: float = 10000.0, norm_eps: float = 1e-5,
                  token_dropout: float = 0.0, attn_dropout: float = 0.0, resid_dropout: float = 0.0,
-                 ff_dropout: float = 0.0, initializer_range: float = 0.02, caption_encoder: Optional[nn.Module] = None,
-                 tokenizer: Any = None, attn_backend: str = "auto"):
+                 ff_dropout: float = 0.0, input_corruption: float = 0.0, initializer_range: float = 0.02,
+                 caption_encoder: Optional[nn.Module] = None, tokenizer: Any = None, attn_backend: str = "auto"):
         super().__init__()
         check(model_type in MODEL_TYPES, f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}")
         check(vocab_size > 0 and grid_size > 0,
               f"`vocab_size` and `grid_size` must be positive, got {vocab_size} and {grid_size}")
         check(0.0 <= class_dropout_prob < 1.0, f"`class_dropout_prob` must be in [0, 1), got {class_dropout_prob}")
+        check(0.0 <= input_corruption < 1.0, f"`input_corruption` must be in [0, 1), got {input_corruption}")
         cls_token_num = default(cls_token_num, 1 if model_type == "c2i" else 120)
         check(cls_token_num >= 1, f"`cls_token_num` must be >= 1, got {cls_token_num}")
         caption_dim = default(caption_dim, getattr(caption_encoder, "dim", 2048))
 
         self.model_type, self.vocab_size, self.grid_size = model_type, vocab_size, grid_size
         self.cls_token_num, self.class_dropout_prob = cls_token_num, class_dropout_prob
+        self.input_corruption = input_corruption
         self.num_image_tokens = grid_size * grid_size
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.prefix_embed = (ClassPrefix(num_classes=num_classes, dim=dim, tokens=cls_token_num,
@@ -154,7 +159,8 @@ class LlamaGen(Checkpointable, nn.Module):
         drop = self._condition_dropout(batch, cond_drop_prob, codes.device)
         prefix, prefix_mask = self._prefix(batch, drop, class_labels=class_labels, caption_embeds=caption_embeds,
                                            caption_mask=caption_mask, caption_ids=caption_ids)
-        x = self.token_dropout(torch.cat((prefix, self.token_embed(codes[:, :-1])), dim=1))
+        inputs = self._corrupted(codes[:, :-1])
+        x = self.token_dropout(torch.cat((prefix, self.token_embed(inputs)), dim=1))
         hidden = self._transformer(x, prefix_mask)
         logits = self.to_logits(hidden[:, self.cls_token_num - 1:]).float()
         loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
@@ -326,6 +332,15 @@ class LlamaGen(Checkpointable, nn.Module):
         check(self.prefix_embed.has_unconditional,
               "condition dropout needs the null class row: build the c2i model with `class_dropout_prob` > 0")
         return torch.rand(batch, device=device) < prob
+
+    def _corrupted(self, inputs: Int[Tensor, "b n ..."]) -> Int[Tensor, "b n ..."]:
+        """Teacher-forcing inputs with each position (all its codes) swapped for random codes with
+        probability ``input_corruption`` in training mode; unchanged otherwise."""
+        if not (self.training and self.input_corruption > 0):
+            return inputs
+        swap = torch.rand(inputs.shape[:2], device=inputs.device) < self.input_corruption
+        swap = swap.view(*swap.shape, *(1,) * (inputs.ndim - 2))
+        return torch.where(swap, torch.randint_like(inputs, self.vocab_size), inputs)
 
     # internals: the condition prefix
 

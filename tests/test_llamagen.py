@@ -147,6 +147,35 @@ def test_condition_dropout_uses_the_null_class():
     assert torch.equal(a, b) and not torch.equal(a, model(codes, class_labels=torch.tensor([4, 2])))
 
 
+def corrupted_like_the_model(codes, p, vocab_size, seed):
+    """The inputs ``codes[:, :-1]`` with each position swapped for random codes with probability p, drawn
+    from the same seed in the model's order (one uniform per position, then the random codes)."""
+    torch.manual_seed(seed)
+    inputs = codes[:, :-1]
+    swap = torch.rand(inputs.shape[:2]) < p
+    swap = swap.view(*swap.shape, *(1,) * (inputs.ndim - 2))
+    return torch.where(swap, torch.randint_like(inputs, vocab_size), inputs), swap
+
+
+def test_input_corruption_swaps_inputs_but_not_targets():
+    """Training mode: the logits are those of the clean model fed the corrupted sequence, and the loss
+    is their cross-entropy against the TRUE codes. Eval mode: no corruption."""
+    model, labels, codes = tiny("c2i", input_corruption=0.5), torch.tensor([1, 3]), torch.randint(0, 24, (2, 9))
+    torch.manual_seed(7)
+    loss, logits = model.train()(codes, class_labels=labels, cond_drop_prob=0.0, return_logits=True)
+    corrupted, swap = corrupted_like_the_model(codes, 0.5, 24, seed=7)
+    assert swap.any() and not swap.all() and not torch.equal(corrupted, codes[:, :-1])
+    reference = model.eval()(torch.cat((corrupted, codes[:, -1:]), dim=1), class_labels=labels, return_logits=True)[1]
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(reference.flatten(0, 1), codes.flatten()),
+                               atol=1e-6, rtol=0)
+    clean = tiny("c2i")
+    clean.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(codes, class_labels=labels), clean.eval()(codes, class_labels=labels))
+    with pytest.raises(ValueError, match=r"`input_corruption` must be in \[0, 1\), got 1.0"):
+        tiny("c2i", input_corruption=1.0)
+
+
 def test_sample_decodes_through_the_tokenizer():
     class Tokenizer:
         def decode_code(self, codes):
