@@ -210,17 +210,20 @@ TOKENIZER_CONV = dict(in_channels=1, ch=32, num_res_blocks=1, attn_levels=(), z_
 class LlamaGenRecipe:
     """A VQVAE (8x8 -> 4x4 codes) trained first, then the class-conditional LlamaGen GPT over its codes."""
 
-    # top-p 0.8: a code from the tail of the distribution spoils a 2x2 patch of an 8x8 digit (at top-p 1
-    # conditional accuracy is 96.6 %); stronger guidance over-sharpens the logits of this small GPT
-    default_steps, batch_size, lr, cfg, top_p, tokenizer_steps = 3000, 64, 1e-3, 1.25, 0.8, 2000
+    # unregularised, the GPT recites its 1257 training digits (median distance 2.1 to the nearest one);
+    # dropout alone stops that but draws poorly (69 %). With 30 % of the input positions corrupted it
+    # generalises and draws well, with no guidance (CFG 1.25 costs FD: 24-34 against 23-28 over 3 seeds)
+    default_steps, batch_size, lr, cfg, top_p, tokenizer_steps = 3500, 64, 1e-3, 1.0, 0.9, 2000
+    gpt = dict(dim=128, grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
+               attn_dropout=0.1, resid_dropout=0.2, ff_dropout=0.2)
 
     def __init__(self, args):
         self.args = args
         vq = VQVAE(None, codebook_size=256, codebook_dim=8, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                    **TOKENIZER_CONV)
         self.tokenizer = fit_tokenizer(vq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
-        self.model = LlamaGen(dim=128, depth=4, heads=4, vocab_size=vq.codebook_size, grid_size=4, num_classes=10,
-                              class_dropout_prob=0.1, ff_multiple_of=32, tokenizer=self.tokenizer)
+        self.model = LlamaGen(depth=4, heads=4, vocab_size=vq.codebook_size, input_corruption=0.3,
+                              tokenizer=self.tokenizer, **self.gpt)
 
     def codes(self, images: Tensor) -> Tensor:
         return self.tokenizer.encode_to_indices(images.unsqueeze(1) * 2 - 1)
@@ -244,18 +247,16 @@ class DnDRecipe(LlamaGenRecipe):
     """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes, 16 shared codes) trained first, then the DnD GPT with
     one head per depth."""
 
-    # 1257 training digits are memorised fast: attention / residual dropout keep the GPT from reciting
-    # them. 16 shared codes (256 pairs a position) beat 64 at 1500 steps (97.4 % against 94.0 %); at
-    # 3000 steps top-p 0.9 keeps the variety (95.6 % / FD 26.5; top-p 0.8: 96.0 % / FD 35.2)
-    default_steps, top_p = 3000, 0.9
+    # the same regularisation as LlamaGen, at 10 % input corruption: 95.6 % -> 100 % (dropout alone) at
+    # the same steps. 16 shared codes (256 pairs a position) beat 64 (97.4 % against 94.0 % at 1500 steps)
+    default_steps, cfg, top_p = 3000, 1.25, 0.95
 
     def __init__(self, args):
         self.args = args
         rq = RQVAE(None, n_embed=16, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
         self.tokenizer = fit_tokenizer(rq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
-        self.model = DnDTransformer(dim=128, depth=5, heads=4, head_positions=(3, 4), vocab_size=rq.config.n_embed,
-                                    grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
-                                    attn_dropout=0.1, resid_dropout=0.2, ff_dropout=0.2, tokenizer=self.tokenizer)
+        self.model = DnDTransformer(depth=5, heads=4, head_positions=(3, 4), vocab_size=rq.config.n_embed,
+                                    input_corruption=0.1, tokenizer=self.tokenizer, **self.gpt)
 
     def codes(self, images: Tensor) -> Tensor:
         return self.tokenizer.encode_to_codes(images.unsqueeze(1) * 2 - 1)
