@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: deterministic images, and models moved off their initialisation."""
+"""Helpers shared by the tests: deterministic images, models moved off their initialisation, and
+reference re-draws of a model's training-time randomness."""
 
 import torch
 from torch import nn
@@ -30,3 +31,13 @@ def smooth_images(n=2, size=8, seed=0):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
     return torch.sin(freq * xx + freq.flip(1) * yy)
+
+
+def corrupted_like_the_model(codes, p, vocab_size, seed):
+    """The inputs ``codes[:, :-1]`` with each position swapped for random codes with probability p, drawn
+    from the same seed in the model's order (one uniform per position, then the random codes)."""
+    torch.manual_seed(seed)
+    inputs = codes[:, :-1]
+    swap = torch.rand(inputs.shape[:2]) < p
+    swap = swap.view(*swap.shape, *(1,) * (inputs.ndim - 2))
+    return torch.where(swap, torch.randint_like(inputs, vocab_size), inputs), swap

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import reinitialised
+from _helpers import corrupted_like_the_model, reinitialised
 from mmgen_pytorch.dnd import ARXIV_HEAD_POSITIONS, PRESETS, DnDTransformer, official_config_dnd
 from mmgen_pytorch.llamagen import LlamaGen
 from mmgen_pytorch.pretrained import CheckpointMismatchError
@@ -119,8 +119,6 @@ def test_training_step_reaches_every_head_and_the_shared_table():
 def test_input_corruption_swaps_whole_input_positions_not_targets_or_injected_codes():
     """Head 0 sees only earlier inputs: its logits are the clean model's on the corrupted sequence (all D
     codes of a swapped position replaced). The loss is against the true codes; eval mode is clean."""
-    from test_llamagen import corrupted_like_the_model
-
     model, labels, codes = tiny(input_corruption=0.5), torch.tensor([1, 3]), torch.randint(0, 24, (2, 9, 3))
     torch.manual_seed(3)
     loss, logits = model.train()(codes, class_labels=labels, cond_drop_prob=0.0, return_logits=True)

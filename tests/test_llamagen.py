@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from _helpers import reinitialised
+from _helpers import corrupted_like_the_model, reinitialised
 from mmgen_pytorch.llamagen import PRESETS, CaptionEncoder, LlamaGen, official_config
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 
@@ -145,16 +145,6 @@ def test_condition_dropout_uses_the_null_class():
     a = model(codes, class_labels=torch.tensor([0, 1]), cond_drop_prob=1.0)
     b = model(codes, class_labels=torch.tensor([4, 2]), cond_drop_prob=1.0)
     assert torch.equal(a, b) and not torch.equal(a, model(codes, class_labels=torch.tensor([4, 2])))
-
-
-def corrupted_like_the_model(codes, p, vocab_size, seed):
-    """The inputs ``codes[:, :-1]`` with each position swapped for random codes with probability p, drawn
-    from the same seed in the model's order (one uniform per position, then the random codes)."""
-    torch.manual_seed(seed)
-    inputs = codes[:, :-1]
-    swap = torch.rand(inputs.shape[:2]) < p
-    swap = swap.view(*swap.shape, *(1,) * (inputs.ndim - 2))
-    return torch.where(swap, torch.randint_like(inputs, vocab_size), inputs), swap
 
 
 def test_input_corruption_swaps_inputs_but_not_targets():
