@@ -69,7 +69,9 @@ class DnDTransformer(LlamaGen):
         ff_multiple_of, ff_dim_multiplier, rope_base, norm_eps: LLaMA details (upstream defaults).
         token_dropout, attn_dropout, resid_dropout, ff_dropout: dropout probabilities.
         input_corruption: training-mode chance of replacing an input position's ``D`` codes by random
-            codes, targets and injected codes unchanged (see :class:`~mmgen_pytorch.llamagen.LlamaGen`).
+            codes (see :class:`~mmgen_pytorch.llamagen.LlamaGen`). The targets and the codes injected
+            after each head stay true, so blocks after head 0 still see a swapped position's true codes
+            through its injection; only the input sum is corrupted.
         initializer_range: std of the N(0, std) init (the heads start at zero, as upstream).
         tokenizer: optional RQ-VAE with ``decode_code(codes [b, h, w, D]) -> images in [-1, 1]``, used by
             :meth:`sample`; not a submodule (not in ``state_dict``).

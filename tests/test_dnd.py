@@ -117,19 +117,29 @@ def test_training_step_reaches_every_head_and_the_shared_table():
 
 
 def test_input_corruption_swaps_whole_input_positions_not_targets_or_injected_codes():
-    """Head 0 sees only earlier inputs: its logits are the clean model's on the corrupted sequence (all D
-    codes of a swapped position replaced). The loss is against the true codes; eval mode is clean."""
+    """Head 0 reads the stream before any code is injected, so its logits are the clean model's on the
+    corrupted sequence (all D codes of a swapped position replaced). The deeper heads get the TRUE codes
+    of every position injected (also at earlier, swapped positions, which no eval-mode sequence can
+    express): they are the teacher-forced pass on the corrupted inputs with the true codes injected.
+    The loss is against the true codes; eval mode is clean."""
     model, labels, codes = tiny(input_corruption=0.5), torch.tensor([1, 3]), torch.randint(0, 24, (2, 9, 3))
     torch.manual_seed(3)
     loss, logits = model.train()(codes, class_labels=labels, cond_drop_prob=0.0, return_logits=True)
     corrupted, swap = corrupted_like_the_model(codes, 0.5, 24, seed=3)
     assert swap.any() and not swap.all()
-    reference = model.eval()(torch.cat((corrupted, codes[:, -1:]), dim=1), class_labels=labels, return_logits=True)[1]
+    model.eval()
+    reference = model(torch.cat((corrupted, codes[:, -1:]), dim=1), class_labels=labels, return_logits=True)[1]
     torch.testing.assert_close(logits[:, :, 0], reference[:, :, 0], atol=1e-6, rtol=0)
+    prefix, _ = model._prefix(2, None, class_labels=labels)
+    depth_logits = []
+    model._transformer(torch.cat((prefix, model._embed_codes(corrupted)), dim=1),
+                       block_hook=model._teacher_forcing_hook(codes, depth_logits))
+    torch.testing.assert_close(logits, torch.stack(depth_logits, dim=2), atol=1e-6, rtol=0)
+    assert (logits[:, :, 1:] - reference[:, :, 1:]).abs().amax() > 1e-4  # the true injections matter
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 2), codes.flatten()), atol=1e-6, rtol=0)
     clean = tiny()
     clean.load_state_dict(model.state_dict())
-    assert torch.equal(model.eval()(codes, class_labels=labels), clean.eval()(codes, class_labels=labels))
+    assert torch.equal(model(codes, class_labels=labels), clean.eval()(codes, class_labels=labels))
 
 
 def test_condition_dropout_uses_the_null_class():
