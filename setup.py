@@ -25,9 +25,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(exclude=["tests*", "benchmarks*", "examples*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "einops>=0.8",
         "beartype",
         "jaxtyping",
@@ -50,10 +50,10 @@ setup(
         "Operating System :: OS Independent",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",
-        "Programming Language :: Python :: 3.9",
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -25,3 +25,9 @@ def golden():
                         f"or set MMGEN_GOLDEN_DIR")
         return torch.load(path, weights_only=True)
     return load
+
+
+if os.environ.get("MMGEN_TOLERANCE_AUDIT"):  # see TOLERANCES.md
+    import _tolerance_audit
+
+    _tolerance_audit.install(os.environ["MMGEN_TOLERANCE_AUDIT"])
