@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from ._utils import check, describe
-from .pretrained import CheckpointMismatchError, check_state_dict, load_strict
+from .pretrained import (CheckpointFileError, CheckpointMismatchError, check_state_dict, checkpoint_format, load_strict,
+                         read_json_file, read_tensor_file)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,7 +80,8 @@ class Checkpointable:
         target = _saved_class(cls, record, folder)
         missing = {name: kind for name, kind in record["required"].items() if name not in overrides}
         check(not missing, _missing_arguments_message(target, folder, missing), error=TypeError)
-        arguments = {name: _decode(value) for name, value in record["config"].items()}
+        checkpoint_format(folder / WEIGHTS_FILE, expected="safetensors")  # missing / truncated: before building
+        arguments = _decoded_arguments(record, folder / CONFIG_FILE)
         model = target(**{**arguments, **overrides})
         if record.get("dtype"):
             model.to(_saved_dtype(record["dtype"]))
@@ -197,6 +199,15 @@ def _decode(value):
     return {key: _decode(v) for key, v in value.items()}
 
 
+def _decoded_arguments(record: Mapping[str, Any], file: Path) -> Dict[str, Any]:
+    """The constructor arguments in a ``config.json`` record; a malformed entry raises naming the file."""
+    try:
+        return {name: _decode(value) for name, value in record["config"].items()}
+    except (KeyError, TypeError, AttributeError) as error:  # a tagged entry without its fields, unknown fields
+        raise CheckpointFileError(f"{str(file)!r} has a malformed `config` entry ({type(error).__name__}: {error}); "
+                                  f"it was not written by this version of mmgen_pytorch, or was edited") from error
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -224,8 +235,10 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     check(file.is_file(), f"{str(path)!r} has no {CONFIG_FILE}: not a folder written by `save` / "
                           f"`save_training_state`", error=FileNotFoundError)
-    record = json.loads(file.read_text(encoding="utf-8"))
+    record = read_json_file(file)
     check(isinstance(record, dict) and {"class", "config", "required"} <= set(record)
+          and isinstance(record["class"], str) and isinstance(record["config"], dict)
+          and isinstance(record["required"], dict) and isinstance(record.get("format", FORMAT), int)
           and record.get("format", FORMAT) <= FORMAT,
           f"{file} is not a config.json this version of mmgen_pytorch reads (format {FORMAT}): "
           f"got {describe(record) if not isinstance(record, dict) else sorted(record)}",
@@ -279,10 +292,14 @@ def save_weights(module: nn.Module, path: PathLike) -> None:
 
 def load_weights(module: nn.Module, path: PathLike) -> None:
     """Load a safetensors file written by :func:`save_weights` strictly (a missing, unexpected or misshapen
-    key raises :class:`~mmgen_pytorch.pretrained.CheckpointMismatchError` naming it)."""
-    path = Path(path)
-    check(path.is_file(), f"weights file {str(path)!r} does not exist", error=FileNotFoundError)
-    load_strict(module, _with_shared_keys(module, load_file(path)), source=str(path))
+    key raises :class:`~mmgen_pytorch.pretrained.CheckpointMismatchError` naming it; ``module`` is left
+    untouched when the file is broken or does not fit)."""
+    load_strict(module, _with_shared_keys(module, read_weights(path)), source=str(path))
+
+
+def read_weights(path: PathLike) -> Dict[str, Tensor]:
+    """The state dict in a safetensors file; a missing, empty, truncated or foreign file raises naming it."""
+    return read_tensor_file(path, expected="safetensors")
 
 
 def _with_shared_keys(module: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -348,7 +365,7 @@ def load_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.
     file = folder / TRAINING_STATE_FILE
     check(file.is_file(), f"{str(folder)!r} has no {TRAINING_STATE_FILE}: not a folder written by "
                           f"`save_training_state`", error=FileNotFoundError)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_tensor_file(file, expected="torch")
     load_weights(_unwrapped(model), folder / WEIGHTS_FILE)
     optimizer.load_state_dict(state["optimizer"])
     for name, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler), ("ema", ema)):
