@@ -1,15 +1,18 @@
 """Broken and foreign checkpoint files (issue 16): every loader names the file and says what is wrong
 (empty / truncated / not valid JSON / not a checkpoint) instead of failing deep inside torch or
-safetensors, and never suggests unsafe loading for a file that is not a checkpoint."""
+safetensors, never suggests unsafe loading for a file that is not a checkpoint, and
+``load_training_state`` checks everything before it changes anything."""
 
+import copy
 import json
 import re
 
 import pytest
 import torch
+from ema_pytorch import EMA
 from safetensors.torch import save_file
 
-from mmgen_pytorch import Transformer, VQVAE, load_model
+from mmgen_pytorch import Transformer, VQVAE, load_model, load_training_state, save_training_state
 from mmgen_pytorch.pretrained import (CheckpointFileError, CheckpointMismatchError, load_checkpoint,
                                      read_checkpoint)
 from mmgen_pytorch.tokenizers import VQConfig
@@ -157,3 +160,114 @@ def test_safetensors_checkpoints_load_too(tmp_path):
     save_file(state_dict, tmp_path / "model.safetensors")
     loaded = load_checkpoint(tmp_path / "model.safetensors")
     assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
+
+
+# load_training_state: check everything, then change anything
+
+def training_objects(seed, *, ema=True):
+    torch.manual_seed(seed)
+    model = tiny_backbone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    objects = dict(model=model, optimizer=optimizer, scheduler=scheduler,
+                   ema=EMA(model, beta=0.9, update_after_step=0, update_every=1) if ema else None)
+    loss = sum(p.square().sum() for p in model.parameters())  # every parameter gets optimizer state
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    if ema:
+        objects["ema"].update()
+    return objects
+
+
+def snapshot(objects):
+    return dict(model=copy.deepcopy(objects["model"].state_dict()),
+                optimizer=copy.deepcopy(objects["optimizer"].state_dict()),
+                scheduler=copy.deepcopy(objects["scheduler"].state_dict()),
+                ema=copy.deepcopy(objects["ema"].state_dict()) if objects["ema"] is not None else None,
+                rng=torch.get_rng_state())
+
+
+def assert_identical(before, after, where="objects"):
+    """Bit-identical tensors (torch.equal), equal everything else, at every level."""
+    if isinstance(before, torch.Tensor):
+        assert isinstance(after, torch.Tensor) and before.dtype == after.dtype and torch.equal(before, after), where
+    elif isinstance(before, dict):
+        assert before.keys() == after.keys(), where
+        for key in before:
+            assert_identical(before[key], after[key], f"{where}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert len(before) == len(after), where
+        for index, (a, b) in enumerate(zip(before, after)):
+            assert_identical(a, b, f"{where}[{index}]")
+    else:
+        assert before == after, where
+
+
+def rewrite_training_state(folder, change):
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    change(state)
+    torch.save(state, folder / "training_state.pt")
+
+
+def reversed_optimizer(objects):
+    objects["optimizer"] = torch.optim.AdamW(list(objects["model"].parameters())[::-1], lr=1e-2)
+    objects["scheduler"] = torch.optim.lr_scheduler.LambdaLR(objects["optimizer"], lambda step: 1.0)
+
+
+# name -> (saved with EMA?, how the folder or the targets are changed, error, what the message says)
+FAILURES = {
+    "saved_without_ema": (False, None, ValueError, r"`ema` was given but '.*training_state\.pt' holds no ema"),
+    "truncated_state": (True, lambda f, o: half(f / "training_state.pt"), CheckpointFileError,
+                        r"training_state\.pt' is truncated"),
+    "html_state": (True, lambda f, o: (f / "training_state.pt").write_text(HTML), CheckpointFileError,
+                   r"training_state\.pt' is not a checkpoint: it is an HTML"),
+    "empty_state": (True, lambda f, o: (f / "training_state.pt").write_bytes(b""), CheckpointFileError,
+                    r"training_state\.pt' is empty"),
+    "truncated_ema_weights": (True, lambda f, o: half(f / "ema.safetensors"), CheckpointFileError,
+                              r"ema\.safetensors' is truncated"),
+    "missing_ema_weights": (True, lambda f, o: (f / "ema.safetensors").unlink(), FileNotFoundError,
+                            r"ema\.safetensors' does not exist"),
+    "other_optimizer_class": (True, lambda f, o: o.update(optimizer=torch.optim.SGD(o["model"].parameters(), lr=1,
+                                                                                    momentum=0.9)),
+                              CheckpointMismatchError, r"optimizer parameter group 0 .*another class"),
+    "optimizer_in_other_order": (True, lambda f, o: reversed_optimizer(o), CheckpointMismatchError,
+                                 r"`exp_avg` of parameter \d+ has shape .*another order"),
+    "other_scheduler_class": (True, lambda f, o: o.update(scheduler=torch.optim.lr_scheduler.StepLR(o["optimizer"], 2)),
+                              CheckpointMismatchError, r"scheduler state .*another class"),
+    "misshapen_rng_state": (True, lambda f, o: rewrite_training_state(f, lambda s: s["rng"].update(
+        torch=torch.zeros(3, dtype=torch.uint8))), CheckpointMismatchError, r"`rng\.torch` in .* expected Tensor"),
+    "ema_counters_missing": (True, lambda f, o: rewrite_training_state(f, lambda s: s["ema"].pop("step")),
+                             CheckpointMismatchError, r"missing \(1\): step"),
+}
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_a_failed_resume_changes_nothing(name, tmp_path):
+    with_ema, change, error, what = FAILURES[name]
+    saved = training_objects(0, ema=with_ema)
+    folder = save_training_state(tmp_path / "state", step=1, **saved)
+    objects = training_objects(1)
+    if change is not None:
+        change(folder, objects)
+    before = snapshot(objects)
+    with pytest.raises(error, match=what):
+        load_training_state(folder, **objects)
+    assert_identical(before, snapshot(objects))
+
+
+def test_a_resume_after_the_checks_restores_everything(tmp_path):
+    saved = training_objects(0)
+    folder = save_training_state(tmp_path / "state", step=7, **saved)
+    expected = snapshot(saved)
+    objects = training_objects(1)
+    assert load_training_state(folder, **objects) == 7
+    got = snapshot(objects)
+    got["rng"] = expected["rng"]  # restored to the state at save time, checked in test_checkpoint.py
+    assert_identical(expected, got)
+
+
+def test_rng_states_are_only_checked_when_restored(tmp_path):
+    folder = save_training_state(tmp_path / "state", step=3, **training_objects(0))
+    rewrite_training_state(folder, lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)))
+    assert load_training_state(folder, **training_objects(1), restore_rng=False) == 3
