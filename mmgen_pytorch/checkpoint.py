@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from ._utils import check, describe
-from .pretrained import CheckpointMismatchError, check_state_dict, load_strict
+from .pretrained import (CheckpointFileError, CheckpointMismatchError, check_state_dict, checkpoint_format, load_strict,
+                         read_json_file, read_tensor_file)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,7 +81,8 @@ class Checkpointable:
         target = _saved_class(cls, record, folder)
         missing = {name: kind for name, kind in record["required"].items() if name not in overrides}
         check(not missing, _missing_arguments_message(target, folder, missing), error=TypeError)
-        arguments = {name: _decode(value) for name, value in record["config"].items()}
+        checkpoint_format(folder / WEIGHTS_FILE, expected="safetensors")  # missing / truncated: before building
+        arguments = _decoded_arguments(record, folder / CONFIG_FILE)
         model = target(**{**arguments, **overrides})
         if record.get("dtype"):
             model.to(_saved_dtype(record["dtype"]))
@@ -197,6 +200,15 @@ def _decode(value):
     return {key: _decode(v) for key, v in value.items()}
 
 
+def _decoded_arguments(record: Mapping[str, Any], file: Path) -> Dict[str, Any]:
+    """The constructor arguments in a ``config.json`` record; a malformed entry raises naming the file."""
+    try:
+        return {name: _decode(value) for name, value in record["config"].items()}
+    except (KeyError, TypeError, AttributeError) as error:  # a tagged entry without its fields, unknown fields
+        raise CheckpointFileError(f"{str(file)!r} has a malformed `config` entry ({type(error).__name__}: {error}); "
+                                  f"it was not written by this version of mmgen_pytorch, or was edited") from error
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -224,8 +236,10 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     check(file.is_file(), f"{str(path)!r} has no {CONFIG_FILE}: not a folder written by `save` / "
                           f"`save_training_state`", error=FileNotFoundError)
-    record = json.loads(file.read_text(encoding="utf-8"))
+    record = read_json_file(file)
     check(isinstance(record, dict) and {"class", "config", "required"} <= set(record)
+          and isinstance(record["class"], str) and isinstance(record["config"], dict)
+          and isinstance(record["required"], dict) and isinstance(record.get("format", FORMAT), int)
           and record.get("format", FORMAT) <= FORMAT,
           f"{file} is not a config.json this version of mmgen_pytorch reads (format {FORMAT}): "
           f"got {describe(record) if not isinstance(record, dict) else sorted(record)}",
@@ -279,10 +293,14 @@ def save_weights(module: nn.Module, path: PathLike) -> None:
 
 def load_weights(module: nn.Module, path: PathLike) -> None:
     """Load a safetensors file written by :func:`save_weights` strictly (a missing, unexpected or misshapen
-    key raises :class:`~mmgen_pytorch.pretrained.CheckpointMismatchError` naming it)."""
-    path = Path(path)
-    check(path.is_file(), f"weights file {str(path)!r} does not exist", error=FileNotFoundError)
-    load_strict(module, _with_shared_keys(module, load_file(path)), source=str(path))
+    key raises :class:`~mmgen_pytorch.pretrained.CheckpointMismatchError` naming it; ``module`` is left
+    untouched when the file is broken or does not fit)."""
+    load_strict(module, _with_shared_keys(module, read_weights(path)), source=str(path))
+
+
+def read_weights(path: PathLike) -> Dict[str, Tensor]:
+    """The state dict in a safetensors file; a missing, empty, truncated or foreign file raises naming it."""
+    return read_tensor_file(path, expected="safetensors")
 
 
 def _with_shared_keys(module: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -343,27 +361,111 @@ def load_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.
                         restore_rng: bool = True) -> int:
     """Restore what :func:`save_training_state` wrote into freshly built objects (same architecture,
     optimizer over the same parameters in the same order) and return the step to continue from. Model and
-    EMA weights load strictly; RNG states are restored unless ``restore_rng=False``."""
+    EMA weights load strictly; RNG states are restored unless ``restore_rng=False``.
+
+    Every file is read and every part checked against its target (keys and shapes of the weights, the
+    optimizer's parameter groups and state, the scheduler / grad scaler / EMA / RNG states) before anything
+    is changed: on any error, all the objects passed in are left as they were."""
     folder = Path(folder)
     file = folder / TRAINING_STATE_FILE
     check(file.is_file(), f"{str(folder)!r} has no {TRAINING_STATE_FILE}: not a folder written by "
                           f"`save_training_state`", error=FileNotFoundError)
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    load_weights(_unwrapped(model), folder / WEIGHTS_FILE)
-    optimizer.load_state_dict(state["optimizer"])
+    model, ema_model = _unwrapped(model), None if ema is None else _ema_model(ema)
+    state = _read_training_state(file)
     for name, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler), ("ema", ema)):
         check(target is None or state[name] is not None,
-              f"`{name}` was given but {file} holds no {name} state (it was saved without one)", error=ValueError)
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if grad_scaler is not None:
-        grad_scaler.load_state_dict(state["grad_scaler"])
+              f"`{name}` was given but {str(file)!r} holds no {name} state (it was saved without one)",
+              error=ValueError)
+    source = str(file)
+    loads = [_weights_load(model, folder / WEIGHTS_FILE), _optimizer_load(optimizer, state["optimizer"], source)]
+    for name, target in (("scheduler", scheduler), ("grad_scaler", grad_scaler)):
+        if target is not None:
+            loads.append(_state_dict_load(name, target, state[name], source))
     if ema is not None:
-        load_weights(_ema_model(ema), folder / EMA_WEIGHTS_FILE)
-        _load_ema_counters(ema, state["ema"], source=str(file))
+        loads += [_weights_load(ema_model, folder / EMA_WEIGHTS_FILE), _ema_counters_load(ema, state["ema"], source)]
     if restore_rng:
-        set_rng_states(state["rng"])
+        loads.append(_rng_load(state["rng"], source))
+    for load in loads:  # everything fits: only now is anything changed
+        load()
     return int(state["step"])
+
+
+_TRAINING_STATE_KEYS = {"format", "step", "optimizer", "scheduler", "grad_scaler", "ema", "rng"}
+
+
+def _read_training_state(file: Path) -> Dict[str, Any]:
+    state = read_tensor_file(file, expected="torch")
+    keys = set(state) if isinstance(state, dict) else set()
+    check(_TRAINING_STATE_KEYS <= keys and isinstance(state["step"], int) and isinstance(state["format"], int)
+          and state["format"] <= FORMAT,
+          f"{str(file)!r} is not a training state this version of mmgen_pytorch reads (format {FORMAT}): "
+          f"missing {sorted(_TRAINING_STATE_KEYS - keys) or 'nothing'}"
+          + (f", format {state['format']!r}" if "format" in keys else ""), error=CheckpointFileError)
+    return state
+
+
+def _weights_load(module: nn.Module, path: Path) -> Callable[[], None]:
+    """Read and check ``path`` against ``module`` now; the returned call loads it."""
+    weights = _with_shared_keys(module, read_weights(path))
+    check_state_dict(module.state_dict(), weights, target=type(module).__name__, source=str(path))
+    return lambda: module.load_state_dict(weights, strict=True)
+
+
+def _state_dict_load(name: str, target: Any, saved: Any, source: str) -> Callable[[], None]:
+    """A scheduler / grad scaler state: a dict with the entries ``target``'s own state dict has."""
+    current = target.state_dict()
+    check(isinstance(saved, Mapping) and (bool(saved) or not current),
+          f"the {name} state in {source!r} is {describe(saved) if not isinstance(saved, Mapping) else 'empty'}, "
+          f"but the given {name} has entries {sorted(current)}", error=CheckpointMismatchError)
+    _check_entries(name, set(current), set(saved), source)
+    return lambda: target.load_state_dict(saved)
+
+
+def _check_entries(name: str, current: set, saved: set, source: str) -> None:
+    """``saved`` has the ``current`` entry names. Entries added or dropped by another torch version are allowed;
+    entries missing on both sides mean another class (an SGD state for AdamW, StepLR for LambdaLR)."""
+    only_saved, only_current = sorted(saved - current), sorted(current - saved)
+    check(not (only_saved and only_current),
+          f"the {name} state in {source!r} does not fit the given {name} (another class?): entries only in the "
+          f"file {only_saved}, only in the {name} {only_current}", error=CheckpointMismatchError)
+
+
+# optimizer state entries with one value per parameter element (torch.optim's elementwise optimizers)
+_ELEMENTWISE_STATE = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
+                      "acc_delta", "sum", "exp_inf", "ax", "prev", "step_size"}
+
+
+def _optimizer_load(optimizer: torch.optim.Optimizer, saved: Any, source: str) -> Callable[[], None]:
+    """Check what ``Optimizer.load_state_dict`` would only partly check (or not at all) before it changes anything:
+    the parameter groups (count, sizes, options) and each parameter's state (index, elementwise shapes)."""
+    check(isinstance(saved, Mapping) and {"state", "param_groups"} <= set(saved) and isinstance(saved["state"], Mapping)
+          and all(isinstance(g, Mapping) and "params" in g for g in saved["param_groups"]),
+          f"the optimizer state in {source!r} is not an optimizer state dict", error=CheckpointFileError)
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    _check_param_groups(groups, saved_groups, source)
+    params = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                      itertools.chain.from_iterable(g["params"] for g in groups)))
+    for index, entry in saved["state"].items():
+        check(index in params, f"the optimizer state in {source!r} has state for parameter {index!r}, which "
+                               f"no parameter group lists", error=CheckpointMismatchError)
+        for key, value in entry.items():
+            check(key not in _ELEMENTWISE_STATE or not isinstance(value, Tensor)
+                  or value.shape == params[index].shape,
+                  f"the optimizer state in {source!r} does not fit the optimizer's parameters: `{key}` of "
+                  f"parameter {index} has shape {tuple(value.shape)}, the parameter {tuple(params[index].shape)} "
+                  f"(parameters in another order?)", error=CheckpointMismatchError)
+    return lambda: optimizer.load_state_dict(saved)
+
+
+def _check_param_groups(groups: List[Mapping], saved_groups: List[Mapping], source: str) -> None:
+    """As many groups, of the same sizes, with the options of the same optimizer class."""
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved_groups]
+    check(sizes == saved_sizes, f"the optimizer state in {source!r} has parameter groups of sizes {saved_sizes}, "
+                                f"the optimizer {sizes}: build it over the same parameters, in the same groups "
+                                f"and order", error=CheckpointMismatchError)
+    for index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        _check_entries(f"optimizer parameter group {index}", {k for k in group if k != "params"},
+                       {k for k in saved_group if k != "params"}, source)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -384,12 +486,16 @@ def _ema_counters(ema: nn.Module) -> Dict[str, Tensor]:
             if not key.startswith(("ema_model.", "online_model."))}
 
 
-def _load_ema_counters(ema: nn.Module, saved: Mapping[str, Tensor], *, source: str) -> None:
+def _ema_counters_load(ema: nn.Module, saved: Mapping[str, Tensor], source: str) -> Callable[[], None]:
+    """Check the saved EMA counters against ``ema``'s now; the returned call copies them in."""
     current = {key: value for key, value in ema.state_dict().items()
                if not key.startswith(("ema_model.", "online_model."))}
     check_state_dict(current, saved, target=f"{type(ema).__name__} counters", source=source)
-    for key, value in saved.items():
-        current[key].copy_(value)  # state_dict tensors share storage with the buffers
+
+    def load():
+        for key, value in saved.items():
+            current[key].copy_(value)  # state_dict tensors share storage with the buffers
+    return load
 
 
 # RNG states as weights-only-loadable values
@@ -408,6 +514,38 @@ def get_rng_states() -> Dict[str, Any]:
         states["numpy"] = dict(kind=kind, keys=torch.from_numpy(keys.astype(numpy.int64)), position=int(position),
                                has_gauss=int(has_gauss), cached_gaussian=float(cached))
     return states
+
+
+def _rng_load(saved: Any, source: str) -> Callable[[], None]:
+    """Check the saved RNG states have this process's layout (tensor shapes and dtypes, entry names) now;
+    the returned call restores them. CUDA / NumPy states missing on either side are skipped as in
+    :func:`set_rng_states`."""
+    current = get_rng_states()
+    check(isinstance(saved, Mapping) and {"torch", "python"} <= set(saved),
+          f"the RNG states in {source!r} lack the torch / Python generator states", error=CheckpointFileError)
+    for name in sorted(set(current) & set(saved)):
+        _check_layout(f"rng.{name}", current[name], saved[name], source)
+    return lambda: set_rng_states(saved)
+
+
+def _check_layout(name: str, current: Any, saved: Any, source: str) -> None:
+    """``saved`` nests like ``current``: tensors of the same shape and dtype, dicts with the same keys
+    (lists are compared over their common length: CUDA states for the devices both have)."""
+    if isinstance(current, Tensor):
+        ok = isinstance(saved, Tensor) and saved.shape == current.shape and saved.dtype == current.dtype
+        check(ok, f"`{name}` in {source!r} is {describe(saved)}, expected {describe(current)}",
+              error=CheckpointMismatchError)
+    elif isinstance(current, Mapping):
+        check(isinstance(saved, Mapping) and set(saved) == set(current),
+              f"`{name}` in {source!r} has entries {sorted(saved) if isinstance(saved, Mapping) else describe(saved)}"
+              f", expected {sorted(current)}", error=CheckpointMismatchError)
+        for key in current:
+            _check_layout(f"{name}.{key}", current[key], saved[key], source)
+    elif isinstance(current, (list, tuple)):
+        check(isinstance(saved, (list, tuple)), f"`{name}` in {source!r} is {describe(saved)}, expected a list",
+              error=CheckpointMismatchError)
+        for index, (mine, theirs) in enumerate(zip(current, saved)):
+            _check_layout(f"{name}.{index}", mine, theirs, source)
 
 
 def set_rng_states(states: Mapping[str, Any]) -> None:
