@@ -43,14 +43,14 @@ def corrupted_like_the_model(codes, p, vocab_size, seed):
     return torch.where(swap, torch.randint_like(inputs, vocab_size), inputs), swap
 
 
-def assert_close_f32(actual, expected, *, tol: float = 1e-5, amplification: float = 1.0):
+def assert_close_f32(actual, expected, *, tol: float = 1e-5, amplification: float = 1.0, **kwargs):
     """Two float32 computations of the same math agree up to rounding (tests/TOLERANCES.md): the allowed error is
     ``tol · amplification`` relative to the largest magnitude compared, so it holds on every CPU whatever the scale
     of the values. ``amplification`` is how much the computation after the point where rounding differs can grow
     an error, e.g. ``2·s − 1`` for classifier-free guidance at scale ``s ≥ 1``."""
     scale = tol * amplification
     magnitude = float(torch.as_tensor(expected).detach().abs().max()) if torch.as_tensor(expected).numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=scale, atol=scale * max(magnitude, 1.0))
+    torch.testing.assert_close(actual, expected, rtol=scale, atol=scale * max(magnitude, 1.0), **kwargs)
 
 
 def guidance_amplification(scale: float) -> float:

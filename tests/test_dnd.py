@@ -103,7 +103,7 @@ def test_loss_is_the_mean_over_depths():
     loss, logits = model(codes, class_labels=labels, return_logits=True)
     flat = codes.flatten(1, 2)
     per_depth = [F.cross_entropy(logits[:, :, k].flatten(0, 1), flat[..., k].flatten()) for k in range(3)]
-    torch.testing.assert_close(loss, torch.stack(per_depth).mean(), atol=1e-6, rtol=0)
+    assert_close_f32(loss, torch.stack(per_depth).mean())
 
 
 def test_training_step_reaches_every_head_and_the_shared_table():

@@ -11,11 +11,11 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
+from _helpers import assert_close_f32
 from mmgen_pytorch.backbone import KVCache, TokenLayout, Transformer, grid_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
-ATOL = 1e-5
 DIM = 32
 
 
@@ -47,7 +47,7 @@ def run_chunks(model, x, bounds: Sequence[int], *, cache: KVCache, backend: str,
 
 
 def assert_close(actual, expected):
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+    assert_close_f32(actual, expected)
 
 
 def snapshot(cache: KVCache):

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
+from _helpers import assert_close_f32
 from mmgen_pytorch.backbone import NO_BLOCK, PADDING, AttentionMask, TokenLayout, attend
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
@@ -168,7 +169,7 @@ def test_sdpa_gradients_match_brute_force(spans, heads, seed):
     grads = torch.autograd.grad((attend(q, k, v, AttentionMask(dense=layout.dense_mask())) * upstream).sum(), (q, k, v))
     expected = torch.autograd.grad((reference_attention(q, k, v, reference_allowed(spans)) * upstream).sum(), (q, k, v))
     for name, actual, wanted in zip("qkv", grads, expected):
-        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=0, msg=lambda m: f"grad of {name}: {m}")
+        assert_close_f32(actual, wanted, msg=lambda m: f"grad of {name}: {m}")
 
 
 @given(spans=span_layouts(max_batch=3, max_length=24), heads=st.sampled_from(HEAD_CONFIGS), data=st.data())

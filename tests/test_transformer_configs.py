@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _helpers import assert_close_f32
 from mmgen_pytorch.backbone import AttentionMask, RMSNorm, TokenLayout, Transformer, swiglu_hidden_dim
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
-ATOL = 1e-5
 DIM, DEPTH, HEADS, DIM_COND, BASE = 64, 2, 4, 12, 10000.0
 
 
@@ -184,8 +184,8 @@ def test_matches_naive_reference(config):
     expected = reference_forward(model, x, layout=layout, positions=positions, axes=axes, cond=cond, cond_mask=cond_mask)
     kwargs = dict(layout=layout, positions=positions, cond=cond, cond_mask=cond_mask)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, **kwargs), expected, atol=ATOL, rtol=0)
-        torch.testing.assert_close(model(x, backend="flex", **kwargs), expected, atol=ATOL, rtol=0)
+        assert_close_f32(model(x, **kwargs), expected)
+        assert_close_f32(model(x, backend="flex", **kwargs), expected)
     # gradients flow to every parameter through the SDPA path
     model(x, **kwargs).square().mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
@@ -218,7 +218,7 @@ def test_default_positions_and_partial_rotary():
         scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~dense, float("-inf"))
         h = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, DIM) @ attn.to_out.weight.T
         h = h + ref_feed_forward(block.ff, ref_norm(block.ff_norm, h))
-    torch.testing.assert_close(out, ref_norm(model.norm, h), atol=ATOL, rtol=0)
+    assert_close_f32(out, ref_norm(model.norm, h))
 
 
 # adaLN
@@ -254,11 +254,11 @@ def test_cond_table_with_index_equals_per_token_cond():
     index = torch.tensor([[-1, -1, 0, 0, 0, -1, 2, 2, -1], [1, 1, 1, -1, -1, -1, -1, 0, 0]])
     out = model(x, cond=table, cond_index=index)
     per_token = model(x, cond=table[index.clamp_min(0)], cond_mask=index >= 0)
-    torch.testing.assert_close(out, per_token, atol=ATOL, rtol=0)
+    assert_close_f32(out, per_token)
     layout = TokenLayout.causal(2, 9)
     expected = reference_forward(model, x, layout=layout, positions=torch.arange(9)[None].expand(2, -1), axes=1,
                                  cond=table[index.clamp_min(0)], cond_mask=index >= 0)
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    assert_close_f32(out, expected)
 
 
 @torch.no_grad()
@@ -319,7 +319,7 @@ def test_return_hiddens():
     mask, rotary = AttentionMask(is_causal=True), model.rotary(torch.arange(7)[None].expand(2, -1))
     previous = x
     for block, hidden in zip(model.layers, hiddens):
-        torch.testing.assert_close(block(previous, mask=mask, rotary=rotary), hidden, atol=ATOL, rtol=0)
+        assert_close_f32(block(previous, mask=mask, rotary=rotary), hidden)
         previous = hidden
 
 
@@ -342,8 +342,8 @@ def test_block_hook_replaces_the_residual_stream(inject_after):
         h = block(h, mask=mask, rotary=rotary, layer_index=index)
         if index == inject_after:
             h = h + extra
-        torch.testing.assert_close(hiddens[index], h, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out, model.norm(h), atol=ATOL, rtol=0)
+        assert_close_f32(hiddens[index], h)
+    assert_close_f32(out, model.norm(h))
     assert not torch.allclose(out, model(x))
 
 
@@ -374,7 +374,7 @@ def test_non_causal_sees_every_token():
     model.causal = False
     x = torch.randn(2, 10, DIM)
     expected = reference_forward(model, x, layout=None, positions=torch.arange(10)[None].expand(2, -1), axes=1)
-    torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=0)
+    assert_close_f32(model(x), expected)
     fresh = Transformer(dim=32, depth=1, heads=4, causal=False, attn_backend="sdpa").eval()
     y = torch.randn(1, 6, 32)
     changed = y.clone()
