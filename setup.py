@@ -27,7 +27,7 @@ setup(
     packages=find_packages(exclude=["tests*", "benchmarks*", "examples*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.12",
         "einops>=0.8",
         "beartype",
         "jaxtyping",
