@@ -338,10 +338,11 @@ def train(recipe, args) -> float:
     return earlier + (time.time() - started) / 60
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: Optional[int] = None,
-                scale: int = 6) -> None:
+def sample_grid(images: np.ndarray, labels: np.ndarray, path: Optional[Path] = None, per_row: Optional[int] = None,
+                scale: int = 6) -> Image.Image:
     """One row per class present in ``labels``, ``per_row`` samples each (default: as many as the
-    largest class has, at most 10); a class short of samples is padded with black."""
+    largest class has, at most 10); a class short of samples is padded with black. Saved to ``path``
+    when given; returns the image."""
     digits = sorted(set(labels.tolist()))
     per_row = default(per_row, min(10, max(int((labels == digit).sum()) for digit in digits)))
     rows = []
@@ -350,7 +351,10 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: Opt
         chosen = np.concatenate([chosen, np.zeros((per_row - len(chosen), 8, 8))]) if len(chosen) < per_row else chosen
         rows.append(np.concatenate([np.pad(c, 1) for c in chosen], axis=1))
     grid = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if path is not None:
+        image.save(path)
+    return image
 
 
 def run(args) -> Dict:
