@@ -152,3 +152,13 @@ def test_sample_grid_is_sized_to_the_samples(tmp_path):
     images = np.ones((5, 8, 8), dtype=np.float32)
     train_digits.sample_grid(images, np.arange(5), tmp_path / "grid.png", scale=1)
     assert Image.open(tmp_path / "grid.png").size == (10, 5 * 10)  # 5 classes x 1 sample, 8 px + 1 px border each side
+
+
+def test_kept_tokenizer_without_config_is_checked_by_its_weights(tmp_path):
+    train_digits.LlamaGenRecipe(train_digits.parse_args(["--model", "llamagen", "--out", str(tmp_path),
+                                                          "--tokenizer-steps", "1", "--no-progress"]))
+    (tmp_path / "tokenizer" / "config.json").unlink()  # as an older version of the script left it
+    args = train_digits.parse_args(["--model", "dnd", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit, match="(?s)does not hold the RQVAE --model dnd needs.*--retrain-tokenizer") as error:
+        train_digits.DnDRecipe(args)
+    assert str(tmp_path / "tokenizer") in str(error.value)
