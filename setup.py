@@ -14,6 +14,10 @@ def read_version() -> str:
     return match.group(1)
 
 
+# what examples/ imports beside the library (ema-pytorch: the digits job's EMA; the library itself only
+# saves an EMA it is given); the tests run the examples, the notebook extra adds a Jupyter to run the quick start
+EXAMPLES = ["ema-pytorch", "numpy", "Pillow", "scikit-learn", "scipy"]
+
 readme = HERE / "README.md"
 long_description = readme.read_text(encoding="utf-8") if readme.exists() else ""
 
@@ -31,7 +35,6 @@ setup(
         "einops>=0.8",
         "beartype",
         "jaxtyping",
-        "ema-pytorch",
         "torchdiffeq",
         "rotary-embedding-torch>=0.8",
         "x-transformers",
@@ -39,8 +42,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn", "Pillow", "numpy", "nbformat", "nbclient", "ipykernel"],
-        "examples": ["scikit-learn", "Pillow", "numpy", "notebook"],
+        "test": [*EXAMPLES, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel"],
+        "examples": EXAMPLES,
+        "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },
     keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],
     classifiers=[

@@ -7,7 +7,11 @@ The data (1,797 real digits, 10 classes) ships with scikit-learn: nothing is dow
 the one `evaluate_digits.py` uses; only the training split is trained on. Outputs in `--out`
 (default `results/<model>/`): `samples.png` (one row per class), `samples.npz` (`images` float32
 (N, 8, 8) in [0, 1], `labels` int64 (N,)), `metrics.json`, and `checkpoint/` (safetensors weights,
-optimizer and EMA state) that `--resume` continues from.
+optimizer and EMA state, `config.json` naming the model) that `--resume` continues from. LlamaGen and DnD
+first train a tokenizer into `<out>/tokenizer/` and reuse it on later runs (`--retrain-tokenizer` replaces it).
+
+Every flag, and what `--resume` or a kept tokenizer would continue from, is checked before any data is
+loaded or any training starts.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -34,7 +38,11 @@ from evaluate_digits import evaluate, split  # noqa: E402
 
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, Transfusion,  # noqa: E402
                            load_training_state, save_training_state)
-from mmgen_pytorch.checkpoint import load_weights, save_weights  # noqa: E402
+from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
+from mmgen_pytorch.checkpoint import (CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, load_weights,  # noqa: E402
+                                      read_config)
+from mmgen_pytorch.pretrained import CheckpointMismatchError  # noqa: E402
+from mmgen_pytorch.sampling import check_cfg_scale, check_sampling_options  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -79,12 +87,15 @@ def read_caption(ids: Tensor) -> str:
 
 # recipes: one per model
 
+DDPM_STEPS = 1000  # MonoFormer's and MAR's training chains; they sample 3 x --modality-steps respaced steps
+
 class TransfusionRecipe:
     """Caption <-> image both ways in ONE model: `[caption, image]` and `[image, caption]` samples."""
 
     # 2200 steps fit the 10-minute budget on 2 cores (3.5 steps/s); at that length lr 2e-3 beats 1e-3
     # (99.2 % / FD 28.8 / captions 95.9 % against 98.4 % / 31.9 / 96.1 %)
     default_steps, batch_size, lr, cfg = 2200, 64, 2e-3, 1.5
+    model_class = Transfusion
 
     def __init__(self, args):
         self.args = args
@@ -129,6 +140,7 @@ class MARRecipe:
     # mask ratios from 0.1 (upstream: 0.7): with 16 tokens, 0.7 never trains the late sampling steps,
     # where most tokens are known (FD 29.3 from 0.1, 37.6 from 0.3, 43.7 from 0.7 at the same steps)
     default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
+    model_class, max_modality_steps = MAR, DDPM_STEPS // 3
 
     def __init__(self, args):
         self.args = args
@@ -155,6 +167,7 @@ class MonoFormerRecipe:
 
     # CFG 1.25: at 1.5 the samples of a class grow alike (FD 33.6 vs 26.3, accuracy 99.6 vs 99.4 %)
     default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.25
+    model_class, max_modality_steps = MonoFormer, DDPM_STEPS // 3
 
     def __init__(self, args):
         self.args = args
@@ -176,15 +189,18 @@ class MonoFormerRecipe:
 
 # tokenizer-first recipes: the tokenizer is trained once, kept in <out>/tokenizer and reused
 
+def tokenizer_folder(args) -> Path:
+    return Path(args.out) / "tokenizer"
+
+
 def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: int = 64):
-    """Train ``tokenizer`` (its forward returns ``.loss``) on the training digits, or load it from
-    ``<out>/tokenizer/model.safetensors`` when an earlier run left it there. Returns it in eval mode."""
-    path = Path(args.out) / "tokenizer" / "model.safetensors"
+    """Train ``tokenizer`` (its forward returns ``.loss``) on the training digits and save it (config.json
+    naming its class + model.safetensors) in ``<out>/tokenizer``, or reuse the one an earlier run left
+    there (its kind already checked by `validate`) unless ``--retrain-tokenizer``. Returns it in eval mode."""
+    folder = tokenizer_folder(args)
+    if (folder / WEIGHTS_FILE).exists() and not args.retrain_tokenizer:
+        return reuse_tokenizer(tokenizer, folder, args)
     started = time.time()
-    if path.exists():
-        load_weights(tokenizer, path)
-        args.tokenizer_minutes = json.loads((path.parent / "train_minutes.json").read_text())["minutes"]
-        return tokenizer.eval().requires_grad_(False)
     images = training_data()[0].unsqueeze(1) * 2 - 1
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)
     tokenizer.train()
@@ -197,10 +213,24 @@ def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: 
         output.loss.backward()
         optimizer.step()
         bar.set_postfix(recon=f"{output.recon_loss.item():.4f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(tokenizer, path)
+    tokenizer.save(folder)
     args.tokenizer_minutes = (time.time() - started) / 60
-    (path.parent / "train_minutes.json").write_text(json.dumps({"minutes": args.tokenizer_minutes}))
+    (folder / "train_minutes.json").write_text(json.dumps({"minutes": args.tokenizer_minutes, "steps": steps}))
+    return tokenizer.eval().requires_grad_(False)
+
+
+def reuse_tokenizer(tokenizer, folder: Path, args):
+    try:
+        load_weights(tokenizer, folder / WEIGHTS_FILE)
+    except CheckpointMismatchError as error:  # a folder without config.json, from an older version of this script
+        raise SystemExit(f"error: {folder} does not hold the {type(tokenizer).__name__} --model {args.model} needs "
+                         f"({error}); pass --retrain-tokenizer to replace it") from None
+    timing = folder / "train_minutes.json"
+    earlier = json.loads(timing.read_text()) if timing.exists() else {}
+    args.tokenizer_minutes = earlier.get("minutes", 0.0)
+    print(f"reusing the {type(tokenizer).__name__} tokenizer trained earlier in {folder} "
+          f"({earlier.get('steps', 'unknown')} steps, {args.tokenizer_minutes:.1f} min, counted in train_minutes); "
+          f"--tokenizer-steps is ignored: pass --retrain-tokenizer to train a new one")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -214,6 +244,7 @@ class LlamaGenRecipe:
     # dropout alone stops that but draws poorly (69 %). With 30 % of the input positions corrupted it
     # generalises and draws well, with no guidance (CFG 1.25 costs FD: 24-34 against 23-28 over 3 seeds)
     default_steps, batch_size, lr, cfg, top_p, tokenizer_steps = 3500, 64, 1e-3, 1.0, 0.9, 2000
+    model_class, tokenizer_class = LlamaGen, VQVAE
     gpt = dict(dim=128, grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
                attn_dropout=0.1, resid_dropout=0.2, ff_dropout=0.2)
 
@@ -250,6 +281,7 @@ class DnDRecipe(LlamaGenRecipe):
     # the same regularisation as LlamaGen, at 10 % input corruption: 95.6 % -> 100 % (dropout alone) at
     # the same steps. 16 shared codes (256 pairs a position) beat 64 (97.4 % against 94.0 % at 1500 steps)
     default_steps, cfg, top_p = 3000, 1.25, 0.95
+    model_class, tokenizer_class = DnDTransformer, RQVAE
 
     def __init__(self, args):
         self.args = args
@@ -279,15 +311,14 @@ def train(recipe, args) -> float:
     model = recipe.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     ema = EMA(model, beta=args.ema_beta, update_after_step=100, update_every=1)
-    checkpoint = Path(args.out) / "checkpoint"
-    resume = args.resume and (checkpoint / "training_state.pt").exists()
-    start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if resume else 0
+    checkpoint = Path(args.out) / "checkpoint"  # `validate` made sure --resume has one of this model to resume
+    start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if args.resume else 0
     timing = checkpoint / "train_minutes.json"
-    earlier = json.loads(timing.read_text())["minutes"] if resume and timing.exists() else 0.0
+    earlier = json.loads(timing.read_text())["minutes"] if args.resume and timing.exists() else 0.0
     started = time.time()
     images, labels = training_data()
     inputs = recipe.prepare(images) if hasattr(recipe, "prepare") else images  # e.g. tokenizer codes
-    steps = args.steps if args.steps is not None else recipe.default_steps
+    steps = args.steps
     model.train()
     bar = tqdm(range(start, steps), desc=f"training {args.model}", disable=not args.progress, initial=start, total=steps)
     for step in bar:
@@ -307,14 +338,23 @@ def train(recipe, args) -> float:
     return earlier + (time.time() - started) / 60
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10, scale: int = 6) -> None:
+def sample_grid(images: np.ndarray, labels: np.ndarray, path: Optional[Path] = None, per_row: Optional[int] = None,
+                scale: int = 6) -> Image.Image:
+    """One row per class present in ``labels``, ``per_row`` samples each (default: as many as the
+    largest class has, at most 10); a class short of samples is padded with black. Saved to ``path``
+    when given; returns the image."""
+    digits = sorted(set(labels.tolist()))
+    per_row = default(per_row, min(10, max(int((labels == digit).sum()) for digit in digits)))
     rows = []
-    for digit in range(10):
+    for digit in digits:
         chosen = images[labels == digit][:per_row]
         chosen = np.concatenate([chosen, np.zeros((per_row - len(chosen), 8, 8))]) if len(chosen) < per_row else chosen
         rows.append(np.concatenate([np.pad(c, 1) for c in chosen], axis=1))
     grid = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if path is not None:
+        image.save(path)
+    return image
 
 
 def run(args) -> Dict:
@@ -340,7 +380,7 @@ def run(args) -> Dict:
 
     tokenizer_minutes = getattr(args, "tokenizer_minutes", 0.0)  # LlamaGen / DnD: trained first, counted in
     metrics = {"model": args.model, "train_minutes": minutes + tokenizer_minutes,
-               "tokenizer_minutes": tokenizer_minutes, "sampling_seconds": sampling_seconds,
+               "tokenizer_minutes": tokenizer_minutes, "sampling_seconds": sampling_seconds, "steps": args.steps,
                "sampling": {"cfg": args.cfg, "top_p": args.top_p, "temperature": args.temperature,
                             "modality_steps": args.modality_steps, "mar_iters": args.mar_iters},
                **evaluate(images, labels.numpy())}
@@ -351,34 +391,130 @@ def run(args) -> Dict:
     return metrics
 
 
-def parse_args(argv: List[str] | None = None):
+# command line: every flag is checked here, before any data is loaded or any training starts
+
+def checked(convert, validate):
+    """An argparse ``type=``: ``convert`` the text, then ``validate`` the value (a ValueError becomes
+    argparse's "argument --flag: ..." error)."""
+    def parse(text: str):
+        value = convert(text)
+        try:
+            validate(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+def at_least(minimum: int):
+    return checked(int, lambda value: check(value >= minimum, f"must be an int >= {minimum}, got {value}"))
+
+
+def non_negative(name: str):
+    return checked(float, lambda value: check_finite_number(name, value, minimum=0))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(RECIPES), default="transfusion")
     parser.add_argument("--out", default=None, help="output folder (default results/<model>/)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the model's recipe)")
-    parser.add_argument("--tokenizer-steps", type=int, default=None,
-                        help="LlamaGen / DnD: tokenizer training steps (default: the recipe's)")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--cfg", type=float, default=None,
+    parser.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the model's recipe)")
+    parser.add_argument("--tokenizer-steps", type=at_least(1), default=None,
+                        help="LlamaGen / DnD: tokenizer training steps (default: the recipe's); a tokenizer kept in "
+                             "<out>/tokenizer from an earlier run is reused instead unless --retrain-tokenizer")
+    parser.add_argument("--retrain-tokenizer", action="store_true",
+                        help="LlamaGen / DnD: train a new tokenizer even if <out>/tokenizer holds one")
+    parser.add_argument("--num-samples", type=at_least(2), default=500,
+                        help="samples to draw and score (at least 2: the Fréchet distance needs a covariance)")
+    parser.add_argument("--cfg", type=checked(float, lambda value: check_cfg_scale(value, "cfg")), default=None,
                         help="classifier-free guidance scale for sampling (default: the recipe's)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="LlamaGen / DnD: token sampling temperature; MAR: the diffusion head's noise temperature")
-    parser.add_argument("--top-p", type=float, default=None, help="LlamaGen / DnD: nucleus sampling (default: the recipe's)")
-    parser.add_argument("--modality-steps", type=int, default=16)
-    parser.add_argument("--ema-beta", type=float, default=0.995)
+    parser.add_argument("--temperature", type=non_negative("temperature"), default=1.0,
+                        help="LlamaGen / DnD: token sampling temperature; MAR: the diffusion head's noise temperature")
+    parser.add_argument("--top-p", type=checked(float, lambda value: check_sampling_options(top_p=value)), default=None,
+                        help="LlamaGen / DnD: nucleus sampling (default: the recipe's)")
+    parser.add_argument("--modality-steps", type=at_least(1), default=16,
+                        help="Transfusion: flow steps; MonoFormer / MAR: 3x this many DDPM steps (at most "
+                             f"{DDPM_STEPS // 3})")
+    parser.add_argument("--ema-beta", default=0.995,
+                        type=checked(float, lambda value: check(0 <= value < 1, f"must be in [0, 1), got {value}")))
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
-    parser.add_argument("--mar-iters", type=int, default=8, help="MAR: autoregressive steps when sampling")
-    parser.add_argument("--caption-samples", type=int, default=None,
+    parser.add_argument("--checkpoint-every", type=at_least(1), default=500)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (it must exist)")
+    parser.add_argument("--mar-iters", type=at_least(1), default=8, help="MAR: autoregressive steps when sampling")
+    parser.add_argument("--caption-samples", type=at_least(1), default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def parse_args(argv: List[str] | None = None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    recipe = RECIPES[args.model]
     args.out = args.out or os.path.join("results", args.model)
-    args.cfg = default(args.cfg, RECIPES[args.model].cfg)
-    args.top_p = default(args.top_p, getattr(RECIPES[args.model], "top_p", 1.0))
+    args.steps = default(args.steps, recipe.default_steps)
+    args.cfg = default(args.cfg, recipe.cfg)
+    args.top_p = default(args.top_p, getattr(recipe, "top_p", 1.0))
+    validate(parser, args)
     return args
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    """What the flags ask of each other and of ``--out``; ``parser.error`` (exit 2) names the flag."""
+    recipe = RECIPES[args.model]
+    limit = getattr(recipe, "max_modality_steps", None)
+    if limit is not None and args.modality_steps > limit:
+        parser.error(f"argument --modality-steps: --model {args.model} samples 3 x this many steps of its "
+                     f"{DDPM_STEPS}-step DDPM chain: must be <= {limit}, got {args.modality_steps}")
+    if hasattr(recipe, "tokenizer_class"):
+        check_kept_tokenizer(parser, args, recipe.tokenizer_class)
+    if args.resume:
+        check_resumable(parser, args, recipe.model_class)
+    elif (Path(args.out) / "checkpoint" / TRAINING_STATE_FILE).exists():
+        print(f"note: starting fresh; the checkpoint in {Path(args.out) / 'checkpoint'} will be overwritten "
+              f"(--resume continues it)")
+
+
+def saved_kind(folder: Path) -> Optional[str]:
+    """The class named by ``folder/config.json``, None without one."""
+    return read_config(folder)["class"] if (folder / CONFIG_FILE).is_file() else None
+
+
+def check_kept_tokenizer(parser, args, needed: type) -> None:
+    folder = tokenizer_folder(args)
+    kept = (folder / WEIGHTS_FILE).exists()
+    if args.resume and args.retrain_tokenizer:
+        parser.error("argument --retrain-tokenizer: not with --resume (the checkpoint's GPT was trained on the codes "
+                     f"of the tokenizer in {folder})")
+    if args.resume and not kept:
+        parser.error(f"argument --resume: {folder} holds no tokenizer; the checkpoint's GPT needs the one it was "
+                     f"trained with")
+    found = saved_kind(folder) if kept and not args.retrain_tokenizer else None
+    if found is not None and found != needed.__name__:
+        parser.error(f"{folder} holds a {found} tokenizer, but --model {args.model} needs a {needed.__name__}: "
+                     f"pass --retrain-tokenizer to replace it, or another --out")
+
+
+def check_resumable(parser, args, needed: type) -> None:
+    checkpoint = Path(args.out) / "checkpoint"
+    if not (checkpoint / TRAINING_STATE_FILE).is_file():
+        parser.error(f"argument --resume: {checkpoint} holds no checkpoint (no {TRAINING_STATE_FILE}); "
+                     f"leave out --resume to start fresh")
+    found = saved_kind(checkpoint)
+    if found != needed.__name__:
+        trained_by = {recipe.model_class.__name__: name for name, recipe in RECIPES.items()}.get(found)
+        parser.error(f"argument --resume: {checkpoint} holds a {found or 'unnamed (no config.json)'} checkpoint"
+                     f"{f' (--model {trained_by})' if trained_by else ''}, but --model {args.model} trains a "
+                     f"{needed.__name__}: pass --model {trained_by or '...'} or another --out")
+    step = int(torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)["step"])
+    if step > args.steps:
+        parser.error(f"argument --steps: the checkpoint in {checkpoint} is already at step {step}, past --steps "
+                     f"{args.steps}: nothing to train; pass --steps above {step} to train on")
+    if step == args.steps:
+        print(f"note: the checkpoint in {checkpoint} is already at --steps {step}: nothing to train, sampling only")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def test_transfusion_samples_with_another_solver():
     evaluations = []
     original = model.objective.integrate
 
-    def counting(velocity, noise, steps):
-        return original(lambda t, x: evaluations.append(1) or velocity(t, x), noise, steps)
+    def counting(velocity, noise, steps, **options):
+        return original(lambda t, x: evaluations.append(1) or velocity(t, x), noise, steps, **options)
 
     model.objective.integrate = counting
     images = model.generate_modality_only(2, modality_steps=3, progress=False)

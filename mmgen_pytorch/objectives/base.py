@@ -58,5 +58,7 @@ class ContinuousObjective(ABC):
 
     @abstractmethod
     def generate(self, denoise: Denoiser, noise: Float[Tensor, "b n d"], steps, *,
-                 generator: Optional[torch.Generator] = None, **options) -> Float[Tensor, "b n d"]:
-        """Run the reverse process from ``noise``; ``denoise(x, t)`` gets every row at one time."""
+                 generator: Optional[torch.Generator] = None, progress: bool = False,
+                 **options) -> Float[Tensor, "b n d"]:
+        """Run the reverse process from ``noise``; ``denoise(x, t)`` gets every row at one time.
+        ``progress``: a tqdm bar that ticks once per sampling step."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchdiffeq import odeint
+from tqdm.auto import tqdm
 
 from .._utils import check
 from ..sampling import cfg_combine
@@ -74,14 +75,16 @@ class RectifiedFlow(ContinuousObjective):
         return cfg_combine(cond, uncond, scale)
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: int, *,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
         """Integrate ``denoise`` (a velocity) from noise to data; deterministic, so ``generator`` is unused."""
-        return self.integrate(lambda t, x: denoise(x, t), noise, steps)
+        return self.integrate(lambda t, x: denoise(x, t), noise, steps, progress=progress)
 
-    def integrate(self, velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Tensor:
+    def integrate(self, velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int, *,
+                  progress: bool = False) -> Tensor:
         """Solve ``dx/dt = velocity(t, x)`` from ``t = 0`` (noise) to ``t = 1``; returns the final x.
 
         Fixed-step methods take ``steps`` steps on a uniform grid (midpoint: 2 evaluations per step).
+        ``progress``: a bar of the ``steps`` steps, at the step of the time last evaluated.
         """
         check(steps >= 1, f"`modality_steps` must be >= 1, got {steps}")
         grid = torch.linspace(0.0, 1.0, steps + 1, device=noise.device, dtype=noise.dtype)
@@ -90,7 +93,20 @@ class RectifiedFlow(ContinuousObjective):
             kwargs.setdefault("atol", 1e-5)
             kwargs.setdefault("rtol", 1e-5)
             grid = grid[[0, -1]]
-        return odeint(velocity, noise, grid, method=self.ode_method, **kwargs)[-1]
+
+        def solve(function: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+            return odeint(function, noise, grid, method=self.ode_method, **kwargs)[-1]
+
+        if not progress:
+            return solve(velocity)
+        with tqdm(total=steps, desc="flow", leave=False) as bar:
+            def ticking(t: Tensor, x: Tensor) -> Tensor:
+                bar.update(min(steps, int(float(t) * steps + 1e-4)) - bar.n)  # the steps done before time t
+                return velocity(t, x)
+
+            x = solve(ticking)
+            bar.update(steps - bar.n)
+        return x
 
 
 class TimeEmbedding(nn.Module):

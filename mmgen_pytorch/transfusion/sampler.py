@@ -292,7 +292,8 @@ class Sampler:
             output = self.modality_forward(chunk, x.repeat(self.copies, 1, 1), t, write=False)
             return model.objective.guide(output, self.cfg_scale) if self.guided else output
 
-        latent = model.objective.generate(denoise, noise, self.steps, generator=self.generator, **self.objective_kwargs)
+        latent = model.objective.generate(denoise, noise, self.steps, generator=self.generator,
+                                          **{"progress": self.progress, **self.objective_kwargs})
         self.modality_forward(chunk, latent.repeat(self.copies, 1, 1), torch.tensor(model.objective.clean_time),
                               write=True)
         for k, i in enumerate(group):
