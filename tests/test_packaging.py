@@ -1,5 +1,6 @@
 """The distribution builds a wheel that installs into a fresh virtual environment and imports from there."""
 
+import os
 import subprocess
 import sys
 import venv
@@ -12,7 +13,9 @@ DEPENDENCIES = ["beartype", "einops", "jaxtyping", "rotary-embedding-torch", "sa
 
 
 def run(*command, cwd):
-    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    # without PYTHONPATH: a checkout on it would shadow the wheel under test
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
 def expose_dependencies(env: Path) -> None:
