@@ -43,7 +43,7 @@ setup(
     ],
     extras_require={
         "test": [*EXAMPLES, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
-                 "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them),
+                 "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
         "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },
