@@ -478,8 +478,11 @@ class Transfusion(Checkpointable, nn.Module):
 
         ``prompt``: None, one prompt (a list of text tensors / modalities, or a single tensor), or a list
         of prompts (batched). Returns one sample (a list of text tensors and ``(modality_type, tensor)``),
-        or a list of samples for a list of prompts or a ``batch_size``. ``objective_kwargs`` go to the
-        objective's ``generate`` (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``).
+        or a list of samples for a list of prompts or a ``batch_size`` (which must then equal the number
+        of prompts; an empty list is refused). ``objective_kwargs`` go to the objective's ``generate``
+        (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``, ``clip_denoised``; rectified flow: none).
+        ``generator``: a ``torch.Generator`` or an int seed. Every option is checked before any prompt is
+        encoded or run.
         """
         check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
               f"`batch_size` must be an int >= 1, got {batch_size!r}")
