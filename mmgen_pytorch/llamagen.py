@@ -186,9 +186,9 @@ class LlamaGen(Checkpointable, nn.Module):
             cfg_scale: classifier-free guidance ``uncond + scale * (cond - uncond)`` on the fp32 logits,
                 before temperature and filtering; any value but 1 runs the [cond; uncond] batch
                 (upstream guides only for ``cfg_scale > 1``).
-            cfg_interval: a finite number >= -1; as upstream, ``> -1`` stops guiding after the first ``cfg_interval + 2``
-                tokens (the prefill and decode steps ``0..cfg_interval``); the unconditional rows are then
-                dropped. ``-1``: guide every step.
+            cfg_interval: a finite number >= -1; as upstream, ``> -1`` stops guiding after the first
+                ``cfg_interval + 2`` tokens (the prefill and decode steps ``0..cfg_interval``); the
+                unconditional rows are then dropped. ``-1``: guide every step.
             temperature, top_k, top_p: sampling (``top_k=0`` / ``top_p=1``: off). greedy: argmax.
             generator: a torch.Generator or an int seed for the multinomial draws. progress: a tqdm bar.
             use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step.
