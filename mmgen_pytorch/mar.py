@@ -386,10 +386,10 @@ class MAR(Checkpointable, nn.Module):
         return labels.long()
 
     def _sampling_labels(self, class_labels, batch_size: Optional[int]):
-        check(as_int(class_labels) is None,
-              f"`class_labels` must be class ids [b], got the bare int {class_labels!r}: pass "
-              f"`class_labels=[{class_labels!r}]` for one sample of class {class_labels!r}, or `batch_size="
-              f"{class_labels!r}` (no `class_labels`) for {class_labels!r} class-unconditional samples")
+        bare = as_int(class_labels)  # a class or a batch size? refused rather than guessed
+        check(bare is None, f"`class_labels` must be class ids [b], got the bare int {bare}: pass `class_labels=[{bare}]` "
+                            f"for one sample of class {bare}, or `batch_size={bare}` (no `class_labels`) for {bare} "
+                            f"class-unconditional samples")
         if class_labels is None:
             check(isinstance(batch_size, int) and batch_size >= 1,
                   f"`batch_size` must be an int >= 1 when no `class_labels` are given, got {batch_size!r}")
