@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 import torch
 from beartype import BeartypeConf, beartype
 from jaxtyping import jaxtyped
-from torch import Tensor
+from torch import Tensor, nn
 
 T = TypeVar("T")
+GeneratorLike = Union[torch.Generator, int, None]  # what every public `generator=` argument takes
 
 
 def exists(value: Any) -> bool:
@@ -62,11 +63,30 @@ def describe(tensor: Any) -> str:
     return f"{type(tensor).__name__}({tensor!r})" if not isinstance(tensor, (list, tuple)) else f"{type(tensor).__name__} of length {len(tensor)}"
 
 
+def check_has_data(name: str, tensor: Tensor) -> None:
+    """Value checks need values: a meta tensor (a shape without data) is refused by name up front."""
+    check(tensor.device.type != "meta",
+          f"`{name}` is a meta tensor (a shape without values); give a tensor with data on a real device")
+
+
 def check_finite(name: str, tensor: Tensor) -> None:
     """Skipped under ``torch.compile`` (as :func:`check_index_range`): a value check would break the graph."""
     if torch.compiler.is_compiling():
         return
+    check_has_data(name, tensor)
     check(bool(torch.isfinite(tensor).all()), f"`{name}` contains NaN or inf values")
+
+
+def check_value_range(name: str, tensor: Tensor, low: float, high: float, *, expected: str, hint: str = "") -> None:
+    """Finite values in ``[low, high]`` (``expected`` says so in words), from one min/max reduction (one
+    host sync); NaN or inf are reported as by :func:`check_finite`. Skipped under ``torch.compile``."""
+    if tensor.numel() == 0 or torch.compiler.is_compiling():
+        return
+    check_has_data(name, tensor)
+    lowest, highest = (float(v) for v in torch.aminmax(tensor))
+    check(math.isfinite(lowest) and math.isfinite(highest), f"`{name}` contains NaN or inf values")
+    check(low <= lowest and highest <= high,
+          f"`{name}` must be {expected}, got values in [{lowest:.4g}, {highest:.4g}]{hint}")
 
 
 def is_index_tensor(value: Any) -> bool:
@@ -82,14 +102,56 @@ def check_index_range(name: str, ids: Tensor, upper: int, *, what: str = "", bou
     where the host sync would break the graph (the compiled embedding lookups bounds-check)."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
+    check_has_data(name, ids)
     low, high = (int(v) for v in torch.aminmax(ids))
     check(0 <= low and high < upper, f"`{name}` must be {what + ' ' if what else ''}in [0, {upper})"
                                      f"{f' ({bound})' if bound else ''}, got values in [{low}, {high}]")
 
 
-def check_finite_number(name: str, value: Any, *, minimum: Optional[float] = None) -> None:
-    """A real, finite scalar option (a guidance scale, a temperature), optionally ``>= minimum``."""
-    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
-    check(isinstance(number, numbers.Real) and not isinstance(number, bool) and math.isfinite(number)
-          and (minimum is None or number >= minimum),
-          f"`{name}` must be a finite number{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+def check_finite_number(name: str, value: Any, *, minimum: Optional[float] = None,
+                        maximum: Optional[float] = None, strict: bool = False) -> None:
+    """A real, finite scalar option (a guidance scale, a temperature), optionally ``>= minimum`` (``>``
+    with ``strict``) and ``<= maximum``."""
+    number = value.item() if isinstance(value, Tensor) and value.numel() == 1 and value.device.type != "meta" else value
+    valid = isinstance(number, numbers.Real) and not isinstance(number, bool) and math.isfinite(number)
+    if valid and minimum is not None:
+        valid = number > minimum if strict else number >= minimum
+    if valid and maximum is not None:
+        valid = number <= maximum
+    check(valid, f"`{name}` must be a finite number{_bounds(minimum, maximum, strict)}, got {value!r}")
+
+
+def _bounds(minimum: Optional[float], maximum: Optional[float], strict: bool) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in {'(' if strict else '['}{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" {'>' if strict else '>='} {minimum}"
+    return f" <= {maximum}" if maximum is not None else ""
+
+
+def as_int(value: Any) -> Optional[int]:
+    """A Python int from an int, a NumPy integer or a 0-dim integer tensor; None for anything else
+    (bools, floats, tensors with more than one value or without data)."""
+    if isinstance(value, Tensor):
+        usable = value.ndim == 0 and is_index_tensor(value) and value.device.type != "meta"
+        return int(value) if usable else None
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
+def as_generator(generator: GeneratorLike, device: Union[torch.device, str, None] = None, *,
+                 name: str = "generator") -> Optional[torch.Generator]:
+    """The ``generator=`` of every public entry point: None, a ``torch.Generator`` (kept as it is), or an
+    int seed, which becomes a new Generator on ``device`` (where the caller draws) seeded with it."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    seed = as_int(generator)
+    check(seed is not None and 0 <= seed < 2 ** 64,
+          f"`{name}` must be a torch.Generator or an int seed in [0, 2**64), got {describe(generator)}")
+    return torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
+
+
+def like_parameters(tensor: Tensor, module: nn.Module) -> Tensor:
+    """A float input moved to the device and dtype of ``module``'s parameters, as the models take
+    inputs of another precision (float64 / float16 images into a float32 tokenizer)."""
+    reference = next(module.parameters(), None)
+    return tensor if reference is None else tensor.to(device=reference.device, dtype=reference.dtype)

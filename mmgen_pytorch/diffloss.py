@@ -15,9 +15,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._utils import check, describe
+from ._utils import GeneratorLike, as_generator, check, describe
 from .objectives.flow import TimeEmbedding
-from .objectives.gaussian import GaussianDiffusion, Spacing, guide_conditional
+from .objectives.gaussian import GaussianDiffusion, Spacing, check_chain_options, guide_conditional
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -52,18 +52,19 @@ class DiffLoss(nn.Module):
         spacing = self.num_sampling_steps if num_sampling_steps is None else num_sampling_steps
         key = repr(spacing)
         if key not in self._sampling_chains:
-            self._sampling_chains[key] = self.train_diffusion.respaced(spacing)
+            self._sampling_chains[key] = self.train_diffusion.respaced(spacing, name="num_sampling_steps")
         return self._sampling_chains[key]
 
     # training
 
     def forward(self, target: Float[Tensor, "n c"], z: Float[Tensor, "n d"], mask: Optional[Tensor] = None, *,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: GeneratorLike = None) -> Tensor:
         """Hybrid loss at uniform timesteps: the mean over rows, or the ``mask``-weighted mean."""
         self._check_condition(z, target.shape[0], "z")
         check(target.ndim == 2 and target.shape[1] == self.in_channels,
               f"`target` must be [n, {self.in_channels}], got {describe(target)}")
-        losses = self.train_diffusion.training_losses(lambda x_t, t: self.net(x_t, t, z), target, generator=generator)
+        losses = self.train_diffusion.training_losses(lambda x_t, t: self.net(x_t, t, z), target,
+                                                      generator=as_generator(generator, z.device))
         if mask is None:
             return losses.loss.mean()
         mask = mask.to(losses.loss.dtype)
@@ -74,7 +75,7 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None, cfg: float = 1.0,
                temperature: float = 1.0, num_sampling_steps: Spacing = None, noise: Optional[Tensor] = None,
-               sampler: str = "ddpm", generator: Optional[torch.Generator] = None,
+               sampler: str = "ddpm", generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None) -> Float[Tensor, "n c"]:
         """One token per row of ``z``, float32.
 
@@ -84,6 +85,8 @@ class DiffLoss(nn.Module):
         step's noise, not x_T. The time and condition embeddings are computed once per call.
         """
         guided = cfg != 1.0
+        check_chain_options(temperature=temperature, sampler=sampler, clip_denoised=clip_denoised)
+        generator = as_generator(generator, z.device)
         self._check_condition(z, None, "z")
         if guided:
             check(z_uncond is not None, "`z_uncond` is required when `cfg` != 1")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._utils import check, check_index_range, describe, is_index_tensor
+from ._utils import GeneratorLike, check, check_index_range, describe, is_index_tensor
 from .backbone import RMSNorm
 from .llamagen import OFFICIAL_KEYS, LlamaGen, _config_dict, _Generation, official_config
 from .pretrained import CheckpointMismatchError
@@ -133,7 +133,7 @@ class DnDTransformer(LlamaGen):
     @torch.no_grad()
     def generate(self, condition: Union[Tensor, Sequence[int]], *, max_new_tokens: Optional[int] = None,
                  cfg_scale: float = 1.0, cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, greedy: bool = False, generator: Optional[torch.Generator] = None,
+                 top_p: float = 1.0, greedy: bool = False, generator: GeneratorLike = None,
                  progress: bool = True, use_cache: bool = True, return_logits: bool = False):
         """Sample the codes of one position per backbone step, all ``D`` depths inside that step.
 
@@ -145,7 +145,7 @@ class DnDTransformer(LlamaGen):
             cfg_interval: LlamaGen's option (``> -1`` stops guiding after ``cfg_interval + 2`` positions);
                 upstream DnD parses it but always guides, as the default ``-1`` does.
             temperature, top_k, top_p: sampling, the same at every depth (``top_k=0`` / ``top_p=1``: off).
-            greedy: argmax. generator: random generator for the draws (one per depth, in depth order).
+            greedy: argmax. generator: a torch.Generator or an int seed for the draws (one per depth, in depth order).
             progress: a tqdm bar. use_cache: static KV cache (default); ``False`` recomputes the whole
                 sequence every step (the reference path).
             return_logits: also return the (guided) fp32 logits ``[b, n, D, vocab_size]``.

@@ -32,7 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check, check_finite, check_index_range, default, describe, eval_mode, is_index_tensor
+from ._utils import (GeneratorLike, as_generator, check, check_finite, check_finite_number, check_index_range, default,
+                     describe, eval_mode, is_index_tensor, like_parameters)
 from .backbone import PADDING, TokenLayout, Transformer, llamagen_positions
 from .backbone.masks import NO_BLOCK
 from .checkpoint import Checkpointable
@@ -130,7 +131,9 @@ class LlamaGen(Checkpointable, nn.Module):
             self.to_logits = nn.Linear(dim, vocab_size, bias=False)
         self._init_weights(initializer_range)
         self.caption_encoder = self._checked_caption_encoder(caption_encoder)
-        self._tokenizer = (tokenizer,)  # a tuple keeps a tokenizer module out of submodules and state_dict
+        self._tokenizer = (None,)  # a tuple keeps a tokenizer module out of submodules and state_dict
+        if tokenizer is not None:  # DnD attaches its own after its heads exist
+            self.set_tokenizer(tokenizer)
 
     # training
 
@@ -172,7 +175,7 @@ class LlamaGen(Checkpointable, nn.Module):
     def generate(self, condition: Union[Tensor, Sequence[int]], *, caption_mask: Optional[Bool[Tensor, "b m"]] = None,
                  max_new_tokens: Optional[int] = None, cfg_scale: float = 1.0, cfg_interval: float = -1,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None, progress: bool = True, use_cache: bool = True,
+                 generator: GeneratorLike = None, progress: bool = True, use_cache: bool = True,
                  return_logits: bool = False):
         """Sample image tokens, one per step (prefill of the prefix, then single-token steps).
 
@@ -183,17 +186,19 @@ class LlamaGen(Checkpointable, nn.Module):
             cfg_scale: classifier-free guidance ``uncond + scale * (cond - uncond)`` on the fp32 logits,
                 before temperature and filtering; any value but 1 runs the [cond; uncond] batch
                 (upstream guides only for ``cfg_scale > 1``).
-            cfg_interval: as upstream, ``> -1`` stops guiding after the first ``cfg_interval + 2``
-                tokens (the prefill and decode steps ``0..cfg_interval``); the unconditional rows are then
-                dropped. ``-1``: guide every step.
+            cfg_interval: a finite number >= -1; as upstream, ``> -1`` stops guiding after the first
+                ``cfg_interval + 2`` tokens (the prefill and decode steps ``0..cfg_interval``); the
+                unconditional rows are then dropped. ``-1``: guide every step.
             temperature, top_k, top_p: sampling (``top_k=0`` / ``top_p=1``: off). greedy: argmax.
-            generator: random generator for the multinomial draws. progress: a tqdm bar.
+            generator: a torch.Generator or an int seed for the multinomial draws. progress: a tqdm bar.
             use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step.
             return_logits: also return the (guided) fp32 logits of every step ``[b, n, vocab_size]``.
         Returns codes ``[b, grid, grid]`` for a full grid, else ``[b, n]`` (int64).
         """
         steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
         check_cfg_scale(cfg_scale)
+        check_finite_number("cfg_interval", cfg_interval, minimum=-1)
+        generator = as_generator(generator, self.token_embed.weight.device)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
         guide = cfg_scale != 1.0
         with eval_mode(self):
@@ -233,6 +238,12 @@ class LlamaGen(Checkpointable, nn.Module):
         return self._tokenizer[0]
 
     def set_tokenizer(self, tokenizer: Any) -> "LlamaGen":
+        """Attach the tokenizer :meth:`sample` decodes with; one that tells its ``codebook_size`` must have
+        exactly ``vocab_size`` codes (checked here, not after a whole generation)."""
+        size = getattr(tokenizer, "codebook_size", None)
+        check(size is None or size == self.vocab_size,
+              f"`tokenizer` has a codebook of {size} codes but the model's `vocab_size` is {self.vocab_size}: "
+              f"the generated codes index that codebook, so the two must match")
         self._tokenizer = (tokenizer,)
         return self
 
@@ -362,6 +373,9 @@ class LlamaGen(Checkpointable, nn.Module):
             check(self.caption_encoder is not None, "`caption_ids` needs a `caption_encoder` (constructor argument)")
             check(embeds is None and mask is None,
                   "give `caption_ids` or `caption_embeds` (+ `caption_mask`), not both")
+            check(isinstance(ids, Tensor) and ids.ndim == 2,
+                  f"`caption_ids` must be integer ids [b, n], got {describe(ids)}")
+            self.prefix_embed.check_length("caption_ids", ids.shape[1])  # before the encoder runs
             embeds, mask = self.caption_encoder(ids)
         return self.prefix_embed.check_caption(embeds, mask, batch)
 
@@ -505,6 +519,10 @@ class CaptionPrefix(nn.Module):
 
     has_unconditional = True
 
+    def check_length(self, name: str, length: int) -> None:
+        """A caption fills at most the ``tokens`` prefix positions."""
+        check(0 < length <= self.tokens, f"`{name}` must hold 1..{self.tokens} tokens (cls_token_num), got {length}")
+
     def check_caption(self, embeds, mask, batch: Optional[int]) -> Tuple[Float[Tensor, "b p c"], Bool[Tensor, "b p"]]:
         """Validate, zero the padding and left-pad to ``tokens``: the valid tokens are moved, in order, to
         the end (upstream's layout), since the last prefix token predicts the first image token."""
@@ -514,7 +532,7 @@ class CaptionPrefix(nn.Module):
         check(width == self.caption_dim,
               f"`caption_embeds` must have width caption_dim={self.caption_dim}, got {width} "
               f"(shape {tuple(embeds.shape)})")
-        check(0 < m <= self.tokens, f"`caption_embeds` must hold 1..{self.tokens} tokens (cls_token_num), got {m}")
+        self.check_length("caption_embeds", m)
         check(batch in (None, b), f"`caption_embeds` has batch {b}, expected {batch}")
         mask = torch.ones(b, m, dtype=torch.bool, device=embeds.device) if mask is None else mask
         check(isinstance(mask, Tensor) and tuple(mask.shape) == (b, m) and not mask.is_floating_point(),

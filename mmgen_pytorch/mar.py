@@ -25,11 +25,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check, check_finite, check_finite_number, check_index_range, describe, is_index_tensor
+from ._utils import (GeneratorLike, as_generator, as_int, check, check_finite, check_index_range, describe,
+                     is_index_tensor, like_parameters)
 from .backbone import Transformer
 from .checkpoint import Checkpointable
 from .diffloss import DiffLoss
-from .objectives.gaussian import Spacing
+from .objectives.gaussian import Spacing, check_chain_options
 from .pretrained import check_checkpoint_kind, load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
 from .sampling import check_cfg_scale
 from .tokenizers.kl import KL16_LATENT_SCALE
@@ -161,17 +162,18 @@ class MAR(Checkpointable, nn.Module):
     # training
 
     def forward(self, latents: Float[Tensor, "b c h w"], labels: Optional[Int[Tensor, " b"]] = None, *,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: GeneratorLike = None) -> Tensor:
         """Diffusion loss on the masked tokens of (already scaled) latents; ``labels=None`` trains
         class-unconditionally (``class_emb`` then gets no gradient: freeze it, or wrap the model in
         DistributedDataParallel with ``find_unused_parameters=True``). One mask ratio per batch, one
         random order per sample.
 
         ``generator`` seeds the mask ratio, orders, label drop, timesteps and noise; dropout layers
-        draw from torch's global RNG."""
+        draw from torch's global RNG. An int ``generator`` is a seed."""
         self._check_latents(latents)
         batch = latents.shape[0]
         labels = self._check_labels(labels, batch, "labels")
+        generator = as_generator(generator, self.device)
         tokens = self.patchify(latents)
         class_embedding = self.class_embedding(labels, batch, drop=self.training, generator=generator)
         orders = self.random_orders(batch, generator=generator)
@@ -185,25 +187,29 @@ class MAR(Checkpointable, nn.Module):
     # sampling
 
     @torch.no_grad()
-    def sample(self, class_labels: Union[int, Tensor, Sequence[int], None] = None, *, batch_size: Optional[int] = None,
+    def sample(self, class_labels: Union[Tensor, Sequence[int], None] = None, *, batch_size: Optional[int] = None,
                num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-               num_sampling_steps: Spacing = None, generator: Optional[torch.Generator] = None,
+               num_sampling_steps: Spacing = None, generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None, progress: bool = True) -> MARSamples:
         """Generate latents (and images with a VAE) in ``num_iter`` steps.
 
-        ``class_labels``: class ids ``[b]``, or an int batch size (class-unconditional: every row
-        uses ``fake_latent``; ``batch_size=`` says the same). Each step re-encodes the known tokens,
+        ``class_labels``: class ids ``[b]`` (a list or an integer tensor: ``[7]`` is one image of class 7),
+        or None with ``batch_size=n`` for n class-unconditional samples (every row uses ``fake_latent``);
+        a bare int is refused as ambiguous. Each step re-encodes the known tokens,
         picks the next tokens along a random order by the cosine schedule and samples exactly those
         with the diffusion head (``num_sampling_steps`` overrides its respacing, ``temperature``
         scales its per-step noise). ``cfg != 1`` runs the transformer on ``[cond; null]`` rows and
-        guides ε with the per-step scale of ``cfg_schedule``. ``clip_denoised=c`` clamps the head's
+        guides ε with the per-step scale of ``cfg_schedule``. ``clip_denoised=c > 0`` clamps the head's
         predicted x_0 to ``[-c, c]`` (bounded data such as pixels; upstream does not clip latents).
+        ``generator``: a ``torch.Generator`` or an int seed.
         """
         labels, batch = self._sampling_labels(class_labels, batch_size)
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
         check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        check_finite_number("temperature", temperature, minimum=0)
+        check_chain_options(temperature=temperature, clip_denoised=clip_denoised)
         check_cfg_scale(cfg, "cfg")
+        self.diffloss.sampling_diffusion(num_sampling_steps)  # a bad spacing fails here, before any step
+        generator = as_generator(generator, self.device)
         class_embedding = self.class_embedding(labels, batch)
         if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows
             class_embedding = torch.cat((class_embedding, self.fake_latent.expand(batch, -1)))
@@ -242,13 +248,13 @@ class MAR(Checkpointable, nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Float[Tensor, "b 3 H W"], *, sample_posterior: bool = True,
-               generator: Optional[torch.Generator] = None) -> Float[Tensor, "b c h w"]:
+               generator: GeneratorLike = None) -> Float[Tensor, "b c h w"]:
         """Images in [-1, 1] -> scaled latents (``posterior.sample() · vae_scale``, as upstream trains)."""
         check(self.vae is not None, "`encode` needs a VAE: construct MAR(..., vae=AutoencoderKL(...))")
         posterior = self.vae.to(images.device).encode(images)
         if not sample_posterior:
             return posterior.mean * self.vae_scale
-        latents = posterior.sample() if generator is None else posterior.sample(generator)
+        latents = posterior.sample() if generator is None else posterior.sample(as_generator(generator, images.device))
         return latents * self.vae_scale
 
     @torch.no_grad()
@@ -256,8 +262,7 @@ class MAR(Checkpointable, nn.Module):
         """Scaled latents -> images (``vae.decode(latents / vae_scale)``, range [-1, 1])."""
         check(self.vae is not None, "`decode` needs a VAE: construct MAR(..., vae=AutoencoderKL(...))")
         vae = self.vae.to(latents.device)
-        dtype = next(vae.parameters()).dtype
-        return vae.decode((latents / self.vae_scale).to(dtype))
+        return vae.decode(like_parameters(latents / self.vae_scale, vae))
 
     # official checkpoints
 
@@ -294,7 +299,7 @@ class MAR(Checkpointable, nn.Module):
                          p=self.patch_size, q=self.patch_size)
 
     def class_embedding(self, labels: Optional[Tensor], batch: int, *, drop: bool = False,
-                        generator: Optional[torch.Generator] = None) -> Float[Tensor, "b d"]:
+                        generator: GeneratorLike = None) -> Float[Tensor, "b d"]:
         """``class_emb(labels)``, ``fake_latent`` for ``labels=None``; ``drop`` replaces each row by
         ``fake_latent`` with probability ``label_drop_prob``."""
         if labels is None:
@@ -308,7 +313,7 @@ class MAR(Checkpointable, nn.Module):
                    else torch.zeros(batch, dtype=torch.bool, device=self.device))
         return torch.where(dropped[:, None], self.fake_latent.to(embedding.dtype), embedding)
 
-    def random_orders(self, batch: int, *, generator: Optional[torch.Generator] = None) -> Int[Tensor, "b n"]:
+    def random_orders(self, batch: int, *, generator: GeneratorLike = None) -> Int[Tensor, "b n"]:
         """An independent uniform permutation of the positions per sample."""
         return _rand((batch, self.seq_len), generator, self.device, dtype=torch.float64).argsort(dim=-1)
 
@@ -317,7 +322,7 @@ class MAR(Checkpointable, nn.Module):
         mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
         return mask.scatter(1, orders[:, :num_masked], True)
 
-    def sample_num_masked(self, *, generator: Optional[torch.Generator] = None) -> int:
+    def sample_num_masked(self, *, generator: GeneratorLike = None) -> int:
         """``ceil(seq_len · r)`` with r ~ N(1, 0.25²) truncated to [mask_ratio_min, 1] (inverse CDF)."""
         low = torch.special.ndtr(torch.tensor((self.mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
         high = 0.5  # Φ(0): the upper end of the support is the mean
@@ -381,10 +386,10 @@ class MAR(Checkpointable, nn.Module):
         return labels.long()
 
     def _sampling_labels(self, class_labels, batch_size: Optional[int]):
-        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
-            check(batch_size is None or batch_size == class_labels,
-                  f"`batch_size` ({batch_size}) disagrees with the int `class_labels` ({class_labels})")
-            class_labels, batch_size = None, class_labels
+        bare = as_int(class_labels)  # a class or a batch size? refused rather than guessed
+        check(bare is None, f"`class_labels` must be class ids [b], got the bare int {bare}: pass `class_labels=[{bare}]` "
+                            f"for one sample of class {bare}, or `batch_size={bare}` (no `class_labels`) for {bare} "
+                            f"class-unconditional samples")
         if class_labels is None:
             check(isinstance(batch_size, int) and batch_size >= 1,
                   f"`batch_size` must be an int >= 1 when no `class_labels` are given, got {batch_size!r}")
@@ -492,8 +497,10 @@ def _check_geometry(img_size: int, vae_stride: int, patch_size: int, vae_embed_d
           f"`img_size` ({img_size}) must be divisible by `vae_stride` · `patch_size` ({vae_stride * patch_size})")
 
 
-def _rand(shape, generator: Optional[torch.Generator], device: torch.device, dtype=torch.float32) -> Tensor:
-    """Uniform [0, 1) on ``device``, drawn on the generator's device (torch RNG only)."""
+def _rand(shape, generator: GeneratorLike, device: torch.device, dtype=torch.float32) -> Tensor:
+    """Uniform [0, 1) on ``device``, drawn on the generator's device (torch RNG only; an int seeds a
+    new generator, for the public pieces called on their own)."""
+    generator = as_generator(generator, device)
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
 

@@ -33,7 +33,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._utils import check, check_finite, describe
+from ._utils import GeneratorLike, check, check_finite, describe
 from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianObjective, Spacing
 from .pretrained import CheckpointMismatchError, hf_llama_backbone_state_dict, load_checkpoint, load_strict
@@ -219,8 +219,8 @@ class MonoFormer(Transfusion):
 
     # inputs and outputs
 
-    def to_items(self, sample, *, name: str = "sample"):
-        items = super().to_items(sample, name=name)
+    def to_items(self, sample, *, name: str = "sample", modality_type: int = 0):
+        items = super().to_items(sample, name=name, modality_type=modality_type)
         for index, (item, following) in enumerate(zip(items, items[1:])):
             if isinstance(item, Tensor) and isinstance(following, Modality):
                 self.check_prompt(item, name=f"{name}[{index}]")
@@ -254,16 +254,18 @@ class MonoFormer(Transfusion):
     def generate_images(self, prompts: Sequence[Tensor], *, cfg_scale: float = 4.0, steps: Spacing = 20,
                         temperature: float = 1.0, sampler: str = "ddpm", eta: float = 0.0,
                         clip_denoised: Optional[float] = None, use_cache: bool = True, progress: bool = False,
-                        generator: Optional[torch.Generator] = None) -> Float[Tensor, "b c h w"]:
+                        generator: GeneratorLike = None) -> Float[Tensor, "b c h w"]:
         """One image latent per text prompt (1-D long tensors; an empty tensor is the unconditional prompt).
 
         CFG (``cfg_scale != 1``) runs each prompt beside its empty-prompt twin; the prompt's K/V is
         computed once and every one of the ``steps`` respaced DDPM steps (``sampler="ddim"`` for DDIM)
-        runs only the image tokens against the cache. ``clip_denoised=c`` clamps every step's x0
-        prediction to [-c, c], for latents known to lie there.
+        runs only the image tokens against the cache. ``eta`` in [0, 1]: DDIM's noise level (0:
+        deterministic, 1: DDPM's variance). ``clip_denoised=c > 0`` clamps every step's x0 prediction to
+        [-c, c], for latents known to lie there. ``generator``: a ``torch.Generator`` or an int seed.
         """
         check(isinstance(prompts, (list, tuple)) and len(prompts) > 0,
               f"`prompts` must be a non-empty list of 1-D token tensors, got {describe(prompts)}")
+        self.objective.check_steps(steps, name="steps")
         for i, prompt in enumerate(prompts):
             self.check_prompt(self.check_text(prompt, name=f"prompts[{i}]"), name=f"prompts[{i}]")
         forced = 3 + len(self.vocab.shape_ids(self.grid))  # [sos] [meta] shape [som]

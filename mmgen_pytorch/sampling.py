@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._utils import check, check_finite_number, typechecked
+from ._utils import GeneratorLike, as_generator, check, check_finite_number, typechecked
 
 
 @typechecked
@@ -71,10 +71,12 @@ def filter_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: float =
 @typechecked
 def sample_from_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
-                       generator: Optional[torch.Generator] = None) -> Int[Tensor, "*batch"]:
-    """One token id per row of ``logits [..., vocab]``; ``greedy`` (or temperature 0) takes the argmax."""
+                       generator: GeneratorLike = None) -> Int[Tensor, "*batch"]:
+    """One token id per row of ``logits [..., vocab]``; ``greedy`` (or temperature 0) takes the argmax.
+    ``generator``: a ``torch.Generator`` on the logits' device or an int seed."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
+    generator = as_generator(generator, logits.device)
     probs = F.softmax(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])

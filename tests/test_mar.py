@@ -186,7 +186,7 @@ def test_sample_shapes_cfg_and_determinism():
     assert torch.equal(plain, run(0)) and torch.equal(guided, run(0, cfg=3.0))
     assert not torch.equal(plain, run(1)) and not torch.equal(plain, guided)
     assert run(0, cfg=2.0, cfg_schedule="constant").shape == (2, 4, 4, 4)
-    unconditional = m.sample(3, num_iter=20, progress=False)  # more steps than tokens
+    unconditional = m.sample(batch_size=3, num_iter=20, progress=False)  # more steps than tokens
     assert unconditional.latents.shape == (3, 4, 4, 4) and unconditional.images is None
 
 

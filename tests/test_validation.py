@@ -2,7 +2,9 @@
 
 One table: each case calls a public entry point with one bad argument and names the exception type and
 a message pattern that names the argument (or, for checkpoints, the kind that was given and the kind
-expected). The models are tiny and built once per module; every call fails before any real work.
+expected). The models are tiny and built once per module; every call fails before any real work: the
+table runs with every backbone, MAR's transformers, the caption encoder and the tokenizers' conv stacks
+made to fail if reached. Below it, the bad inputs of issue 16 that are now accepted, and their results.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import pytest
 import torch
 from torch import randn
 
-from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
+from _helpers import smooth_images
+from mmgen_pytorch import MAR, CaptionEncoder, DnDTransformer, LlamaGen, MonoFormer, Transfusion, print_modality_sample
 from mmgen_pytorch.pretrained import CheckpointMismatchError, checkpoint_kind
 from mmgen_pytorch.tokenizers import RQVAE, VQVAE, AutoencoderKL
+from mmgen_pytorch.tokenizers.blocks import Decoder, Encoder
 from mmgen_pytorch.tokenizers.kl import KLConfig
 from mmgen_pytorch.tokenizers.rq import RQConfig
 from mmgen_pytorch.tokenizers.vq import VQConfig
@@ -32,10 +36,15 @@ def m():
     conv = dict(ch=32, num_res_blocks=1)
     return SimpleNamespace(
         transfusion=Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2, 2), transformer=BACKBONE),
+        transfusion2=Transfusion(num_text_tokens=16, dim_latent=(4, 4), modality_default_shape=((2, 2), (2, 2)),
+                                 transformer=BACKBONE),
         monoformer=MonoFormer(num_text_tokens=8, transformer=BACKBONE, latent_channels=4, latent_size=4, patch_size=2),
         llamagen=LlamaGen(dim=32, depth=2, heads=2, vocab_size=24, grid_size=3, num_classes=5, attn_backend="sdpa"),
         t2i=LlamaGen(dim=32, depth=1, heads=2, vocab_size=24, grid_size=3, model_type="t2i", cls_token_num=4,
                      caption_dim=8, attn_backend="sdpa"),
+        t2i_ids=LlamaGen(dim=32, depth=1, heads=2, vocab_size=24, grid_size=3, model_type="t2i", cls_token_num=4,
+                         caption_encoder=CaptionEncoder(num_tokens=10, dim=8, depth=1, heads=2, max_seq_len=6),
+                         attn_backend="sdpa"),
         dnd=DnDTransformer(dim=32, depth=2, heads=2, head_positions=(0, 1), vocab_size=24, grid_size=3, num_classes=5,
                            attn_backend="sdpa"),
         mar=MAR(img_size=32, vae_stride=16, vae_embed_dim=4, encoder_dim=32, encoder_depth=1, encoder_heads=2,
@@ -163,11 +172,101 @@ CASES = [
      r"looks like a LlamaGen VQ tokenizer checkpoint, not an RQ-VAE checkpoint"),
     ("rq/official-empty", lambda m: RQVAE.from_official({}), CheckpointMismatchError,
      r"the checkpoint holds no weights, expected an RQ-VAE checkpoint"),
+    # issue 16: silent or confusing bad input
+    ("transfusion/text-with-modality-type", lambda m: m.transfusion(codes(2, 3), modality_type=0), ValueError,
+     r"`modality_type` \(0\) is for modalities, but `x` is text only"),
+    ("transfusion/untagged-modality-type-range", lambda m: m.transfusion2([[codes(2), randn(2, 2, 4)]], modality_type=2),
+     ValueError, r"`modality_type` must be a modality type in \[0, 2\), got 2"),
+    ("transfusion/tuple-float-type", lambda m: m.transfusion2([[codes(2), (0.5, randn(2, 2, 4))]]), ValueError,
+     r"`x\[0\]\[1\]` must be a modality type in \[0, 2\), got 0.5"),
+    ("transfusion/meta-text", lambda m: m.transfusion([[codes(3).to("meta"), randn(2, 2, 4)]]), ValueError,
+     r"`x\[0\]\[0\]` is a meta tensor"),
+    ("transfusion/meta-latent", lambda m: m.transfusion([[codes(3), randn(2, 2, 4, device="meta")]]), ValueError,
+     r"`x\[0\]\[1\]` is a meta tensor"),
+    ("transfusion/sample-empty-prompt-list", lambda m: m.transfusion.sample([], progress=False), ValueError,
+     r"`prompt` is an empty list: pass `prompt=None` for one unconditional sample, `batch_size=n`"),
+    ("transfusion/sample-batch-size-vs-prompts", lambda m: m.transfusion.sample([[codes(2)], [codes(3)]], batch_size=5,
+                                                                               progress=False), ValueError,
+     r"`batch_size` \(5\) disagrees with the 2 prompts in `prompt`"),
+    ("transfusion/modality-steps-float", lambda m: m.transfusion.sample(
+        [codes(2)], max_length=30, force_modality_at_start=0, modality_steps=2.5, progress=False), ValueError,
+     r"`modality_steps` must be an int >= 1, got 2.5"),
+    ("transfusion/flow-given-diffusion-options", lambda m: m.transfusion.sample(
+        [codes(2)], max_length=30, force_modality_at_start=0, objective_kwargs=dict(temperature=0.5), progress=False),
+     ValueError, r"`objective_kwargs`: RectifiedFlow.generate takes no options, got \['temperature'\]"),
+    ("transfusion/generator-str", lambda m: m.transfusion.sample([codes(2)], max_length=8, generator="0",
+                                                                  progress=False), ValueError,
+     r"`generator` must be a torch.Generator or an int seed in \[0, 2\*\*64\), got str\('0'\)"),
+    ("transfusion/print-not-a-sample", lambda m: print_modality_sample(codes(3)), ValueError,
+     r"`sample` must be one sample \(a list of text tensors and \(modality_type, tensor\) tuples\) or a list"),
+    ("monoformer/ddim-eta-above-1", lambda m: m.monoformer.generate_images([codes(2)], sampler="ddim", eta=1.5),
+     ValueError, r"`eta` must be a finite number in \[0, 1\], got 1.5"),
+    ("monoformer/ddim-eta-nan", lambda m: m.monoformer.generate_images([codes(2)], sampler="ddim", eta=NAN),
+     ValueError, r"`eta` must be a finite number in \[0, 1\], got nan"),
+    ("monoformer/eta-without-ddim", lambda m: m.monoformer.generate_images([codes(2)], eta=0.5), ValueError,
+     r"`eta` \(0.5\) is DDIM's noise level: it needs `sampler='ddim'`"),
+    ("monoformer/clip-negative", lambda m: m.monoformer.generate_images([codes(2)], clip_denoised=-1.0), ValueError,
+     r"`clip_denoised` must be a finite number > 0, got -1.0"),
+    ("monoformer/steps-float", lambda m: m.monoformer.generate_images([codes(2)], steps=2.5), ValueError,
+     r"`steps` must be an int, 'N', 'a,b,...', 'ddimN' or a list of ints, got 2.5"),
+    ("monoformer/steps-zero-string", lambda m: m.monoformer.generate_images([codes(2)], steps="0"), ValueError,
+     r"`steps` '0': cannot take 0 steps"),
+    ("llamagen/cfg-interval-nan", lambda m: m.llamagen.generate([1], cfg_scale=2.0, cfg_interval=NAN, progress=False),
+     ValueError, r"`cfg_interval` must be a finite number >= -1, got nan"),
+    ("llamagen/meta-codes", lambda m: m.llamagen(codes(2, 9).to("meta"), class_labels=LABELS), ValueError,
+     r"`codes` is a meta tensor"),
+    ("llamagen/generator-float", lambda m: m.llamagen.generate([1], generator=1.5, progress=False), ValueError,
+     r"`generator` must be a torch.Generator or an int seed"),
+    ("llamagen/tokenizer-codebook", lambda m: LlamaGen(dim=32, depth=1, heads=2, vocab_size=24, grid_size=2,
+                                                        tokenizer=m.vq), ValueError,
+     r"`tokenizer` has a codebook of 16 codes but the model's `vocab_size` is 24"),
+    ("llamagen/caption-ids-too-long", lambda m: m.t2i_ids(codes(2, 9), caption_ids=codes(2, 5, value=1)), ValueError,
+     r"`caption_ids` must hold 1..4 tokens \(cls_token_num\), got 5"),
+    ("llamagen/caption-ids-too-long-generate", lambda m: m.t2i_ids.generate(codes(2, 5, value=1), progress=False),
+     ValueError, r"`caption_ids` must hold 1..4 tokens \(cls_token_num\), got 5"),
+    ("dnd/cfg-interval-nan", lambda m: m.dnd.generate([1], cfg_interval=NAN, progress=False), ValueError,
+     r"`cfg_interval` must be a finite number >= -1, got nan"),
+    ("dnd/tokenizer-codebook", lambda m: m.dnd.set_tokenizer(m.rq), ValueError,
+     r"`tokenizer` has a codebook of 16 codes but the model's `vocab_size` is 24"),
+    ("mar/bare-int-labels", lambda m: m.mar.sample(7, num_iter=2, progress=False), ValueError,
+     r"`class_labels` must be class ids \[b\], got the bare int 7: pass `class_labels=\[7\]` for one sample of "
+     r"class 7, or `batch_size=7` \(no `class_labels`\) for 7 class-unconditional samples"),
+    ("mar/clip-negative", lambda m: m.mar.sample([1], num_iter=2, clip_denoised=-1.0, progress=False), ValueError,
+     r"`clip_denoised` must be a finite number > 0, got -1.0"),
+    ("mar/num-sampling-steps-zero", lambda m: m.mar.sample([1], num_iter=2, num_sampling_steps="0", progress=False),
+     ValueError, r"`num_sampling_steps` '0': cannot take 0 steps"),
+    ("mar/meta-latents", lambda m: m.mar(randn(2, 4, 2, 2, device="meta"), LABELS), ValueError,
+     r"`latents` is a meta tensor"),
+    ("mar/generator-bool", lambda m: m.mar.sample([1], num_iter=2, generator=True, progress=False), ValueError,
+     r"`generator` must be a torch.Generator or an int seed"),
+    ("vq/pixels-0-255", lambda m: m.vq.encode_to_indices(torch.rand(1, 3, 8, 8) * 255), ValueError,
+     r"`images` must be pixels in \[-1, 1\], got values in \[[0-9.]+, [0-9.]+\] \(0..255 pixels: pass "
+     r"`images / 127.5 - 1`"),
+    ("kl/pixels-0-255", lambda m: m.kl.encode(torch.rand(1, 3, 8, 8) * 255), ValueError,
+     r"`images` must be pixels in \[-1, 1\]"),
+    ("kl/pixels-below", lambda m: m.kl(torch.full((1, 3, 8, 8), -2.0)), ValueError,
+     r"`images` must be pixels in \[-1, 1\], got values in \[-2, -2\]"),
+    ("rq/pixels-0-255", lambda m: m.rq.encode_to_codes(torch.rand(1, 3, 8, 8) * 255), ValueError,
+     r"`images` must be pixels in \[-1, 1\]"),
+    ("rq/meta-images", lambda m: m.rq.encode_to_codes(randn(1, 3, 8, 8, device="meta")), ValueError,
+     r"`images` is a meta tensor"),
 ]
 
 
+def _unreachable(*args, **kwargs):
+    raise AssertionError("the bad input reached real work before it was refused")
+
+
+@pytest.fixture
+def no_real_work(monkeypatch):
+    """Every expensive step of the models and tokenizers fails if a bad call gets that far."""
+    for owner, method in ((Transfusion, "run_backbone"), (MAR, "condition"), (LlamaGen, "_transformer"),
+                          (CaptionEncoder, "forward"), (Encoder, "forward"), (Decoder, "forward")):
+        monkeypatch.setattr(owner, method, _unreachable)
+
+
 @pytest.mark.parametrize("call, error, pattern", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_bad_input_raises_a_clear_error(m, call, error, pattern):
+def test_bad_input_raises_a_clear_error(m, no_real_work, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(m)
 
@@ -210,3 +309,87 @@ def test_float64_and_float16_latents_train_like_float32(m):
               for dtype in (torch.float32, torch.float64, torch.float16)]
     torch.testing.assert_close(losses[1], losses[0])
     torch.testing.assert_close(losses[2], losses[0], rtol=1e-2, atol=1e-3)
+
+
+# issue 16: inputs that are now taken, and what they give
+
+def test_modality_type_types_the_untagged_float_tensors_of_a_list_batch(m):
+    """It used to be ignored for a list batch: every bare float tensor trained modality 0's head."""
+    model = m.transfusion2.eval()
+    latent, fixed = randn(2, 2, 4), dict(times=[[0.3]], noise=[[randn(4, 4)]], return_breakdown=True)
+    untagged = model([[codes(3, value=1), latent]], modality_type=1, **fixed)[1]
+    tagged = model([[codes(3, value=1), (1, latent)]], **fixed)[1]
+    tensor_tagged = model([[codes(3, value=1), (torch.tensor(1), latent)]], **fixed)[1]
+    default = model([[codes(3, value=1), latent]], **fixed)[1]
+    assert untagged.flow[0] == 0 and untagged.flow[1] > 0
+    assert default.flow[1] == 0 and default.flow[0] > 0  # upstream's rule: an untagged tensor is modality 0
+    torch.testing.assert_close(untagged.total, tagged.total, rtol=0, atol=0)
+    torch.testing.assert_close(tensor_tagged.total, tagged.total, rtol=0, atol=0)
+
+
+def _flat(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return [torch.tensor(value)]
+
+
+SEEDED_CALLS = {
+    "transfusion": lambda m, g: m.transfusion.sample([codes(2)], max_length=16, force_modality_at_start=0,
+                                                     modality_steps=2, generator=g, progress=False),
+    "monoformer": lambda m, g: m.monoformer.generate_images([codes(2)], steps=2, generator=g),
+    "llamagen": lambda m, g: m.llamagen.generate([1, 2], generator=g, progress=False),
+    "dnd": lambda m, g: m.dnd.generate([1], cfg_scale=2.0, generator=g, progress=False),
+    "mar": lambda m, g: m.mar.sample([1, 2], num_iter=2, generator=g, progress=False).latents,
+    "mar-forward": lambda m, g: m.mar(randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(1)), LABELS,
+                                      generator=g),
+    "kl-forward": lambda m, g: m.kl(torch.zeros(1, 3, 8, 8), generator=g).loss,
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED_CALLS))
+def test_an_int_seed_is_a_generator_seeded_with_it(m, name):
+    """``generator=42`` used to fail deep inside (a beartype dump, an AttributeError)."""
+    call = SEEDED_CALLS[name]
+    results = []
+    for generator in (7, torch.Generator().manual_seed(7), 8):
+        torch.manual_seed(0)  # dropout draws from the global RNG
+        results.append(_flat(call(m, generator)))
+    seeded, reference, other = results
+    assert len(seeded) == len(reference) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seeded, reference))
+    assert not all(torch.equal(a, b) for a, b in zip(seeded, other))
+
+
+def test_float64_and_float16_images_tokenize_like_float32(m):
+    """The tokenizers take any float precision, converted to their parameters' as the models do."""
+    images = smooth_images().half().float()  # exactly representable in float16
+    for dtype in (torch.float64, torch.float16):
+        assert torch.equal(m.vq.encode_to_indices(images.to(dtype)), m.vq.encode_to_indices(images))
+        assert torch.equal(m.rq.encode_to_codes(images.to(dtype)), m.rq.encode_to_codes(images))
+        assert torch.equal(m.kl.encode(images.to(dtype)).mean, m.kl.encode(images).mean)
+        assert torch.equal(m.kl(images.to(dtype), sample=False).loss, m.kl(images, sample=False).loss)
+    latent = randn(1, 4, 2, 2)
+    assert torch.equal(m.kl.decode(latent.double()), m.kl.decode(latent))
+
+
+def test_pixels_just_outside_the_range_pass(m):
+    """Resampling overshoots [-1, 1] (bicubic up to ±1.49 at sharp edges): only values past ±1.5 are refused."""
+    assert m.vq.encode_to_indices(torch.full((1, 3, 8, 8), 1.45)).shape == (1, 4, 4)
+    assert m.kl.encode(torch.full((1, 3, 8, 8), -1.45)).mean.shape == (1, 4, 4, 4)
+
+
+def test_ddim_with_eta_one_stays_real(m):
+    """eta = 1 is the largest DDIM noise that keeps sqrt(1 - ᾱ_prev - σ²) real (eta 1.5 gave complex latents)."""
+    latents = m.monoformer.generate_images([codes(2)], sampler="ddim", eta=1.0, steps=3, generator=0)
+    assert latents.dtype == torch.float32 and bool(torch.isfinite(latents).all())
+
+
+def test_print_modality_sample_prints_a_batch(capsys):
+    batch = [[codes(2), (0, randn(2, 2, 4))], [codes(3)]]
+    print_modality_sample(batch)
+    assert capsys.readouterr().out.splitlines() == ["sample 0:", "text: (2,)", "modality 0: (2, 2, 4)",
+                                                    "sample 1:", "text: (3,)"]
+    print_modality_sample(batch[0])
+    assert capsys.readouterr().out.splitlines() == ["text: (2,)", "modality 0: (2, 2, 4)"]

@@ -14,20 +14,35 @@ interchangeable under one packing, backbone and sampler. Conventions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .._utils import GeneratorLike, as_int, check
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t [b, n, d], one shared time, 0-d) -> output [b, n, output_dim]
 
 
 class ContinuousObjective(ABC):
     clean_time: float
+    generate_options: Tuple[str, ...] = ()  # the keyword options of ``generate`` besides ``generator``
+
+    def check_steps(self, steps, *, name: str) -> None:
+        """Raise ValueError naming ``name`` unless ``steps`` is a valid ``generate`` step count."""
+        count = as_int(steps)
+        check(count is not None and count >= 1, f"`{name}` must be an int >= 1, got {steps!r}")
+
+    def check_generate_options(self, options: Mapping[str, Any], *, name: str = "objective_kwargs") -> None:
+        """Raise ValueError before any work unless ``generate`` takes every one of ``options`` (and, where
+        the objective checks them, their values)."""
+        unknown = sorted(set(options) - set(self.generate_options))
+        takes = ", ".join(self.generate_options) or "no options"
+        check(not unknown, f"`{name}`: {type(self).__name__}.generate takes {takes}, got {unknown}")
 
     @abstractmethod
-    def sample_times(self, count: int, *, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample_times(self, count: int, *, device=None, generator: GeneratorLike = None) -> Tensor:
         """``count`` training times (float tensor)."""
 
     @abstractmethod
@@ -58,7 +73,7 @@ class ContinuousObjective(ABC):
 
     @abstractmethod
     def generate(self, denoise: Denoiser, noise: Float[Tensor, "b n d"], steps, *,
-                 generator: Optional[torch.Generator] = None, progress: bool = False,
+                 generator: GeneratorLike = None, progress: bool = False,
                  **options) -> Float[Tensor, "b n d"]:
         """Run the reverse process from ``noise``; ``denoise(x, t)`` gets every row at one time.
         ``progress``: a tqdm bar that ticks once per sampling step."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
-from .._utils import check
+from .._utils import GeneratorLike, as_generator, check
 from ..sampling import cfg_combine
 from .base import ContinuousObjective, Denoiser
 
@@ -33,7 +33,8 @@ class RectifiedFlow(ContinuousObjective):
         self.time_sampling, self.mean, self.std = time_sampling, logit_normal_mean, logit_normal_std
         self.ode_method, self.ode_kwargs = ode_method, dict(ode_kwargs or {})
 
-    def sample_times(self, count: int, *, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample_times(self, count: int, *, device=None, generator: GeneratorLike = None) -> Tensor:
+        generator = as_generator(generator, device)
         if self.time_sampling == "uniform":
             return torch.rand(count, device=device, generator=generator)
         normal = torch.randn(count, device=device, generator=generator) * self.std + self.mean
@@ -75,7 +76,7 @@ class RectifiedFlow(ContinuousObjective):
         return cfg_combine(cond, uncond, scale)
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: int, *,
-                 generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
+                 generator: GeneratorLike = None, progress: bool = False) -> Tensor:
         """Integrate ``denoise`` (a velocity) from noise to data; deterministic, so ``generator`` is unused."""
         return self.integrate(lambda t, x: denoise(x, t), noise, steps, progress=progress)
 
@@ -86,7 +87,7 @@ class RectifiedFlow(ContinuousObjective):
         Fixed-step methods take ``steps`` steps on a uniform grid (midpoint: 2 evaluations per step).
         ``progress``: a bar of the ``steps`` steps, at the step of the time last evaluated.
         """
-        check(steps >= 1, f"`modality_steps` must be >= 1, got {steps}")
+        self.check_steps(steps, name="modality_steps")
         grid = torch.linspace(0.0, 1.0, steps + 1, device=noise.device, dtype=noise.dtype)
         kwargs = dict(self.ode_kwargs)
         if self.ode_method not in FIXED_STEP_METHODS:

@@ -21,14 +21,14 @@ puts the chain behind the objective interface that Transfusion and MonoFormer sh
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import check
+from .._utils import GeneratorLike, as_generator, as_int, check, check_finite_number
 from .base import ContinuousObjective, Denoiser
 
 SCHEDULES = ("linear", "cosine")
@@ -69,34 +69,35 @@ def make_betas(schedule: str, num_timesteps: int) -> Float[Tensor, " T"]:
 
 # respacing
 
-def space_timesteps(num_timesteps: int, spacing: Spacing) -> List[int]:
+def space_timesteps(num_timesteps: int, spacing: Spacing, *, name: str = "spacing") -> List[int]:
     """The original timesteps a respaced diffusion keeps, ascending (ADM's rules).
 
     ``spacing``: ``None`` or ``""`` (all), an int or ``"N"`` (N evenly spread steps, first and last
     kept, rounded), ``"a,b,c"`` (the range cut into equal sections, a/b/c steps in each) or
-    ``"ddimN"`` (the integer stride giving exactly N steps).
+    ``"ddimN"`` (the integer stride giving exactly N steps). ``name``: the caller's argument, for errors.
     """
     if spacing is None or spacing == "":
         return list(range(num_timesteps))
     if isinstance(spacing, str) and spacing.startswith("ddim"):
-        return _ddim_spacing(num_timesteps, spacing)
-    counts = _section_counts(spacing)
+        return _ddim_spacing(num_timesteps, spacing, name)
+    counts = _section_counts(spacing, name)
     sizes = [num_timesteps // len(counts) + (1 if i < num_timesteps % len(counts) else 0) for i in range(len(counts))]
     kept, start = [], 0
     for size, count in zip(sizes, counts):
-        check(0 < count <= size, f"`spacing` {spacing!r}: cannot take {count} steps from a section of {size}")
+        check(0 < count <= size, f"`{name}` {spacing!r}: cannot take {count} steps from a section of {size}")
         kept += [start + index for index in _evenly_spread(size, count)]
         start += size
     return sorted(set(kept))
 
 
-def _section_counts(spacing: Spacing) -> List[int]:
+def _section_counts(spacing: Spacing, name: str) -> List[int]:
     try:
-        counts = [int(spacing)] if isinstance(spacing, int) else (
-            [int(part) for part in spacing.split(",")] if isinstance(spacing, str) else [int(c) for c in spacing])
+        counts = ([int(part) for part in spacing.split(",")] if isinstance(spacing, str) else
+                  [as_int(spacing)] if as_int(spacing) is not None else [as_int(c) for c in spacing])
     except (TypeError, ValueError):
         counts = []
-    check(len(counts) > 0, f"`spacing` must be an int, 'N', 'a,b,...', 'ddimN' or a list of ints, got {spacing!r}")
+    counts = [] if None in counts else counts  # a float (2.5) or a bool is not a step count
+    check(len(counts) > 0, f"`{name}` must be an int, 'N', 'a,b,...', 'ddimN' or a list of ints, got {spacing!r}")
     return counts
 
 
@@ -111,7 +112,7 @@ def _evenly_spread(size: int, count: int) -> List[int]:
     return indices
 
 
-def _ddim_spacing(num_timesteps: int, spacing: str) -> List[int]:
+def _ddim_spacing(num_timesteps: int, spacing: str, name: str) -> List[int]:
     try:
         desired = int(spacing[len("ddim"):])
     except ValueError:
@@ -119,7 +120,7 @@ def _ddim_spacing(num_timesteps: int, spacing: str) -> List[int]:
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == desired:
             return list(range(0, num_timesteps, stride))
-    raise ValueError(f"`spacing` {spacing!r}: no integer stride gives exactly that many of {num_timesteps} steps")
+    raise ValueError(f"`{name}` {spacing!r}: no integer stride gives exactly that many of {num_timesteps} steps")
 
 
 def respace_betas(alphas_cumprod: Tensor, kept: Sequence[int]) -> Tensor:
@@ -238,10 +239,10 @@ class GaussianDiffusion:
         base = cls(betas=make_betas(schedule, num_timesteps), variance=variance, vb_weight=vb_weight)
         return base.respaced(spacing)
 
-    def respaced(self, spacing: Spacing) -> "GaussianDiffusion":
+    def respaced(self, spacing: Spacing, *, name: str = "spacing") -> "GaussianDiffusion":
         """This chain restricted to the steps ``spacing`` keeps; the timestep map still points at
-        the original timesteps."""
-        kept = space_timesteps(self.num_timesteps, spacing)
+        the original timesteps. ``name``: the caller's argument, for errors."""
+        kept = space_timesteps(self.num_timesteps, spacing, name=name)
         return GaussianDiffusion(betas=respace_betas(self.schedule["alphas_cumprod"], kept),
                                  timestep_map=self.timestep_map[kept].tolist(), variance=self.variance,
                                  vb_weight=self.vb_weight)
@@ -268,8 +269,9 @@ class GaussianDiffusion:
 
     # forward process
 
-    def sample_timesteps(self, count: int, *, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample_timesteps(self, count: int, *, device=None, generator: GeneratorLike = None) -> Tensor:
         """Uniform chain indices."""
+        generator = as_generator(generator, device)
         gen_device = generator.device if generator is not None else device
         return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=gen_device).to(device)
 
@@ -352,8 +354,9 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model: Model, x_start: Tensor, t: Optional[Tensor] = None, *,
-                        noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Losses:
+                        noise: Optional[Tensor] = None, generator: GeneratorLike = None) -> Losses:
         """Noise ``x_start`` at chain indices ``t`` (uniform when None) and score ``model(x_t, t_original)``."""
+        generator = as_generator(generator, x_start.device)  # one stream for the steps and the noise
         if t is None:
             t = self.sample_timesteps(x_start.shape[0], device=x_start.device, generator=generator)
         if noise is None:
@@ -380,15 +383,15 @@ class GaussianDiffusion:
         return mean + _nonzero(t, noise) * sigma * noise * temperature
 
     def sample_loop(self, model: Model, noise: Tensor, *, temperature: float = 1.0, sampler: str = "ddpm",
-                    eta: float = 0.0, generator: Optional[torch.Generator] = None, progress: bool = False,
+                    eta: float = 0.0, generator: GeneratorLike = None, progress: bool = False,
                     clip_denoised: Optional[float] = None) -> Tensor:
         """Run the chain from ``x_T = noise`` (not scaled by the temperature) down to x_0.
 
         ``model(x_t, t_original)`` is called with every row at the same step; ``temperature``
         scales each step's fresh noise only (MAR's convention). Returns float32.
         """
-        check(sampler in SAMPLERS, f"`sampler` must be one of {SAMPLERS}, got {sampler!r}")
-        check(temperature >= 0, f"`temperature` must be >= 0, got {temperature}")
+        check_chain_options(temperature=temperature, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+        generator = as_generator(generator, noise.device)
         x = noise.float()
         originals = self.timestep_map.tolist()
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -400,6 +403,20 @@ class GaussianDiffusion:
             x = (self.p_sample(prediction, index, fresh, temperature=temperature) if sampler == "ddpm"
                  else self.ddim_step(prediction, x, index, fresh, eta=eta, temperature=temperature))
         return x
+
+
+def check_chain_options(*, temperature: float = 1.0, sampler: str = "ddpm", eta: float = 0.0,
+                        clip_denoised: Optional[float] = None) -> None:
+    """The options of a reverse chain (:meth:`GaussianDiffusion.sample_loop`), checked before any step.
+
+    DDIM's ``σ = eta · sqrt((1 − ᾱ_prev) / (1 − ᾱ)) · sqrt(1 − ᾱ / ᾱ_prev)`` keeps the square root
+    ``sqrt(1 − ᾱ_prev − σ²)`` real for every step only when ``eta <= 1`` (1: DDPM's posterior variance)."""
+    check(sampler in SAMPLERS, f"`sampler` must be one of {SAMPLERS}, got {sampler!r}")
+    check_finite_number("temperature", temperature, minimum=0)
+    check_finite_number("eta", eta, minimum=0, maximum=1)
+    check(eta == 0 or sampler == "ddim", f"`eta` ({eta}) is DDIM's noise level: it needs `sampler='ddim'`")
+    if clip_denoised is not None:  # a bound c clamps x0 to [-c, c]: c <= 0 would pin every value
+        check_finite_number("clip_denoised", clip_denoised, minimum=0, strict=True)
 
 
 def _schedule_tables(betas: Tensor) -> Dict[str, Tensor]:
@@ -456,6 +473,7 @@ class GaussianObjective(ContinuousObjective):
     """
 
     clean_time = -1.0
+    generate_options = ("temperature", "sampler", "eta", "clip_denoised", "progress")
 
     def __init__(self, *, schedule: str = "linear", num_timesteps: int = 1000, variance: str = "learned_range",
                  guide_features: Optional[int] = None):
@@ -473,7 +491,7 @@ class GaussianObjective(ContinuousObjective):
     def learned_variance(self) -> bool:
         return self.diffusion.variance == "learned_range"
 
-    def sample_times(self, count: int, *, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample_times(self, count: int, *, device=None, generator: GeneratorLike = None) -> Tensor:
         return self.diffusion.sample_timesteps(count, device=device, generator=generator).float()
 
     def check_time(self, time: float, *, name: str) -> None:
@@ -502,17 +520,25 @@ class GaussianObjective(ContinuousObjective):
               f"`guide_features` ({channels}) exceeds the {eps_features} ε features of a token")
         return guide_conditional(output.movedim(-1, 1), scale, channels=channels).movedim(1, -1)
 
-    def sampling_chain(self, steps: Spacing) -> GaussianDiffusion:
-        """The training chain respaced to ``steps`` (an int N or any :func:`space_timesteps` spacing), cached."""
-        check(not isinstance(steps, int) or 1 <= steps <= self.num_timesteps,
-              f"`steps` must be in [1, {self.num_timesteps}], got {steps}")
+    def sampling_chain(self, steps: Spacing, *, name: str = "steps") -> GaussianDiffusion:
+        """The training chain respaced to ``steps`` (an int N or any :func:`space_timesteps` spacing), cached;
+        ``name``: the caller's argument, for errors."""
+        check(as_int(steps) is None or 1 <= as_int(steps) <= self.num_timesteps,
+              f"`{name}` must be in [1, {self.num_timesteps}], got {steps}")
         key = str(steps)
         if key not in self._chains:
-            self._chains[key] = self.diffusion.respaced(steps)
+            self._chains[key] = self.diffusion.respaced(steps, name=name)
         return self._chains[key]
 
+    def check_steps(self, steps: Spacing, *, name: str) -> None:
+        self.sampling_chain(steps, name=name)
+
+    def check_generate_options(self, options: Mapping[str, Any], *, name: str = "objective_kwargs") -> None:
+        super().check_generate_options(options, name=name)
+        check_chain_options(**{k: v for k, v in options.items() if k != "progress"})
+
     def generate(self, denoise: Denoiser, noise: Tensor, steps: Spacing, *,
-                 generator: Optional[torch.Generator] = None, temperature: float = 1.0, sampler: str = "ddpm",
+                 generator: GeneratorLike = None, temperature: float = 1.0, sampler: str = "ddpm",
                  eta: float = 0.0, clip_denoised: Optional[float] = None, progress: bool = False) -> Tensor:
         """The respaced reverse chain over the tokens of ``noise [b, n, d]`` (every token is one row of
         the chain's batch); ``clip_denoised=c`` clamps each step's x0 prediction to [-c, c] (data known to

@@ -29,7 +29,8 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._utils import check, check_finite, check_index_range, describe, divisible_by, is_index_tensor
+from .._utils import (check, check_finite, check_index_range, check_value_range, describe, divisible_by, is_index_tensor,
+                      like_parameters)
 
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -219,8 +220,16 @@ class Decoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-def check_images(images: Tensor, channels: int, factor: int, name: str = "images") -> None:
-    """Images are float [b, channels, h, w] with h and w multiples of the downsampling factor."""
+# Pixels are expected in [-1, 1]; the margin lets resampling overshoot through (bicubic reaches ±1.49
+# at sharp edges) while 0..255 pixels, the usual mistake, are caught.
+PIXEL_MARGIN = 0.5
+
+
+def check_images(images: Tensor, tokenizer: nn.Module, name: str = "images") -> Tensor:
+    """Images are float [b, channels, h, w] in [-1, 1] with h and w multiples of the tokenizer's
+    downsampling factor; returned in the tokenizer's parameter dtype and device (as the models convert).
+    The range check is one min/max reduction, before the encoder runs."""
+    channels, factor = tokenizer.config.in_channels, tokenizer.downsample_factor
     check(isinstance(images, Tensor) and images.ndim == 4,
           f"`{name}` must be a 4-D tensor [b, {channels}, h, w], got {describe(images)}")
     check(images.is_floating_point(), f"`{name}` must be a floating tensor, got {describe(images)}")
@@ -229,13 +238,17 @@ def check_images(images: Tensor, channels: int, factor: int, name: str = "images
           f"`{name}` must hold at least one non-empty image, got {describe(images)}")
     check(divisible_by(images.shape[-2], factor) and divisible_by(images.shape[-1], factor),
           f"`{name}` height and width must be multiples of {factor} (the downsampling factor), got {describe(images)}")
-    check_finite(name, images)
+    check_value_range(name, images, -1 - PIXEL_MARGIN, 1 + PIXEL_MARGIN, expected="pixels in [-1, 1]",
+                      hint=" (0..255 pixels: pass `images / 127.5 - 1`; 0..1 pixels: `images * 2 - 1`)")
+    return like_parameters(images, tokenizer)
 
 
-def check_latent(z: Tensor, channels: int, name: str = "z") -> None:
+def check_latent(z: Tensor, tokenizer: nn.Module, channels: int, name: str = "z") -> Tensor:
+    """A float latent [b, channels, h, w], returned in the tokenizer's parameter dtype and device."""
     check(isinstance(z, Tensor) and z.ndim == 4 and z.is_floating_point() and z.shape[1] == channels,
           f"`{name}` must be a floating tensor [b, {channels}, h, w], got {describe(z)}")
     check_finite(name, z)
+    return like_parameters(z, tokenizer)
 
 
 def _level_keys(state_dict: Mapping[str, Tensor], part: str) -> Dict[int, List[str]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._utils import check
+from .._utils import GeneratorLike, as_generator, check
 from ..checkpoint import Checkpointable
 from ..pretrained import mar_vae_state_dict
 from .blocks import (Decoder, Encoder, check_images, check_latent, from_official, infer_conv_layout,
@@ -39,7 +39,8 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> Float[Tensor, "b c h w"]:
+    def sample(self, generator: GeneratorLike = None) -> Float[Tensor, "b c h w"]:
+        generator = as_generator(generator, self.mean.device)
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
@@ -127,25 +128,28 @@ class AutoencoderKL(Checkpointable, nn.Module):
         return self.config.scale_factor
 
     def encode(self, images: Float[Tensor, "b c H W"]) -> DiagonalGaussian:
-        check_images(images, self.config.in_channels, self.downsample_factor)
-        moments = self.quant_conv(self.encoder(images))
-        if not self.config.use_variational:
-            moments = torch.cat((moments, torch.ones_like(moments)), dim=1)
-        return DiagonalGaussian(moments)
+        """The posterior of ``images`` in [-1, 1] (any float dtype)."""
+        return self._posterior(check_images(images, self))
 
     def decode(self, z: Float[Tensor, "b e h w"]) -> Float[Tensor, "b c H W"]:
         """Images (nominally in [-1, 1], not clamped) from unscaled latents."""
-        check_latent(z, self.config.embed_dim, "z")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(check_latent(z, self, self.config.embed_dim, "z")))
 
     def forward(self, images: Float[Tensor, "b c H W"], *, sample: bool = True,
-                generator: Optional[torch.Generator] = None) -> KLOutput:
+                generator: GeneratorLike = None) -> KLOutput:
         """Reconstruction and the training loss ``mse + kl_weight * KL`` (LDM adds LPIPS and a GAN)."""
-        posterior = self.encode(images)
+        images = check_images(images, self)
+        posterior = self._posterior(images)
         z = posterior.sample(generator) if sample else posterior.mode()
         recon = self.decoder(self.post_quant_conv(z))
         recon_loss, kl = F.mse_loss(recon, images), posterior.kl().mean()
         return KLOutput(recon, recon_loss + self.config.kl_weight * kl, recon_loss, kl, posterior)
+
+    def _posterior(self, images: Tensor) -> DiagonalGaussian:
+        moments = self.quant_conv(self.encoder(images))
+        if not self.config.use_variational:
+            moments = torch.cat((moments, torch.ones_like(moments)), dim=1)
+        return DiagonalGaussian(moments)
 
     @classmethod
     def from_official(cls, source, config: Union[str, KLConfig, Mapping, None] = None, *,

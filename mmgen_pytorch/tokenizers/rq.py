@@ -211,10 +211,15 @@ class RQVAE(Checkpointable, nn.Module):
     def depth(self) -> int:
         return self.config.depth
 
+    @property
+    def codebook_size(self) -> int:
+        """Codes in the codebook shared by every depth (``n_embed``)."""
+        return self.config.n_embed
+
     def encode_latent(self, images: Float[Tensor, "b c H W"]) -> Float[Tensor, "b d h w"]:
-        """The continuous latent before quantization (``quant_conv`` output)."""
-        check_images(images, self.config.in_channels, self.downsample_factor)
-        return self.quant_conv(self.encoder(images))
+        """The continuous latent before quantization (``quant_conv`` output) of ``images`` in [-1, 1]
+        (any float dtype)."""
+        return self.quant_conv(self.encoder(check_images(images, self)))
 
     def encode(self, images: Float[Tensor, "b c H W"]) -> RQQuantized:
         """Straight-through quantized latent, codes ``[b, h, w, depth]`` and the commitment loss.
@@ -236,8 +241,7 @@ class RQVAE(Checkpointable, nn.Module):
         return self.quantizer.embed(codes[..., :depth])
 
     def decode(self, quant: Float[Tensor, "b d h w"]) -> Float[Tensor, "b c H W"]:
-        check_latent(quant, self.config.embed_dim, "quant")
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(check_latent(quant, self, self.config.embed_dim, "quant")))
 
     def decode_code(self, codes: Int[Tensor, "b h w k"], depth: Optional[int] = None) -> Float[Tensor, "b c H W"]:
         """Images (nominally in [-1, 1], not clamped) from codes ``[b, h, w, depth]``; with fewer depth
@@ -246,7 +250,8 @@ class RQVAE(Checkpointable, nn.Module):
 
     def forward(self, images: Float[Tensor, "b c H W"]) -> RQOutput:
         """Reconstruction and training loss; in training mode the codebook is EMA-updated."""
-        quant, codes, commitment = self.encode(images)
+        images = check_images(images, self)
+        quant, codes, commitment = self.quantizer(self.quant_conv(self.encoder(images)))
         recon = self.decoder(self.post_quant_conv(quant))
         distance = F.mse_loss if self.config.loss_type == "mse" else F.l1_loss
         recon_loss = distance(recon, images)

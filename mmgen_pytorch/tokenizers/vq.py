@@ -177,23 +177,21 @@ class VQVAE(Checkpointable, nn.Module):
         return self.config.codebook_size
 
     def encode(self, images: Float[Tensor, "b c H W"]) -> VQEncoding:
-        """Straight-through quantized latent, quantizer losses and indices ``[b, h, w]``."""
-        check_images(images, self.config.in_channels, self.downsample_factor)
-        return self.quantize(self.quant_conv(self.encoder(images)))
+        """Straight-through quantized latent, quantizer losses and indices ``[b, h, w]``; ``images`` in
+        [-1, 1] (any float dtype)."""
+        return self._quantized(check_images(images, self))
 
     @torch.no_grad()
     def encode_to_indices(self, images: Float[Tensor, "b c H W"]) -> Int[Tensor, "b h w"]:
         """Code indices in raster order (row-major), ``[b, H/f, W/f]``."""
-        check_images(images, self.config.in_channels, self.downsample_factor)
-        return self.quantize.nearest(self.quant_conv(self.encoder(images)))[2]
+        return self.quantize.nearest(self.quant_conv(self.encoder(check_images(images, self))))[2]
 
     def embed_code(self, indices: Int[Tensor, "b h w"]) -> Float[Tensor, "b d h w"]:
         check_codes(indices, self.codebook_size, 3, "indices", "[b, h, w]")
         return self.quantize.lookup(indices)
 
     def decode(self, quant: Float[Tensor, "b d h w"]) -> Float[Tensor, "b c H W"]:
-        check_latent(quant, self.config.codebook_dim, "quant")
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(check_latent(quant, self, self.config.codebook_dim, "quant")))
 
     def decode_code(self, indices: Int[Tensor, "..."],
                     shape: Optional[Sequence[int]] = None) -> Float[Tensor, "b c H W"]:
@@ -204,11 +202,15 @@ class VQVAE(Checkpointable, nn.Module):
 
     def forward(self, images: Float[Tensor, "b c H W"]) -> VQOutput:
         """Reconstruction and the training loss: MSE reconstruction + vq + commitment + entropy."""
-        quant, losses, indices = self.encode(images)
+        images = check_images(images, self)
+        quant, losses, indices = self._quantized(images)
         recon = self.decoder(self.post_quant_conv(quant))
         recon_loss = F.mse_loss(recon, images)
         total = recon_loss + losses.vq + losses.commit + losses.entropy
         return VQOutput(recon, total, recon_loss, losses, indices)
+
+    def _quantized(self, images: Tensor) -> VQEncoding:
+        return self.quantize(self.quant_conv(self.encoder(images)))
 
     @classmethod
     def from_official(cls, source, config: Union[str, VQConfig, Mapping, None] = None, *,

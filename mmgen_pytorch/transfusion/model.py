@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import check, check_finite, check_index_range, default, describe, eval_mode
+from .._utils import GeneratorLike, as_int, check, check_finite, check_index_range, default, describe, eval_mode
 from ..backbone import Transformer
 from ..checkpoint import Checkpointable
 from ..objectives.base import ContinuousObjective
@@ -189,19 +189,19 @@ class Transfusion(Checkpointable, nn.Module):
 
     # input normalisation
 
-    def to_items(self, sample, *, name: str = "sample") -> List[Union[Tensor, Modality]]:
-        """Validate one ragged sample and turn its modalities into channel-last latent tokens."""
+    def to_items(self, sample, *, name: str = "sample", modality_type: int = 0) -> List[Union[Tensor, Modality]]:
+        """Validate one ragged sample and turn its modalities into channel-last latent tokens; a bare
+        float tensor is a modality of type ``modality_type``."""
         check(isinstance(sample, (list, tuple)), f"`{name}` must be a list of text tensors and modalities, got {describe(sample)}")
         check(len(sample) > 0, f"`{name}` is empty: give at least one text tensor or modality")
         items = []
         for index, item in enumerate(sample):
             where = f"{name}[{index}]"
             if isinstance(item, tuple):
-                check(len(item) == 2 and isinstance(item[0], int),
-                      f"`{where}` must be a (modality_type, tensor) tuple, got {describe(item)}")
+                check(len(item) == 2, f"`{where}` must be a (modality_type, tensor) tuple, got {describe(item)}")
                 items.append(self.to_modality(item[1], item[0], name=where))
             elif isinstance(item, Tensor) and item.is_floating_point():
-                items.append(self.to_modality(item, 0, name=where))
+                items.append(self.to_modality(item, modality_type, name=where))
             else:
                 items.append(self.check_text(item, name=where))
         return items
@@ -241,18 +241,22 @@ class Transfusion(Checkpointable, nn.Module):
         return Modality(modality, latent.reshape(-1, dim_latent).float(), shape)
 
     def normalize_batch(self, x, modality_type: Optional[int]) -> Tuple[List[List], bool]:
-        """Returns (samples of items, text_only)."""
+        """Returns (samples of items, text_only). ``modality_type`` is the type of every bare float tensor
+        (``Float[b, ...]``, or untagged in a list batch, where it defaults to 0)."""
         check(not isinstance(x, Tensor) or (x.ndim >= 1 and x.shape[0] > 0),
               f"`x` must hold at least one sample, got {describe(x)}")
         if isinstance(x, Tensor) and not x.is_floating_point():
             check(x.ndim == 2, f"text-only input must be Int[batch, seq], got shape {tuple(x.shape)}")
+            check(modality_type is None, f"`modality_type` ({modality_type!r}) is for modalities, but `x` is "
+                                         f"text only ({describe(x)})")
             return [[self.check_text(row, name=f"x[{i}]")] for i, row in enumerate(x)], True
         if isinstance(x, Tensor):
             m = self.check_modality_type(modality_type)
             return [[self.to_modality(row, m, name=f"x[{i}]")] for i, row in enumerate(x)], False
         check(isinstance(x, (list, tuple)) and len(x) > 0,
               f"`x` must be a non-empty list of samples, an Int[b, n] or a Float[b, ...] tensor, got {describe(x)}")
-        return [self.to_items(sample, name=f"x[{i}]") for i, sample in enumerate(x)], False
+        untagged = self.check_modality_type(modality_type) if modality_type is not None else 0
+        return [self.to_items(sample, name=f"x[{i}]", modality_type=untagged) for i, sample in enumerate(x)], False
 
     # forward
 
@@ -260,6 +264,10 @@ class Transfusion(Checkpointable, nn.Module):
                 modality_type: Optional[int] = None, times: Union[Sequence[Sequence[float]], Tensor, None] = None,
                 noise: Optional[Sequence[Sequence[Tensor]]] = None, prob_uncond: Optional[float] = None):
         """Loss of a batch (see the README for the input forms).
+
+        ``modality_type``: the type of every bare float tensor: of a ``Float[b, ...]`` batch (needed with
+        several modalities), or of the untagged float tensors of a list batch (default 0; a
+        ``(modality_type, tensor)`` tuple keeps its own type).
 
         ``times`` / ``noise``: per sample, one time in [0, 1) / one noise tensor (shaped like the latent,
         channel-last tokens ``[n, dim_latent]``) per NOISED modality of that sample, in order; drawn at
@@ -447,14 +455,15 @@ class Transfusion(Checkpointable, nn.Module):
               f"modality {modality}, got {shape!r}")
         return tuple(shape)
 
-    def check_modality_type(self, modality: Optional[int], *, name: str = "modality_type") -> int:
-        """A modality type in ``[0, num_modalities)``; None means 0 and is allowed with one modality only."""
+    def check_modality_type(self, modality, *, name: str = "modality_type") -> int:
+        """A modality type in ``[0, num_modalities)`` (an int or a 0-dim integer tensor); None means 0 and
+        is allowed with one modality only."""
         check(modality is not None or self.num_modalities == 1,
               f"`{name}` is needed when the model has {self.num_modalities} modalities")
-        modality = default(modality, 0)
-        check(isinstance(modality, int) and not isinstance(modality, bool) and 0 <= modality < self.num_modalities,
+        index = as_int(default(modality, 0))
+        check(index is not None and 0 <= index < self.num_modalities,
               f"`{name}` must be a modality type in [0, {self.num_modalities}), got {modality!r}")
-        return modality
+        return index
 
     # sampling
 
@@ -464,29 +473,36 @@ class Transfusion(Checkpointable, nn.Module):
                cfg_scale: float = 3.0, modality_steps: int = 16, fixed_modality_shape: Optional[Shape] = None,
                force_modality_at_start=None, max_modalities: Optional[int] = None,
                return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-               generator: Optional[torch.Generator] = None, objective_kwargs: Optional[dict] = None):
+               generator: GeneratorLike = None, objective_kwargs: Optional[dict] = None):
         """Generate interleaved text and modalities.
 
         ``prompt``: None, one prompt (a list of text tensors / modalities, or a single tensor), or a list
         of prompts (batched). Returns one sample (a list of text tensors and ``(modality_type, tensor)``),
-        or a list of samples for a list of prompts or a ``batch_size``. ``objective_kwargs`` go to the
-        objective's ``generate`` (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``).
+        or a list of samples for a list of prompts or a ``batch_size`` (which must then equal the number
+        of prompts; an empty list is refused). ``objective_kwargs`` go to the objective's ``generate``
+        (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``, ``clip_denoised``; rectified flow: none).
+        ``generator``: a ``torch.Generator`` or an int seed. Every option is checked before any prompt is
+        encoded or run.
         """
         check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
               f"`batch_size` must be an int >= 1, got {batch_size!r}")
         check(max_modalities is None or max_modalities >= 0, f"`max_modalities` must be >= 0, got {max_modalities}")
-        batched = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, list) or p is None for p in prompt)
-        prompts = prompt if batched else [prompt] * default(batch_size, 1)
-        check(len(prompts) > 0, "`prompt` is an empty list of prompts")
-        prompts = [prompt_as_list(p) for p in prompts]
-        items = [self.to_items(p, name=f"prompt[{i}]") if p else [] for i, p in enumerate(prompts)]
-        forced = [forced_tokens(self, force_modality_at_start)] * len(items)
+        check(not (isinstance(prompt, list) and len(prompt) == 0),
+              "`prompt` is an empty list: pass `prompt=None` for one unconditional sample, `batch_size=n` for n of "
+              "them, or a list of prompts")
+        batched = isinstance(prompt, list) and all(isinstance(p, list) or p is None for p in prompt)
+        check(not batched or batch_size in (None, len(prompt)),
+              f"`batch_size` ({batch_size}) disagrees with the {len(prompt) if batched else 0} prompts in `prompt`: "
+              f"a list of prompts gives one sample each; `batch_size` repeats a single prompt")
+        prompts = [prompt_as_list(p) for p in (prompt if batched else [prompt] * default(batch_size, 1))]
         sampler = Sampler(self, max_length=max_length, text_temperature=text_temperature, text_min_p=text_min_p,
                           text_top_k=text_top_k, text_top_p=text_top_p, cfg_scale=cfg_scale,
                           modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
                           max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
                           use_cache=use_cache, progress=progress, generator=generator,
                           objective_kwargs=objective_kwargs)
+        forced = [forced_tokens(self, force_modality_at_start)] * len(prompts)
+        items = [self.to_items(p, name=f"prompt[{i}]") if p else [] for i, p in enumerate(prompts)]
         with eval_mode(self):  # inputs are validated above, so a bad call leaves the mode untouched
             samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
         return samples if batched or batch_size is not None else samples[0]
@@ -494,7 +510,7 @@ class Transfusion(Checkpointable, nn.Module):
     @torch.no_grad()
     def generate_text_only(self, prompt: Tensor, seq_len: int, *, temperature: float = 1.0, min_p: float = 0.1,
                            top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, progress: bool = True,
-                           generator: Optional[torch.Generator] = None) -> Tensor:
+                           generator: GeneratorLike = None) -> Tensor:
         """Text-only continuation of ``prompt`` (Int[b, n]) up to ``seq_len`` tokens; returns the new tokens."""
         check(isinstance(prompt, Tensor) and prompt.ndim == 2 and not prompt.is_floating_point()
               and prompt.shape[0] > 0,
@@ -511,7 +527,7 @@ class Transfusion(Checkpointable, nn.Module):
     def generate_modality_only(self, batch_size: int = 1, *, modality_type: Optional[int] = None,
                                fixed_modality_shape: Optional[Shape] = None, modality_steps: int = 16,
                                return_unprocessed_modalities: bool = False, progress: bool = True,
-                               generator: Optional[torch.Generator] = None) -> Tensor:
+                               generator: GeneratorLike = None) -> Tensor:
         """Unconditional modalities ``[batch_size, ...]`` (no text, no guidance)."""
         check(isinstance(batch_size, int) and batch_size >= 1, f"`batch_size` must be an int >= 1, got {batch_size!r}")
         modality = self.check_modality_type(modality_type)
@@ -533,10 +549,17 @@ class Transfusion(Checkpointable, nn.Module):
 
 
 def print_modality_sample(sample: List) -> None:
-    """Print a sampled sequence as (kind, shape) lines."""
-    for item in sample:
-        if isinstance(item, tuple):
-            modality, tensor = item
-            print(f"modality {modality}: {tuple(tensor.shape)}")
-        else:
-            print(f"text: {tuple(item.shape)}")
+    """Print a sampled sequence as (kind, shape) lines; a batch (a list of samples, as ``sample`` returns
+    for a list of prompts or a ``batch_size``) prints each sample under a ``sample i:`` header."""
+    check(isinstance(sample, (list, tuple)), f"`sample` must be one sample (a list of text tensors and "
+                                             f"(modality_type, tensor) tuples) or a list of them, got {describe(sample)}")
+    if sample and all(isinstance(s, list) for s in sample):
+        for index, one in enumerate(sample):
+            print(f"sample {index}:")
+            print_modality_sample(one)
+        return
+    for index, item in enumerate(sample):
+        modality = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)
+        check(modality or isinstance(item, Tensor),
+              f"`sample[{index}]` must be a text tensor or a (modality_type, tensor) tuple, got {describe(item)}")
+        print(f"modality {item[0]}: {tuple(item[1].shape)}" if modality else f"text: {tuple(item.shape)}")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import check
+from .._utils import GeneratorLike, as_generator, check
 from ..backbone import NO_BLOCK, PADDING, TokenLayout
 from ..sampling import check_cfg_scale, check_sampling_options, sample_from_logits
 from .packing import Shape, build_training_sequence, pack, token_count
@@ -126,12 +126,15 @@ class Sampler:
                  text_top_k: int = 0, text_top_p: float = 1.0, cfg_scale: float = 3.0, modality_steps: int = 16,
                  fixed_modality_shape: Optional[Shape] = None, max_modalities: Optional[int] = None,
                  return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-                 generator: Optional[torch.Generator] = None, text_only: bool = False,
-                 objective_kwargs: Optional[dict] = None):
+                 generator: GeneratorLike = None, text_only: bool = False, objective_kwargs: Optional[dict] = None):
+        """Every option is checked here, before any prompt is encoded or run."""
         check(max_length > 0, f"`max_length` must be positive, got {max_length}")
         check_cfg_scale(cfg_scale)
         check_sampling_options(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p,
                                prefix="" if text_only else "text_")
+        model.objective.check_steps(modality_steps, name="modality_steps")
+        model.objective.check_generate_options(dict(objective_kwargs or {}))
+        generator = as_generator(generator, model.device)
         self.model, self.vocab = model, model.vocab
         self.max_length, self.cfg_scale, self.steps = max_length, cfg_scale, modality_steps
         self.text_kwargs = dict(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p)
