@@ -24,17 +24,22 @@ its pinned commit (the script refuses any other HEAD):
 
 Environment (a separate virtual environment, not the project's): Python 3.11 and
 
-    pip install torch==2.13.0 torchvision==0.28.0 timm==0.9.12 transformers==5.23.0 numpy scipy tqdm
+    pip install torch==2.13.0 torchvision==0.28.0 timm==0.9.12 transformers==5.23.0 omegaconf numpy scipy tqdm
 
 timm (MAR's transformer blocks; 0.9.12 is what MAR's environment.yaml pins) needs torchvision; numpy, scipy and
-tqdm are imported by MAR's modules. Everything runs on the CPU in float32 and takes about a minute:
+tqdm are imported by MAR's modules, omegaconf by DnD's rqvae package. Everything runs on the CPU in float32 and
+takes about a minute; running it twice gives identical files:
 
     python tests/golden/regenerate.py [--upstream DIR] [--only mar.pt ...]
 
-Upstream code is run unmodified. Two things are patched around it, only while it runs: `Tensor.cuda` is a no-op
-(MAR calls `.cuda()` unconditionally), and a few upstream functions are wrapped to record what they receive
-(LlamaGen's and DnD's sampling functions for the per-step logits and decision margins, MAR's `mask_by_order` and
-`DiffLoss.sample` for the mask schedule).
+The committed files were made with torch 2.13.0 (the PyPI build, run on the CPU), torchvision 0.28.0, timm 0.9.12,
+transformers 5.23.0, omegaconf 2.4.0, numpy 2.4.6, scipy 1.17.1 and tqdm 4.70.1.
+
+Upstream code is run unmodified. Around it: `Tensor.cuda` is a no-op (MAR calls `.cuda()` unconditionally); a few
+upstream functions are wrapped to record what they receive (LlamaGen's and DnD's sampling functions for the
+per-step logits and decision margins, MAR's `mask_by_order` for the mask schedule, whose `DiffLoss.sample` is
+replaced by a recorder); and DnD's `rqvae.models` package is registered without running its __init__.py, which
+imports the RQ-Transformer, whose config dataclasses fail on Python >= 3.11.
 """
 
 import argparse
