@@ -5,7 +5,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-GOLDEN_DIR = Path(os.environ.get("MMGEN_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from golden.weights import build_state_dict
+
+# the reference data made by tests/golden/regenerate.py from the upstream code; MMGEN_GOLDEN_DIR points elsewhere
+GOLDEN_DIR = Path(os.environ.get("MMGEN_GOLDEN_DIR", Path(__file__).resolve().parent / "golden"))
 
 # `HYPOTHESIS_PROFILE=thorough pytest` runs many more examples than CI does.
 settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -18,12 +21,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture
 def golden():
+    """Loads a golden file as {config, state_dict, inputs, outputs, notes}, its state_dict rebuilt from the
+    stored weight recipe."""
     def load(name: str):
-        path = GOLDEN_DIR / name
-        if not path.exists():
-            pytest.skip(f"golden file {path} is absent: put the shared/golden folder beside the repository "
-                        f"or set MMGEN_GOLDEN_DIR")
-        return torch.load(path, weights_only=True)
+        data = torch.load(GOLDEN_DIR / name, weights_only=True)
+        recipe = data.pop("weights")
+        return {**data, "state_dict": build_state_dict(recipe)}
     return load
 
 
