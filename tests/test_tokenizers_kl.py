@@ -10,7 +10,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError, mar_vae_state_dict
 from mmgen_pytorch.tokenizers import AutoencoderKL, DiagonalGaussian, KLConfig
 
-from _helpers import smooth_images
+from _helpers import assert_close_f32, smooth_images
 
 TINY = KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(), decoder_attn_levels=())
 
@@ -25,8 +25,8 @@ def test_golden_posterior_and_decode(golden):
             decoded = model.decode(posterior.mean)
         for name, value in (("moments", posterior.parameters), ("posterior_mean", posterior.mean),
                             ("posterior_logvar", posterior.logvar), ("posterior_std", posterior.std)):
-            torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(decoded, expected["decoded"], atol=1e-5, rtol=1e-5)
+            assert_close_f32(value, expected[name])
+        assert_close_f32(decoded, expected["decoded"], tol=1e-4)  # a deep decoder (TOLERANCES.md)
     assert model.config.encoder_attn_levels == () and model.config.decoder_attn_levels == ()
 
 

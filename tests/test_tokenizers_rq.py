@@ -9,7 +9,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import RQConfig, RQVAE
 
-from _helpers import smooth_images
+from _helpers import assert_close_f32, smooth_images
 
 TINY = RQConfig(embed_dim=8, n_embed=16, depth=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(),
                 z_channels=8)
@@ -25,9 +25,9 @@ def test_golden_codes_decode_recon_and_commitment(golden):
         decoded = model.decode_code(expected["codes"])
         out = model(image)
     assert torch.equal(codes, expected["codes"]) and torch.equal(out.codes, expected["codes"])
-    torch.testing.assert_close(decoded, expected["decoded"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.recon, expected["recon"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.commitment_loss, expected["commitment_loss"], atol=1e-5, rtol=0)
+    assert_close_f32(decoded, expected["decoded"], tol=1e-4)  # a deep decoder (TOLERANCES.md)
+    assert_close_f32(out.recon, expected["recon"], tol=1e-4)
+    assert_close_f32(out.commitment_loss, expected["commitment_loss"])
     inferred = RQVAE.from_official(data["state_dict"]).config  # the architecture read off the weights
     assert inferred == model.config and inferred.attn_levels == (2,)
 

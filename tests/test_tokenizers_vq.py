@@ -11,7 +11,7 @@ from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import VQConfig, VQVAE
 from mmgen_pytorch.tokenizers.vq import infer_vq_config
 
-from _helpers import smooth_images
+from _helpers import assert_close_f32, smooth_images
 
 TINY = VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                 z_channels=32, num_res_blocks=1, usage_window=256)
@@ -31,9 +31,9 @@ def test_golden_quant_indices_decode_and_recon(golden):
         decoded = model.decode_code(expected["indices"], shape=(2, 8, 8, 8))
     assert torch.equal(indices.flatten(), expected["indices"])
     assert torch.equal(model.encode_to_indices(image), expected["indices"].view(2, 8, 8))
-    torch.testing.assert_close(quant, expected["quant"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(decoded, expected["decoded"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=0)
+    assert_close_f32(quant, expected["quant"])
+    assert_close_f32(decoded, expected["decoded"], tol=1e-4)  # a deep decoder (TOLERANCES.md)
+    assert_close_f32(recon, expected["recon"], tol=1e-4)
     assert losses.entropy == 0 and losses.commit.item() == pytest.approx(0.25 * losses.vq.item())
     assert infer_vq_config(data["state_dict"]) == model.config  # the architecture read off the weights
 
