@@ -23,7 +23,6 @@ the swapped layers, input checks, ``generate_images``, ``from_llama``) -> LLaMA 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,7 +35,8 @@ from torch import Tensor, nn
 from ._utils import GeneratorLike, check, check_finite, describe
 from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianObjective, Spacing
-from .pretrained import CheckpointMismatchError, hf_llama_backbone_state_dict, load_checkpoint, load_strict
+from .pretrained import (CheckpointMismatchError, hf_llama_backbone_state_dict, load_checkpoint, load_strict,
+                         read_json_file)
 from .transfusion.model import LatentInput, TimeInjection, Transfusion
 from .transfusion.packing import Modality, Shape
 
@@ -335,9 +335,6 @@ def llama_transformer_config(config: Mapping) -> dict:
 def read_llama_state_dict(source) -> dict:
     """A HF LLaMA state dict from a mapping or file; rotary ``inv_freq`` buffers are dropped and any key
     outside ``model.*`` / ``lm_head`` raises :class:`CheckpointMismatchError`."""
-    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        source = load_file(str(source))
     state = {k: v for k, v in load_checkpoint(source).items() if not k.endswith("rotary_emb.inv_freq")}
     unexpected = sorted(k for k in state if k not in LLAMA_KEYS and not k.startswith("model.layers."))
     if unexpected or "model.embed_tokens.weight" not in state:
@@ -349,7 +346,6 @@ def read_llama_state_dict(source) -> dict:
 
 def _read_config(config) -> dict:
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as handle:
-            return json.load(handle)
+        return read_json_file(config)
     check(isinstance(config, Mapping), f"`config` must be a dict or a config.json path, got {describe(config)}")
     return dict(config)

@@ -271,3 +271,15 @@ def test_rng_states_are_only_checked_when_restored(tmp_path):
     folder = save_training_state(tmp_path / "state", step=3, **training_objects(0))
     rewrite_training_state(folder, lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)))
     assert load_training_state(folder, **training_objects(1), restore_rng=False) == 3
+
+
+def test_monoformer_from_llama_names_a_broken_weights_or_config_file(tmp_path):
+    from mmgen_pytorch.monoformer import read_llama_state_dict
+    from mmgen_pytorch.monoformer import _read_config as read_llama_config
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_text("<!DOCTYPE html><html>404</html>")
+    config.write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointFileError, match="model.safetensors.*not a checkpoint.*HTML"):
+        read_llama_state_dict(weights)
+    with pytest.raises(CheckpointFileError, match="config.json.*not valid JSON.*truncated"):
+        read_llama_config(config)
