@@ -87,6 +87,7 @@ def read_caption(ids: Tensor) -> str:
 
 # recipes: one per model
 
+HELDOUT_DIGITS = 540  # the evaluation split holds out 30 % of the 1,797 digits
 DDPM_STEPS = 1000  # MonoFormer's and MAR's training chains; they sample 3 x --modality-steps respaced steps
 
 class TransfusionRecipe:
@@ -407,8 +408,11 @@ def checked(convert, validate):
     return parse
 
 
-def at_least(minimum: int):
-    return checked(int, lambda value: check(value >= minimum, f"must be an int >= {minimum}, got {value}"))
+def at_least(minimum: int, maximum: Optional[int] = None):
+    if maximum is None:
+        return checked(int, lambda value: check(value >= minimum, f"must be an int >= {minimum}, got {value}"))
+    return checked(int, lambda value: check(minimum <= value <= maximum,
+                                            f"must be an int in [{minimum}, {maximum}], got {value}"))
 
 
 def non_negative(name: str):
@@ -442,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=at_least(1), default=500)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (it must exist)")
     parser.add_argument("--mar-iters", type=at_least(1), default=8, help="MAR: autoregressive steps when sampling")
-    parser.add_argument("--caption-samples", type=at_least(1), default=None,
+    parser.add_argument("--caption-samples", type=at_least(1, HELDOUT_DIGITS), default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=at_least(1), default=min(2, os.cpu_count() or 1), help="torch CPU threads")

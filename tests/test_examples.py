@@ -59,6 +59,7 @@ def refused(argv, capsys) -> str:
     (["--num-samples", "0"], "--num-samples"),             # was StopIteration
     (["--num-samples", "1"], "--num-samples"),
     (["--caption-samples", "0"], "--caption-samples"),     # was a torch.cat error
+    (["--caption-samples", "541"], "--caption-samples"),   # was silently cut to the 540 held-out digits
     (["--tokenizer-steps", "0"], "--tokenizer-steps"),
     (["--cfg", "-1"], "--cfg"),
     (["--cfg", "nan"], "--cfg"),
@@ -162,3 +163,7 @@ def test_kept_tokenizer_without_config_is_checked_by_its_weights(tmp_path):
     with pytest.raises(SystemExit, match="(?s)does not hold the RQVAE --model dnd needs.*--retrain-tokenizer") as error:
         train_digits.DnDRecipe(args)
     assert str(tmp_path / "tokenizer") in str(error.value)
+
+
+def test_the_caption_flag_limit_is_the_heldout_split():
+    assert len(train_digits.heldout_data()[1]) == train_digits.HELDOUT_DIGITS

@@ -194,6 +194,12 @@ CASES = [
     ("transfusion/flow-given-diffusion-options", lambda m: m.transfusion.sample(
         [codes(2)], max_length=30, force_modality_at_start=0, objective_kwargs=dict(temperature=0.5), progress=False),
      ValueError, r"`objective_kwargs`: RectifiedFlow.generate takes no options, got \['temperature'\]"),
+    ("transfusion/objective-kwargs-not-a-dict", lambda m: m.transfusion.sample(
+        [codes(2)], max_length=30, objective_kwargs=["temperature"], progress=False),
+     ValueError, r"`objective_kwargs` must be a dict of the objective's generate options, got list"),
+    ("transfusion/meta-times", lambda m: m.transfusion([[codes(2), randn(2, 2, 4)]],
+                                                       times=torch.zeros(1, 1, device="meta")),
+     ValueError, r"`times` is a meta tensor"),
     ("transfusion/generator-str", lambda m: m.transfusion.sample([codes(2)], max_length=8, generator="0",
                                                                   progress=False), ValueError,
      r"`generator` must be a torch.Generator or an int seed in \[0, 2\*\*64\), got str\('0'\)"),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import GeneratorLike, as_int, check, check_finite, check_index_range, default, describe, eval_mode
+from .._utils import GeneratorLike, as_int, check, check_finite, check_has_data, check_index_range, default, describe, eval_mode
 from ..backbone import Transformer
 from ..checkpoint import Checkpointable
 from ..objectives.base import ContinuousObjective
@@ -312,6 +312,7 @@ class Transfusion(Checkpointable, nn.Module):
         instance_times = torch.full((len(packed.instances),), self.objective.clean_time, device=self.device)
         instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
         if isinstance(times, Tensor):  # transfusion-pytorch's padded Float[b, m]
+            check_has_data("times", times)
             times = self._unpad_times(packed, noised, times)
         given_times = self._per_noised_instance(packed, noised, times, "times")
         given_noise = self._per_noised_instance(packed, noised, noise, "noise")

@@ -16,13 +16,13 @@ it is the reference that the cached sampler is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import GeneratorLike, as_generator, check
+from .._utils import GeneratorLike, as_generator, check, describe
 from ..backbone import NO_BLOCK, PADDING, TokenLayout
 from ..sampling import check_cfg_scale, check_sampling_options, sample_from_logits
 from .packing import Shape, build_training_sequence, pack, token_count
@@ -133,6 +133,8 @@ class Sampler:
         check_sampling_options(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p,
                                prefix="" if text_only else "text_")
         model.objective.check_steps(modality_steps, name="modality_steps")
+        check(objective_kwargs is None or isinstance(objective_kwargs, Mapping),
+              f"`objective_kwargs` must be a dict of the objective's generate options, got {describe(objective_kwargs)}")
         model.objective.check_generate_options(dict(objective_kwargs or {}))
         generator = as_generator(generator, model.device)
         self.model, self.vocab = model, model.vocab
