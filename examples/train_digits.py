@@ -41,7 +41,7 @@ from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoForm
 from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
 from mmgen_pytorch.checkpoint import (CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, load_weights,  # noqa: E402
                                       read_config)
-from mmgen_pytorch.pretrained import CheckpointMismatchError  # noqa: E402
+from mmgen_pytorch.pretrained import CheckpointMismatchError, read_tensor_file  # noqa: E402
 from mmgen_pytorch.sampling import check_cfg_scale, check_sampling_options  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mar-iters", type=at_least(1), default=8, help="MAR: autoregressive steps when sampling")
     parser.add_argument("--caption-samples", type=at_least(1, HELDOUT_DIGITS), default=None,
                         help="held-out images to caption (Transfusion; default all 540)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0, 2**32 - 1), default=0)  # NumPy's seed range
     parser.add_argument("--threads", type=at_least(1), default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
@@ -507,13 +507,20 @@ def check_resumable(parser, args, needed: type) -> None:
     if not (checkpoint / TRAINING_STATE_FILE).is_file():
         parser.error(f"argument --resume: {checkpoint} holds no checkpoint (no {TRAINING_STATE_FILE}); "
                      f"leave out --resume to start fresh")
-    found = saved_kind(checkpoint)
+    try:  # the library's readers: a truncated or foreign file is named, never unpickled
+        found = saved_kind(checkpoint)
+        state = read_tensor_file(checkpoint / TRAINING_STATE_FILE, expected="torch")
+    except CheckpointMismatchError as error:
+        parser.error(f"argument --resume: {error}")
     if found != needed.__name__:
         trained_by = {recipe.model_class.__name__: name for name, recipe in RECIPES.items()}.get(found)
         parser.error(f"argument --resume: {checkpoint} holds a {found or 'unnamed (no config.json)'} checkpoint"
                      f"{f' (--model {trained_by})' if trained_by else ''}, but --model {args.model} trains a "
                      f"{needed.__name__}: pass --model {trained_by or '...'} or another --out")
-    step = int(torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)["step"])
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        parser.error(f"argument --resume: {checkpoint / TRAINING_STATE_FILE} holds no training step; it was not "
+                     f"written by save_training_state")
+    step = state["step"]
     if step > args.steps:
         parser.error(f"argument --steps: the checkpoint in {checkpoint} is already at step {step}, past --steps "
                      f"{args.steps}: nothing to train; pass --steps above {step} to train on")

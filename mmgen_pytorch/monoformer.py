@@ -289,17 +289,16 @@ class MonoFormer(Transfusion):
         special-token rows MonoFormer adds get a fresh normal(``initializer_range``) init.
         """
         config = _read_config(config)
+        state = read_llama_state_dict(source)  # a broken file is named before the model is built
         transformer = {**llama_transformer_config(config), **kwargs.pop("transformer", {})}
         model = cls(num_text_tokens=config["vocab_size"], transformer=transformer, **kwargs)
-        model.load_llama(source, init_std=config.get("initializer_range", 0.02))
+        model.load_llama(state, init_std=config.get("initializer_range", 0.02))
         return model
 
     def load_llama(self, source, *, init_std: float = 0.02) -> None:
         """Load a HF LLaMA state dict into the backbone, ``token_emb`` and ``to_text_logits`` rows
         ``[0, num_text_tokens)``; the rows after them are re-drawn from normal(init_std)."""
         state = read_llama_state_dict(source)
-        load_strict(self.transformer, hf_llama_backbone_state_dict(state, dim_head=self.transformer.dim_head),
-                    source="LLaMA checkpoint")
         embed = state["model.embed_tokens.weight"]
         head = state.get("lm_head.weight", embed)  # tied embeddings have no lm_head
         size = self.vocab.num_text_tokens
@@ -307,6 +306,8 @@ class MonoFormer(Transfusion):
             check(tuple(weight.shape) == (size, self.dim),
                   f"`{name}` is {tuple(weight.shape)}, the model expects ({size}, {self.dim})",
                   CheckpointMismatchError)
+        load_strict(self.transformer, hf_llama_backbone_state_dict(state, dim_head=self.transformer.dim_head),
+                    source="LLaMA checkpoint")
         with torch.no_grad():
             for table, weight in ((self.token_emb.weight, embed), (self.to_text_logits.weight, head)):
                 table[:size].copy_(weight)

@@ -167,3 +167,16 @@ def test_kept_tokenizer_without_config_is_checked_by_its_weights(tmp_path):
 
 def test_the_caption_flag_limit_is_the_heldout_split():
     assert len(train_digits.heldout_data()[1]) == train_digits.HELDOUT_DIGITS
+
+
+def test_resume_names_a_broken_training_state(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / train_digits.TRAINING_STATE_FILE).write_text("<!DOCTYPE html><html>502</html>")
+    (checkpoint / train_digits.CONFIG_FILE).write_text(json.dumps({"class": "Transfusion", "config": {}, "required": {}}))
+    parser = train_digits.build_parser()
+    args = parser.parse_args(["--out", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit):
+        train_digits.check_resumable(parser, args, train_digits.Transfusion)
+    error = capsys.readouterr().err
+    assert "argument --resume:" in error and "is not a checkpoint: it is an HTML" in error

@@ -1,10 +1,11 @@
 """The distribution builds a wheel that installs into a fresh virtual environment and imports from there."""
 
 import os
+import re
 import subprocess
 import sys
 import venv
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +19,29 @@ def run(*command, cwd):
     return subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
+def installed_closure(names) -> set:
+    """``names`` and, recursively, what they require that is installed here (torch's sympy, jinja2, ...), which
+    may live in another site folder than the package that needs it."""
+    seen, todo = set(), list(names)
+    while todo:
+        name = re.match(r"[A-Za-z0-9_.-]+", todo.pop())[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            requirements = distribution(name).requires or []
+        except PackageNotFoundError:  # an optional or platform-specific requirement that is not installed
+            continue
+        seen.add(name)
+        todo += [r for r in requirements if "extra ==" not in r]
+    return seen
+
+
 def expose_dependencies(env: Path) -> None:
     """Make the dependencies importable in ``env`` without copying gigabytes of torch: a ``.pth`` file lists the
     folders that hold them in THIS interpreter (a venv's or the system's, wherever pytest runs). A ``.pth`` path
     adds only that folder to ``sys.path`` (its own ``.pth`` files, an editable install's finder among them, are not
     processed), and ``env``'s own site-packages comes first, so ``mmgen_pytorch`` can only come from the wheel."""
-    folders = {str(distribution(name).locate_file("")) for name in DEPENDENCIES}
+    folders = {str(distribution(name).locate_file("")) for name in installed_closure(DEPENDENCIES)}
     python = env / ("Scripts" if sys.platform == "win32" else "bin") / "python"
     (site_packages,) = run(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
                            cwd=env).split()

@@ -473,7 +473,7 @@ class GaussianObjective(ContinuousObjective):
     """
 
     clean_time = -1.0
-    generate_options = ("temperature", "sampler", "eta", "clip_denoised", "progress")
+    generate_options = ("temperature", "sampler", "eta", "clip_denoised")  # progress: the caller's own
 
     def __init__(self, *, schedule: str = "linear", num_timesteps: int = 1000, variance: str = "learned_range",
                  guide_features: Optional[int] = None):
@@ -535,7 +535,7 @@ class GaussianObjective(ContinuousObjective):
 
     def check_generate_options(self, options: Mapping[str, Any], *, name: str = "objective_kwargs") -> None:
         super().check_generate_options(options, name=name)
-        check_chain_options(**{k: v for k, v in options.items() if k != "progress"})
+        check_chain_options(**options)
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: Spacing, *,
                  generator: GeneratorLike = None, temperature: float = 1.0, sampler: str = "ddpm",

@@ -298,7 +298,7 @@ class Sampler:
             return model.objective.guide(output, self.cfg_scale) if self.guided else output
 
         latent = model.objective.generate(denoise, noise, self.steps, generator=self.generator,
-                                          **{"progress": self.progress, **self.objective_kwargs})
+                                          progress=self.progress, **self.objective_kwargs)
         self.modality_forward(chunk, latent.repeat(self.copies, 1, 1), torch.tensor(model.objective.clean_time),
                               write=True)
         for k, i in enumerate(group):
