@@ -219,7 +219,10 @@ class RQVAE(Checkpointable, nn.Module):
     def encode_latent(self, images: Float[Tensor, "b c H W"]) -> Float[Tensor, "b d h w"]:
         """The continuous latent before quantization (``quant_conv`` output) of ``images`` in [-1, 1]
         (any float dtype)."""
-        return self.quant_conv(self.encoder(check_images(images, self)))
+        return self._latent(check_images(images, self))
+
+    def _latent(self, checked_images: Tensor) -> Tensor:
+        return self.quant_conv(self.encoder(checked_images))
 
     def encode(self, images: Float[Tensor, "b c H W"]) -> RQQuantized:
         """Straight-through quantized latent, codes ``[b, h, w, depth]`` and the commitment loss.
@@ -251,7 +254,7 @@ class RQVAE(Checkpointable, nn.Module):
     def forward(self, images: Float[Tensor, "b c H W"]) -> RQOutput:
         """Reconstruction and training loss; in training mode the codebook is EMA-updated."""
         images = check_images(images, self)
-        quant, codes, commitment = self.quantizer(self.quant_conv(self.encoder(images)))
+        quant, codes, commitment = self.quantizer(self._latent(images))
         recon = self.decoder(self.post_quant_conv(quant))
         distance = F.mse_loss if self.config.loss_type == "mse" else F.l1_loss
         recon_loss = distance(recon, images)
