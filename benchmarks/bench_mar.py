@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmgen_pytorch.mar import MAR, cfg_scale, mask_schedule  # noqa: E402
-from mmgen_pytorch.objectives.gaussian import guide  # noqa: E402
+from mmgen_pytorch.guidance import guide_both_halves, scheduled_cfg_scale  # noqa: E402
+from mmgen_pytorch.mar import MAR, mask_schedule  # noqa: E402
 
 
 def build(args) -> MAR:
@@ -74,13 +74,13 @@ def upstream_style(model: MAR, labels, *, num_iter: int, cfg: float, steps: int,
         next_mask = model.mask_from_orders(orders, step.mask_len)
         to_pred = mask if k == num_iter - 1 else mask ^ next_mask
         z = z[doubled(to_pred).nonzero(as_tuple=True)]
-        scale = cfg_scale(cfg, "linear", step.mask_len, model.seq_len)
+        scale = scheduled_cfg_scale(cfg, "linear", known=model.seq_len - step.mask_len, total=model.seq_len)
         half = torch.randn(z.shape[0] // (2 if guided else 1), model.token_dim, generator=generator)
         x = doubled(half)
         for i in reversed(range(chain.num_timesteps)):
             t = torch.full((x.shape[0],), i)
             out = model.diffloss.net(doubled(x[: half.shape[0]]), chain.model_timesteps(t), z)
-            out = guide(out, scale, channels=model.token_dim) if guided else out
+            out = guide_both_halves(out, scale, features=model.token_dim, feature_dim=1) if guided else out
             x = chain.p_sample(chain.p_mean_variance(out, x, t), t, torch.randn(x.shape, generator=generator))
         tokens[to_pred.nonzero(as_tuple=True)] = x[: half.shape[0]]
         mask = next_mask

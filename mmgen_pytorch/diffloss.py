@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ._utils import GeneratorLike, as_generator, check, describe
 from .objectives.flow import TimeEmbedding
-from .objectives.gaussian import GaussianDiffusion, Spacing, check_chain_options, guide_conditional
+from .guidance import guide
+from .objectives.gaussian import GaussianDiffusion, Spacing, check_chain_options
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -106,7 +107,7 @@ class DiffLoss(nn.Module):
             y = times[row_of[t[:1]]] + cond  # every row is at the same step
             if not guided:
                 return self.net.forward_embedded(x, y)
-            return guide_conditional(self.net.forward_embedded(torch.cat((x, x)), y), cfg, channels=self.in_channels)
+            return guide(self.net.forward_embedded(torch.cat((x, x)), y), cfg, features=self.in_channels)
 
         return diffusion.sample_loop(denoise, noise, temperature=temperature, sampler=sampler, generator=generator,
                                      clip_denoised=clip_denoised)

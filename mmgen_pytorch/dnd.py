@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from ._utils import GeneratorLike, check, check_index_range, describe, is_index_tensor
 from .backbone import RMSNorm
-from .llamagen import OFFICIAL_KEYS, LlamaGen, _config_dict, _Generation, official_config
+from .backbone import Decoder
+from .llamagen import OFFICIAL_KEYS, CodeChunk, LlamaGen, _config_dict, _copies, official_config
 from .pretrained import CheckpointMismatchError
-from .sampling import sample_from_logits, split_cfg
+from .guidance import guide
+from .sampling import sample_from_logits
 
 # DnD's GPT_models that were released: name -> (dim, n_layer, n_head). DnD's XXXL is not LlamaGen's.
 PRESETS: Dict[str, Tuple[int, int, int]] = {
@@ -216,12 +218,11 @@ class DnDTransformer(LlamaGen):
 
         return hook
 
-    def _generation_step(self, state: _Generation, cfg_scale: float,
+    def _generation_step(self, decoder: Decoder, chunk: CodeChunk, earlier: Sequence[Tensor], cfg_scale: float,
                          sampling: Dict[str, Any]) -> Tuple[Int[Tensor, "b D"], Float[Tensor, "b D vocab"]]:
         """One backbone step: head ``k`` samples depth ``k`` of the next position from the (guided) logits
         of the last position and the code goes into every row of its sample before the next block.
         Without a cache the earlier positions are recomputed and get their own codes injected again."""
-        earlier = state.recomputed_tokens
         codes: List[Tensor] = []
         depth_logits: List[Tensor] = []
 
@@ -229,14 +230,15 @@ class DnDTransformer(LlamaGen):
             k = self._head_after.get(index)
             if k is None:
                 return None
-            logits = split_cfg(self.depth_heads[k](hidden[:, -1]), cfg_scale)
+            logits = self.depth_heads[k](hidden[:, -1])
+            logits = guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
             code = sample_from_logits(logits, **sampling)
             codes.append(code)
             depth_logits.append(logits)
-            every_row = torch.cat([code] * (hidden.shape[0] // code.shape[0]))
-            return self._inject(hidden, torch.cat((earlier[..., k], every_row[:, None]), dim=1), k)
+            recomputed = _recomputed_codes(earlier, hidden.shape[1] - 1, hidden.shape[0], self.code_depth)
+            return self._inject(hidden, torch.cat((recomputed[..., k].to(code.device), _copies(code, hidden.shape[0])), dim=1), k)
 
-        state.next_hidden(block_hook=hook)
+        decoder.write(chunk, block_hook=hook)
         return torch.stack(codes, dim=-1), torch.stack(depth_logits, dim=1)
 
     def _inject(self, hidden: Float[Tensor, "b m d"], codes: Int[Tensor, "b n"], k: int) -> Optional[Tensor]:
@@ -246,10 +248,6 @@ class DnDTransformer(LlamaGen):
             return None
         embeds = self.token_embed(codes)
         return hidden + F.pad(embeds, (0, 0, hidden.shape[1] - embeds.shape[1], 0))
-
-    def _new_generation(self, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *,
-                        use_cache: bool) -> _Generation:
-        return _Generation(self, prefix, prefix_mask, steps, use_cache=use_cache, code_shape=(self.code_depth,))
 
     def _embed_codes(self, codes: Int[Tensor, "b n D"]) -> Float[Tensor, "b n d"]:
         return self.token_embed(codes).sum(dim=-2)
@@ -291,6 +289,15 @@ class DepthHead(nn.Module):
 
     def forward(self, hidden: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:
         return self.to_logits(self.norm(hidden)).float()
+
+
+def _recomputed_codes(earlier: Sequence[Tensor], positions: int, rows: int, depth: int) -> Int[Tensor, "rows m D"]:
+    """The codes predicted by the ``positions`` earlier positions of a step's chunk (all of them when the
+    whole sequence is recomputed, none in a cached step): the last ones drawn, for every row."""
+    if positions == 0 or not earlier:
+        return torch.zeros(rows, 0, depth, dtype=torch.long)
+    drawn = torch.stack(list(earlier), dim=1)
+    return torch.cat([drawn] * (rows // drawn.shape[0]))[:, -positions:]
 
 
 def _checked_head_positions(positions: Sequence[int], depth: int) -> Tuple[int, ...]:

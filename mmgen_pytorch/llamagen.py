@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 
 from ._utils import (GeneratorLike, as_generator, check, check_finite, check_finite_number, check_index_range, default,
                      describe, eval_mode, is_index_tensor, like_parameters)
-from .backbone import PADDING, TokenLayout, Transformer, llamagen_positions
+from .backbone import PADDING, Decoder, KVCache, SequenceChunk, TokenLayout, Transformer, llamagen_positions
 from .backbone.masks import NO_BLOCK
 from .checkpoint import Checkpointable
 from .pretrained import (check_checkpoint_kind, check_state_dict, llamagen_backbone_state_dict,
                          llamagen_backbone_to_official, load_strict, read_checkpoint, unwrap_checkpoint)
-from .sampling import check_cfg_scale, check_sampling_options, sample_from_logits, split_cfg
+from .guidance import check_cfg_scale, guide
+from .sampling import check_sampling_options, sample_from_logits
 
 MODEL_TYPES = ("c2i", "t2i")
 
@@ -203,14 +204,19 @@ class LlamaGen(Checkpointable, nn.Module):
         guide = cfg_scale != 1.0
         with eval_mode(self):
             batch, prefix, prefix_mask = self._generation_prefix(condition, caption_mask, guide)
-            state = self._new_generation(prefix, prefix_mask, steps, use_cache=use_cache)
+            decoder = Decoder(self._run_chunk, new_cache=self.backbone.new_cache, rows=prefix.shape[0],
+                              max_length=self.cls_token_num + steps - 1, use_cache=use_cache)
+            table = llamagen_positions(self.grid_size, self.cls_token_num, device=prefix.device)
+            rows = prefix.shape[0]
             codes, step_logits = [], []
             for step in tqdm(range(steps), disable=not progress, desc=type(self).__name__, leave=False):
                 guided = guide and not (cfg_interval > -1 and step - 1 > cfg_interval)
-                if not guided:
-                    state.keep_rows(batch)
-                token, logits = self._generation_step(state, cfg_scale if guided else 1.0, sampling)
-                state.append(token)
+                if not guided and rows != batch:  # guidance stops: drop the unconditional rows
+                    rows = batch
+                    decoder.keep_rows(range(rows))
+                chunk = (CodeChunk.at(table, 0, prefix[:rows], self._layout(prefix_mask, self.cls_token_num))
+                         if step == 0 else CodeChunk.at(table, decoder.length, self._embed_codes(_copies(codes[-1], rows))))
+                token, logits = self._generation_step(decoder, chunk, codes, cfg_scale if guided else 1.0, sampling)
                 codes.append(token)
                 if return_logits:
                     step_logits.append(logits)
@@ -405,15 +411,13 @@ class LlamaGen(Checkpointable, nn.Module):
 
     # internals: one generation step (overridden by models with other heads)
 
-    def _new_generation(self, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *,
-                        use_cache: bool) -> "_Generation":
-        return _Generation(self, prefix, prefix_mask, steps, use_cache=use_cache)
-
-    def _generation_step(self, state: "_Generation", cfg_scale: float,
+    def _generation_step(self, decoder: Decoder, chunk: "CodeChunk", earlier: Sequence[Tensor], cfg_scale: float,
                          sampling: Dict[str, Any]) -> Tuple[Int[Tensor, "b"], Float[Tensor, "b vocab"]]:
-        """The next token of every sample and the (guided) logits it was drawn from; ``cfg_scale`` 1:
-        no guidance (the state holds the conditional rows only)."""
-        logits = split_cfg(state.next_logits(), cfg_scale)
+        """Write ``chunk`` (the prefix, or the last token) and draw the next token of every sample from the
+        (guided) logits of its last position; returns the tokens and those logits. ``earlier``: the tokens
+        drawn so far; ``cfg_scale`` 1: no guidance (the decoder holds the conditional rows only)."""
+        logits = self.to_logits(decoder.write(chunk)[:, -1]).float()
+        logits = guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
         return sample_from_logits(logits, **sampling), logits
 
     def _embed_codes(self, codes: Int[Tensor, "b n"]) -> Float[Tensor, "b n d"]:
@@ -421,6 +425,12 @@ class LlamaGen(Checkpointable, nn.Module):
         return self.token_embed(codes)
 
     # internals: the transformer
+
+    def _run_chunk(self, chunk: "CodeChunk", *, cache: Optional[KVCache], write: bool,
+                   block_hook=None) -> Float[Tensor, "rows c d"]:
+        """The backbone over a chunk of a generation (the :class:`Decoder`'s model function)."""
+        return self.backbone(chunk.embeds, layout=chunk.layout, positions=chunk.positions,
+                             zero_rotation=chunk.zero_rotation, cache=cache, write_cache=write, block_hook=block_hook)
 
     def _transformer(self, x: Float[Tensor, "b n d"], prefix_mask: Optional[Tensor] = None, *,
                      cache=None, block_hook=None) -> Float[Tensor, "b n d"]:
@@ -584,53 +594,28 @@ class CaptionEncoder(Checkpointable, nn.Module):
 # one generation
 
 
-class _Generation:
-    """The running state of one ``generate`` call: the prefix rows ([cond; uncond] under CFG), the
-    tokens so far (``[rows, n, *code_shape]``: one id per position, or DnD's ``code_shape=(depth,)``)
-    and, when cached, the static KV cache (sized for prefix + all but the last token)."""
+@dataclasses.dataclass
+class CodeChunk(SequenceChunk):
+    """Consecutive positions of a generation as the backbone takes them (see :class:`Decoder`)."""
 
-    def __init__(self, model: LlamaGen, prefix: Tensor, prefix_mask: Optional[Tensor], steps: int, *, use_cache: bool,
-                 code_shape: Tuple[int, ...] = ()):
-        self.model, self.prefix, self.prefix_mask = model, prefix, prefix_mask
-        self.tokens = torch.zeros(prefix.shape[0], 0, *code_shape, dtype=torch.long, device=prefix.device)
-        length = model.cls_token_num + steps - 1
-        self.cache = model.backbone.new_cache(prefix.shape[0], length) if use_cache else None
+    embeds: Float[Tensor, "rows c d"]
+    positions: Int[Tensor, "rows c 2"]
+    zero_rotation: Bool[Tensor, "rows c"]
+    layout: Optional[TokenLayout] = None  # caption padding in the prefix; None: plain causal
 
-    @property
-    def rows(self) -> int:
-        return self.prefix.shape[0]
+    @classmethod
+    def at(cls, table: Tuple[Tensor, Tensor], start: int, embeds: Tensor,
+           layout: Optional[TokenLayout] = None) -> "CodeChunk":
+        """``embeds`` placed at ``start``; ``table``: the sequence's positions and zero-rotation flags
+        (:func:`llamagen_positions`, built once per generation)."""
+        rows, end = embeds.shape[0], start + embeds.shape[1]
+        positions, zero = table
+        return cls(embeds, positions[:, start:end].expand(rows, -1, -1), zero[:, start:end].expand(rows, -1), layout)
 
-    @property
-    def recomputed_tokens(self) -> Int[Tensor, "rows m ..."]:
-        """The earlier tokens whose positions the next step runs again (all of them without a cache)."""
-        return self.tokens if self.cache is None else self.tokens[:, :0]
 
-    def next_hidden(self, block_hook=None) -> Float[Tensor, "rows m d"]:
-        """The backbone output of this step's chunk; its last position predicts the next token."""
-        model = self.model
-        if self.cache is None:  # the reference path: the whole sequence, every step
-            x = torch.cat((self.prefix, model._embed_codes(self.tokens)), dim=1)
-            return model._transformer(x, self.prefix_mask, block_hook=block_hook)
-        if self.cache.length == 0:
-            return model._transformer(self.prefix, self.prefix_mask, cache=self.cache, block_hook=block_hook)
-        return model._transformer(model._embed_codes(self.tokens[:, -1:]), cache=self.cache, block_hook=block_hook)
-
-    def next_logits(self) -> Float[Tensor, "rows vocab"]:
-        return self.model.to_logits(self.next_hidden()[:, -1]).float()
-
-    def append(self, token: Int[Tensor, "b ..."]) -> None:
-        """The same token(s) for every copy of a sample (both CFG halves)."""
-        copies = self.rows // token.shape[0]
-        self.tokens = torch.cat((self.tokens, torch.cat([token] * copies)[:, None]), dim=1)
-
-    def keep_rows(self, rows: int) -> None:
-        """Keep the first ``rows`` rows (drop the unconditional half once guidance stops)."""
-        if rows == self.rows:
-            return
-        self.prefix, self.tokens = self.prefix[:rows], self.tokens[:rows]
-        self.prefix_mask = None if self.prefix_mask is None else self.prefix_mask[:rows]
-        if self.cache is not None:
-            self.cache.select(torch.arange(rows, device=self.prefix.device))
+def _copies(token: Tensor, rows: int) -> Tensor:
+    """A sample's token for every copy of it among ``rows`` (both CFG halves), as a one-position chunk."""
+    return torch.cat([token] * (rows // token.shape[0]))[:, None]
 
 
 # official checkpoints: ModelArgs of autoregressive/models/gpt.py and training args

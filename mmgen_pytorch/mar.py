@@ -32,14 +32,13 @@ from .checkpoint import Checkpointable
 from .diffloss import DiffLoss
 from .objectives.gaussian import Spacing, check_chain_options
 from .pretrained import check_checkpoint_kind, load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
-from .sampling import check_cfg_scale
+from .guidance import CFG_SCHEDULES, check_cfg_scale, scheduled_cfg_scale
 from .tokenizers.kl import KL16_LATENT_SCALE
 
-__all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "cfg_scale", "mar_base", "mar_large",
+__all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "mar_base", "mar_large",
            "mar_huge", "PRESETS", "VAE_SCALE"]
 
 VAE_SCALE = KL16_LATENT_SCALE  # KL-16 latents are multiplied by this before MAR sees them
-CFG_SCHEDULES = ("linear", "constant")
 
 # upstream factory dims; the DiffLoss sizes are those of the released checkpoints
 PRESETS: Dict[str, Dict[str, int]] = {
@@ -222,8 +221,9 @@ class MAR(Checkpointable, nn.Module):
             if step.num_pred == 0:
                 continue  # only when num_iter > seq_len: nothing is predicted, nothing changes
             chosen = orders[:, step.remaining:masked]  # the positions predicted now, [b, num_pred]
+            scale = scheduled_cfg_scale(cfg, cfg_schedule, known=self.seq_len - step.mask_len, total=self.seq_len)
             values = self.sample_positions(tokens, self.mask_from_orders(orders, masked), chosen, class_embedding,
-                                           cfg=cfg_scale(cfg, cfg_schedule, step.mask_len, self.seq_len), **head)
+                                           cfg=scale, **head)
             tokens = tokens.scatter(1, chosen[..., None].expand(-1, -1, self.token_dim), values.to(tokens.dtype))
             masked = step.remaining
         latents = self.unpatchify(tokens)
@@ -429,12 +429,6 @@ def mask_schedule(seq_len: int, num_iter: int) -> List[MaskStep]:
         steps.append(MaskStep(mask_len, masked - remaining, remaining))
         masked = remaining
     return steps
-
-
-def cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
-    """The guidance scale of a step: ``cfg`` ("constant") or ``1 + (cfg − 1)(L − mask_len)/L`` ("linear")."""
-    check(schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {schedule!r}")
-    return cfg if schedule == "constant" else 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
 
 
 # helpers

@@ -1,4 +1,5 @@
-"""Token sampling helpers shared by every autoregressive model: logit filters and CFG."""
+"""Token sampling helpers shared by every autoregressive model: logit filters and the draw
+(classifier-free guidance lives in :mod:`mmgen_pytorch.guidance`)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,6 @@ def check_sampling_options(*, temperature: float = 1.0, top_k: int = 0, top_p: f
     check(0.0 <= min_p < 1.0, f"`{prefix}min_p` must be in [0, 1) (0: off), got {min_p}")
 
 
-def check_cfg_scale(cfg_scale: float, name: str = "cfg_scale") -> None:
-    """A guidance scale: finite and >= 0 (1: no guidance, 0: the unconditional prediction)."""
-    check_finite_number(name, cfg_scale, minimum=0)
-
-
 @typechecked
 def filter_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0) -> Float[Tensor, "*batch vocab"]:
@@ -80,17 +76,3 @@ def sample_from_logits(logits: Float[Tensor, "*batch vocab"], *, temperature: fl
     probs = F.softmax(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-
-
-@typechecked
-def cfg_combine(cond: Float[Tensor, "*shape"], uncond: Float[Tensor, "*shape"], scale: float) -> Float[Tensor, "*shape"]:
-    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
-    return uncond + (cond - uncond) * scale
-
-
-def split_cfg(batch: Tensor, scale: float) -> Tensor:
-    """Guide a CFG-doubled batch (conditional rows first); a no-op for ``scale == 1``."""
-    if scale == 1.0:
-        return batch
-    cond, uncond = batch.chunk(2, dim=0)
-    return cfg_combine(cond, uncond, scale)

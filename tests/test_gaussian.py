@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmgen_pytorch.diffloss import DiffLoss
-from mmgen_pytorch.objectives.gaussian import (GaussianDiffusion, cosine_betas, guide, guide_conditional, linear_betas,
+from mmgen_pytorch.guidance import guide, guide_both_halves
+from mmgen_pytorch.objectives.gaussian import (GaussianDiffusion, cosine_betas, linear_betas,
                                                make_betas, space_timesteps)
 
 
@@ -160,12 +161,12 @@ def test_bf16_outputs_are_handled_in_float32():
 
 def test_guidance_only_on_the_first_channels():
     cond, uncond = torch.randn(2, 8), torch.randn(2, 8)
-    out = guide(torch.cat((cond, uncond)), 4.0, channels=3)  # MonoFormer's 3-of-4 quirk
+    out = guide_both_halves(torch.cat((cond, uncond)), 4.0, features=3, feature_dim=1)  # MonoFormer's 3-of-4 quirk
     expected = uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3])
     torch.testing.assert_close(out[:2, :3], expected)
     torch.testing.assert_close(out[2:, :3], expected)
     assert torch.equal(out[:2, 3:], cond[:, 3:]) and torch.equal(out[2:, 3:], uncond[:, 3:])
-    assert torch.equal(guide_conditional(torch.cat((cond, uncond)), 4.0, channels=3), out[:2])
+    assert torch.equal(guide(torch.cat((cond, uncond)), 4.0, features=3, feature_dim=1), out[:2])
 
 
 def test_bad_arguments_name_themselves():
@@ -209,7 +210,8 @@ def test_respaced_sampler_matches_official(golden):
         t = torch.full((3,), i)
         plain.append(chain.p_mean_variance(head.net(x, chain.model_timesteps(t), c), x, t))
         t2, x2 = torch.full((6,), i), torch.cat((x, x))
-        out = guide(head.net(x2, chain.model_timesteps(t2), torch.cat((c, c_uncond))), scale, channels=16)
+        out = guide_both_halves(head.net(x2, chain.model_timesteps(t2), torch.cat((c, c_uncond))), scale, features=16,
+                                feature_dim=1)
         guided.append(chain.p_mean_variance(out, x2, t2))
     stack = lambda preds, name: torch.stack([getattr(p, name) for p in preds])  # noqa: E731
     assert_noisy_step_close(stack(plain, "mean"), outputs["gen_mean"])

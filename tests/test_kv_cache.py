@@ -56,14 +56,14 @@ def snapshot(cache: KVCache):
 
 
 def assert_unchanged(cache: KVCache, before) -> None:
-    """The cached contents [0, length), the layout ids and the length are untouched (a read-only chunk may use
-    the free slots after `length` as scratch space)."""
+    """The cached contents [0, length), their layout ids and the length are untouched (a read-only chunk
+    may use the free slots after `length` as scratch space)."""
     assert cache.length == before["length"]
     valid = before["length"]
     for name in ("keys", "values"):
         assert torch.equal(getattr(cache, name)[:, :, :, :valid], before[name][:, :, :, :valid]), f"cache.{name} changed"
     for name in ("segment_ids", "block_ids"):
-        assert torch.equal(getattr(cache, name), before[name]), f"cache.{name} changed"
+        assert torch.equal(getattr(cache, name)[:, :valid], before[name][:, :valid]), f"cache.{name} changed"
 
 
 BACKENDS = ["sdpa", "flex"]
@@ -147,7 +147,8 @@ def model_cache_with_prefix(model, x, layout, positions, prefix) -> KVCache:
 @torch.no_grad()
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("write_cache", [True, False])
-def test_bidirectional_chunk_against_cached_prefix(backend, write_cache):
+@pytest.mark.parametrize("static", [False, True])
+def test_bidirectional_chunk_against_cached_prefix(backend, write_cache, static):
     model = make_model(3)
     prefix, chunk = 7, 5
     layout, positions = prefix_and_block_layout(prefix, chunk)
@@ -155,7 +156,7 @@ def test_bidirectional_chunk_against_cached_prefix(backend, write_cache):
     full = model(x, layout=layout, positions=positions)
     full_flex = model(x, layout=layout, positions=positions, backend="flex")
     assert_close(full_flex, full)
-    cache = model.new_cache(3, 16)
+    cache = model.new_cache(3, 16, static=static)
     model(x[:, :prefix], layout=sliced(layout, 0, prefix), positions=positions[:, :prefix], cache=cache, backend=backend)
     out = model(x[:, prefix:], layout=sliced(layout, prefix, prefix + chunk), positions=positions[:, prefix:],
                 cache=cache, write_cache=write_cache, backend=backend)
@@ -176,14 +177,16 @@ def test_bidirectional_chunk_against_cached_prefix(backend, write_cache):
 
 @torch.no_grad()
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_read_only_chunk_leaves_the_cache_unchanged(backend):
+@pytest.mark.parametrize("static", [False, True])
+def test_read_only_chunk_leaves_the_cache_unchanged(backend, static):
+    """Static windows expose all 16 slots; the scratch left by longer read-only chunks stays hidden."""
     model = make_model(4)
     prefix, chunk, tail = 6, 4, 3
     layout, positions = prefix_and_block_layout(prefix, chunk, tail)
     x = torch.randn(3, prefix + chunk + tail, DIM)
     full = model(x, layout=layout, positions=positions)
 
-    cache = model.new_cache(3, 16)
+    cache = model.new_cache(3, 16, static=static)
     out_prefix = model(x[:, :prefix], layout=sliced(layout, 0, prefix), positions=positions[:, :prefix], cache=cache)
     chunk_args = dict(layout=sliced(layout, prefix, prefix + chunk), positions=positions[:, prefix:prefix + chunk],
                       cache=cache, backend=backend)
@@ -192,6 +195,10 @@ def test_read_only_chunk_leaves_the_cache_unchanged(backend):
     for _ in range(3):
         model(torch.randn(3, chunk, DIM), write_cache=False, **chunk_args)
         assert_unchanged(cache, before)
+    longer = dict(layout=sliced(layout, prefix, prefix + chunk + tail), positions=positions[:, prefix:], cache=cache,
+                  backend=backend)
+    model(torch.randn(3, chunk + tail, DIM), write_cache=False, **longer)  # leaves scratch past the chunk
+    assert_unchanged(cache, before)
     read_only = model(x[:, prefix:prefix + chunk], write_cache=False, **chunk_args)
     assert_unchanged(cache, before)
     written = model(x[:, prefix:prefix + chunk], write_cache=True, **chunk_args)
@@ -260,6 +267,25 @@ def test_select_keeps_rows():
     assert cache.batch_size == 2
     out = run_chunks(model, x[[2, 0]], [4, 5, 6], cache=cache, backend="sdpa")
     assert_close(out, model(x[[2, 0]])[:, 4:])
+
+
+# growth
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True])
+def test_reserve_grows_and_keeps_the_sequence(static):
+    model = make_model(8)
+    x = torch.randn(2, 11, DIM)
+    cache = model.new_cache(2, 4, static=static)
+    outputs = [model(x[:, :3], cache=cache)]
+    for start in range(3, 11):
+        cache.reserve(1)
+        outputs.append(model(x[:, start:start + 1], cache=cache))
+    assert cache.length == 11 and cache.max_length >= 11
+    assert_close(torch.cat(outputs, dim=1), model(x))
+    before = cache.max_length
+    cache.reserve(cache.max_length - cache.length)  # fits: nothing moves
+    assert cache.max_length == before
 
 
 # errors

@@ -6,8 +6,8 @@ import argparse
 import pytest
 import torch
 
-from mmgen_pytorch.mar import MAR, PRESETS, cfg_scale, mar_base, mar_huge, mar_large, mask_schedule
-from mmgen_pytorch.objectives.gaussian import guide
+from mmgen_pytorch.guidance import guide_both_halves, scheduled_cfg_scale
+from mmgen_pytorch.mar import MAR, PRESETS, mar_base, mar_huge, mar_large, mask_schedule
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -82,14 +82,14 @@ def test_mask_schedule_matches_official(data, seq_len, num_iter):
     steps = mask_schedule(seq_len, num_iter)
     assert [s.mask_len for s in steps] == outputs[f"mask_len_{name}"].tolist()
     assert [s.num_pred for s in steps] == outputs[f"num_pred_{name}"].tolist()
-    scales = torch.tensor([cfg_scale(3.0, "linear", s.mask_len, seq_len) for s in steps], dtype=torch.float32)
+    scales = torch.tensor([scheduled_cfg_scale(3.0, "linear", known=seq_len - s.mask_len, total=seq_len) for s in steps], dtype=torch.float32)
     assert torch.equal(scales, outputs[f"cfg_linear_{name}"])
     assert sum(s.num_pred for s in steps) == seq_len and steps[-1].remaining == 0
 
 
 def test_cfg_schedules():
-    assert cfg_scale(2.9, "constant", 100, 256) == 2.9
-    assert cfg_scale(3.0, "linear", 256, 256) == 1.0
+    assert scheduled_cfg_scale(2.9, "constant", known=156, total=256) == 2.9
+    assert scheduled_cfg_scale(3.0, "linear", known=0, total=256) == 1.0
 
 
 # presets
@@ -203,7 +203,8 @@ def test_fast_sampler_equals_an_upstream_style_loop():
         x = torch.zeros(z.shape[0], m.token_dim)
         for i in reversed(range(chain.num_timesteps)):
             t = torch.full((z.shape[0],), i)
-            out = guide(m.diffloss.net(x, chain.model_timesteps(t), z), cfg_iter, channels=m.token_dim)
+            out = guide_both_halves(m.diffloss.net(x, chain.model_timesteps(t), z), cfg_iter, features=m.token_dim,
+                                    feature_dim=1)
             x = chain.p_mean_variance(out, x, t).mean
         return x
 
@@ -216,7 +217,7 @@ def test_fast_sampler_equals_an_upstream_style_loop():
         next_mask = m.mask_from_orders(orders, step.mask_len)
         to_pred = mask if k == steps - 1 else mask ^ next_mask
         rows = torch.cat((to_pred, to_pred)).nonzero(as_tuple=True)
-        sampled = head(z[rows], cfg_scale(cfg, "linear", step.mask_len, m.seq_len)).chunk(2)[0]
+        sampled = head(z[rows], scheduled_cfg_scale(cfg, "linear", known=m.seq_len - step.mask_len, total=m.seq_len)).chunk(2)[0]
         tokens[to_pred.nonzero(as_tuple=True)] = sampled
         mask = next_mask
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mmgen_pytorch.sampling import (cfg_combine, filter_logits, sample_from_logits, split_cfg, top_k_filter,
+from mmgen_pytorch.guidance import cfg_combine, guide
+from mmgen_pytorch.sampling import (filter_logits, sample_from_logits, top_k_filter,
                                     top_p_filter)
 
 
@@ -75,10 +76,10 @@ def test_sampling_respects_the_filters():
 
 def test_cfg_takes_conditional_rows_first():
     cond, uncond = torch.randn(3, 10), torch.randn(3, 10)
-    torch.testing.assert_close(split_cfg(torch.cat((cond, uncond)), 4.0), uncond + 4.0 * (cond - uncond))
+    torch.testing.assert_close(guide(torch.cat((cond, uncond)), 4.0), uncond + 4.0 * (cond - uncond))
     torch.testing.assert_close(cfg_combine(cond, uncond, 1.0), cond)
-    batch = torch.randn(4, 10)
-    assert split_cfg(batch, 1.0) is batch
+    with pytest.raises(ValueError, match="even count"):
+        guide(torch.randn(3, 10), 2.0)
 
 
 def reference_min_p(logits, min_p):

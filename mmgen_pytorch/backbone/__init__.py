@@ -1,12 +1,13 @@
 from .attention import Attention, AttentionMask, attend, flex_available
-from .kv_cache import KVCache
+from .decoding import Decoder, SequenceChunk
+from .kv_cache import CacheWindow, KVCache
 from .masks import NO_BLOCK, PADDING, TokenLayout, visible
 from .norms import RMSNorm, make_norm
 from .positions import RotaryEmbedding, RotaryTable, grid_positions, llamagen_positions, sequence_positions
 from .transformer import Block, FeedForward, Transformer, swiglu_hidden_dim
 
 __all__ = [
-    "Attention", "AttentionMask", "attend", "flex_available", "KVCache", "NO_BLOCK", "PADDING", "TokenLayout",
+    "Attention", "AttentionMask", "attend", "flex_available", "CacheWindow", "Decoder", "SequenceChunk", "KVCache", "NO_BLOCK", "PADDING", "TokenLayout",
     "visible", "RMSNorm", "make_norm", "RotaryEmbedding", "RotaryTable", "grid_positions", "llamagen_positions",
     "sequence_positions", "Block", "FeedForward", "Transformer", "swiglu_hidden_dim",
 ]

@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._utils import check, divisible_by
-from .kv_cache import KVCache
+from .kv_cache import CacheWindow
 from .norms import RMSNorm
 from .positions import RotaryTable
 
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_dropout)
 
     def forward(self, x: Tensor, *, mask: AttentionMask, rotary: Optional[RotaryTable] = None,
-                cache: Optional[KVCache] = None, layer_index: int = 0, write_cache: bool = True) -> Tensor:
+                cache: Optional[CacheWindow] = None, layer_index: int = 0) -> Tensor:
         q, k, v = self.to_qkv(x).split([self.heads * self.dim_head, self.kv_heads * self.dim_head,
                                         self.kv_heads * self.dim_head], dim=-1)
         q = self.q_norm(rearrange(q, "b n (h d) -> b h n d", d=self.dim_head))
@@ -84,7 +84,7 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary.rotate(q), rotary.rotate(k)
         if cache is not None:
-            k, v = cache.attend_keys(layer_index, k, v, write=write_cache)
+            k, v = cache.update(layer_index, k, v)
         dropout = self.attn_dropout if self.training else 0.0
         out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, dropout=dropout, scale=self.scale)
         return self.resid_dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))

@@ -1,22 +1,27 @@
-"""A static, preallocated key/value cache (gpt-fast style).
+"""A static, preallocated key/value cache (gpt-fast's shape).
 
 One tensor pair holds every layer: ``keys`` / ``values`` of shape
-``[layers, batch, kv_heads, max_length, dim_head]``, plus the :class:`TokenLayout` ids of every
-written position so that the attention mask of a later chunk can be built from the same rule.
+``[layers, batch, kv_heads, max_length, dim_head]``, beside the :class:`TokenLayout` ids of every
+slot (``segment_ids`` / ``block_ids`` ``[batch, max_length]``, padding where nothing was written), so
+that the attention mask of a later chunk comes from the same rule as everything else.
 
-A forward over a chunk of ``c`` tokens with a cache either
+A forward over a chunk of ``c`` tokens opens a :class:`CacheWindow` at ``input_pos = [length,
+length + c)``: every layer writes its K/V there with ``index_copy_`` and attends to the slots the
+window exposes, and the chunk's layout ids are written at the same positions. Then either
 
-- writes the chunk (``write=True``): its K/V land at ``[length, length + c)`` and ``length``
-  advances by ``c`` at the end of the forward; or
-- only reads (``write=False``): the chunk attends to the cached prefix plus itself and the cache's
-  contents ``[0, length)``, its layout and ``length`` stay exactly as they were — every denoising step
-  but the last. (Its K/V use the free slots after ``length`` as scratch space.)
+- the chunk is **written** (``write=True``): ``length`` advances to ``length + c``; or
+- it was only **read** (``write=False``): ``length`` stays, so the slots after it are scratch space
+  that the next chunk overwrites — every denoising step but the last, run against the cached prefix.
 
-CFG is a doubled batch inside the same cache (conditional rows first).
+A window exposes ``[0, length + c)`` (``static=False``: the cheapest shapes in eager mode) or all
+``max_length`` slots with the unwritten ones hidden by the mask (``static=True``: every decode step
+has the same shapes, so it can be compiled once). Growth (:meth:`KVCache.reserve`) is the cache's own
+business. CFG is a doubled batch inside the same cache (conditional rows first).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -28,7 +33,7 @@ from .masks import NO_BLOCK, PADDING, TokenLayout
 
 class KVCache(nn.Module):
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, kv_heads: int, dim_head: int,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
         super().__init__()
         check(min(num_layers, batch_size, max_length, kv_heads, dim_head) > 0,
               "KVCache sizes (num_layers, batch_size, max_length, kv_heads, dim_head) must all be positive")
@@ -38,6 +43,7 @@ class KVCache(nn.Module):
         self.register_buffer("segment_ids", torch.full((batch_size, max_length), PADDING, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("block_ids", torch.full((batch_size, max_length), NO_BLOCK, dtype=torch.long, device=device), persistent=False)
         self.length = 0
+        self.static = static
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +58,8 @@ class KVCache(nn.Module):
         """Layout of the written positions ``[0, length)``."""
         return TokenLayout(self.segment_ids[:, :self.length], self.block_ids[:, :self.length])
 
+    # one forward
+
     def check_chunk(self, batch: int, chunk_length: int) -> None:
         check(batch == self.batch_size,
               f"the cache holds a batch of {self.batch_size}, but the input has a batch of {batch}")
@@ -59,23 +67,39 @@ class KVCache(nn.Module):
               f"KV cache overflow: {self.length} cached + {chunk_length} new tokens exceed max_length={self.max_length}",
               error=RuntimeError)
 
-    def attend_keys(self, layer: int, k: Tensor, v: Tensor, write: bool) -> Tuple[Tensor, Tensor]:
-        """The keys and values a chunk attends to: the cached prefix followed by the chunk itself.
+    def open(self, layout: TokenLayout, input_pos: Tensor | None = None) -> "CacheWindow":
+        """The window of a chunk with ``layout [batch, c]``: it sits at ``input_pos`` (default
+        ``[length, length + c)``, which must be the case for a chunk that is later committed), whose
+        layout ids are written now."""
+        chunk_length = layout.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(self.length, self.length + chunk_length, device=self.keys.device)
+        self.segment_ids.index_copy_(1, input_pos, layout.segment_ids)
+        self.block_ids.index_copy_(1, input_pos, layout.block_ids)
+        end = self.length + chunk_length
+        return CacheWindow(self, input_pos, self.max_length if self.static else end)
 
-        Either way the chunk's K/V go into the slots after ``length`` (no copy of the prefix); only a
-        written chunk advances ``length``, so a read-only chunk's slots are free again afterwards.
-        """
-        start, end = self.length, self.length + k.shape[2]
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def commit(self, chunk_length: int) -> None:
+        """A written chunk becomes part of the sequence: ``length`` moves past it."""
+        self.length += chunk_length
 
-    def advance(self, layout: TokenLayout) -> None:
-        """Record the layout of a written chunk and move the write position past it."""
-        start, end = self.length, self.length + layout.shape[1]
-        self.segment_ids[:, start:end] = layout.segment_ids
-        self.block_ids[:, start:end] = layout.block_ids
-        self.length = end
+    # the sequence
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens, growing the buffers (at least doubling) if needed; the
+        written positions are kept."""
+        needed = self.length + extra
+        if needed <= self.max_length:
+            return
+        size, kept = max(needed, 2 * self.max_length), self.length
+
+        def grown(old: Tensor, dim: int, fill) -> Tensor:
+            new = old.new_full((*old.shape[:dim], size, *old.shape[dim + 1:]), fill)
+            new.narrow(dim, 0, kept).copy_(old.narrow(dim, 0, kept))
+            return new
+
+        self.keys, self.values = grown(self.keys, 3, 0), grown(self.values, 3, 0)
+        self.segment_ids, self.block_ids = grown(self.segment_ids, 1, PADDING), grown(self.block_ids, 1, NO_BLOCK)
 
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` positions (the rest is overwritten by later writes)."""
@@ -93,4 +117,30 @@ class KVCache(nn.Module):
 
     def extra_repr(self) -> str:
         layers, batch, heads, max_length, dim_head = self.keys.shape
-        return f"layers={layers}, batch={batch}, kv_heads={heads}, max_length={max_length}, dim_head={dim_head}, length={self.length}"
+        return (f"layers={layers}, batch={batch}, kv_heads={heads}, max_length={max_length}, dim_head={dim_head}, "
+                f"length={self.length}, static={self.static}")
+
+
+@dataclass
+class CacheWindow:
+    """What one forward over a chunk reads and writes: the chunk sits at ``input_pos``; attention sees
+    slots ``[0, span)``, of which those at or after the chunk's end are hidden (static windows)."""
+
+    cache: KVCache
+    input_pos: Tensor  # long [c]
+    span: int
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Write this layer's chunk K/V ``[b, kv_heads, c, d]``; return the K/V it attends to."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.index_copy_(2, self.input_pos, k.to(keys.dtype))
+        values.index_copy_(2, self.input_pos, v.to(values.dtype))
+        return keys[:, :, :self.span], values[:, :, :self.span]
+
+    def key_layout(self) -> TokenLayout:
+        """The layout of the exposed slots; in a static window the slots after the chunk read as padding."""
+        segments, blocks = self.cache.segment_ids[:, :self.span], self.cache.block_ids[:, :self.span]
+        if self.cache.static:
+            unwritten = torch.arange(self.span, device=segments.device) > self.input_pos[-1]
+            segments = segments.masked_fill(unwritten, PADDING)
+        return TokenLayout(segments, blocks)

@@ -115,42 +115,53 @@ class TokenLayout:
 
     # the two backends
 
-    def dense_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0) -> Tensor:
+    def dense_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0,
+                   query_index: Optional[Tensor] = None) -> Tensor:
         """Bool ``[b, 1, q, kv]``: True where attention is allowed.
 
         ``keys`` describes the key tokens (default: the queries themselves). Query ``i`` sits at
-        key index ``query_offset + i``, as when a chunk attends to a cached prefix plus itself.
+        key index ``query_offset + i``, as when a chunk attends to a cached prefix plus itself, or at
+        ``query_index[i]`` (a long tensor ``[q]``: a cache's ``input_pos``).
         """
         keys = self if keys is None else keys
-        q_index = torch.arange(self.shape[1], device=self.segment_ids.device) + query_offset
+        q_index = self._query_index(query_offset, query_index)
         kv_index = torch.arange(keys.shape[1], device=self.segment_ids.device)
         q_limit = None if self.causal_limits is None else self.causal_limits[:, :, None]
         mask = visible(self.segment_ids[:, :, None], self.block_ids[:, :, None], q_index[:, None],
                        keys.segment_ids[:, None, :], keys.block_ids[:, None, :], kv_index[None, :], q_limit)
         return mask[:, None]
 
-    def mask_mod(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0):
+    def mask_mod(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0,
+                 query_index: Optional[Tensor] = None):
         """The same rule as :meth:`dense_mask`, as a flex-attention ``mask_mod(b, h, q, kv)``."""
         keys = self if keys is None else keys
+        q_index = self._query_index(query_offset, query_index)
         q_segment, q_block = self.segment_ids, self.block_ids
         kv_segment, kv_block = keys.segment_ids, keys.block_ids
         limits = self.causal_limits
 
         def mask_mod(b, h, q, kv):
             q_limit = None if limits is None else limits[b, q]
-            return visible(q_segment[b, q], q_block[b, q], q + query_offset,
+            return visible(q_segment[b, q], q_block[b, q], q_index[q],
                            kv_segment[b, kv], kv_block[b, kv], kv, q_limit)
 
         return mask_mod
 
-    def block_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0):
+    def block_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0,
+                   query_index: Optional[Tensor] = None):
         from torch.nn.attention.flex_attention import create_block_mask
 
         keys = self if keys is None else keys
         device = self.segment_ids.device
-        return create_block_mask(self.mask_mod(keys, query_offset), B=self.shape[0], H=None,
+        return create_block_mask(self.mask_mod(keys, query_offset, query_index), B=self.shape[0], H=None,
                                  Q_LEN=self.shape[1], KV_LEN=keys.shape[1], device=device,
                                  _compile=device.type == "cuda")
+
+    def _query_index(self, offset: int, index: Optional[Tensor]) -> Tensor:
+        if index is not None:
+            check(tuple(index.shape) == (self.shape[1],), f"`query_index` must be [{self.shape[1]}], got {tuple(index.shape)}")
+            return index
+        return torch.arange(self.shape[1], device=self.segment_ids.device) + offset
 
 
 def _fill_blocks(block_row: Tensor, spans: Sequence[Span], start: int, end: int, row: int) -> None:

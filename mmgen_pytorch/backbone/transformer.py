@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .._utils import check, default, divisible_by, round_up_to_multiple
 from ..checkpoint import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
-from .kv_cache import KVCache
+from .kv_cache import CacheWindow, KVCache
 from .masks import TokenLayout
 from .norms import make_norm
 from .positions import RotaryEmbedding, sequence_positions
@@ -168,10 +168,13 @@ class Transformer(Checkpointable, nn.Module):
 
     # public API
 
-    def new_cache(self, batch_size: int, max_length: int, *, dtype: Optional[torch.dtype] = None, device=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int, *, dtype: Optional[torch.dtype] = None, device=None,
+                  static: bool = False) -> KVCache:
+        """An empty :class:`KVCache` for this transformer (``static``: fixed-shape windows, see there)."""
         reference = next(self.parameters())
         return KVCache(num_layers=self.depth, batch_size=batch_size, max_length=max_length, kv_heads=self.kv_heads,
-                       dim_head=self.dim_head, dtype=default(dtype, reference.dtype), device=default(device, reference.device))
+                       dim_head=self.dim_head, dtype=default(dtype, reference.dtype),
+                       device=default(device, reference.device), static=static)
 
     def forward(self, x: Float[Tensor, "b n d"], *, layout: Optional[TokenLayout] = None,
                 positions: Optional[Union[Int[Tensor, "b n"], Int[Tensor, "b n axes"]]] = None,
@@ -192,15 +195,17 @@ class Transformer(Checkpointable, nn.Module):
             cond_index: instead of ``cond_mask``, ``cond`` is a table ``[k, dim_cond]`` and token
                 ``(b, n)`` uses row ``cond_index[b, n]`` (``-1``: no condition).
             cache: a :class:`KVCache`; the tokens continue after its ``length`` positions.
-            write_cache: write this chunk into the cache (else attend to the prefix, leave it unchanged).
+            write_cache: the chunk becomes part of the cached sequence (else it attends to the cached
+                prefix plus itself and the cache's ``length`` stays).
             block_hook: ``hook(block_index, hidden) -> hidden | None`` after every block; a returned
                 tensor replaces the residual stream (e.g. to inject embeddings).
             return_hiddens: also return the hidden state after every block (before the final norm).
         """
         batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache)
         start = cache.length if cache is not None else 0
-        mask = self._attention_mask(x, layout, cache, backend)
-        layout = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
+        queries = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
+        window = cache.open(queries) if cache is not None else None
+        mask = self._attention_mask(x, layout, window, backend)
         rotary = None
         if self.rotary is not None:
             positions = positions if positions is not None else sequence_positions(length, batch, start, device=x.device)
@@ -213,8 +218,7 @@ class Transformer(Checkpointable, nn.Module):
         hiddens: List[Tensor] = []
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for index, block in enumerate(self.layers):
-            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=cache,
-                          layer_index=index, write_cache=write_cache)
+            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=window, layer_index=index)
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
             if block_hook is not None:
                 replaced = block_hook(index, x)
@@ -222,7 +226,7 @@ class Transformer(Checkpointable, nn.Module):
             if return_hiddens:
                 hiddens.append(x)
         if cache is not None and write_cache:
-            cache.advance(layout)
+            cache.commit(length)
         out = self.norm(x)
         return (out, hiddens) if return_hiddens else out
 
@@ -237,22 +241,22 @@ class Transformer(Checkpointable, nn.Module):
         check(backend != "flex" or flex_available(), "the flex backend needs torch >= 2.5 (flex_attention)")
         return backend
 
-    def _attention_mask(self, x: Tensor, layout: Optional[TokenLayout], cache: Optional[KVCache],
+    def _attention_mask(self, x: Tensor, layout: Optional[TokenLayout], window: Optional[CacheWindow],
                         backend: Optional[str]) -> AttentionMask:
         batch, length = x.shape[:2]
-        if layout is None and cache is None and not self.causal:
+        if layout is None and window is None and not self.causal:
             return AttentionMask()
         backend = self.resolve_backend(x, length, backend)
-        if layout is None and cache is None and backend == "sdpa":
+        if layout is None and window is None and backend == "sdpa":
             return AttentionMask(is_causal=True)
         queries = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
-        keys = cache.layout.cat(queries) if cache is not None else queries
-        offset = cache.length if cache is not None else 0
+        keys = window.key_layout() if window is not None else queries
+        query_index = window.input_pos if window is not None else None
         if backend == "flex":
-            return AttentionMask(block_mask=queries.block_mask(keys, offset))
-        dense = queries.dense_mask(keys, offset)
-        if torch.compiler.is_compiling():  # the all-visible shortcut below is a data-dependent branch
-            return AttentionMask(dense=dense)
+            return AttentionMask(block_mask=queries.block_mask(keys, query_index=query_index))
+        dense = queries.dense_mask(keys, query_index=query_index)
+        if window is not None or torch.compiler.is_compiling():
+            return AttentionMask(dense=dense)  # no host sync in a decode step or a graph
         return AttentionMask() if bool(dense.all()) else AttentionMask(dense=dense)  # all-visible: no mask
 
     def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:

@@ -17,7 +17,7 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from .._utils import GeneratorLike, as_generator, check
-from ..sampling import cfg_combine
+from .. import guidance
 from .base import ContinuousObjective, Denoiser
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -72,8 +72,7 @@ class RectifiedFlow(ContinuousObjective):
 
     @staticmethod
     def guide(output: Tensor, scale: float) -> Tensor:
-        cond, uncond = output.chunk(2, dim=0)  # always a doubled batch, as the interface says
-        return cfg_combine(cond, uncond, scale)
+        return guidance.guide(output, scale)
 
     def generate(self, denoise: Denoiser, noise: Tensor, steps: int, *,
                  generator: GeneratorLike = None, progress: bool = False) -> Tensor:

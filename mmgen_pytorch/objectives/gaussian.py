@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import guidance
 from .._utils import GeneratorLike, as_generator, as_int, check, check_finite_number
 from .base import ContinuousObjective, Denoiser
 
@@ -128,31 +129,6 @@ def respace_betas(alphas_cumprod: Tensor, kept: Sequence[int]) -> Tensor:
     kept_alpha_bar = alphas_cumprod[list(kept)]
     previous = torch.cat((kept_alpha_bar.new_ones(1), kept_alpha_bar[:-1]))
     return 1 - kept_alpha_bar / previous
-
-
-# classifier-free guidance on ε
-
-def guide(output: Float[Tensor, "b2 c ..."], scale: float, *, channels: int) -> Float[Tensor, "b2 c ..."]:
-    """CFG on a doubled batch's output ``[cond; uncond]`` (dim 0), guiding channels ``[:channels]``.
-
-    The guided channels become ``uncond + scale · (cond − uncond)`` in *both* halves; every later
-    channel (the variance values, and for MonoFormer's quirk ``channels=3`` also the 4th latent
-    channel) passes through unguided, each half keeping its own.
-    """
-    cond, uncond = output.chunk(2, dim=0)
-    guided = _guided(cond, uncond, scale, channels)
-    return torch.cat((torch.cat((guided, cond[:, channels:]), dim=1),
-                      torch.cat((guided, uncond[:, channels:]), dim=1)), dim=0)
-
-
-def guide_conditional(output: Float[Tensor, "b2 c ..."], scale: float, *, channels: int) -> Float[Tensor, "b c ..."]:
-    """The conditional half of :func:`guide` (all a sampler needs: the halves share the guided ε)."""
-    cond, uncond = output.chunk(2, dim=0)
-    return torch.cat((_guided(cond, uncond, scale, channels), cond[:, channels:]), dim=1)
-
-
-def _guided(cond: Tensor, uncond: Tensor, scale: float, channels: int) -> Tensor:
-    return uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
 
 
 # Gaussian helpers (float32)
@@ -518,7 +494,7 @@ class GaussianObjective(ContinuousObjective):
         channels = self.guide_features if self.guide_features is not None else eps_features
         check(channels <= eps_features,
               f"`guide_features` ({channels}) exceeds the {eps_features} ε features of a token")
-        return guide_conditional(output.movedim(-1, 1), scale, channels=channels).movedim(1, -1)
+        return guidance.guide(output, scale, features=channels)
 
     def sampling_chain(self, steps: Spacing, *, name: str = "steps") -> GaussianDiffusion:
         """The training chain respaced to ``steps`` (an int N or any :func:`space_timesteps` spacing), cached;

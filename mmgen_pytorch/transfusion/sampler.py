@@ -9,8 +9,9 @@ modality tokens against the cached prefix WITHOUT writing them, and the finished
 written once, at the objective's clean time, before ``[eom]``. Rows that sit out a step feed padding,
 which no token ever attends to.
 
-The :class:`UncachedDecoder` replays the whole history for every call through the same code path:
-it is the reference that the cached sampler is tested against.
+The rows decode through the shared :class:`~mmgen_pytorch.backbone.Decoder`; with ``use_cache=False``
+it replays the whole history for every call through the same code path: the reference that the
+cached sampler is tested against.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._utils import GeneratorLike, as_generator, check, describe
-from ..backbone import NO_BLOCK, PADDING, TokenLayout
-from ..sampling import check_cfg_scale, check_sampling_options, sample_from_logits
+from ..backbone import NO_BLOCK, PADDING, Decoder, KVCache, SequenceChunk, TokenLayout
+from ..guidance import check_cfg_scale
+from ..sampling import check_sampling_options, sample_from_logits
 from .packing import Shape, build_training_sequence, pack, token_count
 
 LatentInput = Tuple[int, Tensor, Tensor, Tensor]  # (modality, flat index into [b * c], values, coords)
@@ -32,55 +34,18 @@ GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from 
 
 
 @dataclass
-class Chunk:
+class Chunk(SequenceChunk):
+    """Consecutive tokens of every row: text ids, rotary positions, layout and times per token, and
+    the latent tokens among them as ``(modality, flat index into [rows * c], values, coords)``."""
+
     token_ids: Tensor        # [b, c]
     positions: Tensor        # [b, c, axes]
     layout: TokenLayout
     latents: List[LatentInput]
     token_times: Tensor      # [b, c]
 
-    @property
-    def length(self) -> int:
-        return self.token_ids.shape[1]
-
-
-class CachedDecoder:
-    def __init__(self, model, batch: int, max_length: int):
-        self.model = model
-        self.cache = model.transformer.new_cache(batch, max_length)
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    def __call__(self, chunk: Chunk, write: bool) -> Tensor:
-        self.ensure_capacity(chunk.length)
-        return self.model.run_backbone(chunk.token_ids, chunk.positions, chunk.layout, chunk.latents,
-                                       chunk.token_times, cache=self.cache, write_cache=write)
-
-    def ensure_capacity(self, extra: int) -> None:
-        cache = self.cache
-        if cache.length + extra <= cache.max_length:
-            return
-        grown = self.model.transformer.new_cache(cache.batch_size, 2 * (cache.length + extra))
-        for name in ("keys", "values"):
-            getattr(grown, name)[:, :, :, :cache.length] = getattr(cache, name)[:, :, :, :cache.length]
-        grown.advance(cache.layout)
-        self.cache = grown
-
-
-class UncachedDecoder:
-    """Re-runs every written chunk plus the new one: the brute-force reference."""
-
-    def __init__(self, model, batch: int, max_length: int):
-        self.model, self.history = model, []
-
-    @property
-    def length(self) -> int:
-        return sum(c.length for c in self.history)
-
-    def __call__(self, chunk: Chunk, write: bool) -> Tensor:
-        chunks = self.history + [chunk]
+    @classmethod
+    def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
         total = sum(c.length for c in chunks)
         latents, offset = [], 0
         for c in chunks:
@@ -88,14 +53,22 @@ class UncachedDecoder:
                 row, column = index // c.length, index % c.length
                 latents.append((modality, row * total + offset + column, values, coords))
             offset += c.length
-        layout = TokenLayout(torch.cat([c.layout.segment_ids for c in chunks], 1),
-                             torch.cat([c.layout.block_ids for c in chunks], 1))
-        hidden = self.model.run_backbone(torch.cat([c.token_ids for c in chunks], 1),
-                                         torch.cat([c.positions for c in chunks], 1), layout, latents,
-                                         torch.cat([c.token_times for c in chunks], 1))
-        if write:
-            self.history.append(chunk)
-        return hidden[:, -chunk.length:]
+        return cls(torch.cat([c.token_ids for c in chunks], 1), torch.cat([c.positions for c in chunks], 1),
+                   TokenLayout(torch.cat([c.layout.segment_ids for c in chunks], 1),
+                               torch.cat([c.layout.block_ids for c in chunks], 1)),
+                   latents, torch.cat([c.token_times for c in chunks], 1))
+
+    def select_rows(self, rows: Tensor) -> "Chunk":
+        new_row = torch.full((self.rows,), -1, dtype=torch.long, device=rows.device)
+        new_row[rows] = torch.arange(len(rows), device=rows.device)
+        latents = []
+        for modality, index, values, coords in self.latents:
+            row, column = index // self.length, index % self.length
+            kept = new_row[row] >= 0
+            latents.append((modality, new_row[row][kept] * self.length + column[kept],
+                            None if values is None else values[kept], coords[kept]))
+        return Chunk(self.token_ids[rows], self.positions[rows], TokenLayout(self.layout.segment_ids[rows],
+                     self.layout.block_ids[rows]), latents, self.token_times[rows])
 
 
 @dataclass
@@ -197,9 +170,14 @@ class Sampler:
         chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
                       [(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
                       torch.full(packed.shape, model.objective.clean_time, device=model.device))
-        decoder_class = CachedDecoder if self.use_cache else UncachedDecoder
-        self.decoder = decoder_class(model, len(sequences), packed.shape[1] + self.max_length + 8)
-        return self.decoder(chunk, write=True)[:, -1]
+        self.decoder = Decoder(self.run, new_cache=model.transformer.new_cache, rows=len(sequences),
+                               max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache)
+        return self.decoder.write(chunk)[:, -1]
+
+    def run(self, chunk: Chunk, *, cache: Optional[KVCache], write: bool) -> Tensor:
+        """The model over a chunk (the decoder's model function)."""
+        return self.model.run_backbone(chunk.token_ids, chunk.positions, chunk.layout, chunk.latents,
+                                       chunk.token_times, cache=cache, write_cache=write)
 
     def mark_fed(self, row: Row, token: int) -> None:
         """A [som] just fed makes the row generate that modality next."""
@@ -267,7 +245,7 @@ class Sampler:
         chunk = Chunk(token_ids.to(device), positions.to(device),
                       TokenLayout(segment.to(device), torch.full_like(segment, NO_BLOCK).to(device)), [],
                       torch.full((batch * copies, 1), self.model.objective.clean_time, device=device))
-        return self.decoder(chunk, write=True)[:, -1]
+        return self.decoder.write(chunk)[:, -1]
 
     # modalities
 
@@ -350,7 +328,7 @@ class Sampler:
         times.view(-1)[flat] = t.to(times.dtype)
         step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
                      [(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
-        hidden = self.decoder(step, write=write)
+        hidden = self.decoder.write(step) if write else self.decoder.read(step)
         return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat]).view(*x.shape[:-1], -1)
 
 
