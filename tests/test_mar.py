@@ -363,11 +363,11 @@ def test_backbone_grad_checkpointing_and_hidden_dropout():
 
 
 def test_preset_configs_leave_the_head_size_to_the_weights():
-    from mmgen_pytorch.mar import _config_kwargs
-    kwargs = _config_kwargs("mar_large", None)
+    from mmgen_pytorch.pretrained.mar import official_config
+    kwargs = official_config("mar_large", None, cls=MAR)
     assert kwargs["encoder_dim"] == 1024 and not any(k.startswith("diffloss") for k in kwargs)
     args = argparse.Namespace(model="mar_huge", diffloss_d=3, diffloss_w=512, class_num=10, vae_path="kl16.ckpt")
-    kwargs = _config_kwargs(None, args)
+    kwargs = official_config(None, args, cls=MAR)
     assert (kwargs["encoder_dim"], kwargs["diffloss_depth"], kwargs["diffloss_width"], kwargs["num_classes"]) == \
         (1280, 3, 512, 10)
     assert "vae_path" not in kwargs
