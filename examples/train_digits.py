@@ -155,7 +155,7 @@ class MARRecipe:
 
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg=self.args.cfg, generator=generator,
+        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg_scale=self.args.cfg, generator=generator,
                                temperature=self.args.temperature,
                                num_sampling_steps=str(self.args.modality_steps * 3), clip_denoised=1.0,
                                progress=self.args.progress)

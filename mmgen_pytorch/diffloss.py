@@ -73,23 +73,23 @@ class DiffLoss(nn.Module):
     # sampling
 
     @torch.no_grad()
-    def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None, cfg: float = 1.0,
-               temperature: float = 1.0, num_sampling_steps: Spacing = None, noise: Optional[Tensor] = None,
-               sampler: str = "ddpm", generator: GeneratorLike = None,
+    def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None,
+               cfg_scale: float = 1.0, temperature: float = 1.0, num_sampling_steps: Spacing = None,
+               noise: Optional[Tensor] = None, sampler: str = "ddpm", generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None) -> Float[Tensor, "n c"]:
         """One token per row of ``z``, float32.
 
-        With ``cfg != 1`` the network sees ``[x; x]`` under ``[z; z_uncond]`` and ε is guided
+        With ``cfg_scale != 1`` the network sees ``[x; x]`` under ``[z; z_uncond]`` and ε is guided
         (the variance stays the conditional one); only the conditional half is carried, which is
         exactly the conditional half of upstream's doubled chain. ``temperature`` scales each
         step's noise, not x_T. The time and condition embeddings are computed once per call.
         """
-        guided = cfg != 1.0
+        guided = cfg_scale != 1.0
         check_chain_options(temperature=temperature, sampler=sampler, clip_denoised=clip_denoised)
         generator = as_generator(generator, z.device)
         self._check_condition(z, None, "z")
         if guided:
-            check(z_uncond is not None, "`z_uncond` is required when `cfg` != 1")
+            check(z_uncond is not None, "`z_uncond` is required when `cfg_scale` != 1")
             self._check_condition(z_uncond, z.shape[0], "z_uncond")
         diffusion = self.sampling_diffusion(num_sampling_steps)
         cond = self.net.cond_embed(torch.cat((z, z_uncond)) if guided else z)
@@ -106,7 +106,8 @@ class DiffLoss(nn.Module):
             y = times[row_of[t[:1]]] + cond  # every row is at the same step
             if not guided:
                 return self.net.forward_embedded(x, y)
-            return guide_conditional(self.net.forward_embedded(torch.cat((x, x)), y), cfg, channels=self.in_channels)
+            output = self.net.forward_embedded(torch.cat((x, x)), y)
+            return guide_conditional(output, cfg_scale, channels=self.in_channels)
 
         return diffusion.sample_loop(denoise, noise, temperature=temperature, sampler=sampler, generator=generator,
                                      clip_denoised=clip_denoised)

@@ -35,8 +35,8 @@ from .saving import Checkpointable
 from .sampling import check_cfg_scale
 from .tokenizers.kl import KL16_LATENT_SCALE
 
-__all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "cfg_scale", "mar_base", "mar_large",
-           "mar_huge", "PRESETS", "VAE_SCALE"]
+__all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "scheduled_cfg_scale", "mar_base",
+           "mar_large", "mar_huge", "PRESETS", "VAE_SCALE"]
 
 VAE_SCALE = KL16_LATENT_SCALE  # KL-16 latents are multiplied by this before MAR sees them
 CFG_SCHEDULES = ("linear", "constant")
@@ -177,7 +177,7 @@ class MAR(Checkpointable, nn.Module):
 
     @torch.no_grad()
     def sample(self, class_labels: Union[Tensor, Sequence[int], None] = None, *, batch_size: Optional[int] = None,
-               num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
+               num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                num_sampling_steps: Spacing = None, generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None, progress: bool = True) -> MARSamples:
         """Generate latents (and images with a VAE) in ``num_iter`` steps.
@@ -187,7 +187,7 @@ class MAR(Checkpointable, nn.Module):
         a bare int is refused as ambiguous. Each step re-encodes the known tokens,
         picks the next tokens along a random order by the cosine schedule and samples exactly those
         with the diffusion head (``num_sampling_steps`` overrides its respacing, ``temperature``
-        scales its per-step noise). ``cfg != 1`` runs the transformer on ``[cond; null]`` rows and
+        scales its per-step noise). ``cfg_scale != 1`` runs the transformer on ``[cond; null]`` rows and
         guides ε with the per-step scale of ``cfg_schedule``. ``clip_denoised=c > 0`` clamps the head's
         predicted x_0 to ``[-c, c]`` (bounded data such as pixels; upstream does not clip latents).
         ``generator``: a ``torch.Generator`` or an int seed.
@@ -196,11 +196,11 @@ class MAR(Checkpointable, nn.Module):
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
         check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         check_chain_options(temperature=temperature, clip_denoised=clip_denoised)
-        check_cfg_scale(cfg, "cfg")
+        check_cfg_scale(cfg_scale)
         self.diffloss.sampling_diffusion(num_sampling_steps)  # a bad spacing fails here, before any step
         generator = as_generator(generator, self.device)
         class_embedding = self.class_embedding(labels, batch)
-        if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows
+        if cfg_scale != 1.0:  # one doubled batch: conditional rows, then null-class rows
             class_embedding = torch.cat((class_embedding, self.fake_latent.expand(batch, -1)))
         head = dict(temperature=temperature, num_sampling_steps=num_sampling_steps, generator=generator,
                     clip_denoised=clip_denoised)
@@ -211,15 +211,16 @@ class MAR(Checkpointable, nn.Module):
             if step.num_pred == 0:
                 continue  # only when num_iter > seq_len: nothing is predicted, nothing changes
             chosen = orders[:, step.remaining:masked]  # the positions predicted now, [b, num_pred]
+            scale = scheduled_cfg_scale(cfg_scale, cfg_schedule, step.mask_len, self.seq_len)
             values = self.sample_positions(tokens, self.mask_from_orders(orders, masked), chosen, class_embedding,
-                                           cfg=cfg_scale(cfg, cfg_schedule, step.mask_len, self.seq_len), **head)
+                                           cfg_scale=scale, **head)
             tokens = tokens.scatter(1, chosen[..., None].expand(-1, -1, self.token_dim), values.to(tokens.dtype))
             masked = step.remaining
         latents = self.unpatchify(tokens)
         return MARSamples(latents, self.decode(latents) if self.vae is not None else None)
 
     def sample_positions(self, tokens: Float[Tensor, "b n d"], mask: Bool[Tensor, "b n"], chosen: Int[Tensor, "b k"],
-                         class_embedding: Float[Tensor, "b2 e"], *, cfg: float = 1.0,
+                         class_embedding: Float[Tensor, "b2 e"], *, cfg_scale: float = 1.0,
                          **head_kwargs) -> Float[Tensor, "b k d"]:
         """One step: condition every position on the known tokens, then let the head sample only the
         ``chosen`` ones. A class embedding with twice the rows of ``tokens`` means CFG."""
@@ -229,8 +230,8 @@ class MAR(Checkpointable, nn.Module):
             tokens, mask = torch.cat((tokens, tokens)), torch.cat((mask, mask))
         z = self.condition(tokens, mask, class_embedding)
         z_uncond = _gather_rows(z[batch:], chosen) if guided else None
-        values = self.diffloss.sample(_gather_rows(z[:batch], chosen), z_uncond=z_uncond, cfg=cfg if guided else 1.0,
-                                      **head_kwargs)
+        values = self.diffloss.sample(_gather_rows(z[:batch], chosen), z_uncond=z_uncond,
+                                      cfg_scale=cfg_scale if guided else 1.0, **head_kwargs)
         return values.reshape(batch, -1, self.token_dim)
 
     # VAE
@@ -412,10 +413,11 @@ def mask_schedule(seq_len: int, num_iter: int) -> List[MaskStep]:
     return steps
 
 
-def cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
-    """The guidance scale of a step: ``cfg`` ("constant") or ``1 + (cfg − 1)(L − mask_len)/L`` ("linear")."""
+def scheduled_cfg_scale(cfg_scale: float, schedule: str, mask_len: int, seq_len: int) -> float:
+    """The guidance scale of a step: ``cfg_scale`` ("constant") or ``1 + (cfg_scale − 1)(L − mask_len)/L``
+    ("linear")."""
     check(schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {schedule!r}")
-    return cfg if schedule == "constant" else 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
+    return cfg_scale if schedule == "constant" else 1.0 + (cfg_scale - 1.0) * (seq_len - mask_len) / seq_len
 
 
 # helpers

@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from mmgen_pytorch.mar import MAR, PRESETS, cfg_scale, mar_base, mar_huge, mar_large, mask_schedule
+from mmgen_pytorch.mar import MAR, PRESETS, mar_base, mar_huge, mar_large, mask_schedule, scheduled_cfg_scale
 from mmgen_pytorch.objectives.gaussian import guide
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 
@@ -82,14 +82,14 @@ def test_mask_schedule_matches_official(data, seq_len, num_iter):
     steps = mask_schedule(seq_len, num_iter)
     assert [s.mask_len for s in steps] == outputs[f"mask_len_{name}"].tolist()
     assert [s.num_pred for s in steps] == outputs[f"num_pred_{name}"].tolist()
-    scales = torch.tensor([cfg_scale(3.0, "linear", s.mask_len, seq_len) for s in steps], dtype=torch.float32)
+    scales = torch.tensor([scheduled_cfg_scale(3.0, "linear", s.mask_len, seq_len) for s in steps], dtype=torch.float32)
     assert torch.equal(scales, outputs[f"cfg_linear_{name}"])
     assert sum(s.num_pred for s in steps) == seq_len and steps[-1].remaining == 0
 
 
 def test_cfg_schedules():
-    assert cfg_scale(2.9, "constant", 100, 256) == 2.9
-    assert cfg_scale(3.0, "linear", 256, 256) == 1.0
+    assert scheduled_cfg_scale(2.9, "constant", 100, 256) == 2.9
+    assert scheduled_cfg_scale(3.0, "linear", 256, 256) == 1.0
 
 
 # presets
@@ -181,11 +181,11 @@ def test_sample_shapes_cfg_and_determinism():
         torch.nn.init.normal_(p, std=0.05)
     run = lambda seed, **kw: m.sample([1, 2], num_iter=4, generator=torch.Generator().manual_seed(seed),  # noqa: E731
                                       progress=False, **kw).latents
-    plain, guided = run(0), run(0, cfg=3.0)
+    plain, guided = run(0), run(0, cfg_scale=3.0)
     assert plain.shape == guided.shape == (2, 4, 4, 4)
-    assert torch.equal(plain, run(0)) and torch.equal(guided, run(0, cfg=3.0))
+    assert torch.equal(plain, run(0)) and torch.equal(guided, run(0, cfg_scale=3.0))
     assert not torch.equal(plain, run(1)) and not torch.equal(plain, guided)
-    assert run(0, cfg=2.0, cfg_schedule="constant").shape == (2, 4, 4, 4)
+    assert run(0, cfg_scale=2.0, cfg_schedule="constant").shape == (2, 4, 4, 4)
     unconditional = m.sample(batch_size=3, num_iter=20, progress=False)  # more steps than tokens
     assert unconditional.latents.shape == (3, 4, 4, 4) and unconditional.images is None
 
@@ -216,13 +216,13 @@ def test_fast_sampler_equals_an_upstream_style_loop():
         next_mask = m.mask_from_orders(orders, step.mask_len)
         to_pred = mask if k == steps - 1 else mask ^ next_mask
         rows = torch.cat((to_pred, to_pred)).nonzero(as_tuple=True)
-        sampled = head(z[rows], cfg_scale(cfg, "linear", step.mask_len, m.seq_len)).chunk(2)[0]
+        sampled = head(z[rows], scheduled_cfg_scale(cfg, "linear", step.mask_len, m.seq_len)).chunk(2)[0]
         tokens[to_pred.nonzero(as_tuple=True)] = sampled
         mask = next_mask
 
     original = m.diffloss.sample
     m.diffloss.sample = lambda z, **kw: original(z, **{**kw, "temperature": 0.0, "noise": torch.zeros(len(z), 4)})
-    fast = m.sample(labels, num_iter=steps, cfg=cfg, generator=generator, progress=False).latents
+    fast = m.sample(labels, num_iter=steps, cfg_scale=cfg, generator=generator, progress=False).latents
     expected = m.unpatchify(tokens)  # 1/√ᾱ amplifies rounding: the golden README's loop tolerance
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5 + 1e-5 * expected.abs().max().item())
 
