@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: peak-memory measurement of one process on Linux and machine facts.
+"""Helpers shared by the benchmarks: peak-memory measurement of one process on Linux, machine facts, and
+the command line and run of the generation benchmarks (LlamaGen, DnD).
 
 Peak memory: each measured call runs in a fresh process; before it, glibc is told to return freed
 allocations to the OS (so a repeated call's working set shows in the RSS), cached free memory is
@@ -8,6 +9,7 @@ trimmed and the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -15,9 +17,10 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 
 def rss_kib() -> Tuple[int, int]:
@@ -101,3 +104,39 @@ def machine_lines(torch_version: str, threads: Optional[int]) -> List[str]:
     return [f"- date: {date.today().isoformat()}",
             f"- machine: {os.cpu_count()}-core CPU ({cpu_name()}), {platform.system()} {platform.release()}",
             f"- python {platform.python_version()}, torch {torch_version}, intra-op threads: {threads}"]
+
+
+def load_line(wall: float, load_before: float) -> str:
+    """The closing line of a results table: wall time and the load average before and after."""
+    return (f"- total wall time {wall:.0f} s; 1-minute load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after (above the thread count means other processes competed for the CPU)")
+
+
+# the generation benchmarks
+
+def generation_parser(description: str, *, quick: str) -> argparse.ArgumentParser:
+    """The options every generation benchmark takes; ``quick``: what ``--quick`` runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (default 1: on a shared 2-core CPU two threads gave erratic timings)")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--markdown", type=Path, default=None)
+    return parser
+
+
+def run_generation_benchmark(args, run: Callable[..., list], markdown: Callable[..., str]) -> None:
+    """``rows = run(args)`` under inference mode with ``args.threads`` threads, then the table
+    ``markdown(rows, args, wall seconds, load before)`` printed and written to ``args.markdown``."""
+    import torch  # the memory helpers above are used before torch is imported
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    with torch.inference_mode():
+        rows = run(args)
+    table = markdown(rows, args, time.perf_counter() - start, load_before)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)

@@ -24,10 +24,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import generation_parser, load_line, machine_lines, run_generation_benchmark  # noqa: E402
 
 from mmgen_pytorch.dnd import DnDTransformer  # noqa: E402
 from mmgen_pytorch.llamagen import LlamaGen  # noqa: E402
@@ -105,9 +103,9 @@ def row(kind: str, size: str, model, times: list, cfg_scale: float, args) -> dic
     seconds = statistics.median(times)
     out = dict(size=size, kind=kind, params=sum(p.numel() for p in model.parameters()),
                backbone=sum(p.numel() for p in model.backbone.parameters()), steps=steps, codes=codes,
-               cfg=cfg_scale, seconds=seconds, codes_s=args.batch * codes / seconds,
+               cfg_scale=cfg_scale, seconds=seconds, codes_s=args.batch * codes / seconds,
                best_codes_s=args.batch * codes / min(times))
-    print(f"{size:6s} {kind:8s} cfg={cfg_scale} steps={steps} codes={codes}: {seconds:7.2f} s, "
+    print(f"{size:6s} {kind:8s} cfg_scale={cfg_scale} steps={steps} codes={codes}: {seconds:7.2f} s, "
           f"{out['codes_s']:8.1f} codes/s (best {out['best_codes_s']:.1f})", flush=True)
     return out
 
@@ -115,7 +113,7 @@ def row(kind: str, size: str, model, times: list, cfg_scale: float, args) -> dic
 def speedup(rows: list, row: dict) -> str:
     if row["kind"] != "DnD":
         return ""
-    base = next(r for r in rows if r["kind"] == "LlamaGen" and r["size"] == row["size"] and r["cfg"] == row["cfg"])
+    base = next(r for r in rows if r["kind"] == "LlamaGen" and r["size"] == row["size"] and r["cfg_scale"] == row["cfg_scale"])
     return f"{row['codes_s'] / base['codes_s']:.2f}x (best {row['best_codes_s'] / base['best_codes_s']:.2f}x)"
 
 
@@ -123,10 +121,7 @@ def markdown(rows: list, args, wall: float, load_before: float) -> str:
     lines = [
         "# DnD-Transformer vs LlamaGen: generation speed at the same number of codes (CPU)", "",
         "`python benchmarks/bench_dnd.py --markdown benchmarks/results_dnd.md`", "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
-        f"{platform.system()} {platform.release()}",
-        f"- python {platform.python_version()}, torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}",
+        *machine_lines(torch.__version__, torch.get_num_threads()),
         f"- random weights, fp32, vocab {VOCAB}, batch {args.batch}, class-conditional, top-k 2000, temperature 1, "
         f"static KV cache; codes/s = batch x codes / median seconds of {args.repeats} runs after a warm-up call "
         f"(CFG's unconditional rows not counted); best codes/s uses the fastest run; the runs of the two models "
@@ -140,39 +135,22 @@ def markdown(rows: list, args, wall: float, load_before: float) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['size']} | {r['kind']} | {r['params'] / 1e6:.1f}M ({r['backbone'] / 1e6:.1f}M) | "
-                     f"{r['steps']} | {r['codes']} | {r['cfg']:g} | {r['seconds']:.2f} | {r['codes_s']:.1f} | "
+                     f"{r['steps']} | {r['codes']} | {r['cfg_scale']:g} | {r['seconds']:.2f} | {r['codes_s']:.1f} | "
                      f"{r['best_codes_s']:.1f} | {speedup(rows, r)} |")
-    load_after = os.getloadavg()[0]
     lines += ["", "- DnD halves the backbone steps per code; the per-code work (an output head of vocab x dim, top-k "
                   "sampling over the vocab) stays, so the ratio approaches 2x as the backbone's share of a step grows "
-                  "(deeper / wider models, upstream's 48 blocks of dim 1536)",
-              f"- total wall time {wall:.0f} s; 1-minute load average {load_before:.2f} before, "
-                  f"{load_after:.2f} after (above the thread count means other processes competed for the CPU)"]
+                  "(deeper / wider models, upstream's 48 blocks of dim 1536)", load_line(wall, load_before)]
     return "\n".join(lines) + "\n"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = generation_parser(__doc__.split("\n")[0], quick="small model, 16 positions, one run")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--positions", type=int, default=GRID * GRID, help="grid positions per image (<= 256)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (default 1: on a shared 2-core CPU two threads gave erratic timings)")
-    parser.add_argument("--quick", action="store_true", help="small model, 16 positions, one run")
-    parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.positions, args.repeats = ["small"], 16, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    with torch.inference_mode():
-        rows = run(args)
-    table = markdown(rows, args, time.perf_counter() - start, load_before)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table)
+    run_generation_benchmark(args, run, markdown)
 
 
 if __name__ == "__main__":

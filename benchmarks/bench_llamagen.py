@@ -26,10 +26,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import generation_parser, load_line, machine_lines, run_generation_benchmark  # noqa: E402
 
 from mmgen_pytorch.llamagen import LlamaGen  # noqa: E402
 
@@ -78,11 +76,11 @@ def run(args) -> list:
                 times = time_generate(model, batch=args.batch, tokens=tokens, use_cache=use_cache,
                                       cfg_scale=cfg_scale, repeats=args.repeats)
                 seconds = statistics.median(times)
-                row = dict(model=name, params=params, cache=use_cache, cfg=cfg_scale, batch=args.batch,
+                row = dict(model=name, params=params, cache=use_cache, cfg_scale=cfg_scale, batch=args.batch,
                            tokens=tokens, seconds=seconds, tok_s=args.batch * tokens / seconds,
                            best_tok_s=args.batch * tokens / min(times))
                 rows.append(row)
-                print(f"{name:6s} cache={use_cache!s:5s} cfg={cfg_scale} tokens={tokens:3d}: "
+                print(f"{name:6s} cache={use_cache!s:5s} cfg_scale={cfg_scale} tokens={tokens:3d}: "
                       f"{seconds:7.2f} s, {row['tok_s']:8.1f} tok/s (best {row['best_tok_s']:.1f})", flush=True)
     return rows
 
@@ -92,9 +90,9 @@ def speedups(rows: list) -> dict:
     out = {}
     for row in rows:
         if not row["cache"]:
-            twin = next(r for r in rows if r["cache"] and r["model"] == row["model"] and r["cfg"] == row["cfg"]
+            twin = next(r for r in rows if r["cache"] and r["model"] == row["model"] and r["cfg_scale"] == row["cfg_scale"]
                         and r["tokens"] == row["tokens"])
-            out[(row["model"], row["cfg"])] = twin["tok_s"] / row["tok_s"]
+            out[(row["model"], row["cfg_scale"])] = twin["tok_s"] / row["tok_s"]
     return out
 
 
@@ -103,10 +101,7 @@ def markdown(rows: list, args, wall: float, load_before: float) -> str:
     lines = [
         "# LlamaGen generation benchmark (CPU)", "",
         "`python benchmarks/bench_llamagen.py --markdown benchmarks/results_llamagen.md`", "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
-        f"{platform.system()} {platform.release()}",
-        f"- python {platform.python_version()}, torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}",
+        *machine_lines(torch.__version__, torch.get_num_threads()),
         f"- random weights, fp32, batch {args.batch}, class-conditional, top-k 2000, temperature 1; "
         f"tokens/s = batch x tokens / median seconds of {args.repeats} runs after a warm-up call "
         f"(CFG's unconditional rows not counted); best tokens/s uses the fastest run",
@@ -117,39 +112,23 @@ def markdown(rows: list, args, wall: float, load_before: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speedup = f"{ratio[(r['model'], r['cfg'])]:.1f}x" if not r["cache"] else ""
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {'yes' if r['cache'] else 'no'} | {r['cfg']:g} | "
+        speedup = f"{ratio[(r['model'], r['cfg_scale'])]:.1f}x" if not r["cache"] else ""
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {'yes' if r['cache'] else 'no'} | {r['cfg_scale']:g} | "
                      f"{r['batch']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | "
                      f"{r['best_tok_s']:.1f} | {speedup} |")
-    load_after = os.getloadavg()[0]
-    lines += ["", f"- total wall time {wall:.0f} s; 1-minute load average {load_before:.2f} before, "
-                  f"{load_after:.2f} after (above the thread count means other processes competed for the CPU)"]
+    lines += ["", load_line(wall, load_before)]
     return "\n".join(lines) + "\n"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = generation_parser(__doc__.split("\n")[0], quick="small model, 16 / 8 tokens")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--uncached-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (default 1: on a shared 2-core CPU two threads gave erratic timings)")
-    parser.add_argument("--quick", action="store_true", help="small model, 16 / 8 tokens")
-    parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.models, args.tokens, args.uncached_tokens, args.repeats = ["small"], 16, 8, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    with torch.inference_mode():
-        rows = run(args)
-    table = markdown(rows, args, time.perf_counter() - start, load_before)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table)
+    run_generation_benchmark(args, run, markdown)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ def build(args) -> MAR:
     return model
 
 
-def upstream_style(model: MAR, labels, *, num_iter: int, cfg: float, steps: int, generator) -> torch.Tensor:
+def upstream_style(model: MAR, labels, *, num_iter: int, cfg_scale: float, steps: int, generator) -> torch.Tensor:
     """``sample_tokens`` semantics: boolean masks and nonzero gathers; the head samples the whole
     doubled batch, every diffusion step embedding t and z for every row."""
-    batch, guided = labels.shape[0], cfg != 1.0
+    batch, guided = labels.shape[0], cfg_scale != 1.0
     chain = model.diffloss.sampling_diffusion(str(steps))
     tokens = torch.zeros(batch, model.seq_len, model.token_dim)
     mask = torch.ones(batch, model.seq_len, dtype=torch.bool)
@@ -74,7 +74,7 @@ def upstream_style(model: MAR, labels, *, num_iter: int, cfg: float, steps: int,
         next_mask = model.mask_from_orders(orders, step.mask_len)
         to_pred = mask if k == num_iter - 1 else mask ^ next_mask
         z = z[doubled(to_pred).nonzero(as_tuple=True)]
-        scale = scheduled_cfg_scale(cfg, "linear", known=model.seq_len - step.mask_len, total=model.seq_len)
+        scale = scheduled_cfg_scale(cfg_scale, "linear", known=model.seq_len - step.mask_len, total=model.seq_len)
         half = torch.randn(z.shape[0] // (2 if guided else 1), model.token_dim, generator=generator)
         x = doubled(half)
         for i in reversed(range(chain.num_timesteps)):
@@ -103,19 +103,19 @@ def run(args):
     torch.set_num_threads(args.threads)
     model = build(args)
     labels = torch.arange(args.batch) % 10
-    model.sample(labels, num_iter=4, cfg=2.0, num_sampling_steps="4", progress=False)  # warm-up
-    upstream_style(model, labels, num_iter=4, cfg=2.0, steps=4, generator=torch.Generator().manual_seed(0))
+    model.sample(labels, num_iter=4, cfg_scale=2.0, num_sampling_steps="4", progress=False)  # warm-up
+    upstream_style(model, labels, num_iter=4, cfg_scale=2.0, steps=4, generator=torch.Generator().manual_seed(0))
     rows = []
     grid = [(n, s, c) for n in args.num_iter for s in args.steps for c in (1.0, args.cfg)]
     for num_iter, steps, cfg in grid:
         def ours():
-            model.sample(labels, num_iter=num_iter, cfg=cfg, num_sampling_steps=str(steps),
+            model.sample(labels, num_iter=num_iter, cfg_scale=cfg, num_sampling_steps=str(steps),
                          generator=torch.Generator().manual_seed(0), progress=False)
         rows.append(("ours", num_iter, steps, cfg, *(t / args.batch for t in measure(ours, args.repeats))))
         print(rows[-1], flush=True)
         if (num_iter, steps) in args.compare:
             def reference():
-                upstream_style(model, labels, num_iter=num_iter, cfg=cfg, steps=steps,
+                upstream_style(model, labels, num_iter=num_iter, cfg_scale=cfg, steps=steps,
                                generator=torch.Generator().manual_seed(0))
             rows.append(("upstream-style", num_iter, steps, cfg,
                          *(t / args.batch for t in measure(reference, args.repeats))))

@@ -39,10 +39,10 @@ from evaluate_digits import evaluate, split  # noqa: E402
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, Transfusion,  # noqa: E402
                            load_training_state, save_training_state)
 from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
-from mmgen_pytorch.checkpoint import (CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, load_weights,  # noqa: E402
-                                      read_config)
-from mmgen_pytorch.pretrained import CheckpointMismatchError, read_tensor_file  # noqa: E402
+from mmgen_pytorch.checkpoint import TRAINING_STATE_FILE  # noqa: E402
+from mmgen_pytorch.files import CheckpointMismatchError, read_tensor_file  # noqa: E402
 from mmgen_pytorch.sampling import check_cfg_scale, check_sampling_options  # noqa: E402
+from mmgen_pytorch.saving import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -155,7 +155,7 @@ class MARRecipe:
 
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg=self.args.cfg, generator=generator,
+        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg_scale=self.args.cfg, generator=generator,
                                temperature=self.args.temperature,
                                num_sampling_steps=str(self.args.modality_steps * 3), clip_denoised=1.0,
                                progress=self.args.progress)

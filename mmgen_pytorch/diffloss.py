@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._utils import GeneratorLike, as_generator, check, describe
-from .objectives.flow import TimeEmbedding
 from .guidance import guide
+from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianDiffusion, Spacing, check_chain_options
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -74,23 +74,23 @@ class DiffLoss(nn.Module):
     # sampling
 
     @torch.no_grad()
-    def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None, cfg: float = 1.0,
-               temperature: float = 1.0, num_sampling_steps: Spacing = None, noise: Optional[Tensor] = None,
-               sampler: str = "ddpm", generator: GeneratorLike = None,
+    def sample(self, z: Float[Tensor, "n d"], *, z_uncond: Optional[Float[Tensor, "n d"]] = None,
+               cfg_scale: float = 1.0, temperature: float = 1.0, num_sampling_steps: Spacing = None,
+               noise: Optional[Tensor] = None, sampler: str = "ddpm", generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None) -> Float[Tensor, "n c"]:
         """One token per row of ``z``, float32.
 
-        With ``cfg != 1`` the network sees ``[x; x]`` under ``[z; z_uncond]`` and ε is guided
+        With ``cfg_scale != 1`` the network sees ``[x; x]`` under ``[z; z_uncond]`` and ε is guided
         (the variance stays the conditional one); only the conditional half is carried, which is
         exactly the conditional half of upstream's doubled chain. ``temperature`` scales each
         step's noise, not x_T. The time and condition embeddings are computed once per call.
         """
-        guided = cfg != 1.0
+        guided = cfg_scale != 1.0
         check_chain_options(temperature=temperature, sampler=sampler, clip_denoised=clip_denoised)
         generator = as_generator(generator, z.device)
         self._check_condition(z, None, "z")
         if guided:
-            check(z_uncond is not None, "`z_uncond` is required when `cfg` != 1")
+            check(z_uncond is not None, "`z_uncond` is required when `cfg_scale` != 1")
             self._check_condition(z_uncond, z.shape[0], "z_uncond")
         diffusion = self.sampling_diffusion(num_sampling_steps)
         cond = self.net.cond_embed(torch.cat((z, z_uncond)) if guided else z)
@@ -107,7 +107,7 @@ class DiffLoss(nn.Module):
             y = times[row_of[t[:1]]] + cond  # every row is at the same step
             if not guided:
                 return self.net.forward_embedded(x, y)
-            return guide(self.net.forward_embedded(torch.cat((x, x)), y), cfg, features=self.in_channels)
+            return guide(self.net.forward_embedded(torch.cat((x, x)), y), cfg_scale, features=self.in_channels)
 
         return diffusion.sample_loop(denoise, noise, temperature=temperature, sampler=sampler, generator=generator,
                                      clip_denoised=clip_denoised)

@@ -19,14 +19,14 @@ official-checkpoint plumbing: all inherited) with ``D`` prediction heads inside 
   inject, next block). Under CFG the logits of every head are mixed as ``uncond + (cond - uncond) * s``
   and the one sampled code is injected into both halves.
 
-Reading order: presets -> :class:`DnDTransformer` (construction, training forward, generation,
-presets and official checkpoints, internals) -> :class:`DepthHead` -> official config parsing.
+Reading order: :class:`DnDTransformer` (construction, training forward, generation, presets and official
+checkpoints, internals) -> :class:`DepthHead`. The presets, head layouts and official config translation
+are :mod:`mmgen_pytorch.pretrained.dnd`.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,22 +37,11 @@ from torch import Tensor, nn
 from ._utils import GeneratorLike, check, check_index_range, describe, is_index_tensor
 from .backbone import RMSNorm
 from .backbone import Decoder
-from .llamagen import OFFICIAL_KEYS, CodeChunk, LlamaGen, _config_dict, _copies, official_config
-from .pretrained import CheckpointMismatchError
 from .guidance import guide
+from .llamagen import CodeChunk, LlamaGen, _copies
+from .pretrained import llamagen as gpt
+from .pretrained.dnd import ARXIV_HEAD_POSITIONS, IMAGENET_HEAD_POSITIONS, PRESETS, official_config_dnd
 from .sampling import sample_from_logits
-
-# DnD's GPT_models that were released: name -> (dim, n_layer, n_head). DnD's XXXL is not LlamaGen's.
-PRESETS: Dict[str, Tuple[int, int, int]] = {
-    "GPT-XXL": (1536, 48, 24),
-    "GPT-XXXL": (2048, 48, 32),
-}
-IMAGENET_HEAD_POSITIONS = (39, 47)  # ImageNet 256, 16x16x2 codes (both released checkpoints)
-ARXIV_HEAD_POSITIONS = (26, 29, 32, 35, 38, 41, 44, 47)  # arXiv images, 16x16x8 codes
-
-# upstream ModelArgs fields beyond LlamaGen's, with their defaults
-OFFICIAL_HEAD_DEFAULTS: Dict[str, Any] = dict(num_pred_heads=2, pred_head_positions=list(IMAGENET_HEAD_POSITIONS),
-                                              share_prediction_heads=0)
 
 
 class DnDTransformer(LlamaGen):
@@ -174,33 +163,16 @@ class DnDTransformer(LlamaGen):
         ``ARXIV_HEAD_POSITIONS`` gives the 8-depth arXiv-image layout. ``kwargs`` set the rest."""
         return super().from_preset(name, **{"head_positions": IMAGENET_HEAD_POSITIONS, **kwargs})
 
-    # ``from_official`` (inherited) takes upstream's ModelArgs with num_pred_heads / pred_head_positions,
-    # and gpt_model names from PRESETS above; loading is strict (upstream's sampler is not).
-
     @classmethod
-    def _official_config(cls, config, args) -> Dict[str, Any]:
-        return official_config_dnd(config, args)
-
-    def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load upstream-named weights strictly: a checkpoint with another number of heads is an error
-        naming the head keys (upstream loads with ``strict=False`` and leaves a head untrained)."""
-        found = {k for k in state_dict if k.startswith(("norm.", "output."))}
-        expected = {k for k in self._official_keys() if k.startswith(("norm.", "output."))}
-        if found != expected:
-            heads = sum(re.fullmatch(r"output\.\d+\.weight", k) is not None for k in found)
-            raise CheckpointMismatchError(
-                f"the official checkpoint has {heads} prediction heads but the model has {self.code_depth} "
-                f"(head_positions={self.head_positions}): missing {', '.join(sorted(expected - found)) or 'none'}; "
-                f"unexpected {', '.join(sorted(found - expected)) or 'none'}. Set `num_pred_heads` and "
-                f"`pred_head_positions` in `config` to the checkpoint's (ImageNet: 2 heads after blocks [39, 47])")
-        super().load_official_state_dict(state_dict)
-
-    def _official_keys(self) -> Dict[str, str]:
-        keys = {theirs: ours for theirs, ours in OFFICIAL_KEYS.items() if theirs != "output.weight"}
-        for k in range(self.code_depth):
-            keys[f"norm.{k}.weight"] = f"depth_heads.{k}.norm.weight"
-            keys[f"output.{k}.weight"] = f"depth_heads.{k}.to_logits.weight"
-        return keys
+    def from_official(cls, checkpoint, *, config: Union[Mapping[str, Any], str, None] = None, use_ema: bool = False,
+                      **kwargs) -> "DnDTransformer":
+        """A model from an official DnD GPT checkpoint, in eval mode: LlamaGen's
+        :meth:`~mmgen_pytorch.llamagen.LlamaGen.from_official`, with upstream DnD's ``ModelArgs`` (LlamaGen's
+        plus ``num_pred_heads`` / ``pred_head_positions``) and ``gpt_model`` names from ``PRESETS``. Loading
+        is strict (upstream's sampler is not): a checkpoint with another number of heads is an error naming
+        the head keys."""
+        return gpt.from_official(cls, checkpoint, config=config, use_ema=use_ema, translate=official_config_dnd,
+                                 **kwargs)
 
     # internals: the depth heads inside the backbone
 
@@ -311,25 +283,3 @@ def _checked_head_positions(positions: Sequence[int], depth: int) -> Tuple[int, 
     check(all(a < b for a, b in zip(positions, positions[1:])),
           f"`head_positions` must be strictly increasing (head k predicts depth k), got {list(positions)}")
     return positions
-
-
-# official checkpoints: DnD's ModelArgs (LlamaGen's + the head fields)
-
-
-def official_config_dnd(config: Union[Mapping[str, Any], str, None], args: Any = None) -> Dict[str, Any]:
-    """Upstream DnD ``ModelArgs`` fields (LlamaGen's, plus ``num_pred_heads``, ``pred_head_positions`` and
-    ``share_prediction_heads``; ``gpt_model`` names from :data:`PRESETS`) -> constructor arguments."""
-    given = _config_dict(config)
-    heads = {field: given.pop(field, value) for field, value in OFFICIAL_HEAD_DEFAULTS.items()}
-    check(not heads["share_prediction_heads"],
-          "`config['share_prediction_heads']` is set: one output layer shared by all depths is not supported "
-          "(no released checkpoint uses it)")
-    positions = list(heads["pred_head_positions"])
-    check(heads["num_pred_heads"] == len(positions),
-          f"`config['num_pred_heads']` is {heads['num_pred_heads']} but `pred_head_positions` lists "
-          f"{len(positions)} blocks {positions}")
-    kwargs = official_config(given, args, presets=PRESETS)
-    check(kwargs.pop("model_type") == "c2i",
-          "DnDTransformer is class-conditional: `config['model_type']` must be 'c2i'")
-    del kwargs["caption_dim"]
-    return {**kwargs, "head_positions": positions}

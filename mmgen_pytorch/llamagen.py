@@ -13,16 +13,15 @@ Upstream conventions kept exactly (see ``shared/reference/llamagen.md``):
 - a CFG batch of [conditional; unconditional] rows, guidance mixed on fp32 logits before temperature
   and top-k / top-p.
 
-Reading order: presets -> :class:`LlamaGen` (construction, training forward, generation, decoding to
-images, presets and official checkpoints, internals) -> the condition prefixes and the optional
-x-transformers caption encoder -> the running state of one generation -> official config parsing.
+Reading order: :class:`LlamaGen` (construction, training forward, generation, decoding to images,
+presets and official checkpoints, internals) -> the condition prefixes and the optional x-transformers
+caption encoder -> the running state of one generation. The presets and the official checkpoint key
+maps and config translation are :mod:`mmgen_pytorch.pretrained.llamagen`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,38 +32,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._utils import (GeneratorLike, as_generator, check, check_finite, check_finite_number, check_index_range, default,
-                     describe, eval_mode, is_index_tensor, like_parameters)
+                     describe, eval_mode, is_index_tensor)
 from .backbone import PADDING, Decoder, KVCache, SequenceChunk, TokenLayout, Transformer, llamagen_positions
 from .backbone.masks import NO_BLOCK
-from .checkpoint import Checkpointable
-from .pretrained import (check_checkpoint_kind, check_state_dict, llamagen_backbone_state_dict,
-                         llamagen_backbone_to_official, load_strict, read_checkpoint, unwrap_checkpoint)
 from .guidance import check_cfg_scale, guide
+from .pretrained import llamagen as gpt
+from .pretrained.llamagen import PRESETS, official_config
+from .saving import Checkpointable
 from .sampling import check_sampling_options, sample_from_logits
 
 MODEL_TYPES = ("c2i", "t2i")
-
-# upstream GPT_models: name -> (dim, n_layer, n_head); FFN hidden = find_multiple(int(8 * dim / 3), 256)
-PRESETS: Dict[str, Tuple[int, int, int]] = {
-    "GPT-B": (768, 12, 12),
-    "GPT-L": (1024, 24, 16),
-    "GPT-XL": (1280, 36, 20),
-    "GPT-XXL": (1536, 48, 24),
-    "GPT-XXXL": (2560, 48, 40),
-    "GPT-1B": (2048, 22, 32),
-    "GPT-3B": (3200, 24, 32),  # head_dim 100
-    "GPT-7B": (4096, 32, 32),
-}
-
-# upstream key -> ours, outside the transformer blocks (those go through pretrained.llamagen_backbone_*)
-OFFICIAL_KEYS = {
-    "tok_embeddings.weight": "token_embed.weight",
-    "cls_embedding.embedding_table.weight": "prefix_embed.table.weight",
-    "cls_embedding.uncond_embedding": "prefix_embed.uncond_embedding",
-    "cls_embedding.cap_proj.fc1.weight": "prefix_embed.fc1.weight",
-    "cls_embedding.cap_proj.fc2.weight": "prefix_embed.fc2.weight",
-    "output.weight": "to_logits.weight",
-}
 
 
 class LlamaGen(Checkpointable, nn.Module):
@@ -285,40 +262,15 @@ class LlamaGen(Checkpointable, nn.Module):
             use_ema: load the ``"ema"`` weights of a training checkpoint.
             kwargs: passed to the constructor (``tokenizer``, ``caption_encoder``, ``attn_backend``).
         """
-        raw = read_checkpoint(checkpoint)
-        arguments = cls._official_config(config, raw.get("args"))
-        weights = _official_weights(raw, use_ema)
-        check_checkpoint_kind(weights, "llamagen_gpt")
-        model = cls(**arguments, **kwargs)
-        model.load_official_state_dict(weights)
-        return model.eval()
-
-    @classmethod
-    def _official_config(cls, config, args) -> Dict[str, Any]:
-        """Constructor arguments from upstream ``ModelArgs`` fields and the training ``args``."""
-        return official_config(config, args)
+        return gpt.from_official(cls, checkpoint, config=config, use_ema=use_ema, translate=official_config, **kwargs)
 
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load upstream-named weights strictly; a mismatch names the upstream keys."""
-        state_dict = {k: v for k, v in state_dict.items() if k != "freqs_cis"}
-        check_state_dict(self.official_state_dict(), state_dict, target=self._summary(), source="official checkpoint")
-        ours = llamagen_backbone_state_dict(state_dict, prefix="backbone.")
-        keys = self._official_keys()
-        ours.update({keys[k]: v for k, v in state_dict.items() if k in keys})
-        if self.caption_encoder is not None:
-            ours.update({f"caption_encoder.{k}": v for k, v in self.caption_encoder.state_dict().items()})
-        load_strict(self, ours, source="official checkpoint")
+        gpt.load_official_state_dict(self, state_dict, target=self._summary())
 
     def official_state_dict(self) -> Dict[str, Tensor]:
         """The weights under upstream's key names (without the caption encoder, which upstream lacks)."""
-        ours = self.state_dict()
-        official = llamagen_backbone_to_official(ours, prefix="backbone.")
-        official.update({theirs: ours[mine] for theirs, mine in self._official_keys().items() if mine in ours})
-        return official
-
-    def _official_keys(self) -> Dict[str, str]:
-        """Upstream key -> ours for the weights outside the transformer blocks."""
-        return OFFICIAL_KEYS
+        return gpt.official_state_dict(self)
 
     # internals: inputs
 
@@ -616,115 +568,3 @@ class CodeChunk(SequenceChunk):
 def _copies(token: Tensor, rows: int) -> Tensor:
     """A sample's token for every copy of it among ``rows`` (both CFG halves), as a one-position chunk."""
     return torch.cat([token] * (rows // token.shape[0]))[:, None]
-
-
-# official checkpoints: ModelArgs of autoregressive/models/gpt.py and training args
-
-OFFICIAL_DEFAULTS: Dict[str, Any] = dict(
-    dim=4096, n_layer=32, n_head=32, n_kv_head=None, multiple_of=256, ffn_dim_multiplier=None, rope_base=10000,
-    norm_eps=1e-5, initializer_range=0.02, token_dropout_p=0.1, attn_dropout_p=0.0, resid_dropout_p=0.1,
-    ffn_dropout_p=0.1, drop_path_rate=0.0, num_classes=1000, caption_dim=2048, class_dropout_prob=0.1,
-    model_type="c2i", vocab_size=16384, cls_token_num=1, block_size=256, max_batch_size=32, max_seq_len=2048,
-)
-OFFICIAL_EXTRAS = ("gpt_model", "image_size", "downsample_size")
-# training-script argument -> config field (train_c2i.py / sample_c2i.py names)
-TRAINING_ARGS = {"gpt_model": "gpt_model", "gpt_type": "model_type", "vocab_size": "vocab_size",
-                 "cls_token_num": "cls_token_num", "num_classes": "num_classes", "image_size": "image_size",
-                 "downsample_size": "downsample_size"}
-
-
-def official_config(config: Union[Mapping[str, Any], str, None], args: Any = None, *,
-                    presets: Mapping[str, Tuple[int, int, int]] = PRESETS) -> Dict[str, Any]:
-    """Upstream ``ModelArgs`` fields (+ ``gpt_model`` / ``image_size`` / ``downsample_size`` and the
-    checkpoint's training ``args``) -> :class:`LlamaGen` constructor arguments. ``presets``: the
-    ``gpt_model`` names (upstream's ``GPT_models``)."""
-    given = _config_dict(config)
-    unknown = sorted(set(given) - set(OFFICIAL_DEFAULTS) - set(OFFICIAL_EXTRAS))
-    check(not unknown, f"`config` has unknown fields {unknown}; expected upstream ModelArgs names "
-                       f"{sorted(OFFICIAL_DEFAULTS)} or {list(OFFICIAL_EXTRAS)}")
-    given = _with_training_args(given, args)
-    given = _with_preset(given, presets)
-    grid = _official_grid(given)
-    if given.get("model_type") == "t2i":
-        given.setdefault("cls_token_num", 120)  # upstream t2i runs only with 120 caption tokens
-    m = {**OFFICIAL_DEFAULTS, **given}
-    if m["drop_path_rate"]:
-        warnings.warn(f"drop_path_rate={m['drop_path_rate']} is ignored: stochastic depth is not implemented "
-                      f"(inference is unaffected)")
-    return dict(dim=m["dim"], depth=m["n_layer"], heads=m["n_head"], kv_heads=m["n_kv_head"],
-                ff_multiple_of=m["multiple_of"], ff_dim_multiplier=m["ffn_dim_multiplier"], rope_base=m["rope_base"],
-                norm_eps=m["norm_eps"], initializer_range=m["initializer_range"], token_dropout=m["token_dropout_p"],
-                attn_dropout=m["attn_dropout_p"], resid_dropout=m["resid_dropout_p"], ff_dropout=m["ffn_dropout_p"],
-                num_classes=m["num_classes"], caption_dim=m["caption_dim"],
-                class_dropout_prob=m["class_dropout_prob"], model_type=m["model_type"], vocab_size=m["vocab_size"],
-                cls_token_num=m["cls_token_num"], grid_size=grid)
-
-
-def _config_dict(config) -> Dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, str):
-        return {"gpt_model": config}
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    if isinstance(config, Mapping):
-        return dict(config)
-    check(hasattr(config, "__dict__"), f"`config` must be a mapping, a dataclass, a namespace or a preset name, "
-                                       f"got {type(config).__name__}")
-    return dict(vars(config))
-
-
-def _with_training_args(given: Dict[str, Any], args: Any) -> Dict[str, Any]:
-    """Fill from the checkpoint's training ``args``; a field given both ways must agree."""
-    if args is None:
-        return given
-    args = args if isinstance(args, Mapping) else vars(args)
-    given = dict(given)
-    for arg, field in TRAINING_ARGS.items():
-        if args.get(arg) is None:
-            continue
-        check(given.get(field, args[arg]) == args[arg],
-              f"`config['{field}']` is {given.get(field)!r} but the checkpoint was trained with {arg}={args[arg]!r}")
-        given[field] = args[arg]
-    return given
-
-
-def _with_preset(given: Dict[str, Any], presets: Mapping[str, Tuple[int, int, int]]) -> Dict[str, Any]:
-    name = given.pop("gpt_model", None)
-    if name is None:
-        return given
-    check(name in presets, f"`gpt_model` must be one of {list(presets)}, got {name!r}")
-    for field, value in zip(("dim", "n_layer", "n_head"), presets[name]):
-        check(given.get(field, value) == value,
-              f"`config['{field}']` is {given.get(field)!r} but gpt_model {name} has {field}={value}")
-        given[field] = value
-    return given
-
-
-def _official_grid(given: Mapping[str, Any]) -> int:
-    """The image-token grid side from ``block_size`` and/or ``image_size / downsample_size``."""
-    block, image = given.get("block_size"), given.get("image_size")
-    down = given.get("downsample_size") or 16
-    check(block is not None or image is not None,
-          "`config` must give `block_size` (grid_size ** 2) or `image_size` (+ `downsample_size`, default 16): "
-          "checkpoints do not store the 2-D RoPE grid, and a wrong one loads silently "
-          "(256 px: block_size 256; 384 px: block_size 576)")
-    grid_block = math.isqrt(block) if block is not None else None
-    check(block is None or grid_block * grid_block == block,
-          f"`block_size` must be a square number (grid_size ** 2), got {block}")
-    if image is None:
-        return grid_block
-    check(image % down == 0, f"`image_size` ({image}) must be divisible by `downsample_size` ({down})")
-    grid_image = image // down
-    check(grid_block in (None, grid_image),
-          f"`block_size`={block} is a {grid_block}x{grid_block} grid but `image_size`={image} / `downsample_size`="
-          f"{down} is {grid_image}x{grid_image} (block_size {grid_image ** 2}); the checkpoint would load without "
-          f"error and generate with wrong 2-D positions")
-    return grid_image
-
-
-def _official_weights(raw: Mapping, use_ema: bool) -> Dict[str, Tensor]:
-    wrappers = ("model", "module", "state_dict", "ema")
-    check(not use_ema or isinstance(raw.get("ema"), Mapping),
-          f"`use_ema=True` but the checkpoint has no 'ema' entry (top-level keys: {sorted(raw)[:10]})")
-    return unwrap_checkpoint(raw, keys=wrappers, prefer="ema" if use_ema else None)

@@ -7,17 +7,16 @@ fills the masked positions with ``mask_token``, and its output ``z`` at each pos
 transformers are the shared backbone configured as timm ViT blocks (pre-LayerNorm eps 1e-6, fused
 qkv with bias, exact-GELU MLP, no rotary, bidirectional).
 
-Reading order: presets -> :class:`MAR` (construction, training forward, ``sample``, VAE helpers,
-``from_official``, then the encoder / decoder pieces) -> the mask schedule and config helpers.
+Reading order: :class:`MAR` (construction, training forward, ``sample``, VAE helpers, ``from_official``,
+then the encoder / decoder pieces) -> presets -> the mask schedule. The presets (upstream's factory
+sizes), key maps and config translation are :mod:`mmgen_pytorch.pretrained.mar`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from einops import rearrange
@@ -28,28 +27,18 @@ from tqdm.auto import tqdm
 from ._utils import (GeneratorLike, as_generator, as_int, check, check_finite, check_index_range, describe,
                      is_index_tensor, like_parameters)
 from .backbone import Transformer
-from .checkpoint import Checkpointable
 from .diffloss import DiffLoss
 from .objectives.gaussian import Spacing, check_chain_options
-from .pretrained import check_checkpoint_kind, load_strict, mar_state_dict, read_checkpoint, unwrap_checkpoint
 from .guidance import CFG_SCHEDULES, check_cfg_scale, scheduled_cfg_scale
+from .pretrained import mar as pretrained_mar
+from .pretrained.mar import PRESETS
+from .saving import Checkpointable
 from .tokenizers.kl import KL16_LATENT_SCALE
 
 __all__ = ["MAR", "DiffLoss", "MARSamples", "MaskStep", "mask_schedule", "mar_base", "mar_large",
            "mar_huge", "PRESETS", "VAE_SCALE"]
 
 VAE_SCALE = KL16_LATENT_SCALE  # KL-16 latents are multiplied by this before MAR sees them
-
-# upstream factory dims; the DiffLoss sizes are those of the released checkpoints
-PRESETS: Dict[str, Dict[str, int]] = {
-    "mar_base": dict(encoder_dim=768, encoder_depth=12, encoder_heads=12, decoder_dim=768, decoder_depth=12,
-                     decoder_heads=12, diffloss_depth=6, diffloss_width=1024),
-    "mar_large": dict(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16,
-                      decoder_heads=16, diffloss_depth=8, diffloss_width=1280),
-    "mar_huge": dict(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280, decoder_depth=20,
-                     decoder_heads=16, diffloss_depth=12, diffloss_width=1536),
-}
-
 
 class MARSamples(NamedTuple):
     latents: Float[Tensor, "b c h w"]             # in MAR's (scaled) latent space
@@ -187,7 +176,7 @@ class MAR(Checkpointable, nn.Module):
 
     @torch.no_grad()
     def sample(self, class_labels: Union[Tensor, Sequence[int], None] = None, *, batch_size: Optional[int] = None,
-               num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
+               num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                num_sampling_steps: Spacing = None, generator: GeneratorLike = None,
                clip_denoised: Optional[float] = None, progress: bool = True) -> MARSamples:
         """Generate latents (and images with a VAE) in ``num_iter`` steps.
@@ -197,7 +186,7 @@ class MAR(Checkpointable, nn.Module):
         a bare int is refused as ambiguous. Each step re-encodes the known tokens,
         picks the next tokens along a random order by the cosine schedule and samples exactly those
         with the diffusion head (``num_sampling_steps`` overrides its respacing, ``temperature``
-        scales its per-step noise). ``cfg != 1`` runs the transformer on ``[cond; null]`` rows and
+        scales its per-step noise). ``cfg_scale != 1`` runs the transformer on ``[cond; null]`` rows and
         guides ε with the per-step scale of ``cfg_schedule``. ``clip_denoised=c > 0`` clamps the head's
         predicted x_0 to ``[-c, c]`` (bounded data such as pixels; upstream does not clip latents).
         ``generator``: a ``torch.Generator`` or an int seed.
@@ -206,11 +195,11 @@ class MAR(Checkpointable, nn.Module):
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
         check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         check_chain_options(temperature=temperature, clip_denoised=clip_denoised)
-        check_cfg_scale(cfg, "cfg")
+        check_cfg_scale(cfg_scale)
         self.diffloss.sampling_diffusion(num_sampling_steps)  # a bad spacing fails here, before any step
         generator = as_generator(generator, self.device)
         class_embedding = self.class_embedding(labels, batch)
-        if cfg != 1.0:  # one doubled batch: conditional rows, then null-class rows
+        if cfg_scale != 1.0:  # one doubled batch: conditional rows, then null-class rows
             class_embedding = torch.cat((class_embedding, self.fake_latent.expand(batch, -1)))
         head = dict(temperature=temperature, num_sampling_steps=num_sampling_steps, generator=generator,
                     clip_denoised=clip_denoised)
@@ -221,16 +210,16 @@ class MAR(Checkpointable, nn.Module):
             if step.num_pred == 0:
                 continue  # only when num_iter > seq_len: nothing is predicted, nothing changes
             chosen = orders[:, step.remaining:masked]  # the positions predicted now, [b, num_pred]
-            scale = scheduled_cfg_scale(cfg, cfg_schedule, known=self.seq_len - step.mask_len, total=self.seq_len)
+            scale = scheduled_cfg_scale(cfg_scale, cfg_schedule, known=self.seq_len - step.mask_len, total=self.seq_len)
             values = self.sample_positions(tokens, self.mask_from_orders(orders, masked), chosen, class_embedding,
-                                           cfg=scale, **head)
+                                           cfg_scale=scale, **head)
             tokens = tokens.scatter(1, chosen[..., None].expand(-1, -1, self.token_dim), values.to(tokens.dtype))
             masked = step.remaining
         latents = self.unpatchify(tokens)
         return MARSamples(latents, self.decode(latents) if self.vae is not None else None)
 
     def sample_positions(self, tokens: Float[Tensor, "b n d"], mask: Bool[Tensor, "b n"], chosen: Int[Tensor, "b k"],
-                         class_embedding: Float[Tensor, "b2 e"], *, cfg: float = 1.0,
+                         class_embedding: Float[Tensor, "b2 e"], *, cfg_scale: float = 1.0,
                          **head_kwargs) -> Float[Tensor, "b k d"]:
         """One step: condition every position on the known tokens, then let the head sample only the
         ``chosen`` ones. A class embedding with twice the rows of ``tokens`` means CFG."""
@@ -240,8 +229,8 @@ class MAR(Checkpointable, nn.Module):
             tokens, mask = torch.cat((tokens, tokens)), torch.cat((mask, mask))
         z = self.condition(tokens, mask, class_embedding)
         z_uncond = _gather_rows(z[batch:], chosen) if guided else None
-        values = self.diffloss.sample(_gather_rows(z[:batch], chosen), z_uncond=z_uncond, cfg=cfg if guided else 1.0,
-                                      **head_kwargs)
+        values = self.diffloss.sample(_gather_rows(z[:batch], chosen), z_uncond=z_uncond,
+                                      cfg_scale=cfg_scale if guided else 1.0, **head_kwargs)
         return values.reshape(batch, -1, self.token_dim)
 
     # VAE
@@ -278,15 +267,7 @@ class MAR(Checkpointable, nn.Module):
         None to read the checkpoint's ``args``. DiffLoss depth/width are read from the weights when not
         given. ``use_ema`` picks ``model_ema`` when present. ``overrides`` (e.g. ``vae=``) win.
         """
-        raw = read_checkpoint(checkpoint)
-        state = unwrap_checkpoint(raw, prefer="model_ema" if use_ema else "model")
-        kwargs = _config_kwargs(config, raw.get("args"))
-        check_checkpoint_kind(state, "mar")
-        kwargs.update(_diffloss_size(state, kwargs))
-        kwargs.update(overrides)
-        model = cls(**kwargs)
-        load_strict(model, mar_state_dict(state), source="MAR checkpoint")
-        return model.eval()
+        return pretrained_mar.from_official(cls, checkpoint, config=config, use_ema=use_ema, **overrides)
 
     # pieces (public: the golden tests pin them)
 
@@ -432,56 +413,6 @@ def mask_schedule(seq_len: int, num_iter: int) -> List[MaskStep]:
 
 
 # helpers
-
-OFFICIAL_NAMES = {"encoder_embed_dim": "encoder_dim", "encoder_num_heads": "encoder_heads",
-                  "decoder_embed_dim": "decoder_dim", "decoder_num_heads": "decoder_heads",
-                  "class_num": "num_classes", "diffloss_d": "diffloss_depth", "diffloss_w": "diffloss_width"}
-SHARED_NAMES = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "encoder_depth", "decoder_depth", "mlp_ratio",
-                "mask_ratio_min", "label_drop_prob", "attn_dropout", "proj_dropout", "buffer_size",
-                "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing")
-
-
-def _config_kwargs(config, args) -> Dict[str, Any]:
-    """Our constructor kwargs from a preset name, a dict (ours or official names) or the checkpoint's args."""
-    if config is None and args is not None:
-        config = vars(args) if not isinstance(args, Mapping) else dict(args)
-    check(config is not None, "`config` is required (a preset name such as 'mar_base' or a dict) when the "
-                              "checkpoint carries no `args`")
-    if isinstance(config, str):
-        check(config in PRESETS, f"`config` must be one of {sorted(PRESETS)} or a dict, got {config!r}")
-        return _transformer_dims(config)
-    check(isinstance(config, Mapping), f"`config` must be a preset name or a dict, got {type(config).__name__}")
-    ours = set(inspect.signature(MAR.__init__).parameters) - {"self"}
-    kwargs = _transformer_dims(str(config.get("model")))  # upstream args name the factory
-    for key, value in config.items():
-        if key == "norm_layer":
-            eps = re.search(r"eps=([0-9.eE+-]+)", str(value))
-            if eps:
-                kwargs["norm_eps"] = float(eps.group(1))
-        elif key in OFFICIAL_NAMES:
-            kwargs[OFFICIAL_NAMES[key]] = value
-        elif key in ours or key in SHARED_NAMES:
-            kwargs[key] = value
-    return kwargs
-
-
-def _transformer_dims(preset: str) -> Dict[str, Any]:
-    """A preset's transformer sizes; its DiffLoss size is left to the weights."""
-    return {k: v for k, v in PRESETS.get(preset, {}).items() if not k.startswith("diffloss_")}
-
-
-def _diffloss_size(state: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> Dict[str, int]:
-    """DiffLoss depth / width from the weights, for whichever of the two the config leaves open."""
-    inferred = {}
-    if "diffloss_width" not in kwargs and "diffloss.net.input_proj.weight" in state:
-        inferred["diffloss_width"] = state["diffloss.net.input_proj.weight"].shape[0]
-    if "diffloss_depth" not in kwargs:
-        pattern = re.compile(r"diffloss\.net\.res_blocks\.(\d+)\..+")
-        blocks = {int(m.group(1)) for m in map(pattern.fullmatch, state) if m}
-        if blocks:
-            inferred["diffloss_depth"] = max(blocks) + 1
-    return inferred
-
 
 def _check_geometry(img_size: int, vae_stride: int, patch_size: int, vae_embed_dim: int) -> None:
     check(min(img_size, vae_stride, patch_size, vae_embed_dim) >= 1,

@@ -18,13 +18,13 @@ shared, not copied):
 - CFG: the whole prompt is dropped (an empty prompt, ``uncond_text="empty"``).
 
 Reading order: image helpers -> time injections -> final layer -> :class:`MonoFormer` (construction,
-the swapped layers, input checks, ``generate_images``, ``from_llama``) -> LLaMA checkpoint helpers.
+the swapped layers, input checks, ``generate_images``, ``from_llama``). Reading Hugging Face LLaMA
+checkpoints is :mod:`mmgen_pytorch.pretrained.llama_hf`.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from ._utils import GeneratorLike, check, check_finite, describe
 from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianObjective, Spacing
-from .pretrained import (CheckpointMismatchError, hf_llama_backbone_state_dict, load_checkpoint, load_strict,
-                         read_json_file)
+from .pretrained import llama_hf
+from .pretrained.llama_hf import llama_transformer_config
 from .transfusion.model import LatentInput, TimeInjection, Transfusion
 from .transfusion.packing import Modality, Shape
 
@@ -288,65 +288,9 @@ class MonoFormer(Transfusion):
         ``kwargs`` go to :class:`MonoFormer` (``transformer=`` entries extend the backbone config). The
         special-token rows MonoFormer adds get a fresh normal(``initializer_range``) init.
         """
-        config = _read_config(config)
-        state = read_llama_state_dict(source)  # a broken file is named before the model is built
-        transformer = {**llama_transformer_config(config), **kwargs.pop("transformer", {})}
-        model = cls(num_text_tokens=config["vocab_size"], transformer=transformer, **kwargs)
-        model.load_llama(state, init_std=config.get("initializer_range", 0.02))
-        return model
+        return llama_hf.from_llama(cls, source, config, **kwargs)
 
     def load_llama(self, source, *, init_std: float = 0.02) -> None:
         """Load a HF LLaMA state dict into the backbone, ``token_emb`` and ``to_text_logits`` rows
         ``[0, num_text_tokens)``; the rows after them are re-drawn from normal(init_std)."""
-        state = read_llama_state_dict(source)
-        embed = state["model.embed_tokens.weight"]
-        head = state.get("lm_head.weight", embed)  # tied embeddings have no lm_head
-        size = self.vocab.num_text_tokens
-        for name, weight in (("model.embed_tokens.weight", embed), ("lm_head.weight", head)):
-            check(tuple(weight.shape) == (size, self.dim),
-                  f"`{name}` is {tuple(weight.shape)}, the model expects ({size}, {self.dim})",
-                  CheckpointMismatchError)
-        load_strict(self.transformer, hf_llama_backbone_state_dict(state, dim_head=self.transformer.dim_head),
-                    source="LLaMA checkpoint")
-        with torch.no_grad():
-            for table, weight in ((self.token_emb.weight, embed), (self.to_text_logits.weight, head)):
-                table[:size].copy_(weight)
-                table[size:].normal_(std=init_std)
-
-
-# LLaMA checkpoints
-
-LLAMA_KEYS = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
-
-
-def llama_transformer_config(config: Mapping) -> dict:
-    """Backbone settings of a HF ``LlamaConfig`` (dict); unsupported variants raise ValueError."""
-    check(config.get("hidden_act", "silu") == "silu", f"only SiLU LLaMAs are supported, got {config.get('hidden_act')}")
-    check(not config.get("attention_bias", False) and not config.get("mlp_bias", False),
-          "LLaMA checkpoints with attention or MLP biases are not supported")
-    check(config.get("rope_scaling") is None, f"RoPE scaling is not supported, got {config.get('rope_scaling')}")
-    heads = config["num_attention_heads"]
-    return dict(dim=config["hidden_size"], depth=config["num_hidden_layers"], heads=heads,
-                kv_heads=config.get("num_key_value_heads") or heads,
-                dim_head=config.get("head_dim") or config["hidden_size"] // heads,
-                ff_hidden=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-                rotary_base=config.get("rope_theta", 10000.0))
-
-
-def read_llama_state_dict(source) -> dict:
-    """A HF LLaMA state dict from a mapping or file; rotary ``inv_freq`` buffers are dropped and any key
-    outside ``model.*`` / ``lm_head`` raises :class:`CheckpointMismatchError`."""
-    state = {k: v for k, v in load_checkpoint(source).items() if not k.endswith("rotary_emb.inv_freq")}
-    unexpected = sorted(k for k in state if k not in LLAMA_KEYS and not k.startswith("model.layers."))
-    if unexpected or "model.embed_tokens.weight" not in state:
-        raise CheckpointMismatchError(f"not a LlamaForCausalLM state dict: unexpected keys {unexpected[:20]}"
-                                      + ("" if "model.embed_tokens.weight" in state else
-                                         ", `model.embed_tokens.weight` missing"))
-    return state
-
-
-def _read_config(config) -> dict:
-    if isinstance(config, (str, os.PathLike)):
-        return read_json_file(config)
-    check(isinstance(config, Mapping), f"`config` must be a dict or a config.json path, got {describe(config)}")
-    return dict(config)
+        llama_hf.load_llama(self, source, init_std=init_std)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

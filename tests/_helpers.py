@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: deterministic images, models moved off their initialisation, and
-reference re-draws of a model's training-time randomness."""
+"""Helpers shared by the tests: deterministic images, models moved off their initialisation, short
+training runs, and reference re-draws of a model's training-time randomness."""
+
+from typing import Any, Callable, List, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +33,31 @@ def smooth_images(n=2, size=8, seed=0):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     freq = 1 + 2 * torch.rand(n, 3, 1, 1, generator=g)
     return torch.sin(freq * xx + freq.flip(1) * yy)
+
+
+def train_steps(model: nn.Module, forward: Callable[[int], Any], *, steps: int = 4,
+                lr: float = 3e-3) -> Tuple[List[float], Any]:
+    """``steps`` Adam steps on ``forward(step).loss``; returns the losses and the last output."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        out = forward(step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses, out
+
+
+def saved_and_reloaded(build: Callable[[], nn.Module], path) -> Tuple[nn.Module, nn.Module]:
+    """A model built from seed 0 and a second one built the same way, loaded from the first's state dict
+    saved at ``path`` (read back with ``weights_only=True``); both in eval mode."""
+    torch.manual_seed(0)
+    model = build().eval()
+    torch.save(model.state_dict(), path)
+    loaded = build().eval()
+    loaded.load_state_dict(torch.load(path, weights_only=True))
+    return model, loaded
 
 
 def corrupted_like_the_model(codes, p, vocab_size, seed):

@@ -274,8 +274,7 @@ def test_rng_states_are_only_checked_when_restored(tmp_path):
 
 
 def test_monoformer_from_llama_names_a_broken_weights_or_config_file(tmp_path):
-    from mmgen_pytorch.monoformer import read_llama_state_dict
-    from mmgen_pytorch.monoformer import _read_config as read_llama_config
+    from mmgen_pytorch.pretrained.llama_hf import read_llama_config, read_llama_state_dict
     weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
     weights.write_text("<!DOCTYPE html><html>404</html>")
     config.write_text('{"hidden_size": 64,')

@@ -181,11 +181,11 @@ def test_sample_shapes_cfg_and_determinism():
         torch.nn.init.normal_(p, std=0.05)
     run = lambda seed, **kw: m.sample([1, 2], num_iter=4, generator=torch.Generator().manual_seed(seed),  # noqa: E731
                                       progress=False, **kw).latents
-    plain, guided = run(0), run(0, cfg=3.0)
+    plain, guided = run(0), run(0, cfg_scale=3.0)
     assert plain.shape == guided.shape == (2, 4, 4, 4)
-    assert torch.equal(plain, run(0)) and torch.equal(guided, run(0, cfg=3.0))
+    assert torch.equal(plain, run(0)) and torch.equal(guided, run(0, cfg_scale=3.0))
     assert not torch.equal(plain, run(1)) and not torch.equal(plain, guided)
-    assert run(0, cfg=2.0, cfg_schedule="constant").shape == (2, 4, 4, 4)
+    assert run(0, cfg_scale=2.0, cfg_schedule="constant").shape == (2, 4, 4, 4)
     unconditional = m.sample(batch_size=3, num_iter=20, progress=False)  # more steps than tokens
     assert unconditional.latents.shape == (3, 4, 4, 4) and unconditional.images is None
 
@@ -223,7 +223,7 @@ def test_fast_sampler_equals_an_upstream_style_loop():
 
     original = m.diffloss.sample
     m.diffloss.sample = lambda z, **kw: original(z, **{**kw, "temperature": 0.0, "noise": torch.zeros(len(z), 4)})
-    fast = m.sample(labels, num_iter=steps, cfg=cfg, generator=generator, progress=False).latents
+    fast = m.sample(labels, num_iter=steps, cfg_scale=cfg, generator=generator, progress=False).latents
     expected = m.unpatchify(tokens)  # 1/√ᾱ amplifies rounding: the golden README's loop tolerance
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5 + 1e-5 * expected.abs().max().item())
 
@@ -364,11 +364,11 @@ def test_backbone_grad_checkpointing_and_hidden_dropout():
 
 
 def test_preset_configs_leave_the_head_size_to_the_weights():
-    from mmgen_pytorch.mar import _config_kwargs
-    kwargs = _config_kwargs("mar_large", None)
+    from mmgen_pytorch.pretrained.mar import official_config
+    kwargs = official_config("mar_large", None, cls=MAR)
     assert kwargs["encoder_dim"] == 1024 and not any(k.startswith("diffloss") for k in kwargs)
     args = argparse.Namespace(model="mar_huge", diffloss_d=3, diffloss_w=512, class_num=10, vae_path="kl16.ckpt")
-    kwargs = _config_kwargs(None, args)
+    kwargs = official_config(None, args, cls=MAR)
     assert (kwargs["encoder_dim"], kwargs["diffloss_depth"], kwargs["diffloss_width"], kwargs["num_classes"]) == \
         (1280, 3, 512, 10)
     assert "vae_path" not in kwargs

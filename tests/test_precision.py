@@ -139,7 +139,7 @@ def test_bf16_sampling_monoformer():
 def test_bf16_sampling_mar():
     model = _mar().eval()
     with torch.autocast(**BF16):
-        samples = model.sample([1, 2], num_iter=3, cfg=2.0, generator=torch.Generator().manual_seed(0), progress=False)
+        samples = model.sample([1, 2], num_iter=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), progress=False)
     assert samples.latents.shape == (2, 4, 4, 4) and samples.latents.dtype == torch.float32
     assert bool(torch.isfinite(samples.latents).all())
 
@@ -147,7 +147,7 @@ def test_bf16_sampling_mar():
 def test_bf16_weights_mar_samples_and_trains():
     """Weights stored in bf16 (not autocast): the diffusion head's math still runs in float32."""
     model = _mar().to(torch.bfloat16)
-    out = model.sample([1], num_iter=3, cfg=2.0, generator=torch.Generator().manual_seed(0), progress=False).latents
+    out = model.sample([1], num_iter=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), progress=False).latents
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     loss = model.train()(LATENTS.bfloat16(), torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

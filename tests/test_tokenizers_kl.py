@@ -10,7 +10,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError, mar_vae_state_dict
 from mmgen_pytorch.tokenizers import AutoencoderKL, DiagonalGaussian, KLConfig
 
-from _helpers import assert_close_f32, smooth_images
+from _helpers import assert_close_f32, saved_and_reloaded, smooth_images, train_steps
 
 TINY = KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(), decoder_attn_levels=())
 
@@ -98,11 +98,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 def test_save_load_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = AutoencoderKL(TINY).eval()
-    torch.save(model.state_dict(), tmp_path / "ours.pt")
-    loaded = AutoencoderKL(TINY).eval()
-    loaded.load_state_dict(torch.load(tmp_path / "ours.pt", weights_only=True))
+    model, loaded = saved_and_reloaded(lambda: AutoencoderKL(TINY), tmp_path / "ours.pt")
     images = smooth_images()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images, sample=False).recon, model(images, sample=False).recon,
@@ -112,14 +108,8 @@ def test_save_load_round_trip(tmp_path):
 def test_training_steps_decrease_the_loss():
     torch.manual_seed(0)
     model = AutoencoderKL(replace(TINY, ch_mult=(1,), kl_weight=1e-3)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    images, losses = smooth_images(), []
-    for step in range(4):
-        out = model(images, generator=torch.Generator().manual_seed(step))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    images = smooth_images()
+    losses, out = train_steps(model, lambda step: model(images, generator=torch.Generator().manual_seed(step)))
     assert losses[-1] < losses[0] and out.kl > 0
 
 

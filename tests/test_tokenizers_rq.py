@@ -9,7 +9,7 @@ import torch
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import RQConfig, RQVAE
 
-from _helpers import assert_close_f32, smooth_images
+from _helpers import assert_close_f32, saved_and_reloaded, smooth_images, train_steps
 
 TINY = RQConfig(embed_dim=8, n_embed=16, depth=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(),
                 z_channels=8)
@@ -112,11 +112,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 def test_save_load_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = RQVAE(TINY).eval()
-    torch.save(model.state_dict(), tmp_path / "ours.pt")
-    loaded = RQVAE(TINY).eval()
-    loaded.load_state_dict(torch.load(tmp_path / "ours.pt", weights_only=True))
+    model, loaded = saved_and_reloaded(lambda: RQVAE(TINY), tmp_path / "ours.pt")
     images = smooth_images()
     assert torch.equal(loaded.encode_to_codes(images), model.encode_to_codes(images))
 
@@ -142,13 +138,7 @@ def test_ema_updates_only_in_training_and_restarts_dead_codes():
 def test_training_steps_decrease_the_loss():
     torch.manual_seed(0)
     model = RQVAE(replace(TINY, ch_mult=(1,))).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    images, losses = smooth_images(), []
-    for _ in range(4):
-        out = model(images)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    images = smooth_images()
+    losses, _ = train_steps(model, lambda _: model(images))
     assert losses[-1] < losses[0]
     assert all(p.grad is not None for p in model.encoder.parameters())  # commitment + straight-through reach it

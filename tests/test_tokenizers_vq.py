@@ -11,7 +11,7 @@ from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import VQConfig, VQVAE
 from mmgen_pytorch.tokenizers.vq import infer_vq_config
 
-from _helpers import assert_close_f32, smooth_images
+from _helpers import assert_close_f32, smooth_images, train_steps
 
 TINY = VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                 z_channels=32, num_res_blocks=1, usage_window=256)
@@ -119,15 +119,8 @@ def test_save_load_round_trip(tmp_path):
 def test_training_steps_decrease_the_loss_and_log_usage():
     torch.manual_seed(0)
     model = VQVAE(TINY, encoder_ch_mult=(1,), decoder_ch_mult=(1,), entropy_loss_ratio=0.1).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     images = smooth_images()
-    losses = []
-    for _ in range(4):
-        out = model(images)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, lambda _: model(images))
     assert losses[-1] < losses[0]
     assert out.quantizer.entropy != 0 and 0 < out.quantizer.usage <= 1
     assert torch.equal(model.quantize.codebook_used[-128:], out.indices.flatten().float())

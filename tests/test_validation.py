@@ -146,8 +146,8 @@ CASES = [
      r"`latents` must be a float tensor \[b >= 1, 4, 2, 2\], got Tensor\(shape=\(0, 4, 2, 2\)"),
     ("mar/label-range", lambda m: m.mar(randn(2, 4, 2, 2), torch.tensor([0, 5])), ValueError,
      r"`labels` must be in \[0, 5\) \(num_classes\), got values in \[0, 5\]"),
-    ("mar/cfg", lambda m: m.mar.sample([1], num_iter=2, cfg=-1.0, progress=False), ValueError,
-     r"`cfg` must be a finite number >= 0, got -1.0"),
+    ("mar/cfg_scale", lambda m: m.mar.sample([1], num_iter=2, cfg_scale=-1.0, progress=False), ValueError,
+     r"`cfg_scale` must be a finite number >= 0, got -1.0"),
     ("mar/official-kl-weights", lambda m: MAR.from_official(m.kl.state_dict(), config="mar_base"),
      CheckpointMismatchError, r"looks like a KL autoencoder checkpoint, not a MAR .*AutoencoderKL.from_official"),
     # tokenizers

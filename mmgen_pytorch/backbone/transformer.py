@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import check, default, divisible_by, round_up_to_multiple
-from ..checkpoint import Checkpointable
+from ..saving import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
 from .kv_cache import CacheWindow, KVCache
 from .masks import TokenLayout

@@ -5,7 +5,7 @@ architecture: GroupNorm(32, eps 1e-6) + swish, residual blocks with a 1x1 ``nin_
 width changes, single-head spatial self-attention built from 1x1 convolutions, stride-2 downsampling
 after a (0, 1, 0, 1) zero pad, and nearest x2 upsampling followed by a 3x3 conv.
 
-Our layout (LlamaGen's key names; :mod:`mmgen_pytorch.pretrained` maps the LDM layout onto it):
+Our layout (LlamaGen's key names; :mod:`mmgen_pytorch.pretrained.ldm` maps the LDM layout onto it):
 
 - ``conv_in``, ``conv_blocks.{k}.res.{j}``, ``conv_blocks.{k}.attn.{j}``,
   ``conv_blocks.{k}.downsample.conv`` / ``.upsample.conv``, ``mid.{0,1,2}`` (res, attn, res),
@@ -15,14 +15,13 @@ Our layout (LlamaGen's key names; :mod:`mmgen_pytorch.pretrained` maps the LDM l
 
 Attention placement is given as resolution *levels*: level ``i`` works at ``1 / 2**i`` of the image
 size (negative values count from the lowest resolution, so ``(-1,)`` is LlamaGen's "lowest level
-only"). :func:`levels_at_resolutions` converts LDM's ``attn_resolutions`` + ``resolution``.
+only"); :func:`mmgen_pytorch.pretrained.ldm.levels_at_resolutions` converts LDM's ``attn_resolutions``.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -144,12 +143,6 @@ def resolve_levels(levels: Iterable[int], num_levels: int) -> Tuple[int, ...]:
     return tuple(sorted(set(resolved)))
 
 
-def levels_at_resolutions(resolution: int, num_levels: int, attn_resolutions: Iterable[int]) -> Tuple[int, ...]:
-    """LDM's rule: level ``i`` runs at ``resolution // 2**i`` and gets attention when that is listed."""
-    wanted = set(attn_resolutions)
-    return tuple(i for i in range(num_levels) if resolution // 2 ** i in wanted)
-
-
 def _check_widths(ch: int, ch_mult: Sequence[int], num_res_blocks: int) -> None:
     check(len(ch_mult) >= 1, f"`ch_mult` needs at least one level, got {tuple(ch_mult)}")
     check(num_res_blocks >= 1, f"`num_res_blocks` must be >= 1, got {num_res_blocks}")
@@ -251,40 +244,8 @@ def check_latent(z: Tensor, tokenizer: nn.Module, channels: int, name: str = "z"
     return like_parameters(z, tokenizer)
 
 
-def _level_keys(state_dict: Mapping[str, Tensor], part: str) -> Dict[int, List[str]]:
-    levels: Dict[int, List[str]] = {}
-    for key in state_dict:
-        match = re.match(rf"{part}\.conv_blocks\.(\d+)\.", key)
-        if match:
-            levels.setdefault(int(match.group(1)), []).append(key)
-    return levels
-
-
-def infer_conv_layout(state_dict: Mapping[str, Tensor]) -> Dict[str, object]:
-    """Read ch, ch_mult, res blocks, attention levels and z widths off an encoder/decoder state dict
-    in our layout (keys ``encoder.*`` and ``decoder.*``)."""
-    enc, dec = _level_keys(state_dict, "encoder"), _level_keys(state_dict, "decoder")
-    check(len(enc) > 0 and len(dec) > 0, "the state dict has no `encoder.conv_blocks.*` / `decoder.conv_blocks.*` keys")
-    ch = state_dict["encoder.conv_in.weight"].shape[0]
-    num_res = len({k.split(".")[4] for k in enc[0] if k.startswith("encoder.conv_blocks.0.res.")})
-    enc_mult = [state_dict[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in sorted(enc)]
-    dec_levels = len(dec)
-    dec_mult = [state_dict[f"decoder.conv_blocks.{dec_levels - 1 - i}.res.0.conv1.weight"].shape[0] // ch
-                for i in range(dec_levels)]
-    has_attn = lambda keys: any(".attn." in k for k in keys)  # noqa: E731
-    return dict(
-        ch=ch, num_res_blocks=num_res, encoder_ch_mult=tuple(enc_mult), decoder_ch_mult=tuple(dec_mult),
-        encoder_attn_levels=tuple(i for i in sorted(enc) if has_attn(enc[i])),
-        decoder_attn_levels=tuple(sorted(dec_levels - 1 - k for k in dec if has_attn(dec[k]))),
-        encoder_out_channels=state_dict["encoder.conv_out.weight"].shape[0],
-        decoder_z_channels=state_dict["decoder.conv_in.weight"].shape[1],
-        in_channels=state_dict["encoder.conv_in.weight"].shape[1],
-        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
-    )
-
-
-# Shared by the three tokenizers: configs by preset name / dataclass / official dict, index checks,
-# and the from_official pipeline (read -> map keys -> config -> build -> strict load).
+# Shared by the three tokenizers: configs by preset name / dataclass / official dict, index checks
+# (their from_official pipeline is mmgen_pytorch.pretrained.common.load_official).
 
 def resolve_config(config, cls, presets: Mapping[str, object], overrides: Mapping[str, object]):
     """A ``cls`` dataclass from a preset name, an instance, an official argument dict, or None (default)."""
@@ -305,22 +266,3 @@ def check_codes(codes: Tensor, vocab: int, ndim: int, name: str, layout: str) ->
           f"`{name}` must be a {ndim}-D integer tensor {layout}, got {describe(codes)}")
     check(is_index_tensor(codes), f"`{name}` must be an integer tensor, got {describe(codes)}")
     check_index_range(name, codes, vocab, what="code ids", bound="codebook size")
-
-
-def from_official(cls, source, config, *, kind: str, to_ours, infer, prefer: Optional[str]):
-    """Build ``cls`` from an official checkpoint (path, wrapped checkpoint or raw state dict):
-    ``to_ours(official, config)`` maps the keys; with ``config=None``, ``infer(official)`` reads the
-    architecture off the weights; ``kind``: the :data:`~mmgen_pytorch.pretrained.CHECKPOINT_KINDS` key."""
-    from ..pretrained import CheckpointMismatchError, check_checkpoint_kind, load_checkpoint, load_strict
-
-    official = load_checkpoint(source, prefer=prefer)
-    check_checkpoint_kind(official, kind)
-    if config is None:
-        try:
-            config = infer(official)
-        except KeyError as error:
-            raise CheckpointMismatchError(f"cannot read the {cls.__name__} architecture off the checkpoint: it has no "
-                                          f"{error} key; pass `config=` explicitly") from None
-    model = cls(config)
-    load_strict(model, to_ours(official, config), source=f"official {cls.__name__} checkpoint (after key mapping)")
-    return model

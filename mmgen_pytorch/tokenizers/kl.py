@@ -19,10 +19,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._utils import GeneratorLike, as_generator, check
-from ..checkpoint import Checkpointable
-from ..pretrained import mar_vae_state_dict
-from .blocks import (Decoder, Encoder, check_images, check_latent, from_official, infer_conv_layout,
-                     levels_at_resolutions, resolve_config)
+from ..pretrained.common import load_official
+from ..pretrained.ldm import infer_conv_layout, levels_at_resolutions
+from ..pretrained.mar import mar_vae_state_dict
+from ..saving import Checkpointable
+from .blocks import Decoder, Encoder, check_images, check_latent, resolve_config
 
 KL16_LATENT_SCALE = 0.2325
 
@@ -158,7 +159,7 @@ class AutoencoderKL(Checkpointable, nn.Module):
         ``config`` is a preset name, a :class:`KLConfig`, the official constructor arguments as a dict,
         or None to read the architecture off the weights. ``ema`` picks ``"model_ema"``."""
         config = None if config is None else resolve_config(config, KLConfig, KL_PRESETS, {})
-        return from_official(cls, source, config, kind="kl",
+        return load_official(cls, source, config, kind="kl",
                              to_ours=lambda official, _: mar_vae_state_dict(official),
                              infer=infer_kl_config, prefer="model_ema" if ema else None)
 

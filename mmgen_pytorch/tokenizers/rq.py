@@ -26,10 +26,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .._utils import check
-from ..checkpoint import Checkpointable
-from ..pretrained import CheckpointMismatchError, dnd_rqvae_state_dict
-from .blocks import (Decoder, Encoder, check_codes, check_images, check_latent, from_official, infer_conv_layout,
-                     levels_at_resolutions, resolve_config)
+from ..files import CheckpointMismatchError
+from ..pretrained.common import load_official
+from ..pretrained.dnd import dnd_rqvae_state_dict
+from ..pretrained.ldm import infer_conv_layout, levels_at_resolutions
+from ..saving import Checkpointable
+from .blocks import Decoder, Encoder, check_codes, check_images, check_latent, resolve_config
 
 LOSS_TYPES = ("mse", "l1")
 
@@ -267,7 +269,7 @@ class RQVAE(Checkpointable, nn.Module):
         a dict, or None to read the architecture off the weights. ``ema`` picks ``"state_dict_ema"``.
         The per-depth codebook copies must be identical and match ``depth``."""
         config = None if config is None else resolve_config(config, RQConfig, {}, {})
-        return from_official(cls, source, config, kind="rq",
+        return load_official(cls, source, config, kind="rq",
                              to_ours=lambda sd, cfg: dnd_rqvae_state_dict(sd, depth=cfg.depth),
                              infer=infer_rq_config, prefer="state_dict_ema" if ema else None)
 

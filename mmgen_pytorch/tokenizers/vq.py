@@ -20,10 +20,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .._utils import check, describe
-from ..checkpoint import Checkpointable
-from ..pretrained import llamagen_vq_state_dict
-from .blocks import (Decoder, Encoder, check_codes, check_images, check_latent, from_official, infer_conv_layout,
-                     resolve_config)
+from ..pretrained.common import load_official
+from ..pretrained.ldm import infer_conv_layout
+from ..pretrained.vq import llamagen_vq_state_dict
+from ..saving import Checkpointable
+from .blocks import Decoder, Encoder, check_codes, check_images, check_latent, resolve_config
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ class VQVAE(Checkpointable, nn.Module):
         state dict. ``config`` is a preset name, a :class:`VQConfig`, LlamaGen ``ModelArgs`` fields
         as a dict, or None to read the architecture off the weights. ``ema`` picks ``"ema"``."""
         config = None if config is None else resolve_config(config, VQConfig, VQ_PRESETS, {})
-        return from_official(cls, source, config, kind="vq",
+        return load_official(cls, source, config, kind="vq",
                              to_ours=lambda official, _: llamagen_vq_state_dict(official),
                              infer=infer_vq_config, prefer="ema" if ema else None)
 

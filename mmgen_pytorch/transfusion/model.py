@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._utils import GeneratorLike, as_int, check, check_finite, check_has_data, check_index_range, default, describe, eval_mode
 from ..backbone import Transformer
-from ..checkpoint import Checkpointable
+from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
 from .packing import (UNCOND_TEXT, LatentGroup, Modality, PackedBatch, Placement, Shape, Vocabulary,
