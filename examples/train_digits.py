@@ -41,7 +41,8 @@ from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoForm
 from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
 from mmgen_pytorch.checkpoint import TRAINING_STATE_FILE  # noqa: E402
 from mmgen_pytorch.files import CheckpointMismatchError, read_tensor_file  # noqa: E402
-from mmgen_pytorch.sampling import check_cfg_scale, check_sampling_options  # noqa: E402
+from mmgen_pytorch.guidance import check_cfg_scale  # noqa: E402
+from mmgen_pytorch.sampling import check_sampling_options  # noqa: E402
 from mmgen_pytorch.saving import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -139,16 +140,18 @@ class MARRecipe:
     """Class-conditional MAR directly on 2x2 pixel patches (a 4x4 grid of 4-channel tokens)."""
 
     # mask ratios from 0.1 (upstream: 0.7): with 16 tokens, 0.7 never trains the late sampling steps,
-    # where most tokens are known (FD 29.3 from 0.1, 37.6 from 0.3, 43.7 from 0.7 at the same steps)
+    # where most tokens are known (FD 29.3 from 0.1, 37.6 from 0.3, 43.7 from 0.7 at the same steps).
+    # Two encoder + two decoder blocks and 4 noise draws per token for the head (was 3 + 3 and 2) cost
+    # the same per step and score better: FD 27.9 vs 32.3 over sampling seeds 0-2 (lr 2e-3: FD 45.6).
     default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.5
     model_class, max_modality_steps = MAR, DDPM_STEPS // 3
 
     def __init__(self, args):
         self.args = args
-        self.model = MAR(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_dim=128, encoder_depth=3,
+        self.model = MAR(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_dim=128, encoder_depth=2,
                          encoder_heads=4, num_classes=10, buffer_size=4, attn_dropout=0.0, proj_dropout=0.0,
                          mask_ratio_min=0.1, diffloss_depth=2, diffloss_width=192, num_sampling_steps="50",
-                         diffusion_batch_mul=2)
+                         diffusion_batch_mul=4)
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
         return self.model(patchify(images).permute(0, 3, 1, 2), labels)

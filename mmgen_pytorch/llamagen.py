@@ -21,6 +21,7 @@ maps and config translation are :mod:`mmgen_pytorch.pretrained.llamagen`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
