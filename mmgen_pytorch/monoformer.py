@@ -37,7 +37,8 @@ from .objectives.flow import TimeEmbedding
 from .objectives.gaussian import GaussianObjective, Spacing
 from .pretrained import llama_hf
 from .pretrained.llama_hf import llama_transformer_config
-from .transfusion.model import LatentInput, TimeInjection, Transfusion
+from .transfusion.model import TimeInjection, Transfusion
+from .transfusion.packing import LatentRun
 from .transfusion.packing import Modality, Shape
 
 __all__ = ["MonoFormer", "TIMESTEP_INJECTIONS", "patchify", "unpatchify", "sincos_2d", "llama_transformer_config"]
@@ -86,7 +87,7 @@ class InputAdaLN(TimeInjection):
         nn.init.zeros_(self.to_modulation.weight)
         nn.init.zeros_(self.to_modulation.bias)
 
-    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: Sequence[LatentInput]):
+    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: Sequence[LatentRun]):
         shift, scale = self.to_modulation(F.silu(time_table)).chunk(2, dim=-1)
         index = (time_index.reshape(-1) >= 0).nonzero().squeeze(1)
         rows = time_index.reshape(-1)[index]
@@ -108,7 +109,7 @@ class TimeToken(TimeInjection):
         nn.init.zeros_(self.projector[2].weight)
         nn.init.zeros_(self.projector[2].bias)
 
-    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: Sequence[LatentInput]):
+    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: Sequence[LatentRun]):
         # the placement puts the time token right before each modality's first latent (coords all 0)
         firsts = [index[(coords == 0).all(-1)] for _, index, _, coords in latents]
         if not firsts:
@@ -200,7 +201,7 @@ class MonoFormer(Transfusion):
         self.x_embedder = nn.Linear(features, self.dim)
         nn.init.zeros_(self.x_embedder.weight)
         nn.init.zeros_(self.x_embedder.bias)
-        self.register_buffer("pos_embed", sincos_2d(self.default_shapes[0], self.dim), persistent=False)
+        self.register_buffer("pos_embed", sincos_2d(self.modalities[0].default_shape, self.dim), persistent=False)
         self.time_emb = TimeEmbedding(self.dim)
         self.final_layer = FinalLayer(self.dim, self.objective.output_dim(features))
 

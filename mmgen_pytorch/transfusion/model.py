@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import GeneratorLike, as_int, check, check_finite, check_has_data, check_index_range, default, describe, eval_mode
-from ..backbone import Transformer
+from .._utils import GeneratorLike, as_int, check, check_finite, check_index_range, default, describe, eval_mode
+from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
-from .packing import (UNCOND_TEXT, LatentGroup, Modality, PackedBatch, Placement, Shape, Vocabulary,
+from .modalities import ModalitySpec, modality_specs
+from .noising import NoisedGroup, NoiseInput, TimesInput, noise_groups
+from .packing import (UNCOND_TEXT, LatentRun, Modality, PackedBatch, Placement, SampleSequence, Shape, Vocabulary,
                       build_training_sequence, pack)
-from .sampler import LatentInput, Sampler, forced_tokens, prompt_as_list
+from .sampler import Sampler, forced_tokens, prompt_as_list
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
 
@@ -43,7 +45,7 @@ class TimeInjection(nn.Module):
 
     ``forward(x, time_table, time_index, latents) -> (x, backbone_kwargs)``: ``time_table [k, dim]`` holds
     the embedded distinct times, ``time_index [b, n]`` the row of each latent token (-1 elsewhere),
-    ``latents`` the embedded runs (:data:`LatentInput`). ``time_tokens``: tokens the placement reserves
+    ``latents`` the embedded runs (:class:`LatentRun`). ``time_tokens``: tokens the placement reserves
     right before each modality's latents for this injection; ``block_conditioned``: the backbone's
     blocks take the time (per-block adaLN, built with ``dim_cond``).
     """
@@ -57,34 +59,8 @@ class PerBlockAdaLN(TimeInjection):
 
     block_conditioned = True
 
-    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: List[LatentInput]):
+    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: List[LatentRun]):
         return x, dict(cond=time_table, cond_index=time_index)
-
-
-def _per_modality(value, count: int, name: str) -> tuple:
-    values = tuple(value) if isinstance(value, (list, tuple)) and not (
-        name == "modality_default_shape" and value and isinstance(value[0], int)) else (value,) * count
-    check(len(values) == count, f"`{name}` needs one entry per modality ({count}), got {len(values)}")
-    return values
-
-
-class FrozenWrapper(nn.Module):
-    """Holds a frozen encoder/decoder without exposing its parameters to optimisers or state dicts."""
-
-    def __init__(self, module: Optional[nn.Module]):
-        super().__init__()
-        self._module = [module]  # a list keeps it out of .parameters() and .state_dict()
-        if module is not None:
-            module.requires_grad_(False).eval()
-
-    @property
-    def module(self) -> Optional[nn.Module]:
-        return self._module[0]
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        self.module.to(x.device).eval()
-        return self.module(x[None])[0]
 
 
 class Transfusion(Checkpointable, nn.Module):
@@ -117,23 +93,17 @@ class Transfusion(Checkpointable, nn.Module):
         check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
         check(uncond_text in UNCOND_TEXT, f"`uncond_text` must be one of {UNCOND_TEXT}, got {uncond_text!r}")
         transformer_dim = transformer.dim if isinstance(transformer, Transformer) else transformer["dim"]
-        dims = tuple(dim_latent) if isinstance(dim_latent, (list, tuple)) else (default(dim_latent, transformer_dim),)
-        num_modalities = len(dims)
+        self.modalities: Tuple[ModalitySpec, ...] = modality_specs(
+            dim_latent=default(dim_latent, transformer_dim), channel_first_latent=channel_first_latent,
+            modality_default_shape=modality_default_shape, modality_num_dim=modality_num_dim,
+            modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb)
+        num_modalities = self.num_modalities = len(self.modalities)
         self.vocab = Vocabulary(num_text_tokens, num_modalities)
-        self.num_modalities, self.dim_latents = num_modalities, dims
-        self.channel_first = _per_modality(channel_first_latent, num_modalities, "channel_first_latent")
-        self.default_shapes = tuple(None if s is None else tuple(s) for s in
-                                    _per_modality(modality_default_shape, num_modalities, "modality_default_shape"))
-        inferred_rank = tuple(len(s) if s is not None else None for s in self.default_shapes)
-        ranks = _per_modality(modality_num_dim, num_modalities, "modality_num_dim") if modality_num_dim is not None else inferred_rank
-        self.ranks = tuple(r if r is not None else inferred for r, inferred in zip(ranks, inferred_rank))
         self.time_injection = default(time_injection, PerBlockAdaLN())
-        self.rotary_axes = 1 if flat_positions else max([1] + [r for r in self.ranks if r is not None])
+        self.rotary_axes = 1 if flat_positions else max([1] + [m.rank for m in self.modalities if m.rank is not None])
         self.placement = Placement(axes=self.rotary_axes, flat=flat_positions,
                                    time_tokens=self.time_injection.time_tokens)
         self.uncond_text = uncond_text
-        self.encoders = nn.ModuleList(FrozenWrapper(e) for e in _per_modality(modality_encoder, num_modalities, "modality_encoder"))
-        self.decoders = nn.ModuleList(FrozenWrapper(d) for d in _per_modality(modality_decoder, num_modalities, "modality_decoder"))
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
         self.text_loss_on_modality_rows = text_loss_on_modality_rows
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
@@ -145,7 +115,7 @@ class Transfusion(Checkpointable, nn.Module):
         dim = self.transformer.dim
         self.dim = dim
         self.token_emb = nn.Embedding(self.vocab.size, dim)
-        self._build_modality_layers(dims, _per_modality(add_pos_emb, num_modalities, "add_pos_emb"))
+        self._build_modality_layers([m.dim_latent for m in self.modalities], [m.add_pos_emb for m in self.modalities])
         self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
 
     def _build_modality_layers(self, dims: Sequence[int], add_pos_emb: Sequence[bool]) -> None:
@@ -170,7 +140,7 @@ class Transfusion(Checkpointable, nn.Module):
                   "a Transformer instance given to Transfusion needs `dim_cond=dim` (timestep adaLN)")
             axes = transformer.rotary.axes if transformer.rotary is not None else 0
             check(axes == self.rotary_axes,
-                  f"`transformer`: the modalities' ranks {self.ranks} need a Transformer with "
+                  f"`transformer`: the modalities' ranks {[m.rank for m in self.modalities]} need a Transformer with "
                   f"`rotary_axes={self.rotary_axes}`, got one with rotary_axes={axes}")
             return transformer
         check(isinstance(transformer, dict) and "dim" in transformer and "depth" in transformer,
@@ -218,18 +188,18 @@ class Transfusion(Checkpointable, nn.Module):
         check(isinstance(tensor, Tensor) and tensor.is_floating_point(),
               f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
         check_finite(name, tensor)
+        spec = self.modalities[modality]
         tensor = tensor.to(self.device)
-        encoder = self.encoders[modality]
-        if encoder.module is not None:
-            tensor = encoder(tensor)
-        latent = tensor.movedim(0, -1) if self.channel_first[modality] else tensor
-        dim_latent = self.dim_latents[modality]
+        if spec.encoder is not None:
+            tensor = spec.encoder(tensor)
+        latent = tensor.movedim(0, -1) if spec.channel_first else tensor
+        dim_latent = spec.dim_latent
         check(latent.ndim >= 1 and latent.shape[-1] == dim_latent,
               f"`{name}`: modality {modality} expects latents with {dim_latent} channels "
-              f"({'first' if self.channel_first[modality] else 'last'} axis), got shape {tuple(tensor.shape)}"
+              f"({'first' if spec.channel_first else 'last'} axis), got shape {tuple(tensor.shape)}"
               + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
         shape = tuple(latent.shape[:-1])
-        rank = self.ranks[modality]
+        rank = spec.rank
         check(rank is None or len(shape) == rank,
               f"`{name}`: modality {modality} has rank {rank}, got a latent grid of shape {shape}")
         check(rank is not None or 0 < len(shape) <= self.rotary_axes or self.placement.flat,
@@ -261,8 +231,8 @@ class Transfusion(Checkpointable, nn.Module):
     # forward
 
     def forward(self, x, *, return_loss: bool = True, return_breakdown: bool = False,
-                modality_type: Optional[int] = None, times: Union[Sequence[Sequence[float]], Tensor, None] = None,
-                noise: Optional[Sequence[Sequence[Tensor]]] = None, prob_uncond: Optional[float] = None):
+                modality_type: Optional[int] = None, times: TimesInput = None, noise: NoiseInput = None,
+                prob_uncond: Optional[float] = None):
         """Loss of a batch (see the README for the input forms).
 
         ``modality_type``: the type of every bare float tensor: of a ``Float[b, ...]`` batch (needed with
@@ -278,100 +248,35 @@ class Transfusion(Checkpointable, nn.Module):
         layers without a gradient: under DistributedDataParallel use ``find_unused_parameters=True``.
         """
         samples, text_only = self.normalize_batch(x, modality_type)
+        packed = self._pack(samples, text_only, prob_uncond)
+        groups, token_times = noise_groups(packed, self.objective, [m.dim_latent for m in self.modalities],
+                                           times=times, noise=noise)
+        hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
+                                   [g.backbone_input() for g in groups], token_times)
+        text_logits = self.to_text_logits(hidden)
+        if text_only:
+            text_logits = text_logits[..., :self.vocab.num_text_tokens]
+        outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times) for g in groups]
+        if not return_loss:
+            return text_logits, outputs
+        breakdown = self._losses(packed, text_logits, outputs, groups)
+        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+
+    def _pack(self, samples: List[List], text_only: bool, prob_uncond: Optional[float]) -> PackedBatch:
+        """The samples as training sequences (text dropped for CFG with ``prob_uncond``) in one padded grid."""
         prob_uncond = default(prob_uncond, self.prob_uncond if self.training else 0.0)
         check(0.0 <= prob_uncond <= 1.0, f"`prob_uncond` must be in [0, 1], got {prob_uncond}")
         # drawn from torch's generator (not Python's `random`) so that torch.manual_seed alone reproduces
-        # a forward; nothing is drawn without dropout, which leaves the times and noise drawn below unchanged
+        # a forward; nothing is drawn without dropout, which leaves the times and noise drawn later unchanged
         draws = torch.rand(len(samples)) if prob_uncond > 0 else torch.ones(len(samples))
         drop = [bool(u < prob_uncond) and any(isinstance(i, Modality) for i in s) for u, s in zip(draws, samples)]
         sequences = [build_training_sequence(items, self.vocab, self.placement, drop_text=d,
                                              uncond_text=self.uncond_text, sos=not text_only, eos=not text_only)
                      for items, d in zip(samples, drop)]
-        packed = pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, device=self.device)
-        instance_times, instance_noise = self._draw_noise(packed, times, noise)
+        return pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, device=self.device)
 
-        groups = [self._noised_group(g, packed, instance_times, instance_noise) for g in packed.groups]
-        token_times = self._token_times(packed, instance_times)
-        hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
-                                   [(g.modality, g.flat_index, x_t, g.coords) for g, (x_t, _) in zip(packed.groups, groups)],
-                                   token_times)
-        text_logits = self.to_text_logits(hidden)
-        if text_only:
-            text_logits = text_logits[..., :self.vocab.num_text_tokens]
-        outputs = [self.modality_output(hidden, g.modality, g.flat_index, token_times.view(-1)[g.flat_index])
-                   for g in packed.groups]
-        if not return_loss:
-            return text_logits, outputs
-        breakdown = self._losses(packed, text_logits, outputs, groups, instance_times)
-        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
-
-    def _draw_noise(self, packed: PackedBatch, times, noise) -> Tuple[Tensor, List[Optional[Tensor]]]:
-        """Time and noise of every instance: clean ones get the objective's clean time and no noise."""
-        noised = sorted((i for i, inst in enumerate(packed.instances) if inst.noised),
-                        key=lambda i: (packed.instances[i].row, packed.instances[i].ordinal))
-        instance_times = torch.full((len(packed.instances),), self.objective.clean_time, device=self.device)
-        instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
-        if isinstance(times, Tensor):  # transfusion-pytorch's padded Float[b, m]
-            check_has_data("times", times)
-            times = self._unpad_times(packed, noised, times)
-        given_times = self._per_noised_instance(packed, noised, times, "times")
-        given_noise = self._per_noised_instance(packed, noised, noise, "noise")
-        drawn = self.objective.sample_times(len(noised), device=self.device)
-        for k, i in enumerate(noised):
-            instance = packed.instances[i]
-            if given_times is not None:
-                self.objective.check_time(given_times[k], name=f"`times` for modality {instance.ordinal} of sample "
-                                                               f"{instance.row}")
-            instance_times[i] = float(given_times[k]) if given_times is not None else drawn[k]
-            size = (instance.index.numel(), self.dim_latents[instance.modality])
-            if given_noise is None:
-                instance_noise[i] = torch.randn(size, device=self.device)
-                continue
-            check(given_noise[k].numel() == size[0] * size[1],
-                  f"`noise` for modality {instance.ordinal} of sample {instance.row} must have "
-                  f"{size[0]} x {size[1]} values, got shape {tuple(given_noise[k].shape)}")
-            check(torch.compiler.is_compiling() or bool(torch.isfinite(given_noise[k]).all()),
-                  f"`noise` for modality {instance.ordinal} of sample {instance.row} contains NaN or inf values")
-            instance_noise[i] = given_noise[k].reshape(size).to(self.device)
-        return instance_times, instance_noise
-
-    def _per_noised_instance(self, packed: PackedBatch, noised: List[int], values, name: str):
-        if values is None:
-            return None
-        check(len(values) == len(packed.lengths), f"`{name}` needs one list per sample ({len(packed.lengths)}), got {len(values)}")
-        flat = [v for per_sample in values for v in per_sample]
-        check(len(flat) == len(noised), f"`{name}` needs one entry per modality ({len(noised)} in this batch), got {len(flat)}")
-        return flat
-
-    @staticmethod
-    def _unpad_times(packed: PackedBatch, noised: List[int], times: Tensor) -> List[List[float]]:
-        """Row ``r`` of a padded ``[b, m]`` tensor gives sample ``r``'s noised modalities their times in
-        order; the entries past them are padding."""
-        counts = [0] * len(packed.lengths)
-        for i in noised:
-            counts[packed.instances[i].row] += 1
-        check(times.ndim == 2 and times.shape[0] == len(counts) and times.shape[1] >= max(counts, default=0),
-              f"`times` as a tensor must be [batch={len(counts)}, >= {max(counts, default=0)}] (per sample, the "
-              f"times of its noised modalities, then padding), got shape {tuple(times.shape)}")
-        return [row[:count] for row, count in zip(times.tolist(), counts)]
-
-    def _noised_group(self, group: LatentGroup, packed: PackedBatch, instance_times: Tensor,
-                      instance_noise: List[Optional[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
-        """The group's input latents x_t and the noise they were made with (zeros for clean tokens)."""
-        noise = torch.cat([instance_noise[i] if instance_noise[i] is not None else
-                           torch.zeros_like(group.tokens[:packed.instances[i].index.numel()])
-                           for i in group.instance.unique_consecutive().tolist()])
-        t = instance_times[group.instance]
-        return self.objective.noised(group.tokens, noise, t), noise
-
-    def _token_times(self, packed: PackedBatch, instance_times: Tensor) -> Tensor:
-        token_times = torch.full(packed.shape, self.objective.clean_time, device=self.device)
-        for group in packed.groups:
-            token_times.view(-1)[group.flat_index] = instance_times[group.instance]
-        return token_times
-
-    def _losses(self, packed: PackedBatch, text_logits: Tensor, outputs: List[Tensor], groups,
-                instance_times: Tensor) -> LossBreakdown:
+    def _losses(self, packed: PackedBatch, text_logits: Tensor, outputs: List[Tensor],
+                groups: List[NoisedGroup]) -> LossBreakdown:
         batch = packed.shape[0]
         token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
                                    ignore_index=self.ignore_index, reduction="none")
@@ -386,16 +291,14 @@ class Transfusion(Checkpointable, nn.Module):
 
         flow = [torch.zeros((), device=self.device) for _ in range(self.num_modalities)]
         flow_per_sample = torch.full((batch, self.num_modalities), float("nan"), device=self.device)
-        noised_instance = torch.tensor([inst.noised for inst in packed.instances], device=self.device)
-        rows = torch.tensor([inst.row for inst in packed.instances], device=self.device)
-        for group, output, (x_t, noise) in zip(packed.groups, outputs, groups):
-            keep = noised_instance[group.instance]
+        for group, output in zip(groups, outputs):
+            keep = group.trained
             if not keep.any():
                 continue
-            per_token = self.objective.loss(output[keep], group.tokens[keep], noise[keep], x_t[keep],
-                                            instance_times[group.instance][keep])
+            per_token = self.objective.loss(output[keep], group.clean[keep], group.noise[keep], group.noised[keep],
+                                            group.times[keep])
             flow[group.modality] = per_token.mean()
-            token_rows = rows[group.instance][keep]
+            token_rows = group.rows[keep]
             sums = torch.zeros(batch, device=self.device).index_add(0, token_rows, per_token)
             counts = torch.zeros(batch, device=self.device).index_add(0, token_rows, torch.ones_like(per_token))
             flow_per_sample[:, group.modality] = sums / counts
@@ -403,9 +306,26 @@ class Transfusion(Checkpointable, nn.Module):
         total = self.text_loss_weight * text + self.flow_loss_weight * weighted_flow
         return LossBreakdown(total, text, tuple(flow), text_per_sample, flow_per_sample)
 
-    # pieces shared with the sampler
+    # the sampler's interface (:class:`~mmgen_pytorch.transfusion.sampler.SamplingModel`)
 
-    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout, latents: List[LatentInput],
+    def prompt_sequence(self, items: Sequence, *, drop_text: bool, sos: bool) -> SampleSequence:
+        """A prompt's sequence as in training (text dropped for a CFG twin), open at its end."""
+        return build_training_sequence(items, self.vocab, self.placement, drop_text=drop_text,
+                                       uncond_text=self.uncond_text, sos=sos, eos=False, noise_last=False)
+
+    def pack_prompts(self, sequences: Sequence[SampleSequence]) -> PackedBatch:
+        """Prompts in one left-padded grid, so that every row continues at the same column."""
+        return pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, pad_left=True,
+                    device=self.device)
+
+    @property
+    def twin_skips_text(self) -> bool:
+        return self.uncond_text == "empty"
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return self.transformer.new_cache(batch_size, max_length)
+
+    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout, latents: List[LatentRun],
                      token_times: Tensor, **backbone_kwargs) -> Tensor:
         """Embed text ids and latent tokens (``(modality, flat_index, values, coords_in_modality)``),
         inject the latent tokens' times, and run the transformer."""
@@ -442,14 +362,14 @@ class Transfusion(Checkpointable, nn.Module):
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""
         if fixed is not None:
             return self.check_shape(modality, fixed, name="fixed_modality_shape")
-        shape = emitted if emitted is not None else self.default_shapes[modality]
+        shape = emitted if emitted is not None else self.modalities[modality].default_shape
         check(shape is not None, f"modality {modality} has no valid shape: pass `fixed_modality_shape` "
                                  f"or build the model with `modality_default_shape`")
         return tuple(shape)
 
     def check_shape(self, modality: int, shape, *, name: str) -> Shape:
         """A latent grid shape given for ``modality``: positive ints, as many as the modality's rank."""
-        rank = self.ranks[modality]
+        rank = self.modalities[modality].rank
         valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)
         check(valid and (rank is None or len(shape) == rank),
               f"`{name}` must be a tuple of {rank if rank is not None else 'any number of'} positive ints for "
@@ -542,11 +462,7 @@ class Transfusion(Checkpointable, nn.Module):
 
     def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
         """Channel-last tokens -> the user's layout (channel-first if configured), through the decoder."""
-        latent = tokens.reshape(*shape, self.dim_latents[modality])
-        if self.channel_first[modality]:
-            latent = latent.movedim(-1, 0)
-        decoder = self.decoders[modality]
-        return decoder(latent) if decoder.module is not None else latent
+        return self.modalities[modality].from_tokens(tokens, shape)
 
 
 def print_modality_sample(sample: List) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -239,6 +239,17 @@ def build_training_sequence(items: Sequence, vocab: Vocabulary, placement: Place
                                          causal_limit=som_index, labelled=False, ordinal=clean.ordinal,
                                          lead=clean.lead))
     return sequence
+
+
+class LatentRun(NamedTuple):
+    """Latent tokens as the backbone takes them: ``values [k, dim_latent]`` of ``modality`` at
+    ``flat_index [k]`` of the flattened ``[b * n]`` grid, with their ``coords [k, axes]`` inside the modality
+    (``values`` may be None in a template that a denoising step fills)."""
+
+    modality: int
+    flat_index: Tensor
+    values: Optional[Tensor]
+    coords: Tensor
 
 
 @dataclass

@@ -17,7 +17,7 @@ cached sampler is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -26,22 +26,46 @@ from tqdm.auto import tqdm
 from .._utils import GeneratorLike, as_generator, check, describe
 from ..backbone import NO_BLOCK, PADDING, Decoder, KVCache, SequenceChunk, TokenLayout
 from ..guidance import check_cfg_scale
+from ..objectives.base import ContinuousObjective
 from ..sampling import check_sampling_options, sample_from_logits
-from .packing import Shape, build_training_sequence, pack, token_count
+from .modalities import ModalitySpec
+from .packing import LatentRun, PackedBatch, Placement, SampleSequence, Shape, Vocabulary, token_count
 
-LatentInput = Tuple[int, Tensor, Tensor, Tensor]  # (modality, flat index into [b * c], values, coords)
 GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from prompt instance ids
+
+
+class SamplingModel(Protocol):
+    """All the sampler uses of a model (:class:`~mmgen_pytorch.Transfusion` and its siblings)."""
+
+    vocab: Vocabulary
+    objective: ContinuousObjective
+    placement: Placement
+    modalities: Sequence[ModalitySpec]
+    device: torch.device
+    twin_skips_text: bool  # CFG twins leave text out (padding) instead of feeding null_text
+
+    def prompt_sequence(self, items: Sequence, *, drop_text: bool, sos: bool) -> SampleSequence: ...
+    def pack_prompts(self, sequences: Sequence[SampleSequence]) -> PackedBatch: ...
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache: ...
+    def run_backbone(self, token_ids: Tensor, positions: Tensor, layout: TokenLayout, latents: List[LatentRun],
+                     token_times: Tensor, **backbone_kwargs) -> Tensor: ...
+    def to_text_logits(self, hidden: Tensor) -> Tensor: ...
+    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor: ...
+    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor: ...
+    def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape: ...
+    def check_shape(self, modality: int, shape, *, name: str) -> Shape: ...
+    def check_modality_type(self, modality, *, name: str = "modality_type") -> int: ...
 
 
 @dataclass
 class Chunk(SequenceChunk):
     """Consecutive tokens of every row: text ids, rotary positions, layout and times per token, and
-    the latent tokens among them as ``(modality, flat index into [rows * c], values, coords)``."""
+    the latent tokens among them as :class:`LatentRun` s (flat indices into ``[rows * c]``)."""
 
     token_ids: Tensor        # [b, c]
     positions: Tensor        # [b, c, axes]
     layout: TokenLayout
-    latents: List[LatentInput]
+    latents: List[LatentRun]
     token_times: Tensor      # [b, c]
 
     @classmethod
@@ -51,7 +75,7 @@ class Chunk(SequenceChunk):
         for c in chunks:
             for modality, index, values, coords in c.latents:
                 row, column = index // c.length, index % c.length
-                latents.append((modality, row * total + offset + column, values, coords))
+                latents.append(LatentRun(modality, row * total + offset + column, values, coords))
             offset += c.length
         return cls(torch.cat([c.token_ids for c in chunks], 1), torch.cat([c.positions for c in chunks], 1),
                    TokenLayout(torch.cat([c.layout.segment_ids for c in chunks], 1),
@@ -65,8 +89,8 @@ class Chunk(SequenceChunk):
         for modality, index, values, coords in self.latents:
             row, column = index // self.length, index % self.length
             kept = new_row[row] >= 0
-            latents.append((modality, new_row[row][kept] * self.length + column[kept],
-                            None if values is None else values[kept], coords[kept]))
+            latents.append(LatentRun(modality, new_row[row][kept] * self.length + column[kept],
+                                     None if values is None else values[kept], coords[kept]))
         return Chunk(self.token_ids[rows], self.positions[rows], TokenLayout(self.layout.segment_ids[rows],
                      self.layout.block_ids[rows]), latents, self.token_times[rows])
 
@@ -95,7 +119,7 @@ class Row:
 
 
 class Sampler:
-    def __init__(self, model, *, max_length: int, text_temperature: float = 1.0, text_min_p: float = 0.1,
+    def __init__(self, model: SamplingModel, *, max_length: int, text_temperature: float = 1.0, text_min_p: float = 0.1,
                  text_top_k: int = 0, text_top_p: float = 1.0, cfg_scale: float = 3.0, modality_steps: int = 16,
                  fixed_modality_shape: Optional[Shape] = None, max_modalities: Optional[int] = None,
                  return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
@@ -145,13 +169,11 @@ class Sampler:
     # prompt
 
     def prefill(self, prompts, forced, rows: List[Row]) -> Tensor:
-        model, vocab = self.model, self.vocab
+        model = self.model
         sequences = []
         for drop in ([False, True] if self.guided else [False]):
             for items, extra in zip(prompts, forced):
-                sequence = build_training_sequence(items, vocab, model.placement, drop_text=drop,
-                                                   uncond_text=model.uncond_text, sos=not self.text_only, eos=False,
-                                                   noise_last=False)
+                sequence = model.prompt_sequence(items, drop_text=drop, sos=not self.text_only)
                 sequence.add_text(extra)
                 sequences.append(sequence)
         check(all(s.length > 0 for s in sequences), "a prompt is empty and a text-only model has no [sos]: "
@@ -165,12 +187,11 @@ class Sampler:
                   f"`prompt[{index}]` ({row.length} tokens with its structure tokens) is longer than `max_length` "
                   f"({self.max_length})")
             self.mark_fed(row, row.fed[-1])
-        packed = pack(sequences, num_modalities=model.num_modalities, ignore_index=model.ignore_index,
-                      pad_left=True, device=model.device)
+        packed = model.pack_prompts(sequences)
         chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
-                      [(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
+                      [LatentRun(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
                       torch.full(packed.shape, model.objective.clean_time, device=model.device))
-        self.decoder = Decoder(self.run, new_cache=model.transformer.new_cache, rows=len(sequences),
+        self.decoder = Decoder(self.run, new_cache=model.new_cache, rows=len(sequences),
                                max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache)
         return self.decoder.write(chunk)[:, -1]
 
@@ -190,7 +211,7 @@ class Sampler:
         if self.vocab.meta not in fed:
             return None
         meta = len(fed) - 1 - fed[::-1].index(self.vocab.meta)
-        return self.vocab.parse_shape(fed[meta + 1:-1], rank=self.model.ranks[modality])
+        return self.vocab.parse_shape(fed[meta + 1:-1], rank=self.model.modalities[modality].rank)
 
     # text
 
@@ -222,7 +243,7 @@ class Sampler:
         """Feed every active row's chosen token: one forward of one token per row."""
         batch, copies = len(rows), self.copies
         token_ids = torch.zeros(batch * copies, 1, dtype=torch.long)
-        positions = torch.zeros(batch * copies, 1, self.model.rotary_axes, dtype=torch.long)
+        positions = torch.zeros(batch * copies, 1, self.model.placement.axes, dtype=torch.long)
         segment = torch.full((batch * copies, 1), PADDING, dtype=torch.long)
         for i, row in enumerate(rows):
             if row.done or row.next_token is None:
@@ -231,7 +252,7 @@ class Sampler:
             for copy in range(copies):
                 r = i + copy * batch
                 dropped = copy == 1 and token < self.vocab.num_text_tokens
-                if dropped and self.model.uncond_text == "empty":  # the twin skips it: padding
+                if dropped and self.model.twin_skips_text:  # the twin feeds padding instead
                     row.twin_shift -= 1
                     continue
                 token_ids[r, 0] = self.vocab.null_text if dropped else token
@@ -267,7 +288,7 @@ class Sampler:
             return
         batch = len(rows)
         all_rows = [i + copy * batch for copy in range(self.copies) for i in group]
-        dim_latent = model.dim_latents[modality]
+        dim_latent = model.modalities[modality].dim_latent
         noise = torch.randn(len(group), count, dim_latent, device=model.device, generator=self.generator)
         chunk = self.modality_chunk(rows, all_rows, modality, shape, count, batch * self.copies)
 
@@ -294,8 +315,7 @@ class Sampler:
     def output_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
         if not self.unprocessed:
             return self.model.decode_modality(modality, tokens, shape)
-        latent = tokens.reshape(*shape, self.model.dim_latents[modality])
-        return latent.movedim(-1, 0) if self.model.channel_first[modality] else latent
+        return self.model.modalities[modality].from_tokens(tokens, shape, decode=False)
 
     def position_of(self, rows: List[Row], r: int) -> int:
         """The next position of batch row ``r`` (a conditional row, or an unconditional twin)."""
@@ -318,7 +338,7 @@ class Sampler:
         flat = torch.cat([torch.arange(lead, length) + r * length for r in all_rows]).to(device)
         coords = placement.coords(shape).repeat(len(all_rows), 1).to(device)
         return Chunk(token_ids.to(device), positions.to(device), TokenLayout(segment.to(device), block.to(device)),
-                     [(modality, flat, None, coords)],
+                     [LatentRun(modality, flat, None, coords)],
                      torch.full((total_rows, length), self.model.objective.clean_time, device=device))
 
     def modality_forward(self, chunk: Chunk, x: Tensor, t: Tensor, write: bool) -> Tensor:
@@ -327,7 +347,7 @@ class Sampler:
         times = chunk.token_times.clone()
         times.view(-1)[flat] = t.to(times.dtype)
         step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
-                     [(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
+                     [LatentRun(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
         hidden = self.decoder.write(step) if write else self.decoder.read(step)
         return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat]).view(*x.shape[:-1], -1)
 
