@@ -107,12 +107,6 @@ class TokenLayout:
     def is_padding(self) -> Tensor:
         return self.segment_ids == PADDING
 
-    def cat(self, other: "TokenLayout") -> "TokenLayout":
-        """Keys of ``self`` followed by keys of ``other`` (causal limits only matter for queries)."""
-        return TokenLayout(torch.cat((self.segment_ids, other.segment_ids), dim=1),
-                           torch.cat((self.block_ids, other.block_ids), dim=1))
-
-
     # the two backends
 
     def dense_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0,

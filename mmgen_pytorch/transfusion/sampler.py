@@ -16,7 +16,7 @@ cached sampler is tested against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -70,29 +70,26 @@ class Chunk(SequenceChunk):
 
     @classmethod
     def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
-        total = sum(c.length for c in chunks)
-        latents, offset = [], 0
+        """The per-token fields as any chunk's; the latents' flat indices moved to the longer rows."""
+        total, latents, offset = sum(c.length for c in chunks), [], 0
         for c in chunks:
-            for modality, index, values, coords in c.latents:
-                row, column = index // c.length, index % c.length
-                latents.append(LatentRun(modality, row * total + offset + column, values, coords))
+            for run in c.latents:
+                row, column = run.flat_index // c.length, run.flat_index % c.length
+                latents.append(run._replace(flat_index=row * total + offset + column))
             offset += c.length
-        return cls(torch.cat([c.token_ids for c in chunks], 1), torch.cat([c.positions for c in chunks], 1),
-                   TokenLayout(torch.cat([c.layout.segment_ids for c in chunks], 1),
-                               torch.cat([c.layout.block_ids for c in chunks], 1)),
-                   latents, torch.cat([c.token_times for c in chunks], 1))
+        return replace(super().concat([replace(c, latents=None) for c in chunks]), latents=latents)
 
     def select_rows(self, rows: Tensor) -> "Chunk":
+        """The per-token fields as any chunk's; the kept rows' latents renumbered."""
         new_row = torch.full((self.rows,), -1, dtype=torch.long, device=rows.device)
         new_row[rows] = torch.arange(len(rows), device=rows.device)
         latents = []
-        for modality, index, values, coords in self.latents:
-            row, column = index // self.length, index % self.length
+        for run in self.latents:
+            row, column = run.flat_index // self.length, run.flat_index % self.length
             kept = new_row[row] >= 0
-            latents.append(LatentRun(modality, new_row[row][kept] * self.length + column[kept],
-                                     None if values is None else values[kept], coords[kept]))
-        return Chunk(self.token_ids[rows], self.positions[rows], TokenLayout(self.layout.segment_ids[rows],
-                     self.layout.block_ids[rows]), latents, self.token_times[rows])
+            latents.append(LatentRun(run.modality, new_row[row][kept] * self.length + column[kept],
+                                     None if run.values is None else run.values[kept], run.coords[kept]))
+        return replace(SequenceChunk.select_rows(replace(self, latents=None), rows), latents=latents)
 
 
 @dataclass
