@@ -301,9 +301,9 @@ def read_weights(path: PathLike) -> Dict[str, Tensor]:
 
 
 def read_module_weights(module: nn.Module, path: PathLike) -> Dict[str, Tensor]:
-    """:func:`read_weights`, with the keys safetensors dropped because they alias another tensor of
-    ``module`` (tied weights) filled in."""
-    state_dict = read_weights(path)
+    """:func:`read_weights`, with keys saved by an earlier layout renamed (:func:`upgrade_legacy_keys`) and
+    the keys safetensors dropped because they alias another tensor of ``module`` (tied weights) filled in."""
+    state_dict = upgrade_legacy_keys(module, read_weights(path))
     groups: Dict[tuple, List[str]] = {}
     for name, tensor in module.state_dict().items():
         view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
@@ -315,6 +315,24 @@ def read_module_weights(module: nn.Module, path: PathLike) -> Dict[str, Tensor]:
         for name in names if present else ():
             filled.setdefault(name, state_dict[present[0]])
     return filled
+
+
+def upgrade_legacy_keys(module: nn.Module, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``state_dict`` with the keys of an earlier layout under today's names. A submodule (the model or any
+    part of it) declares its renames as a class attribute ``legacy_keys = {old_prefix: new_prefix}``,
+    relative to itself; a key is renamed only when no key of the new name is present."""
+    renames = [(prefix + old, prefix + new) for prefix, sub in _named_prefixes(module)
+               for old, new in getattr(type(sub), "legacy_keys", {}).items()]
+    upgraded = {}
+    for key, tensor in state_dict.items():
+        old, new = next(((o, n) for o, n in renames if key.startswith(o)), (None, None))
+        renamed = new + key[len(old):] if old is not None else key
+        upgraded[renamed if renamed not in state_dict else key] = tensor
+    return upgraded
+
+
+def _named_prefixes(module: nn.Module):
+    return ((name + "." if name else "", sub) for name, sub in module.named_modules())
 
 
 def write_atomically(path: Path, write: Callable[[str], Any]) -> None:
