@@ -309,7 +309,7 @@ def measure_work(model, side: str, fn: Callable) -> dict:
     hooks = [model.transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
              _first_attention(model, side).register_forward_pre_hook(on_attention, with_kwargs=True)]
     if side == "ours":
-        flow = model.flow
+        flow = model.objective
         original = flow.integrate
         flow.integrate = lambda velocity, noise, steps: original(counting(velocity), noise, steps)
     else:
@@ -321,7 +321,7 @@ def measure_work(model, side: str, fn: Callable) -> dict:
         for hook in hooks:
             hook.remove()
         if side == "ours":
-            del model.flow.integrate
+            del model.objective.integrate
         else:
             model.odeint_fn = original
     counts["output"] = describe_output(out)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_digits import evaluate, split  # noqa: E402
 
-from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, Transfusion,  # noqa: E402
+from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, RectifiedFlow, Transfusion,  # noqa: E402
                            load_training_state, save_training_state)
 from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
 from mmgen_pytorch.checkpoint import TRAINING_STATE_FILE  # noqa: E402
@@ -102,7 +102,7 @@ class TransfusionRecipe:
     def __init__(self, args):
         self.args = args
         self.model = Transfusion(num_text_tokens=128, dim_latent=4, modality_default_shape=(4, 4),
-                                 prob_uncond=0.1, time_sampling="logit_normal",
+                                 prob_uncond=0.1, objective=RectifiedFlow(time_sampling="logit_normal"),
                                  transformer=dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32,
                                                   attn_backend="sdpa"))
 

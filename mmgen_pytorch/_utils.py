@@ -129,6 +129,16 @@ def _bounds(minimum: Optional[float], maximum: Optional[float], strict: bool) ->
     return f" <= {maximum}" if maximum is not None else ""
 
 
+def as_enum(enum: type, value: Any, name: str):
+    """``value`` as a member of ``enum`` (a member, or its value such as ``"flat"``); ValueError naming
+    ``name`` and the allowed values otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = [member.value for member in enum]
+        raise ValueError(f"`{name}` must be one of {allowed} (or {enum.__name__}.*), got {value!r}") from None
+
+
 def as_int(value: Any) -> Optional[int]:
     """A Python int from an int, a NumPy integer or a 0-dim integer tensor; None for anything else
     (bools, floats, tensors with more than one value or without data)."""

@@ -40,18 +40,34 @@ PathLike = Union[str, os.PathLike]
 M = TypeVar("M", bound="Checkpointable")
 
 _ARGUMENTS = "_checkpoint_arguments"  # instance attribute: the outermost constructor's arguments
-_REGISTRY: Dict[str, type] = {}       # "module:qualname" -> Checkpointable subclass
+_REGISTRY: Dict[str, type] = {}       # "module:qualname" -> Configurable subclass
 _DATACLASS, _MODULE = "__dataclass__", "__module__"
 
 
-class Checkpointable:
-    """Mixin for ``nn.Module`` models: ``model.save(path)`` and ``Model.load(path, **overrides)``."""
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+class Configurable:
+    """Mixin that records the outermost constructor's arguments, so that an instance passed to a model's
+    constructor (an objective, a time injection, a modality adapter) is written into ``config.json`` as
+    its class and arguments and rebuilt on load."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _REGISTRY[_qualified_name(cls)] = cls
         if "__init__" in cls.__dict__:
             cls.__init__ = _recording(cls.__init__)
+
+
+class Checkpointable(Configurable):
+    """Mixin for ``nn.Module`` models: ``model.save(path)`` and ``Model.load(path, **overrides)``."""
+
+    @classmethod
+    def upgraded_arguments(cls, arguments: Dict[str, Any]) -> Dict[str, Any]:
+        """The constructor arguments of a ``config.json`` written by an earlier version, in today's form
+        (a model whose constructor changed overrides this); called by :meth:`load` before overrides apply."""
+        return arguments
 
     def save(self, path: PathLike) -> Path:
         """Write ``path/config.json`` (class, library version, constructor arguments) and
@@ -79,7 +95,7 @@ class Checkpointable:
         missing = {name: kind for name, kind in record["required"].items() if name not in overrides}
         check(not missing, _missing_arguments_message(target, folder, missing), error=TypeError)
         checkpoint_format(folder / WEIGHTS_FILE, expected="safetensors")  # missing / truncated: before building
-        arguments = _decoded_arguments(record, folder / CONFIG_FILE)
+        arguments = target.upgraded_arguments(_decoded_arguments(record, folder / CONFIG_FILE))
         model = target(**{**arguments, **overrides})
         if record.get("dtype"):
             model.to(_saved_dtype(record["dtype"]))
@@ -174,8 +190,10 @@ def _encode(value, submodules: set):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: _encode(getattr(value, f.name), submodules) for f in dataclasses.fields(value) if f.init}
         return {_DATACLASS: _qualified_name(type(value)), "fields": fields}
-    if isinstance(value, Checkpointable) and id(value) in submodules and _ARGUMENTS in value.__dict__:
-        # a submodule: its weights are in the parent's state dict, its config goes in the parent's
+    if (isinstance(value, Configurable) and _ARGUMENTS in value.__dict__
+            and (id(value) in submodules or not isinstance(value, nn.Module))):
+        # a submodule (its weights are in the parent's state dict) or a plain configured object: its
+        # config goes in the parent's
         config, required = _encode_arguments(value)
         if not required:
             return {_MODULE: _qualified_name(type(value)), "config": config}
@@ -204,10 +222,6 @@ def _decoded_arguments(record: Mapping[str, Any], file: Path) -> Dict[str, Any]:
     except (KeyError, TypeError, AttributeError) as error:  # a tagged entry without its fields, unknown fields
         raise CheckpointFileError(f"{str(file)!r} has a malformed `config` entry ({type(error).__name__}: {error}); "
                                   f"it was not written by this version of mmgen_pytorch, or was edited") from error
-
-
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _resolve_class(name: str, allowed: Callable[[type], bool]) -> type:
@@ -319,10 +333,10 @@ def read_module_weights(module: nn.Module, path: PathLike) -> Dict[str, Tensor]:
 
 def upgrade_legacy_keys(module: nn.Module, state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """``state_dict`` with the keys of an earlier layout under today's names. A submodule (the model or any
-    part of it) declares its renames as a class attribute ``legacy_keys = {old_prefix: new_prefix}``,
+    part of it) declares its renames as an attribute ``legacy_keys = {old_prefix: new_prefix}``,
     relative to itself; a key is renamed only when no key of the new name is present."""
     renames = [(prefix + old, prefix + new) for prefix, sub in _named_prefixes(module)
-               for old, new in getattr(type(sub), "legacy_keys", {}).items()]
+               for old, new in getattr(sub, "legacy_keys", {}).items()]
     upgraded = {}
     for key, tensor in state_dict.items():
         old, new = next(((o, n) for o, n in renames if key.startswith(o)), (None, None))

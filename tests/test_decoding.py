@@ -150,4 +150,4 @@ def test_modality_specs_from_per_argument_lists():
         modality_specs(dim_latent=[4, 6], channel_first_latent=[True])
     tokens = torch.randn(6, 4)
     assert torch.equal(first.from_tokens(tokens, (2, 3)), tokens.reshape(2, 3, 4).movedim(-1, 0))
-    assert torch.equal(first.to_latent(first.from_tokens(tokens, (2, 3))), tokens.reshape(2, 3, 4))
+    assert torch.equal(first.to_latent_grid(first.from_tokens(tokens, (2, 3)), name="x"), tokens.reshape(2, 3, 4))

@@ -45,7 +45,8 @@ def test_integration_solves_a_known_ode(method, steps, tolerance):
 
 def test_transfusion_samples_with_another_solver():
     torch.manual_seed(0)
-    model = Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2,), ode_method="rk4",
+    model = Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2,),
+                        objective=RectifiedFlow(ode_method="rk4"),
                         transformer=dict(dim=32, depth=1, heads=2, attn_backend="sdpa")).eval()
     evaluations = []
     original = model.objective.integrate

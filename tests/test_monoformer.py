@@ -124,8 +124,8 @@ def test_patchify_order_and_sincos_column_half_first():
 def test_final_layer_reads_upstream_ph_pw_c_order():
     model = tiny()
     with torch.no_grad():  # feature j of the final linear outputs j
-        model.final_layer.linear.weight.zero_()
-        model.final_layer.linear.bias.copy_(torch.arange(32.0))
+        model.modality_layers[0].final_layer.linear.weight.zero_()
+        model.modality_layers[0].final_layer.linear.bias.copy_(torch.arange(32.0))
     out = model.modality_output(torch.randn(1, 4, 32), 0, torch.arange(4), torch.full((4,), 5.0))
     # upstream unpatchify: each token's features are (ph, pw, 2C); channels [0, C) are ε, [C, 2C) variance
     raw = torch.arange(32.0).expand(4, 32).reshape(2, 2, 2, 2, 8).permute(4, 0, 2, 1, 3).reshape(8, 4, 4)
@@ -137,10 +137,10 @@ def test_zero_initialised_input_and_injection_and_no_block_adaln():
     for injection in ("adaln_before_decoder", "token"):
         model = tiny(timestep_injection=injection)
         assert model.transformer.dim_cond is None and model.transformer.rotary.axes == 1
-        assert model.x_embedder.weight.abs().max() == 0 and model.x_embedder.bias.abs().max() == 0
+        assert model.modality_layers[0].x_embedder.weight.abs().max() == 0 and model.modality_layers[0].x_embedder.bias.abs().max() == 0
         last = model.time_injection.to_modulation if injection != "token" else model.time_injection.projector[2]
         assert last.weight.abs().max() == 0
-        assert 0.015 < model.final_layer.linear.weight.std() < 0.025
+        assert 0.015 < model.modality_layers[0].final_layer.linear.weight.std() < 0.025
 
 
 @torch.no_grad()

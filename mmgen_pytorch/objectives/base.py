@@ -21,11 +21,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._utils import GeneratorLike, as_int, check
+from ..saving import Configurable
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t [b, n, d], one shared time, 0-d) -> output [b, n, output_dim]
 
 
-class ContinuousObjective(ABC):
+class ContinuousObjective(Configurable, ABC):
     clean_time: float
     generate_options: Tuple[str, ...] = ()  # the keyword options of ``generate`` besides ``generator``
 

@@ -1,4 +1,9 @@
-from .model import LossBreakdown, Transfusion, print_modality_sample
-from .packing import Vocabulary
+from .modalities import LinearLayers, ModalityFormat, ModalityLayers, ModalitySpec
+from .model import LossBreakdown, TextLoss, Transfusion, print_modality_sample
+from .packing import Positions, UncondText, Vocabulary
+from .patches import PatchedLatents, PatchLayers
+from .time_injection import InputAdaLN, PerBlockAdaLN, TimeInjection, TimeToken
 
-__all__ = ["LossBreakdown", "Transfusion", "Vocabulary", "print_modality_sample"]
+__all__ = ["InputAdaLN", "LinearLayers", "LossBreakdown", "ModalityFormat", "ModalityLayers", "ModalitySpec",
+           "PatchLayers", "PatchedLatents", "PerBlockAdaLN", "Positions", "TextLoss", "TimeInjection", "TimeToken",
+           "Transfusion", "UncondText", "Vocabulary", "print_modality_sample"]

@@ -1,19 +1,66 @@
-"""One record per modality type: what Transfusion knows about it, and the conversions built on it.
+"""One record per modality type: its format (what a user's tensor looks like, how it becomes latent
+tokens and back) and the layers between its tokens and the backbone, which the record builds.
 
-Reading order: :class:`ModalitySpec` (fields, then ``to_latent`` / ``from_tokens``) ->
-:func:`modality_specs` (transfusion-pytorch's per-argument lists -> one spec per modality).
+A modality record is a frozen dataclass implementing :class:`ModalityFormat`; :class:`Transfusion`
+takes a sequence of them (``modalities=``) or builds :class:`ModalitySpec` s from transfusion-pytorch's
+per-argument lists. Two kinds ship: :class:`ModalitySpec` (channel-last or channel-first latents of any
+rank, a linear layer in and out, an optional learned position MLP: Transfusion) and
+:class:`~mmgen_pytorch.transfusion.patches.PatchedLatents` (``[C, H, W]`` latents cut into patches, a
+fixed 2-D sin-cos embedding and DiT's final layer: MonoFormer).
+
+Reading order: :class:`ModalityFormat` and :class:`ModalityLayers` (the interfaces) -> :class:`ModalitySpec`
+and its :class:`LinearLayers` -> :func:`modality_specs` (transfusion-pytorch's per-argument lists -> one
+spec per modality).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .._utils import check
+from .._utils import check, describe
 from .packing import Shape
+
+
+class ModalityLayers(nn.Module):
+    """The trainable layers of one modality: ``embed`` its latent tokens into the backbone's width and
+    read the objective's ``output`` back. ``time_conditioned``: ``output`` takes the embedded times."""
+
+    time_conditioned: bool = False
+
+    def embed(self, values: Tensor, coords: Tensor) -> Tensor:
+        """``[k, dim_latent]`` latent tokens and their coordinates in the modality ``[k, axes]`` -> ``[k, dim]``."""
+        raise NotImplementedError
+
+    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+        """``[k, dim]`` hidden states of latent tokens -> the objective's prediction ``[k, output_dim]``;
+        ``time_table [t, dim]`` and each token's row in it ``rows [k]`` when ``time_conditioned``."""
+        raise NotImplementedError
+
+
+class ModalityFormat(Protocol):
+    """What :class:`~mmgen_pytorch.Transfusion` asks of a modality record."""
+
+    dim_latent: int                 # channels of one latent token
+    default_shape: Optional[Shape]  # the latent grid sampled when none is emitted or forced
+    rank: Optional[int]             # grid dimensions (None: any)
+
+    def to_latent_grid(self, tensor: Tensor, *, name: str) -> Tensor:
+        """A user's float tensor -> its channel-last latent grid ``[*grid, dim_latent]``; a tensor of the
+        wrong form raises ValueError naming ``name``."""
+
+    def from_tokens(self, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor:
+        """Channel-last tokens ``[n, dim_latent]`` of grid ``shape`` -> the user's layout (decoded unless
+        ``decode=False``)."""
+
+    def check_shape(self, shape, *, name: str) -> Shape:
+        """A grid shape the user asked for, checked (ValueError naming ``name``)."""
+
+    def build_layers(self, *, dim: int, output_dim: int, axes: int) -> ModalityLayers:
+        """The modality's layers for a backbone of width ``dim`` whose positions have ``axes`` axes."""
 
 
 class FrozenWrapper(nn.Module):
@@ -36,14 +83,13 @@ class FrozenWrapper(nn.Module):
 
 @dataclass(frozen=True)
 class ModalitySpec:
-    """One modality type of a :class:`~mmgen_pytorch.Transfusion` model.
+    """A Transfusion modality: latent tokens of ``dim_latent`` channels on a grid of any rank.
 
-    dim_latent: channels of one latent token. channel_first: the user's tensors are ``[c, *grid]``
-    (else ``[*grid, c]``). default_shape: the latent grid sampled when none is emitted or forced.
-    rank: grid dimensions (None: any; inferred from ``default_shape``). encoder / decoder: frozen
-    modules (one tensor in, one out; :class:`FrozenWrapper`) applied to a user's tensor before it is
-    tokenised and to a sampled latent. add_pos_emb: a learned MLP of each token's grid coordinates
-    is added to its embedding.
+    channel_first: the user's tensors are ``[c, *grid]`` (else ``[*grid, c]``). default_shape: the latent
+    grid sampled when none is emitted or forced. rank: grid dimensions (None: any; inferred from
+    ``default_shape``). encoder / decoder: frozen modules (one tensor in, one out; :class:`FrozenWrapper`)
+    applied to a user's tensor before it is tokenised and to a sampled latent. add_pos_emb: a learned MLP
+    of each token's grid coordinates is added to its embedding. Layers: :class:`LinearLayers`.
     """
 
     dim_latent: int
@@ -54,18 +100,55 @@ class ModalitySpec:
     decoder: Optional[FrozenWrapper] = None
     add_pos_emb: bool = False
 
-    def to_latent(self, tensor: Tensor) -> Tensor:
-        """A user's tensor -> its channel-last latent grid ``[*grid, c]`` (through the encoder)."""
+    def to_latent_grid(self, tensor: Tensor, *, name: str) -> Tensor:
         if self.encoder is not None:
             tensor = self.encoder(tensor)
-        return tensor.movedim(0, -1) if self.channel_first else tensor
+        latent = tensor.movedim(0, -1) if self.channel_first else tensor
+        text_hint = " (text must be a long tensor)" if tensor.ndim == 1 else ""
+        check(latent.ndim >= 1 and latent.shape[-1] == self.dim_latent,
+              f"`{name}`: the modality expects latents with {self.dim_latent} channels "
+              f"({'first' if self.channel_first else 'last'} axis), got shape {tuple(tensor.shape)}{text_hint}")
+        shape = tuple(latent.shape[:-1])
+        check(self.rank is None or len(shape) == self.rank,
+              f"`{name}`: the modality has rank {self.rank}, got a latent grid of shape {shape}")
+        return latent
 
     def from_tokens(self, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor:
-        """Channel-last tokens ``[n, c]`` -> the user's layout (channel-first if configured), through the
-        decoder unless ``decode=False``."""
         latent = tokens.reshape(*shape, self.dim_latent)
         latent = latent.movedim(-1, 0) if self.channel_first else latent
         return self.decoder(latent) if decode and self.decoder is not None else latent
+
+    def check_shape(self, shape, *, name: str) -> Shape:
+        valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)
+        check(valid and (self.rank is None or len(shape) == self.rank),
+              f"`{name}` must be a tuple of {self.rank if self.rank is not None else 'any number of'} positive "
+              f"ints, got {shape!r}")
+        return tuple(shape)
+
+    def build_layers(self, *, dim: int, output_dim: int, axes: int) -> "LinearLayers":
+        return LinearLayers(dim_latent=self.dim_latent, dim=dim, output_dim=output_dim,
+                            position_axes=axes if self.add_pos_emb else None)
+
+
+class LinearLayers(ModalityLayers):
+    """Transfusion's modality layers: a linear layer in (plus, with ``position_axes``, a learned MLP of the
+    token's grid coordinates) and a linear layer out; the output ignores the time."""
+
+    def __init__(self, *, dim_latent: int, dim: int, output_dim: int, position_axes: Optional[int] = None):
+        super().__init__()
+        self.embed_latent = nn.Linear(dim_latent, dim)
+        self.to_output = nn.Linear(dim, output_dim)
+        self.pos_mlp = (nn.Sequential(nn.Linear(position_axes, dim), nn.SiLU(), nn.Linear(dim, dim))
+                        if position_axes is not None else None)
+
+    def embed(self, values: Tensor, coords: Tensor) -> Tensor:
+        embedded = self.embed_latent(values)
+        if self.pos_mlp is not None:
+            embedded = embedded + self.pos_mlp(coords.to(values.dtype))
+        return embedded
+
+    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+        return self.to_output(hidden)
 
 
 def modality_specs(*, dim_latent, channel_first_latent=False, modality_default_shape=None, modality_num_dim=None,
@@ -88,6 +171,16 @@ def modality_specs(*, dim_latent, channel_first_latent=False, modality_default_s
             _per_modality(modality_encoder, count, "modality_encoder"),
             _per_modality(modality_decoder, count, "modality_decoder"),
             _per_modality(add_pos_emb, count, "add_pos_emb")))
+
+
+def check_modality_formats(modalities) -> Tuple[ModalityFormat, ...]:
+    """``modalities=`` given to a model: a non-empty sequence of modality records."""
+    methods = ("to_latent_grid", "from_tokens", "check_shape", "build_layers")
+    check(isinstance(modalities, (list, tuple)) and len(modalities) > 0
+          and all(all(hasattr(m, name) for name in methods) for m in modalities),
+          f"`modalities` must be a non-empty list of modality records (ModalitySpec, PatchedLatents, or anything "
+          f"with {', '.join(methods)}), got {describe(modalities)}")
+    return tuple(modalities)
 
 
 def _per_modality(value, count: int, name: str) -> Sequence:

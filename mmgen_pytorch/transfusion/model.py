@@ -1,33 +1,42 @@
 """Transfusion: one transformer, next-token prediction on text and flow matching on modalities.
 
-Reading order: time injection -> construction -> input normalisation -> forward (pack, noise,
-embed, backbone, losses) -> the embedding / head helpers the sampler shares (``sampler.py``).
+Reading order: construction -> input normalisation -> forward (pack, noise, embed, backbone, losses)
+-> the embedding / head helpers the sampler shares (``sampler.py``) -> sampling.
 
-The pieces a sibling model swaps (MonoFormer): the continuous ``objective``
-(:class:`~mmgen_pytorch.objectives.base.ContinuousObjective`), the ``time_injection`` (how a
-modality's time reaches the backbone), the placement of modality tokens (``flat_positions``), the
-unconditional text (``uncond_text``), and the modality layers (``_build_modality_layers``,
-``embed_latents``, ``modality_output``, ``to_modality``, ``decode_modality``).
+A sibling is Transfusion wired with other pieces, each passed in as an object or an enum, none by
+overriding a method (MonoFormer, :mod:`mmgen_pytorch.monoformer`):
+
+- ``objective``: a :class:`~mmgen_pytorch.objectives.base.ContinuousObjective` (default: rectified flow);
+- ``time_injection``: a :class:`~mmgen_pytorch.transfusion.time_injection.TimeInjection` (default:
+  per-block adaLN inside the backbone);
+- ``modalities``: one record per modality type, which converts the user's tensors and builds the layers
+  between its tokens and the backbone (:mod:`mmgen_pytorch.transfusion.modalities`; default: linear in /
+  out, from transfusion-pytorch's per-argument lists);
+- ``positions`` (:class:`Positions`), ``uncond_text`` (:class:`UncondText`), ``text_loss``
+  (:class:`TextLoss`) and ``max_prompt_length``.
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from enum import Enum
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import GeneratorLike, as_int, check, check_finite, check_index_range, default, describe, eval_mode
+from .._utils import (GeneratorLike, as_enum, as_int, check, check_finite, check_index_range, default, describe,
+                      eval_mode)
 from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
-from .modalities import ModalitySpec, modality_specs
+from .modalities import ModalityFormat, check_modality_formats, modality_specs
 from .noising import NoisedGroup, NoiseInput, TimesInput, noise_groups
-from .packing import (UNCOND_TEXT, LatentRun, Modality, PackedBatch, Placement, SampleSequence, Shape, Vocabulary,
-                      build_training_sequence, pack)
+from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
+                      Vocabulary, build_training_sequence, pack)
 from .sampler import Sampler, forced_tokens, prompt_as_list
+from .time_injection import PerBlockAdaLN, TimeInjection
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
 
@@ -40,27 +49,11 @@ class LossBreakdown(NamedTuple):
     flow_per_sample: Tensor         # [b, M] mean objective loss of each sample per type (nan if absent)
 
 
-class TimeInjection(nn.Module):
-    """How the time of a modality's tokens reaches the backbone.
+class TextLoss(str, Enum):
+    """Which samples' text the language-model loss trains on."""
 
-    ``forward(x, time_table, time_index, latents) -> (x, backbone_kwargs)``: ``time_table [k, dim]`` holds
-    the embedded distinct times, ``time_index [b, n]`` the row of each latent token (-1 elsewhere),
-    ``latents`` the embedded runs (:class:`LatentRun`). ``time_tokens``: tokens the placement reserves
-    right before each modality's latents for this injection; ``block_conditioned``: the backbone's
-    blocks take the time (per-block adaLN, built with ``dim_cond``).
-    """
-
-    time_tokens: int = 0
-    block_conditioned: bool = False
-
-
-class PerBlockAdaLN(TimeInjection):
-    """Transfusion: every block modulates latent tokens by their time (adaLN-Zero inside the backbone)."""
-
-    block_conditioned = True
-
-    def forward(self, x: Tensor, time_table: Tensor, time_index: Tensor, latents: List[LatentRun]):
-        return x, dict(cond=time_table, cond_index=time_index)
+    ALL_ROWS = "all_rows"                            # every sample's text (Transfusion)
+    ROWS_WITHOUT_MODALITY = "rows_without_modality"  # a prompt before a modality only conditions (MonoFormer)
 
 
 class Transfusion(Checkpointable, nn.Module):
@@ -68,13 +61,18 @@ class Transfusion(Checkpointable, nn.Module):
 
     The arguments follow transfusion-pytorch (see the README); the pieces a sibling model swaps:
 
-    - ``objective``: a :class:`~mmgen_pytorch.objectives.base.ContinuousObjective` (default: rectified
-      flow from ``time_sampling`` / ``ode_method`` / ``ode_kwargs``);
-    - ``time_injection``: a :class:`TimeInjection` (default: per-block adaLN inside the backbone);
-    - ``flat_positions``: modality tokens take consecutive 1-D positions instead of M-RoPE grid positions;
+    - ``objective``: a :class:`~mmgen_pytorch.objectives.base.ContinuousObjective` (default:
+      ``RectifiedFlow()``; e.g. ``RectifiedFlow(time_sampling="logit_normal", ode_method="rk4")``);
+    - ``time_injection``: a :class:`~mmgen_pytorch.transfusion.time_injection.TimeInjection` (default:
+      per-block adaLN inside the backbone);
+    - ``modalities``: one record per modality type (:class:`~mmgen_pytorch.transfusion.modalities.ModalitySpec`,
+      :class:`~mmgen_pytorch.transfusion.patches.PatchedLatents`, ...), instead of the per-argument lists
+      ``dim_latent`` ... ``add_pos_emb``;
+    - ``positions``: ``"grid"`` (M-RoPE grid positions) or ``"flat"`` (consecutive 1-D positions);
     - ``uncond_text``: CFG's dropped text is ``"null"`` (``null_text`` ids) or ``"empty"`` (left out);
-    - ``text_loss_on_modality_rows``: False leaves the text of samples that hold a modality out of the
-      text loss (MonoFormer's rule); the default trains on every sample's text.
+    - ``text_loss``: ``"all_rows"``, or ``"rows_without_modality"``, which leaves the text of samples
+      that hold a modality out of the text loss;
+    - ``max_prompt_length``: the most text tokens right before a modality (None: no limit).
     """
 
     def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
@@ -82,56 +80,82 @@ class Transfusion(Checkpointable, nn.Module):
                  channel_first_latent: Union[bool, Sequence[bool]] = False,
                  modality_default_shape=None, modality_num_dim: Union[int, Sequence[int], None] = None,
                  modality_encoder=None, modality_decoder=None, add_pos_emb: Union[bool, Sequence[bool]] = False,
+                 modalities: Optional[Sequence[ModalityFormat]] = None,
                  text_loss_weight: float = 1.0, flow_loss_weight: float = 1.0,
                  modality_loss_weights: Optional[Sequence[float]] = None, prob_uncond: float = 0.1,
-                 ignore_index: int = -1, time_sampling: str = "uniform", ode_method: str = "midpoint",
-                 ode_kwargs: Optional[dict] = None, attn_backend: str = "auto",
+                 ignore_index: int = -1, attn_backend: str = "auto",
                  objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
-                 flat_positions: bool = False, uncond_text: str = "null", text_loss_on_modality_rows: bool = True):
+                 positions: Union[str, Positions] = Positions.GRID, uncond_text: Union[str, UncondText] = UncondText.NULL,
+                 text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
         check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
-        check(uncond_text in UNCOND_TEXT, f"`uncond_text` must be one of {UNCOND_TEXT}, got {uncond_text!r}")
+        check(max_prompt_length is None or max_prompt_length > 0,
+              f"`max_prompt_length` must be None or positive, got {max_prompt_length}")
+        positions = as_enum(Positions, positions, "positions")
+        self.uncond_text = as_enum(UncondText, uncond_text, "uncond_text")
+        self.text_loss = as_enum(TextLoss, text_loss, "text_loss")
         transformer_dim = transformer.dim if isinstance(transformer, Transformer) else transformer["dim"]
-        self.modalities: Tuple[ModalitySpec, ...] = modality_specs(
-            dim_latent=default(dim_latent, transformer_dim), channel_first_latent=channel_first_latent,
+        self.modalities: Tuple[ModalityFormat, ...] = self._modality_records(
+            modalities, transformer_dim, dim_latent=dim_latent, channel_first_latent=channel_first_latent,
             modality_default_shape=modality_default_shape, modality_num_dim=modality_num_dim,
             modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb)
         num_modalities = self.num_modalities = len(self.modalities)
         self.vocab = Vocabulary(num_text_tokens, num_modalities)
         self.time_injection = default(time_injection, PerBlockAdaLN())
-        self.rotary_axes = 1 if flat_positions else max([1] + [m.rank for m in self.modalities if m.rank is not None])
-        self.placement = Placement(axes=self.rotary_axes, flat=flat_positions,
-                                   time_tokens=self.time_injection.time_tokens)
-        self.uncond_text = uncond_text
+        flat = positions is Positions.FLAT
+        self.rotary_axes = 1 if flat else max([1] + [m.rank for m in self.modalities if m.rank is not None])
+        self.placement = Placement(axes=self.rotary_axes, flat=flat, time_tokens=self.time_injection.time_tokens)
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
-        self.text_loss_on_modality_rows = text_loss_on_modality_rows
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
-        self.prob_uncond, self.ignore_index = prob_uncond, ignore_index
-        self.objective = objective if objective is not None else RectifiedFlow(
-            time_sampling=time_sampling, ode_method=ode_method, ode_kwargs=ode_kwargs)
+        self.prob_uncond, self.ignore_index, self.max_prompt_length = prob_uncond, ignore_index, max_prompt_length
+        self.objective = default(objective, RectifiedFlow())
 
         self.transformer = self._build_transformer(transformer, attn_backend)
-        dim = self.transformer.dim
-        self.dim = dim
+        dim = self.dim = self.transformer.dim
         self.token_emb = nn.Embedding(self.vocab.size, dim)
-        self._build_modality_layers([m.dim_latent for m in self.modalities], [m.add_pos_emb for m in self.modalities])
+        self.modality_layers = nn.ModuleList(
+            m.build_layers(dim=dim, output_dim=self.objective.output_dim(m.dim_latent), axes=self.rotary_axes)
+            for m in self.modalities)
+        self.time_emb = TimeEmbedding(dim)
         self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
 
-    def _build_modality_layers(self, dims: Sequence[int], add_pos_emb: Sequence[bool]) -> None:
-        """Linear in / out per modality, an optional learned position MLP, the time embedding."""
-        dim = self.dim
-        self.latent_to_model = nn.ModuleList(nn.Linear(d, dim) for d in dims)
-        self.model_to_latent = nn.ModuleList(nn.Linear(dim, self.objective.output_dim(d)) for d in dims)
-        self.pos_emb = nn.ModuleList(
-            nn.Sequential(nn.Linear(self.rotary_axes, dim), nn.SiLU(), nn.Linear(dim, dim)) if use else None
-            for use in add_pos_emb)
-        self.time_emb = TimeEmbedding(dim)
+    @staticmethod
+    def _modality_records(modalities, transformer_dim: int, **per_argument_lists) -> Tuple[ModalityFormat, ...]:
+        if modalities is None:
+            return modality_specs(**{**per_argument_lists,
+                                     "dim_latent": default(per_argument_lists["dim_latent"], transformer_dim)})
+        given = [name for name, value in per_argument_lists.items() if value is not None and value is not False]
+        check(not given, f"give either `modalities` or the per-modality arguments, not both (got {given})")
+        return check_modality_formats(modalities)
+
+    # saved folders of earlier versions
 
     @property
-    def flow(self) -> ContinuousObjective:
-        """The continuous objective (Transfusion's rectified flow); kept under its historical name."""
-        return self.objective
+    def legacy_keys(self) -> Dict[str, str]:
+        """Weights saved before the modality layers were one module per modality (see
+        :func:`~mmgen_pytorch.saving.upgrade_legacy_keys`)."""
+        keys = {"x_embedder.": "modality_layers.0.x_embedder.", "final_layer.": "modality_layers.0.final_layer."}
+        for index in range(self.num_modalities):
+            keys.update({f"latent_to_model.{index}.": f"modality_layers.{index}.embed_latent.",
+                         f"model_to_latent.{index}.": f"modality_layers.{index}.to_output.",
+                         f"pos_emb.{index}.": f"modality_layers.{index}.pos_mlp."})
+        return keys
+
+    @classmethod
+    def upgraded_arguments(cls, arguments: Dict[str, Any]) -> Dict[str, Any]:
+        """Arguments of earlier versions: ``time_sampling`` / ``ode_method`` / ``ode_kwargs`` became the
+        ``objective``, ``flat_positions`` ``positions`` and ``text_loss_on_modality_rows`` ``text_loss``."""
+        arguments = dict(arguments)
+        flow = {name: arguments.pop(name) for name in ("time_sampling", "ode_method", "ode_kwargs") if name in arguments}
+        if flow and arguments.get("objective") is None:
+            arguments["objective"] = RectifiedFlow(**flow)
+        if "flat_positions" in arguments:
+            arguments["positions"] = Positions.FLAT if arguments.pop("flat_positions") else Positions.GRID
+        if "text_loss_on_modality_rows" in arguments:
+            on_all = arguments.pop("text_loss_on_modality_rows")
+            arguments["text_loss"] = TextLoss.ALL_ROWS if on_all else TextLoss.ROWS_WITHOUT_MODALITY
+        return arguments
 
     def _build_transformer(self, transformer, attn_backend: str) -> Transformer:
         block_conditioned = self.time_injection.block_conditioned
@@ -174,7 +198,17 @@ class Transfusion(Checkpointable, nn.Module):
                 items.append(self.to_modality(item, modality_type, name=where))
             else:
                 items.append(self.check_text(item, name=where))
+        if self.max_prompt_length is not None:
+            for index, (item, following) in enumerate(zip(items, items[1:])):
+                if isinstance(item, Tensor) and isinstance(following, Modality):
+                    self.check_prompt(item, name=f"{name}[{index}]")
         return items
+
+    def check_prompt(self, ids: Tensor, *, name: str) -> None:
+        """Text right before a modality holds at most ``max_prompt_length`` tokens."""
+        check(self.max_prompt_length is None or ids.numel() <= self.max_prompt_length,
+              f"`{name}`: a prompt has at most `max_prompt_length` = {self.max_prompt_length} tokens, "
+              f"got {ids.numel()}")
 
     def check_text(self, ids, *, name: str) -> Tensor:
         check(isinstance(ids, Tensor) and ids.dtype in (torch.long, torch.int, torch.int16, torch.uint8),
@@ -189,26 +223,15 @@ class Transfusion(Checkpointable, nn.Module):
               f"`{name}`: a modality must be a float tensor, got {describe(tensor)}")
         check_finite(name, tensor)
         spec = self.modalities[modality]
-        tensor = tensor.to(self.device)
-        if spec.encoder is not None:
-            tensor = spec.encoder(tensor)
-        latent = tensor.movedim(0, -1) if spec.channel_first else tensor
-        dim_latent = spec.dim_latent
-        check(latent.ndim >= 1 and latent.shape[-1] == dim_latent,
-              f"`{name}`: modality {modality} expects latents with {dim_latent} channels "
-              f"({'first' if spec.channel_first else 'last'} axis), got shape {tuple(tensor.shape)}"
-              + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
+        latent = spec.to_latent_grid(tensor.to(self.device), name=name)
         shape = tuple(latent.shape[:-1])
-        rank = spec.rank
-        check(rank is None or len(shape) == rank,
-              f"`{name}`: modality {modality} has rank {rank}, got a latent grid of shape {shape}")
-        check(rank is not None or 0 < len(shape) <= self.rotary_axes or self.placement.flat,
+        check(spec.rank is not None or 0 < len(shape) <= self.rotary_axes or self.placement.flat,
               f"`{name}`: modality {modality} got a latent grid of shape {shape}, but its rank is unknown and the "
               f"model has {self.rotary_axes} rotary axes: build the model with `modality_num_dim` or "
               f"`modality_default_shape` for it" + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
         check(all(size > 0 for size in shape), f"`{name}`: modality {modality} got an empty latent grid {shape}")
         # latents are float32 targets whatever the input precision (float64 would not mix with the losses)
-        return Modality(modality, latent.reshape(-1, dim_latent).float(), shape)
+        return Modality(modality, latent.reshape(-1, spec.dim_latent).float(), shape)
 
     def normalize_batch(self, x, modality_type: Optional[int]) -> Tuple[List[List], bool]:
         """Returns (samples of items, text_only). ``modality_type`` is the type of every bare float tensor
@@ -281,7 +304,7 @@ class Transfusion(Checkpointable, nn.Module):
         token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
                                    ignore_index=self.ignore_index, reduction="none")
         labelled = packed.labels != self.ignore_index
-        if not self.text_loss_on_modality_rows:  # MonoFormer: only rows without a modality train the LM
+        if self.text_loss is TextLoss.ROWS_WITHOUT_MODALITY:
             with_modality = torch.zeros(batch, dtype=torch.bool, device=self.device)
             with_modality[[inst.row for inst in packed.instances]] = True
             labelled &= ~with_modality[:, None]
@@ -320,7 +343,7 @@ class Transfusion(Checkpointable, nn.Module):
 
     @property
     def twin_skips_text(self) -> bool:
-        return self.uncond_text == "empty"
+        return self.uncond_text is UncondText.EMPTY
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return self.transformer.new_cache(batch_size, max_length)
@@ -342,21 +365,27 @@ class Transfusion(Checkpointable, nn.Module):
         time_index = torch.full_like(token_ids, -1).masked_scatter(latent_mask, inverse)
         if times.numel() == 0:
             times = token_times.new_full((1,), self.objective.clean_time)
-        time_table = self.time_emb(self.objective.time_embedding_input(times))
+        time_table = self.embed_times(times)
         x, time_kwargs = self.time_injection(x, time_table, time_index, latents)
         return self.transformer(x, layout=layout, positions=positions, **time_kwargs, **backbone_kwargs)
 
     def embed_latents(self, modality: int, values: Tensor, coords: Tensor) -> Tensor:
         """``[k, dim_latent]`` latent tokens (and their coordinates in the modality) -> ``[k, dim]``."""
-        embedded = self.latent_to_model[modality](values)
-        if self.pos_emb[modality] is not None:
-            embedded = embedded + self.pos_emb[modality](coords.to(values.dtype))
-        return embedded
+        return self.modality_layers[modality].embed(values, coords)
+
+    def embed_times(self, times: Tensor) -> Tensor:
+        """``[t]`` times -> their embeddings ``[t, dim]``."""
+        return self.time_emb(self.objective.time_embedding_input(times))
 
     def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor:
         """The objective's prediction (``[k, output_dim]``, float32) at latent tokens ``flat_index`` whose
-        times are ``times [k]`` (Transfusion's linear head ignores them)."""
-        return self.model_to_latent[modality](hidden.reshape(-1, self.dim)[flat_index]).float()
+        times are ``times [k]`` (used only by modality layers that are ``time_conditioned``)."""
+        layers = self.modality_layers[modality]
+        tokens = hidden.reshape(-1, self.dim)[flat_index]
+        if not layers.time_conditioned:
+            return layers.output(tokens, None, None).float()
+        distinct, rows = torch.unique(times, return_inverse=True)
+        return layers.output(tokens, self.embed_times(distinct), rows).float()
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""
@@ -368,13 +397,8 @@ class Transfusion(Checkpointable, nn.Module):
         return tuple(shape)
 
     def check_shape(self, modality: int, shape, *, name: str) -> Shape:
-        """A latent grid shape given for ``modality``: positive ints, as many as the modality's rank."""
-        rank = self.modalities[modality].rank
-        valid = isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)
-        check(valid and (rank is None or len(shape) == rank),
-              f"`{name}` must be a tuple of {rank if rank is not None else 'any number of'} positive ints for "
-              f"modality {modality}, got {shape!r}")
-        return tuple(shape)
+        """A latent grid shape given for ``modality``, checked by its record."""
+        return self.modalities[modality].check_shape(shape, name=name)
 
     def check_modality_type(self, modality, *, name: str = "modality_type") -> int:
         """A modality type in ``[0, num_modalities)`` (an int or a 0-dim integer tensor); None means 0 and
@@ -460,9 +484,10 @@ class Transfusion(Checkpointable, nn.Module):
                               progress=progress, generator=generator)
         return torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
 
-    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
-        """Channel-last tokens -> the user's layout (channel-first if configured), through the decoder."""
-        return self.modalities[modality].from_tokens(tokens, shape)
+    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor:
+        """Channel-last tokens -> the user's layout (channel-first if configured), through the decoder
+        unless ``decode=False``."""
+        return self.modalities[modality].from_tokens(tokens, shape, decode=decode)
 
 
 def print_modality_sample(sample: List) -> None:

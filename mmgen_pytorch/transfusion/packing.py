@@ -26,17 +26,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .._utils import check
+from .._utils import as_enum, check
 from ..backbone import NO_BLOCK, PADDING, TokenLayout, grid_positions
 
 Shape = Tuple[int, ...]
 SHAPE_PATTERN = re.compile(r"^(\d+(,\d+)*)?$")
-UNCOND_TEXT = ("null", "empty")
+
+
+class UncondText(str, Enum):
+    """What the unconditional stream of classifier-free guidance keeps of a sample's text."""
+
+    NULL = "null"    # every text id becomes ``null_text``, unlabelled (transfusion-pytorch)
+    EMPTY = "empty"  # the text is left out (MonoFormer's empty prompt)
+
+
+class Positions(str, Enum):
+    """Where modality tokens sit in the rotary positions."""
+
+    GRID = "grid"  # M-RoPE: one rotary axis per grid dimension, the modality at its grid coordinates
+    FLAT = "flat"  # consecutive 1-D positions over the whole sequence (LLaMA's RoPE)
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,7 @@ class SampleSequence:
 
 
 def build_training_sequence(items: Sequence, vocab: Vocabulary, placement: Placement, *, drop_text: bool = False,
-                            uncond_text: str = "null", sos: bool = True, eos: bool = True,
+                            uncond_text: UncondText = UncondText.NULL, sos: bool = True, eos: bool = True,
                             noise_last: bool = True) -> SampleSequence:
     """``items``: text id tensors and :class:`Modality` instances, in order.
 
@@ -212,7 +226,7 @@ def build_training_sequence(items: Sequence, vocab: Vocabulary, placement: Place
     ``null_text`` (unlabelled), ``"empty"`` leaves the text out. Modalities followed by more content
     stay clean and get an appended noised copy.
     """
-    check(uncond_text in UNCOND_TEXT, f"`uncond_text` must be one of {UNCOND_TEXT}, got {uncond_text!r}")
+    uncond_text = as_enum(UncondText, uncond_text, "uncond_text")
     sequence = SampleSequence(placement)
     if sos:
         sequence.add_text([vocab.sos])
@@ -230,7 +244,7 @@ def build_training_sequence(items: Sequence, vocab: Vocabulary, placement: Place
             ordinal += 1
         elif not drop_text:
             sequence.add_text(item)
-        elif uncond_text == "null":
+        elif uncond_text is UncondText.NULL:
             sequence.add_text(torch.full_like(item, vocab.null_text), labelled=False)
     if eos:
         sequence.add_text([vocab.eos])

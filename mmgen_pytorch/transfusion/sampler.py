@@ -28,7 +28,7 @@ from ..backbone import NO_BLOCK, PADDING, Decoder, KVCache, SequenceChunk, Token
 from ..guidance import check_cfg_scale
 from ..objectives.base import ContinuousObjective
 from ..sampling import check_sampling_options, sample_from_logits
-from .modalities import ModalitySpec
+from .modalities import ModalityFormat
 from .packing import LatentRun, PackedBatch, Placement, SampleSequence, Shape, Vocabulary, token_count
 
 GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from prompt instance ids
@@ -40,7 +40,7 @@ class SamplingModel(Protocol):
     vocab: Vocabulary
     objective: ContinuousObjective
     placement: Placement
-    modalities: Sequence[ModalitySpec]
+    modalities: Sequence[ModalityFormat]
     device: torch.device
     twin_skips_text: bool  # CFG twins leave text out (padding) instead of feeding null_text
 
@@ -51,7 +51,7 @@ class SamplingModel(Protocol):
                      token_times: Tensor, **backbone_kwargs) -> Tensor: ...
     def to_text_logits(self, hidden: Tensor) -> Tensor: ...
     def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor: ...
-    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor: ...
+    def decode_modality(self, modality: int, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor: ...
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape: ...
     def check_shape(self, modality: int, shape, *, name: str) -> Shape: ...
     def check_modality_type(self, modality, *, name: str = "modality_type") -> int: ...
@@ -312,7 +312,7 @@ class Sampler:
     def output_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
         if not self.unprocessed:
             return self.model.decode_modality(modality, tokens, shape)
-        return self.model.modalities[modality].from_tokens(tokens, shape, decode=False)
+        return self.model.decode_modality(modality, tokens, shape, decode=False)
 
     def position_of(self, rows: List[Row], r: int) -> int:
         """The next position of batch row ``r`` (a conditional row, or an unconditional twin)."""
