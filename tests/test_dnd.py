@@ -110,7 +110,7 @@ def test_training_step_reaches_every_head_and_the_shared_table():
     model = tiny().train()
     loss = model(torch.randint(0, 24, (2, 3, 3, 3)), class_labels=torch.tensor([1, 2]))
     loss.backward()
-    for name in ("token_embed.weight", "depth_heads.0.to_logits.weight", "depth_heads.2.norm.weight",
+    for name in ("token_embed.weight", "code_heads.depths.0.to_logits.weight", "code_heads.depths.2.norm.weight",
                  "backbone.layers.3.attn.to_qkv.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert model.get_parameter("backbone.layers.4.attn.to_qkv.weight").grad is None  # after the last head: unused
@@ -131,10 +131,10 @@ def test_input_corruption_swaps_whole_input_positions_not_targets_or_injected_co
     reference = model(torch.cat((corrupted, codes[:, -1:]), dim=1), class_labels=labels, return_logits=True)[1]
     torch.testing.assert_close(logits[:, :, 0], reference[:, :, 0], atol=1e-6, rtol=0)
     prefix, _ = model._prefix(2, None, class_labels=labels)
-    depth_logits = []
-    model._transformer(torch.cat((prefix, model._embed_codes(corrupted)), dim=1),
-                       block_hook=model._teacher_forcing_hook(codes, depth_logits))
-    torch.testing.assert_close(logits, torch.stack(depth_logits, dim=2), atol=1e-6, rtol=0)
+    inputs = torch.cat((prefix, model.code_heads.embed_codes(corrupted, model.token_embed)), dim=1)
+    teacher_forced = model.code_heads.teacher_forced_logits(
+        lambda block_hook: model._transformer(inputs, block_hook=block_hook), codes, model.token_embed)
+    torch.testing.assert_close(logits, teacher_forced, atol=1e-6, rtol=0)
     assert (logits[:, :, 1:] - reference[:, :, 1:]).abs().amax() > 1e-4  # the true injections matter
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 2), codes.flatten()), atol=1e-6, rtol=0)
     clean = tiny()
