@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import assert_close_f32, corrupted_like_the_model, guidance_amplification, reinitialised
+from mmgen_pytorch.code_heads import DepthHeads
 from mmgen_pytorch.dnd import ARXIV_HEAD_POSITIONS, PRESETS, DnDTransformer, official_config_dnd
 from mmgen_pytorch.llamagen import LlamaGen
 from mmgen_pytorch.pretrained import CheckpointMismatchError
@@ -96,6 +97,32 @@ def test_injection_rule_depth_k_code_of_the_predicted_position():
     torch.testing.assert_close(after[:, :5, 0], before[:, :5, 0], atol=0, rtol=0)
     torch.testing.assert_close(after[:, :4, 1], before[:, :4, 1], atol=0, rtol=0)
     assert (after[:, 4, 1] - before[:, 4, 1]).abs().amax() > 1e-3
+
+
+def test_llamagen_with_depth_heads_is_dnd():
+    """The depth heads are a part LlamaGen takes: the same weights give DnD's outputs bit for bit."""
+    model = tiny()
+    heads = DepthHeads(dim=32, vocab_size=24, head_positions=(0, 2, 3))
+    generic = LlamaGen(dim=32, depth=5, heads=2, vocab_size=24, grid_size=3, num_classes=5, cls_token_num=2,
+                       code_heads=heads)
+    generic.load_state_dict(model.state_dict())
+    labels, codes = torch.tensor([1, 3]), torch.randint(0, 24, (2, 3, 3, 3))
+    for a, b in zip(model(codes, class_labels=labels, return_logits=True),
+                    generic.eval()(codes, class_labels=labels, return_logits=True)):
+        assert torch.equal(a, b)
+    kwargs = dict(cfg_scale=2.0, top_k=10, generator=3, progress=False, return_logits=True)
+    for a, b in zip(model.generate(labels, **kwargs), generic.generate(labels, **kwargs)):
+        assert torch.equal(a, b)
+    assert "head_positions=(0, 2, 3)" in generic._summary() and generic.backbone.norm.__class__.__name__ == "Identity"
+
+
+def test_code_heads_must_fit_the_model():
+    for heads, message in ((DepthHeads(dim=16, vocab_size=24, head_positions=(0,)), "read width 16 .* dim=32"),
+                           (DepthHeads(dim=32, vocab_size=12, head_positions=(0,)), "predict 12 codes.* vocab_size=24"),
+                           (DepthHeads(dim=32, vocab_size=24, head_positions=(0, 5)), r"`head_positions`.*\[0, 5\)"),
+                           (torch.nn.Linear(32, 24), "`code_heads` must be a CodeHeads module")):
+        with pytest.raises(ValueError, match=message):
+            LlamaGen(dim=32, depth=5, heads=2, vocab_size=24, grid_size=3, num_classes=5, code_heads=heads)
 
 
 def test_loss_is_the_mean_over_depths():
