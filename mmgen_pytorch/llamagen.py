@@ -78,7 +78,8 @@ class LlamaGen(Checkpointable, nn.Module):
 
     presets: ClassVar[Dict[str, Tuple[int, int, int]]] = PRESETS  # for from_preset and `gpt_model`
     # the keys of models saved before the output heads were a part of their own (read by `load`)
-    legacy_keys: ClassVar[Dict[str, str]] = {"to_logits.": "code_heads.to_logits.", "depth_heads.": "code_heads.depths."}
+    legacy_keys: ClassVar[Dict[str, str]] = {"to_logits.": "code_heads.to_logits.",
+                                             "depth_heads.": "code_heads.depths."}
 
     def __init__(self, *, dim: int, depth: int, heads: int, kv_heads: Optional[int] = None,
                  vocab_size: int = 16384, grid_size: int = 16, model_type: str = "c2i", num_classes: int = 1000,
@@ -100,7 +101,8 @@ class LlamaGen(Checkpointable, nn.Module):
         caption_dim = default(caption_dim, getattr(caption_encoder, "dim", 2048))
         if code_heads is not None:
             check(isinstance(code_heads, CodeHeads),
-                  f"`code_heads` must be a CodeHeads module (NextCodeHead, DepthHeads), got {type(code_heads).__name__}")
+                  f"`code_heads` must be a CodeHeads module (NextCodeHead, DepthHeads), "
+                  f"got {type(code_heads).__name__}")
             code_heads.check_model(dim=dim, depth=depth, vocab_size=vocab_size)
 
         self.model_type, self.vocab_size, self.grid_size = model_type, vocab_size, grid_size
@@ -117,7 +119,7 @@ class LlamaGen(Checkpointable, nn.Module):
                                     ff_dim_multiplier=ff_dim_multiplier, attn_dropout=attn_dropout,
                                     resid_dropout=resid_dropout, ff_dropout=ff_dropout, rotary_axes=2,
                                     rotary_base=rope_base, attn_backend=attn_backend,
-                                    final_norm=(code_heads or NextCodeHead).final_norm)
+                                    final_norm=(NextCodeHead if code_heads is None else code_heads).final_norm)
         # the default is built here, after the backbone, where its layer's random draws always were
         self.code_heads = code_heads if code_heads is not None else NextCodeHead(dim=dim, vocab_size=vocab_size)
         self._init_weights(initializer_range)
