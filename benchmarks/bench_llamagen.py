@@ -48,7 +48,7 @@ MODELS = {
 def build(name: str) -> LlamaGen:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    torch.nn.init.normal_(model.to_logits.weight, std=0.02)
+    torch.nn.init.normal_(model.code_heads.to_logits.weight, std=0.02)
     return model
 
 

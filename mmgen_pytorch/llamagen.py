@@ -9,7 +9,9 @@ Upstream conventions kept exactly (see ``shared/reference/llamagen.md``):
 - a class table with a null row ``num_classes`` when class dropout > 0; captions go through
   ``fc2(gelu_tanh(fc1(.)))`` without biases, are left-padded with a mask, and the unconditional
   caption is a stored buffer;
-- an untied output head with fp32 logits; training logits are sliced from ``cls_token_num - 1``;
+- an untied output head with fp32 logits; training logits are sliced from ``cls_token_num - 1``
+  (the output heads are a part of their own, :mod:`mmgen_pytorch.code_heads`: one code per position
+  here, DnD's depth heads there);
 - a CFG batch of [conditional; unconditional] rows, guidance mixed on fp32 logits before temperature
   and top-k / top-p.
 
@@ -36,11 +38,12 @@ from ._utils import (GeneratorLike, as_generator, check, check_finite, check_fin
                      describe, eval_mode, is_index_tensor)
 from .backbone import PADDING, Decoder, KVCache, SequenceChunk, TokenLayout, Transformer, llamagen_positions
 from .backbone.masks import NO_BLOCK
-from .guidance import check_cfg_scale, guide
+from .code_heads import CodeHeads, NextCodeHead, copies_for_rows
+from .guidance import check_cfg_scale
 from .pretrained import llamagen as gpt
 from .pretrained.llamagen import PRESETS, official_config
 from .saving import Checkpointable
-from .sampling import check_sampling_options, sample_from_logits
+from .sampling import check_sampling_options
 
 MODEL_TYPES = ("c2i", "t2i")
 
@@ -68,11 +71,15 @@ class LlamaGen(Checkpointable, nn.Module):
         tokenizer: optional image tokenizer with ``decode_code(codes [b, h, w]) -> images in [-1, 1]``,
             used by :meth:`sample`; not a submodule (not in ``state_dict``, not moved by ``.to``).
         attn_backend: the backbone's attention backend (``"auto"``, ``"sdpa"``, ``"flex"``).
+        code_heads: the output heads (:class:`~mmgen_pytorch.code_heads.CodeHeads`), which decide what a
+            position holds; default :class:`~mmgen_pytorch.code_heads.NextCodeHead` (one code, upstream
+            LlamaGen). :class:`~mmgen_pytorch.dnd.DnDTransformer` passes its depth heads.
     """
 
     presets: ClassVar[Dict[str, Tuple[int, int, int]]] = PRESETS  # for from_preset and `gpt_model`
-    # the final norm + one ``to_logits`` head; False: a subclass attaches its own heads (DnD's depth heads)
-    final_head: ClassVar[bool] = True
+    # the keys of models saved before the output heads were a part of their own (read by `load`)
+    legacy_keys: ClassVar[Dict[str, str]] = {"to_logits.": "code_heads.to_logits.",
+                                             "depth_heads.": "code_heads.depths."}
 
     def __init__(self, *, dim: int, depth: int, heads: int, kv_heads: Optional[int] = None,
                  vocab_size: int = 16384, grid_size: int = 16, model_type: str = "c2i", num_classes: int = 1000,
@@ -81,7 +88,8 @@ class LlamaGen(Checkpointable, nn.Module):
                  ff_dim_multiplier: Optional[float] = None, rope_base: float = 10000.0, norm_eps: float = 1e-5,
                  token_dropout: float = 0.0, attn_dropout: float = 0.0, resid_dropout: float = 0.0,
                  ff_dropout: float = 0.0, input_corruption: float = 0.0, initializer_range: float = 0.02,
-                 caption_encoder: Optional[nn.Module] = None, tokenizer: Any = None, attn_backend: str = "auto"):
+                 caption_encoder: Optional[nn.Module] = None, tokenizer: Any = None, attn_backend: str = "auto",
+                 code_heads: Optional[CodeHeads] = None):
         super().__init__()
         check(model_type in MODEL_TYPES, f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}")
         check(vocab_size > 0 and grid_size > 0,
@@ -91,6 +99,11 @@ class LlamaGen(Checkpointable, nn.Module):
         cls_token_num = default(cls_token_num, 1 if model_type == "c2i" else 120)
         check(cls_token_num >= 1, f"`cls_token_num` must be >= 1, got {cls_token_num}")
         caption_dim = default(caption_dim, getattr(caption_encoder, "dim", 2048))
+        if code_heads is not None:
+            check(isinstance(code_heads, CodeHeads),
+                  f"`code_heads` must be a CodeHeads module (NextCodeHead, DepthHeads), "
+                  f"got {type(code_heads).__name__}")
+            code_heads.check_model(dim=dim, depth=depth, vocab_size=vocab_size)
 
         self.model_type, self.vocab_size, self.grid_size = model_type, vocab_size, grid_size
         self.cls_token_num, self.class_dropout_prob = cls_token_num, class_dropout_prob
@@ -105,28 +118,32 @@ class LlamaGen(Checkpointable, nn.Module):
                                     norm_eps=norm_eps, ff="swiglu", ff_multiple_of=ff_multiple_of,
                                     ff_dim_multiplier=ff_dim_multiplier, attn_dropout=attn_dropout,
                                     resid_dropout=resid_dropout, ff_dropout=ff_dropout, rotary_axes=2,
-                                    rotary_base=rope_base, attn_backend=attn_backend, final_norm=self.final_head)
-        if self.final_head:
-            self.to_logits = nn.Linear(dim, vocab_size, bias=False)
+                                    rotary_base=rope_base, attn_backend=attn_backend,
+                                    final_norm=(NextCodeHead if code_heads is None else code_heads).final_norm)
+        # the default is built here, after the backbone, where its layer's random draws always were
+        self.code_heads = code_heads if code_heads is not None else NextCodeHead(dim=dim, vocab_size=vocab_size)
         self._init_weights(initializer_range)
         self.caption_encoder = self._checked_caption_encoder(caption_encoder)
         self._tokenizer = (None,)  # a tuple keeps a tokenizer module out of submodules and state_dict
-        if tokenizer is not None:  # DnD attaches its own after its heads exist
-            self.set_tokenizer(tokenizer)
+        self.set_tokenizer(tokenizer)
 
     # training
 
-    def forward(self, codes: Union[Int[Tensor, "b h w"], Int[Tensor, "b n"]], *,
+    def forward(self, codes: Union[Int[Tensor, "b h w"], Int[Tensor, "b n"], Int[Tensor, "b h w D"],
+                                   Int[Tensor, "b n D"]], *,
                 class_labels: Optional[Int[Tensor, "b"]] = None,
                 caption_embeds: Optional[Float[Tensor, "b m d"]] = None,
                 caption_mask: Optional[Bool[Tensor, "b m"]] = None, caption_ids: Optional[Int[Tensor, "b m"]] = None,
                 cond_drop_prob: Optional[float] = None, return_logits: bool = False):
         """Next-token cross-entropy in upstream's training convention: the input is
         ``[prefix, codes[:, :-1]]`` and ``logits[:, t]`` (sliced from position ``cls_token_num - 1``)
-        predicts ``codes[:, t]``.
+        predicts ``codes[:, t]``. With depth heads (DnD) a position's input is the sum of its ``D`` code
+        embeddings, ``logits[:, t, k]`` predicts ``codes[:, t, k]`` and the ground-truth depth-``k`` codes
+        are injected after head ``k``; the loss is the mean over all ``b * n * D`` predictions.
 
         Args:
-            codes: image tokens ``[b, h, w]`` (the full grid) or ``[b, n]`` (the first n in raster order).
+            codes: image tokens ``[b, h, w]`` (the full grid) or ``[b, n]`` (the first n in raster order);
+                with depth heads ``[b, h, w, D]`` or ``[b, n, D]``.
             class_labels: c2i class ids in ``[0, num_classes)``.
             caption_embeds, caption_mask: t2i caption features ``[b, m, caption_dim]`` (m <= cls_token_num)
                 and their validity mask (default: all valid). Captions are left-padded as upstream: shorter
@@ -134,18 +151,19 @@ class LlamaGen(Checkpointable, nn.Module):
             caption_ids: t2i caption token ids for the attached ``caption_encoder``.
             cond_drop_prob: chance of replacing a sample's condition by the null class / unconditional
                 caption (default: ``class_dropout_prob`` in training mode, 0 in eval mode).
-        Returns the mean loss, or ``(loss, logits [b, n, vocab_size] fp32)`` with ``return_logits``.
+        Returns the mean loss, or ``(loss, logits [b, n, vocab_size] fp32)`` with ``return_logits``
+        (``[b, n, D, vocab_size]`` with depth heads).
         """
-        codes = self._check_codes(codes)
+        codes = self.code_heads.check_codes(codes, grid_size=self.grid_size)
         batch = codes.shape[0]
         drop = self._condition_dropout(batch, cond_drop_prob, codes.device)
         prefix, prefix_mask = self._prefix(batch, drop, class_labels=class_labels, caption_embeds=caption_embeds,
                                            caption_mask=caption_mask, caption_ids=caption_ids)
-        inputs = self._corrupted(codes[:, :-1])
-        x = self.token_dropout(torch.cat((prefix, self.token_embed(inputs)), dim=1))
-        hidden = self._transformer(x, prefix_mask)
-        logits = self.to_logits(hidden[:, self.cls_token_num - 1:]).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        inputs = self.code_heads.embed_codes(self._corrupted(codes[:, :-1]), self.token_embed)
+        x = self.token_dropout(torch.cat((prefix, inputs), dim=1))
+        logits = self.code_heads.teacher_forced_logits(
+            lambda block_hook: self._transformer(x, prefix_mask, block_hook=block_hook), codes, self.token_embed)
+        loss = F.cross_entropy(logits.flatten(0, -2), codes.flatten())
         return (loss, logits) if return_logits else loss
 
     # generation
@@ -156,23 +174,30 @@ class LlamaGen(Checkpointable, nn.Module):
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                  generator: GeneratorLike = None, progress: bool = True, use_cache: bool = True,
                  return_logits: bool = False):
-        """Sample image tokens, one per step (prefill of the prefix, then single-token steps).
+        """Sample the codes of one image position per step (prefill of the prefix, then single-position
+        steps). With depth heads (DnD) all ``D`` codes of a position come out of its one backbone step:
+        head ``k`` samples depth ``k`` and the code goes into every row of its sample before the next block.
 
         Args:
             condition: c2i class ids ``[b]``; t2i caption features ``[b, m, caption_dim]`` (with
                 ``caption_mask``) or, with a ``caption_encoder``, caption token ids ``[b, m]``.
-            max_new_tokens: number of tokens (default: the whole grid, ``grid_size ** 2``).
-            cfg_scale: classifier-free guidance ``uncond + scale * (cond - uncond)`` on the fp32 logits,
-                before temperature and filtering; any value but 1 runs the [cond; uncond] batch
-                (upstream guides only for ``cfg_scale > 1``).
-            cfg_interval: a finite number >= -1; as upstream, ``> -1`` stops guiding after the first
-                ``cfg_interval + 2`` tokens (the prefill and decode steps ``0..cfg_interval``); the
-                unconditional rows are then dropped. ``-1``: guide every step.
-            temperature, top_k, top_p: sampling (``top_k=0`` / ``top_p=1``: off). greedy: argmax.
-            generator: a torch.Generator or an int seed for the multinomial draws. progress: a tqdm bar.
-            use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step.
-            return_logits: also return the (guided) fp32 logits of every step ``[b, n, vocab_size]``.
-        Returns codes ``[b, grid, grid]`` for a full grid, else ``[b, n]`` (int64).
+            max_new_tokens: number of positions (default: the whole grid, ``grid_size ** 2``).
+            cfg_scale: classifier-free guidance ``uncond + scale * (cond - uncond)`` on the fp32 logits (of
+                every head), before temperature and filtering; any value but 1 runs the [cond; uncond] batch
+                (upstream LlamaGen guides only for ``cfg_scale > 1``); a sampled code goes into both halves.
+            cfg_interval: a finite number >= -1; as upstream LlamaGen, ``> -1`` stops guiding after the
+                first ``cfg_interval + 2`` positions (the prefill and decode steps ``0..cfg_interval``); the
+                unconditional rows are then dropped. ``-1``: guide every step (upstream DnD parses the
+                option but always guides).
+            temperature, top_k, top_p: sampling, the same at every depth (``top_k=0`` / ``top_p=1``: off).
+            greedy: argmax. generator: a torch.Generator or an int seed for the multinomial draws (one per
+                depth, in depth order). progress: a tqdm bar.
+            use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step (the
+                reference path).
+            return_logits: also return the (guided) fp32 logits of every step ``[b, n, vocab_size]``
+                (``[b, n, D, vocab_size]`` with depth heads).
+        Returns codes ``[b, grid, grid]`` (depth heads: ``[b, grid, grid, D]``) for a full grid, else
+        ``[b, n]`` (``[b, n, D]``), int64.
         """
         steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
         check_cfg_scale(cfg_scale)
@@ -193,8 +218,11 @@ class LlamaGen(Checkpointable, nn.Module):
                     rows = batch
                     decoder.keep_rows(range(rows))
                 chunk = (CodeChunk.at(table, 0, prefix[:rows], self._layout(prefix_mask, self.cls_token_num))
-                         if step == 0 else CodeChunk.at(table, decoder.length, self._embed_codes(_copies(codes[-1], rows))))
-                token, logits = self._generation_step(decoder, chunk, codes, cfg_scale if guided else 1.0, sampling)
+                         if step == 0 else CodeChunk.at(table, decoder.length, self.code_heads.embed_codes(
+                             copies_for_rows(codes[-1], rows), self.token_embed)))
+                token, logits = self.code_heads.generation_step(decoder, chunk, codes, embed=self.token_embed,
+                                                                cfg_scale=cfg_scale if guided else 1.0,
+                                                                sampling=sampling)
                 codes.append(token)
                 if return_logits:
                     step_logits.append(logits)
@@ -222,12 +250,11 @@ class LlamaGen(Checkpointable, nn.Module):
         return self._tokenizer[0]
 
     def set_tokenizer(self, tokenizer: Any) -> "LlamaGen":
-        """Attach the tokenizer :meth:`sample` decodes with; one that tells its ``codebook_size`` must have
-        exactly ``vocab_size`` codes (checked here, not after a whole generation)."""
-        size = getattr(tokenizer, "codebook_size", None)
-        check(size is None or size == self.vocab_size,
-              f"`tokenizer` has a codebook of {size} codes but the model's `vocab_size` is {self.vocab_size}: "
-              f"the generated codes index that codebook, so the two must match")
+        """Attach the tokenizer :meth:`sample` decodes with (None: detach); the heads refuse one whose codes
+        are not theirs (a ``codebook_size`` other than ``vocab_size``, another ``depth``) here, not after a
+        whole generation."""
+        if tokenizer is not None:
+            self.code_heads.check_tokenizer(tokenizer)
         self._tokenizer = (tokenizer,)
         return self
 
@@ -274,18 +301,6 @@ class LlamaGen(Checkpointable, nn.Module):
         return gpt.official_state_dict(self)
 
     # internals: inputs
-
-    def _check_codes(self, codes: Tensor) -> Int[Tensor, "b n"]:
-        g = self.grid_size
-        check(is_index_tensor(codes) and codes.ndim in (2, 3) and codes.shape[0] > 0,
-              f"`codes` must be an integer tensor [b, h, w] or [b, n] with b >= 1, got {describe(codes)}")
-        check(codes.ndim == 2 or tuple(codes.shape[1:]) == (g, g),
-              f"`codes` [b, h, w] must be [b, {g}, {g}] (grid_size={g}), got {tuple(codes.shape)}")
-        codes = codes.reshape(codes.shape[0], -1).long()
-        check(0 < codes.shape[1] <= self.num_image_tokens,
-              f"`codes` must hold 1..{self.num_image_tokens} tokens per sample (grid_size={g}), got {codes.shape[1]}")
-        check_index_range("codes", codes, self.vocab_size, what="token ids", bound="vocab_size")
-        return codes
 
     def _check_sampling(self, max_new_tokens: Optional[int], temperature: float, top_k: int, top_p: float) -> int:
         steps = default(max_new_tokens, self.num_image_tokens)
@@ -362,21 +377,6 @@ class LlamaGen(Checkpointable, nn.Module):
             return {"caption_ids": condition}
         return {"caption_embeds": condition, "caption_mask": caption_mask}
 
-    # internals: one generation step (overridden by models with other heads)
-
-    def _generation_step(self, decoder: Decoder, chunk: "CodeChunk", earlier: Sequence[Tensor], cfg_scale: float,
-                         sampling: Dict[str, Any]) -> Tuple[Int[Tensor, "b"], Float[Tensor, "b vocab"]]:
-        """Write ``chunk`` (the prefix, or the last token) and draw the next token of every sample from the
-        (guided) logits of its last position; returns the tokens and those logits. ``earlier``: the tokens
-        drawn so far; ``cfg_scale`` 1: no guidance (the decoder holds the conditional rows only)."""
-        logits = self.to_logits(decoder.write(chunk)[:, -1]).float()
-        logits = guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
-        return sample_from_logits(logits, **sampling), logits
-
-    def _embed_codes(self, codes: Int[Tensor, "b n"]) -> Float[Tensor, "b n d"]:
-        """Input embeddings of image codes."""
-        return self.token_embed(codes)
-
     # internals: the transformer
 
     def _run_chunk(self, chunk: "CodeChunk", *, cache: Optional[KVCache], write: bool,
@@ -410,11 +410,11 @@ class LlamaGen(Checkpointable, nn.Module):
         return TokenLayout(segments, torch.full_like(segments, NO_BLOCK))
 
     def _init_weights(self, std: float) -> None:
+        heads = set(self.code_heads.modules())
         for layer in self.modules():  # the caption encoder is attached afterwards and keeps its own init
-            if isinstance(layer, (nn.Linear, nn.Embedding)):
+            if isinstance(layer, (nn.Linear, nn.Embedding)) and layer not in heads:
                 nn.init.normal_(layer.weight, std=std)
-        if self.final_head:
-            nn.init.zeros_(self.to_logits.weight)
+        self.code_heads.init_weights(std)
 
     def _checked_caption_encoder(self, encoder: Optional[nn.Module]) -> Optional[nn.Module]:
         if encoder is None:
@@ -429,9 +429,9 @@ class LlamaGen(Checkpointable, nn.Module):
         b = self.backbone
         extra = (f"num_classes={self.prefix_embed.num_classes}" if self.model_type == "c2i"
                  else f"caption_dim={self.prefix_embed.caption_dim}")
-        return (f"LlamaGen(model_type={self.model_type!r}, dim={b.dim}, depth={b.depth}, heads={b.heads}, "
-                f"kv_heads={b.kv_heads}, vocab_size={self.vocab_size}, {extra}, cls_token_num={self.cls_token_num}) "
-                f"(check `config`)")
+        fields = ", ".join(filter(None, (extra, f"cls_token_num={self.cls_token_num}", self.code_heads.describe())))
+        return (f"{type(self).__name__}(model_type={self.model_type!r}, dim={b.dim}, depth={b.depth}, "
+                f"heads={b.heads}, kv_heads={b.kv_heads}, vocab_size={self.vocab_size}, {fields}) (check `config`)")
 
 
 # condition prefixes
@@ -565,7 +565,3 @@ class CodeChunk(SequenceChunk):
         positions, zero = table
         return cls(embeds, positions[:, start:end].expand(rows, -1, -1), zero[:, start:end].expand(rows, -1), layout)
 
-
-def _copies(token: Tensor, rows: int) -> Tensor:
-    """A sample's token for every copy of it among ``rows`` (both CFG halves), as a one-position chunk."""
-    return torch.cat([token] * (rows // token.shape[0]))[:, None]

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, AutoencoderKL, CaptionEncoder, Checkpointable, DnDTransformer, LlamaGen,
                            MonoFormer, Transformer, Transfusion, load_model, load_training_state, save_training_state)
+from mmgen_pytorch.code_heads import DepthHeads
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import KLConfig, RQConfig, VQConfig
 
@@ -70,6 +71,10 @@ CASES = {
     "dnd": (
         lambda: DnDTransformer(dim=32, depth=4, heads=2, head_positions=[1, 3], vocab_size=24, grid_size=3,
                                num_classes=5),
+        lambda m: m(torch.randint(0, 24, (2, 3, 3, 2)), class_labels=torch.tensor([0, 3]), return_logits=True)),
+    "llamagen_depth_heads": (
+        lambda: LlamaGen(dim=32, depth=3, heads=2, vocab_size=24, grid_size=3, num_classes=5,
+                         code_heads=DepthHeads(dim=32, vocab_size=24, head_positions=(0, 2))),
         lambda m: m(torch.randint(0, 24, (2, 3, 3, 2)), class_labels=torch.tensor([0, 3]), return_logits=True)),
     "mar": (tiny_mar, lambda m: m(*mar_batch())),
     "vqvae": (lambda: VQVAE(VQ, codebook_size=24), lambda m: m(smooth_images(2, 8))),
@@ -206,6 +211,75 @@ def test_config_cannot_name_arbitrary_classes(tmp_path):
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         MAR.load(tmp_path)
+
+
+# folders saved by earlier versions
+
+# the key names before the output heads were their own part (`code_heads`); written out, not derived from
+# the models' `legacy_keys`, so that the test does not check the renaming against itself
+EARLIER_KEYS = {"code_heads.to_logits.": "to_logits.", "code_heads.depths.": "depth_heads."}
+
+
+def with_earlier_keys(file):
+    """Rewrite a safetensors file of a LlamaGen / DnD in the key layout of earlier versions."""
+    weights = load_file(file)
+    renamed = {}
+    for key, tensor in weights.items():
+        prefix = next((p for p in EARLIER_KEYS if key.startswith(p)), None)
+        renamed[EARLIER_KEYS[prefix] + key[len(prefix):] if prefix else key] = tensor
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, file, metadata={"format": "pt"})
+    return set(renamed)
+
+
+@pytest.mark.parametrize("name", ["llamagen_c2i", "dnd"])
+def test_folders_saved_with_the_earlier_head_keys_load_bit_exactly(name, tmp_path):
+    build, run = CASES[name]
+    seed_everything(0)
+    model = perturbed(build()).eval()
+    folder = model.save(tmp_path / name)
+    record = json.loads((folder / "config.json").read_text())
+    record["config"].pop("code_heads", None)  # earlier versions had no such argument
+    (folder / "config.json").write_text(json.dumps(record))
+    keys = with_earlier_keys(folder / "model.safetensors")
+    assert {"to_logits.weight"} <= keys if name == "llamagen_c2i" else {"depth_heads.1.norm.weight"} <= keys
+
+    loaded = type(model).load(folder)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    outputs = []
+    for candidate in (model, loaded):
+        seed_everything(1)
+        outputs.append(tensors(run(candidate)))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_states_saved_with_the_earlier_head_keys_resume(tmp_path):
+    build = CASES["dnd"][0]
+    seed_everything(0)
+    model, optimizer, scheduler, ema = training_objects(lambda: perturbed(build()))
+    for _ in range(2):
+        loss = model.train()(torch.randint(0, 24, (2, 3, 3, 2)), class_labels=torch.tensor([0, 3]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update()
+    folder = save_training_state(tmp_path / "state", model=model, optimizer=optimizer, step=2, ema=ema,
+                                 scheduler=scheduler)
+    for file in ("model.safetensors", "ema.safetensors"):
+        assert "depth_heads.0.to_logits.weight" in with_earlier_keys(folder / file)
+
+    seed_everything(123)
+    fresh = training_objects(build)
+    assert load_training_state(folder, model=fresh[0], optimizer=fresh[1], ema=fresh[3], scheduler=fresh[2]) == 2
+    for (key, a), (_, b) in zip(model.state_dict().items(), fresh[0].state_dict().items()):
+        assert torch.equal(a, b), key
+    for (key, a), (_, b) in zip(ema.state_dict().items(), fresh[3].state_dict().items()):
+        assert torch.equal(a, b), key
+    for index, state in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(state[k], fresh[1].state_dict()["state"][index][k]) for k in state)
 
 
 # training resume

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import assert_close_f32, corrupted_like_the_model, guidance_amplification, reinitialised
+from mmgen_pytorch.code_heads import DepthHeads
 from mmgen_pytorch.dnd import ARXIV_HEAD_POSITIONS, PRESETS, DnDTransformer, official_config_dnd
 from mmgen_pytorch.llamagen import LlamaGen
 from mmgen_pytorch.pretrained import CheckpointMismatchError
@@ -98,6 +99,32 @@ def test_injection_rule_depth_k_code_of_the_predicted_position():
     assert (after[:, 4, 1] - before[:, 4, 1]).abs().amax() > 1e-3
 
 
+def test_llamagen_with_depth_heads_is_dnd():
+    """The depth heads are a part LlamaGen takes: the same weights give DnD's outputs bit for bit."""
+    model = tiny()
+    heads = DepthHeads(dim=32, vocab_size=24, head_positions=(0, 2, 3))
+    generic = LlamaGen(dim=32, depth=5, heads=2, vocab_size=24, grid_size=3, num_classes=5, cls_token_num=2,
+                       code_heads=heads)
+    generic.load_state_dict(model.state_dict())
+    labels, codes = torch.tensor([1, 3]), torch.randint(0, 24, (2, 3, 3, 3))
+    for a, b in zip(model(codes, class_labels=labels, return_logits=True),
+                    generic.eval()(codes, class_labels=labels, return_logits=True)):
+        assert torch.equal(a, b)
+    kwargs = dict(cfg_scale=2.0, top_k=10, generator=3, progress=False, return_logits=True)
+    for a, b in zip(model.generate(labels, **kwargs), generic.generate(labels, **kwargs)):
+        assert torch.equal(a, b)
+    assert "head_positions=(0, 2, 3)" in generic._summary() and generic.backbone.norm.__class__.__name__ == "Identity"
+
+
+def test_code_heads_must_fit_the_model():
+    for heads, message in ((DepthHeads(dim=16, vocab_size=24, head_positions=(0,)), "read width 16 .* dim=32"),
+                           (DepthHeads(dim=32, vocab_size=12, head_positions=(0,)), "predict 12 codes.* vocab_size=24"),
+                           (DepthHeads(dim=32, vocab_size=24, head_positions=(0, 5)), r"`head_positions`.*\[0, 5\)"),
+                           (torch.nn.Linear(32, 24), "`code_heads` must be a CodeHeads module")):
+        with pytest.raises(ValueError, match=message):
+            LlamaGen(dim=32, depth=5, heads=2, vocab_size=24, grid_size=3, num_classes=5, code_heads=heads)
+
+
 def test_loss_is_the_mean_over_depths():
     model, labels, codes = tiny(), torch.tensor([0, 4]), torch.randint(0, 24, (2, 3, 3, 3))
     loss, logits = model(codes, class_labels=labels, return_logits=True)
@@ -110,7 +137,7 @@ def test_training_step_reaches_every_head_and_the_shared_table():
     model = tiny().train()
     loss = model(torch.randint(0, 24, (2, 3, 3, 3)), class_labels=torch.tensor([1, 2]))
     loss.backward()
-    for name in ("token_embed.weight", "depth_heads.0.to_logits.weight", "depth_heads.2.norm.weight",
+    for name in ("token_embed.weight", "code_heads.depths.0.to_logits.weight", "code_heads.depths.2.norm.weight",
                  "backbone.layers.3.attn.to_qkv.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert model.get_parameter("backbone.layers.4.attn.to_qkv.weight").grad is None  # after the last head: unused
@@ -131,10 +158,10 @@ def test_input_corruption_swaps_whole_input_positions_not_targets_or_injected_co
     reference = model(torch.cat((corrupted, codes[:, -1:]), dim=1), class_labels=labels, return_logits=True)[1]
     torch.testing.assert_close(logits[:, :, 0], reference[:, :, 0], atol=1e-6, rtol=0)
     prefix, _ = model._prefix(2, None, class_labels=labels)
-    depth_logits = []
-    model._transformer(torch.cat((prefix, model._embed_codes(corrupted)), dim=1),
-                       block_hook=model._teacher_forcing_hook(codes, depth_logits))
-    torch.testing.assert_close(logits, torch.stack(depth_logits, dim=2), atol=1e-6, rtol=0)
+    inputs = torch.cat((prefix, model.code_heads.embed_codes(corrupted, model.token_embed)), dim=1)
+    teacher_forced = model.code_heads.teacher_forced_logits(
+        lambda block_hook: model._transformer(inputs, block_hook=block_hook), codes, model.token_embed)
+    torch.testing.assert_close(logits, teacher_forced, atol=1e-6, rtol=0)
     assert (logits[:, :, 1:] - reference[:, :, 1:]).abs().amax() > 1e-4  # the true injections matter
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 2), codes.flatten()), atol=1e-6, rtol=0)
     clean = tiny()

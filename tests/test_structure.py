@@ -34,3 +34,17 @@ def test_objective_interface_is_exported_from_the_top_level():
         (base.ContinuousObjective, gaussian.GaussianObjective, flow.RectifiedFlow)
     assert {"ContinuousObjective", "GaussianObjective", "RectifiedFlow"} <= set(mmgen_pytorch.__all__)
     assert issubclass(RectifiedFlow, ContinuousObjective) and issubclass(GaussianObjective, ContinuousObjective)
+
+
+def test_dnd_is_llamagen_with_depth_heads_through_public_pieces_only():
+    """DnDTransformer builds its DepthHeads and passes them on; everything else is LlamaGen's, through the
+    heads' interface: it overrides no private method, and LlamaGen has no switch for it."""
+    from mmgen_pytorch.code_heads import CodeHeads, DepthHeads, NextCodeHead
+    from mmgen_pytorch.dnd import DnDTransformer
+    from mmgen_pytorch.llamagen import LlamaGen
+
+    private = sorted(name for name, value in vars(DnDTransformer).items()
+                     if name.startswith("_") and name != "__init__" and callable(getattr(value, "__func__", value)))
+    assert private == [], private
+    assert not hasattr(LlamaGen, "final_head")
+    assert issubclass(NextCodeHead, CodeHeads) and issubclass(DepthHeads, CodeHeads)

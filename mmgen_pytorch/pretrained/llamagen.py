@@ -73,26 +73,27 @@ OFFICIAL_KEYS = {
     "cls_embedding.uncond_embedding": "prefix_embed.uncond_embedding",
     "cls_embedding.cap_proj.fc1.weight": "prefix_embed.fc1.weight",
     "cls_embedding.cap_proj.fc2.weight": "prefix_embed.fc2.weight",
-    "output.weight": "to_logits.weight",
+    "output.weight": "code_heads.to_logits.weight",
 }
 
 
 def official_keys(model) -> Dict[str, str]:
     """Upstream key -> ours outside the transformer blocks of ``model``: :data:`OFFICIAL_KEYS`, or, for a
-    model with depth heads (DnD), ``norm.{k}`` / ``output.{k}`` for ``depth_heads.{k}`` in place of the
-    output layer."""
+    model with depth heads (DnD), ``norm.{k}`` / ``output.{k}`` for ``code_heads.depths.{k}`` in place of
+    the output layer."""
     depth = _depth_heads(model)
     if not depth:
         return OFFICIAL_KEYS
     keys = {theirs: ours for theirs, ours in OFFICIAL_KEYS.items() if theirs != "output.weight"}
     for k in range(depth):
-        keys[f"norm.{k}.weight"] = f"depth_heads.{k}.norm.weight"
-        keys[f"output.{k}.weight"] = f"depth_heads.{k}.to_logits.weight"
+        keys[f"norm.{k}.weight"] = f"code_heads.depths.{k}.norm.weight"
+        keys[f"output.{k}.weight"] = f"code_heads.depths.{k}.to_logits.weight"
     return keys
 
 
 def _depth_heads(model) -> int:
-    return len(getattr(model, "depth_heads", ()))
+    """The number of depth heads of ``model`` (0: one output layer)."""
+    return model.code_heads.code_depth or 0
 
 
 def _check_depth_heads(model, state_dict: Mapping[str, Tensor]) -> None:
@@ -103,8 +104,8 @@ def _check_depth_heads(model, state_dict: Mapping[str, Tensor]) -> None:
     if found != expected:
         heads = sum(re.fullmatch(r"output\.\d+\.weight", k) is not None for k in found)
         raise CheckpointMismatchError(
-            f"the official checkpoint has {heads} prediction heads but the model has {model.code_depth} "
-            f"(head_positions={model.head_positions}): missing {', '.join(sorted(expected - found)) or 'none'}; "
+            f"the official checkpoint has {heads} prediction heads but the model has {_depth_heads(model)} "
+            f"({model.code_heads.describe()}): missing {', '.join(sorted(expected - found)) or 'none'}; "
             f"unexpected {', '.join(sorted(found - expected)) or 'none'}. Set `num_pred_heads` and "
             f"`pred_head_positions` in `config` to the checkpoint's (ImageNet: 2 heads after blocks [39, 47])")
 
