@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, AutoencoderKL, CaptionEncoder, Checkpointable, DnDTransformer, LlamaGen,
-                           MonoFormer, Transformer, Transfusion, load_model, load_training_state, save_training_state)
+                           MonoFormer, RectifiedFlow, TextLoss, Transformer, Transfusion, load_model,
+                           load_training_state, save_training_state)
 from mmgen_pytorch.code_heads import DepthHeads
 from mmgen_pytorch.pretrained import CheckpointMismatchError
 from mmgen_pytorch.tokenizers import KLConfig, RQConfig, VQConfig
@@ -218,15 +219,23 @@ def test_a_folder_without_config_is_refused(tmp_path):
 # the key names before the output heads were their own part (`code_heads`); written out, not derived from
 # the models' `legacy_keys`, so that the test does not check the renaming against itself
 EARLIER_KEYS = {"code_heads.to_logits.": "to_logits.", "code_heads.depths.": "depth_heads."}
+# and before each modality's layers were one module (Transfusion's per-layer lists, MonoFormer's own layers)
+EARLIER_MODALITY_KEYS = {"modality_layers.0.embed_latent.": "latent_to_model.0.",
+                         "modality_layers.1.embed_latent.": "latent_to_model.1.",
+                         "modality_layers.0.to_output.": "model_to_latent.0.",
+                         "modality_layers.1.to_output.": "model_to_latent.1.",
+                         "modality_layers.1.pos_mlp.": "pos_emb.1.",
+                         "modality_layers.0.x_embedder.": "x_embedder.",
+                         "modality_layers.0.final_layer.": "final_layer."}
 
 
-def with_earlier_keys(file):
-    """Rewrite a safetensors file of a LlamaGen / DnD in the key layout of earlier versions."""
+def with_earlier_keys(file, earlier=EARLIER_KEYS):
+    """Rewrite a safetensors file in the key layout of earlier versions."""
     weights = load_file(file)
     renamed = {}
     for key, tensor in weights.items():
-        prefix = next((p for p in EARLIER_KEYS if key.startswith(p)), None)
-        renamed[EARLIER_KEYS[prefix] + key[len(prefix):] if prefix else key] = tensor
+        prefix = next((p for p in earlier if key.startswith(p)), None)
+        renamed[earlier[prefix] + key[len(prefix):] if prefix else key] = tensor
     assert renamed.keys() != weights.keys()
     save_file(renamed, file, metadata={"format": "pt"})
     return set(renamed)
@@ -253,6 +262,54 @@ def test_folders_saved_with_the_earlier_head_keys_load_bit_exactly(name, tmp_pat
         outputs.append(tensors(run(candidate)))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_transfusion_folders_of_earlier_versions_load_bit_exactly(tmp_path):
+    """Earlier Transfusion folders: flow options as constructor arguments, a bool `flat_positions` and
+    `text_loss_on_modality_rows`, and one list of layers per kind."""
+    seed_everything(0)
+    model = perturbed(tiny_transfusion(dim_latent=(8, 6), modality_default_shape=[(2, 2), (3,)],
+                                       add_pos_emb=[False, True],
+                                       objective=RectifiedFlow(time_sampling="logit_normal", ode_method="rk4"))).eval()
+    folder = model.save(tmp_path / "transfusion")
+    record = json.loads((folder / "config.json").read_text())
+    assert record["config"]["objective"]["config"]["time_sampling"] == "logit_normal"  # saved as an object now
+    config = record["config"]
+    for name in ("objective", "positions", "text_loss", "modalities", "max_prompt_length"):
+        config.pop(name)
+    config.update(time_sampling="logit_normal", ode_method="rk4", ode_kwargs=None, flat_positions=False,
+                  text_loss_on_modality_rows=True)
+    (folder / "config.json").write_text(json.dumps(record))
+    assert {"latent_to_model.1.weight", "pos_emb.1.0.weight"} <= with_earlier_keys(folder / "model.safetensors",
+                                                                                   EARLIER_MODALITY_KEYS)
+
+    loaded = Transfusion.load(folder)
+    assert (loaded.objective.time_sampling, loaded.objective.ode_method) == ("logit_normal", "rk4")
+    assert loaded.placement == model.placement and loaded.text_loss is TextLoss.ALL_ROWS
+    assert_same_model(model, loaded, lambda m: m([[torch.randint(0, 32, (3,)), torch.randn(2, 2, 8)],
+                                                  [(1, torch.randn(3, 6)), torch.randint(0, 32, (2,))]],
+                                                 return_breakdown=True))
+
+
+def test_monoformer_folders_with_the_earlier_image_layer_keys_load_bit_exactly(tmp_path):
+    build, run = CASES["monoformer"]
+    seed_everything(0)
+    model = perturbed(build()).eval()
+    folder = model.save(tmp_path / "monoformer")
+    assert {"x_embedder.weight", "final_layer.linear.bias"} <= with_earlier_keys(folder / "model.safetensors",
+                                                                                EARLIER_MODALITY_KEYS)
+    assert_same_model(model, MonoFormer.load(folder), run)
+
+
+def assert_same_model(model, loaded, run):
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    outputs = []
+    for candidate in (model, loaded):
+        seed_everything(1)
+        outputs.append(tensors(run(candidate)))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # nan: a sample without that modality
 
 
 def test_training_states_saved_with_the_earlier_head_keys_resume(tmp_path):

@@ -368,3 +368,65 @@ def test_bad_input_names_the_argument(name, call, message):
 def test_bad_config_names_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kwargs)
+
+
+def test_monoformer_equals_transfusion_built_from_the_same_pieces():
+    """The composition is the whole of MonoFormer: a Transfusion given its pieces by hand has the same
+    weights (same keys, same init under one seed) and the same loss and samples."""
+    from mmgen_pytorch import PatchedLatents, Transfusion
+    from mmgen_pytorch.transfusion import InputAdaLN
+
+    torch.manual_seed(0)
+    mono = tiny(max_prompt_length=8).eval()
+    torch.manual_seed(0)
+    wired = Transfusion(num_text_tokens=8, transformer=dict(dim=32, depth=2, heads=2, attn_backend="sdpa"),
+                        modalities=[PatchedLatents(latent_channels=4, latent_size=(4, 4), patch_size=2)],
+                        time_injection=InputAdaLN(dim=32), objective=GaussianObjective(), positions="flat",
+                        uncond_text="empty", text_loss="rows_without_modality", text_loss_weight=0.01,
+                        max_prompt_length=8).eval()
+    expected, got = mono.state_dict(), wired.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    batch = [[PROMPTS[0], randn(4, 4, 4)], [PROMPTS[1]]]
+    losses = []
+    for model in (mono, wired):
+        torch.manual_seed(1)
+        losses.append(model(batch))
+    assert torch.equal(*losses)
+    samples = [model.sample([[PROMPTS[0]]], max_length=16, cfg_scale=2.0, modality_steps=3,
+                            force_modality_at_start=0, max_modalities=1, generator=3, progress=False)
+               for model in (mono, wired)]
+    assert torch.equal(samples[0][0][-1][1], samples[1][0][-1][1])
+
+
+def test_patch_layers_take_flat_and_grid_positions_alike():
+    from mmgen_pytorch import PatchedLatents
+
+    layers = PatchedLatents(latent_channels=2, latent_size=(4, 6), patch_size=2).build_layers(dim=16, output_dim=8,
+                                                                                              axes=2)
+    values = randn(6, 8)
+    rows, columns = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
+    grid = torch.stack((rows.flatten(), columns.flatten()), dim=1)
+    assert torch.equal(layers.embed(values, grid), layers.embed(values, torch.arange(6)[:, None]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(positions="diagonal"), r"`positions` must be one of \['grid', 'flat'\].*got 'diagonal'"),
+    (dict(uncond_text="none"), r"`uncond_text` must be one of \['null', 'empty'\]"),
+    (dict(text_loss="some_rows"), r"`text_loss` must be one of"),
+    (dict(max_prompt_length=0), r"`max_prompt_length` must be None or positive"),
+    (dict(modalities=[(4, 4)]), r"`modalities` must be a non-empty list of modality records"),
+    (dict(modalities=[], dim_latent=4), r"`modalities`"),
+])
+def test_transfusion_pieces_are_checked(kwargs, message):
+    from mmgen_pytorch import Transfusion
+
+    with pytest.raises(ValueError, match=message):
+        Transfusion(num_text_tokens=8, transformer=dict(dim=32, depth=1, heads=2), **kwargs)
+
+
+def test_modalities_and_per_modality_arguments_do_not_mix():
+    from mmgen_pytorch import ModalitySpec, Transfusion
+
+    with pytest.raises(ValueError, match=r"either `modalities` or the per-modality arguments.*dim_latent"):
+        Transfusion(num_text_tokens=8, transformer=dict(dim=32, depth=1, heads=2), dim_latent=4,
+                    modalities=[ModalitySpec(dim_latent=4)])

@@ -48,3 +48,18 @@ def test_dnd_is_llamagen_with_depth_heads_through_public_pieces_only():
     assert private == [], private
     assert not hasattr(LlamaGen, "final_head")
     assert issubclass(NextCodeHead, CodeHeads) and issubclass(DepthHeads, CodeHeads)
+
+
+def test_monoformer_is_transfusion_wired_with_other_pieces():
+    """MonoFormer chooses Transfusion's pieces (objective, time injection, modality record, enums) and
+    overrides no method of it; Transfusion carries no MonoFormer-only string option."""
+    import inspect
+
+    from mmgen_pytorch import MonoFormer, Transfusion
+
+    overridden = sorted(name for name, value in vars(MonoFormer).items()
+                        if callable(value) and name != "__init__" and hasattr(Transfusion, name))
+    assert overridden == [], overridden
+    options = set(inspect.signature(Transfusion.__init__).parameters)
+    assert not options & {"flat_positions", "text_loss_on_modality_rows", "time_sampling", "ode_method"}
+    assert not hasattr(Transfusion, "flow") and not hasattr(Transfusion, "_build_modality_layers")
