@@ -123,15 +123,7 @@ def test_round_trip_gives_bitwise_equal_outputs(name, tmp_path, no_pickle):
     record = json.loads((folder / "config.json").read_text())
     assert record["class"] == type(model).__name__ and record["required"] == {}
     assert type(loaded) is type(model) and not loaded.training
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    outputs = []
-    for candidate in (model, loaded):
-        seed_everything(1)
-        outputs.append(tensors(run(candidate)))
-    assert len(outputs[0]) > 0 and len(outputs[0]) == len(outputs[1])
-    for a, b in zip(*outputs):  # bitwise; NaN (a per-sample loss a sample does not have) equals NaN
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert_same_model(model, loaded, run)
 
 
 def test_load_model_builds_the_saved_class(tmp_path):
@@ -253,15 +245,7 @@ def test_folders_saved_with_the_earlier_head_keys_load_bit_exactly(name, tmp_pat
     keys = with_earlier_keys(folder / "model.safetensors")
     assert {"to_logits.weight"} <= keys if name == "llamagen_c2i" else {"depth_heads.1.norm.weight"} <= keys
 
-    loaded = type(model).load(folder)
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    outputs = []
-    for candidate in (model, loaded):
-        seed_everything(1)
-        outputs.append(tensors(run(candidate)))
-    for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_model(model, type(model).load(folder), run)
 
 
 def test_transfusion_folders_of_earlier_versions_load_bit_exactly(tmp_path):
@@ -308,8 +292,9 @@ def assert_same_model(model, loaded, run):
     for candidate in (model, loaded):
         seed_everything(1)
         outputs.append(tensors(run(candidate)))
-    for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # nan: a sample without that modality
+    assert len(outputs[0]) > 0 and len(outputs[0]) == len(outputs[1])
+    for a, b in zip(*outputs):  # bitwise; NaN (a per-sample loss a sample does not have) equals NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_training_states_saved_with_the_earlier_head_keys_resume(tmp_path):
