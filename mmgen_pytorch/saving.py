@@ -50,7 +50,7 @@ def _qualified_name(cls: type) -> str:
 
 class Configurable:
     """Mixin that records the outermost constructor's arguments, so that an instance passed to a model's
-    constructor (an objective, a time injection, a modality adapter) is written into ``config.json`` as
+    constructor (an objective, a time injection, code heads) is written into ``config.json`` as
     its class and arguments and rebuilt on load."""
 
     def __init_subclass__(cls, **kwargs):

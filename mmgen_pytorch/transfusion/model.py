@@ -85,7 +85,8 @@ class Transfusion(Checkpointable, nn.Module):
                  modality_loss_weights: Optional[Sequence[float]] = None, prob_uncond: float = 0.1,
                  ignore_index: int = -1, attn_backend: str = "auto",
                  objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
-                 positions: Union[str, Positions] = Positions.GRID, uncond_text: Union[str, UncondText] = UncondText.NULL,
+                 positions: Union[str, Positions] = Positions.GRID,
+                 uncond_text: Union[str, UncondText] = UncondText.NULL,
                  text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
