@@ -39,6 +39,7 @@ class-unconditionally (``labels=None``), or a DnDTransformer whose last head is 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -254,6 +255,7 @@ def train(args) -> None:
                     save_checkpoint(state, args, index)
     finally:
         if started:
+            gc.collect()  # DDP / FSDP state in reference cycles holds the group: free it before the group goes
             dist.destroy_process_group()
 
 

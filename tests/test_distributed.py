@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -238,6 +239,9 @@ def worker(rank: int, port: int, out: str) -> None:
             check_fsdp(name, rank)
         run_example(out)
     finally:
+        # FSDP / DDP state that still refers to the gloo group sits in reference cycles; left to the
+        # interpreter's exit, gloo's threads are torn down mid-finalisation and the rank aborts
+        gc.collect()
         dist.destroy_process_group()
 
 
