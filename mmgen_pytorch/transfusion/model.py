@@ -31,6 +31,7 @@ from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
+from .enc_dec import TrainableEncDec
 from .modalities import ModalityFormat, check_modality_formats, modality_specs
 from .noising import NoisedGroup, NoiseInput, TimesInput, noise_groups
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
@@ -87,10 +88,12 @@ class Transfusion(Checkpointable, nn.Module):
                  objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
                  positions: Union[str, Positions] = Positions.GRID,
                  uncond_text: Union[str, UncondText] = UncondText.NULL,
-                 text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None):
+                 text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None,
+                 pre_post_transformer_enc_dec=None, modality_encoder_decoder_requires_batch_dim: bool = True,
+                 to_modality_shape_fn=None, fallback_to_default_shape_if_invalid: bool = False):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
-        check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
+        check(0.0 <= prob_uncond <= 1.0, f"`prob_uncond` must be in [0, 1], got {prob_uncond}")
         check(max_prompt_length is None or max_prompt_length > 0,
               f"`max_prompt_length` must be None or positive, got {max_prompt_length}")
         positions = as_enum(Positions, positions, "positions")
@@ -100,11 +103,16 @@ class Transfusion(Checkpointable, nn.Module):
         self.modalities: Tuple[ModalityFormat, ...] = self._modality_records(
             modalities, transformer_dim, dim_latent=dim_latent, channel_first_latent=channel_first_latent,
             modality_default_shape=modality_default_shape, modality_num_dim=modality_num_dim,
-            modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb)
+            modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb,
+            pre_post_transformer_enc_dec=pre_post_transformer_enc_dec,
+            batch_dim=modality_encoder_decoder_requires_batch_dim)
         num_modalities = self.num_modalities = len(self.modalities)
         self.vocab = Vocabulary(num_text_tokens, num_modalities)
         self.time_injection = default(time_injection, PerBlockAdaLN())
         flat = positions is Positions.FLAT
+        check(not flat or not any(isinstance(m, TrainableEncDec) for m in self.modalities),
+              "`pre_post_transformer_enc_dec` needs grid positions (`positions='grid'`): its encoder sees each "
+              "modality's grid")
         self.rotary_axes = 1 if flat else max([1] + [m.rank for m in self.modalities if m.rank is not None])
         self.placement = Placement(axes=self.rotary_axes, flat=flat, time_tokens=self.time_injection.time_tokens)
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
@@ -122,9 +130,10 @@ class Transfusion(Checkpointable, nn.Module):
         self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
 
     @staticmethod
-    def _modality_records(modalities, transformer_dim: int, **per_argument_lists) -> Tuple[ModalityFormat, ...]:
+    def _modality_records(modalities, transformer_dim: int, *, batch_dim: bool,
+                          **per_argument_lists) -> Tuple[ModalityFormat, ...]:
         if modalities is None:
-            return modality_specs(**{**per_argument_lists,
+            return modality_specs(**{**per_argument_lists, "modality_encoder_decoder_requires_batch_dim": batch_dim,
                                      "dim_latent": default(per_argument_lists["dim_latent"], transformer_dim)})
         given = [name for name, value in per_argument_lists.items() if value is not None and value is not False]
         check(not given, f"give either `modalities` or the per-modality arguments, not both (got {given})")
@@ -280,7 +289,7 @@ class Transfusion(Checkpointable, nn.Module):
         text_logits = self.to_text_logits(hidden)
         if text_only:
             text_logits = text_logits[..., :self.vocab.num_text_tokens]
-        outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times) for g in groups]
+        outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times, coords=g.coords) for g in groups]
         if not return_loss:
             return text_logits, outputs
         breakdown = self._losses(packed, text_logits, outputs, groups)
@@ -378,15 +387,17 @@ class Transfusion(Checkpointable, nn.Module):
         """``[t]`` times -> their embeddings ``[t, dim]``."""
         return self.time_emb(self.objective.time_embedding_input(times))
 
-    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor:
+    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor,
+                        coords: Optional[Tensor] = None) -> Tensor:
         """The objective's prediction (``[k, output_dim]``, float32) at latent tokens ``flat_index`` whose
-        times are ``times [k]`` (used only by modality layers that are ``time_conditioned``)."""
+        times are ``times [k]`` (used only by modality layers that are ``time_conditioned``) and whose
+        coordinates in their modality are ``coords [k, axes]`` (needed by trainable decoders)."""
         layers = self.modality_layers[modality]
         tokens = hidden.reshape(-1, self.dim)[flat_index]
         if not layers.time_conditioned:
-            return layers.output(tokens, None, None).float()
+            return layers.output(tokens, None, None, coords).float()
         distinct, rows = torch.unique(times, return_inverse=True)
-        return layers.output(tokens, self.embed_times(distinct), rows).float()
+        return layers.output(tokens, self.embed_times(distinct), rows, coords).float()
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""

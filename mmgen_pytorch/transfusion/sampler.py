@@ -346,7 +346,8 @@ class Sampler:
         step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
                      [LatentRun(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
         hidden = self.decoder.write(step) if write else self.decoder.read(step)
-        return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat]).view(*x.shape[:-1], -1)
+        return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat],
+                                          coords=coords).view(*x.shape[:-1], -1)
 
 
 def forced_tokens(model, force_modality_at_start) -> List[int]:
