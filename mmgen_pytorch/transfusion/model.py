@@ -18,6 +18,7 @@ overriding a method (MonoFormer, :mod:`mmgen_pytorch.monoformer`):
 
 from __future__ import annotations
 
+import warnings
 from enum import Enum
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -118,6 +119,8 @@ class Transfusion(Checkpointable, nn.Module):
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
         self.prob_uncond, self.ignore_index, self.max_prompt_length = prob_uncond, ignore_index, max_prompt_length
+        self.to_modality_shape_fn = self._shape_functions(to_modality_shape_fn)
+        self.fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid
         self.objective = default(objective, RectifiedFlow())
 
         self.transformer = self._build_transformer(transformer, attn_backend)
@@ -138,6 +141,23 @@ class Transfusion(Checkpointable, nn.Module):
         given = [name for name, value in per_argument_lists.items() if value is not None and value is not False]
         check(not given, f"give either `modalities` or the per-modality arguments, not both (got {given})")
         return check_modality_formats(modalities)
+
+    def _shape_functions(self, to_modality_shape_fn) -> Tuple[Optional[Any], ...]:
+        """One ``[meta]`` text -> shape function (or None: ``"3,3"`` -> ``(3, 3)``) per modality."""
+        functions = (tuple(to_modality_shape_fn) if isinstance(to_modality_shape_fn, (list, tuple))
+                     else (to_modality_shape_fn,) * self.num_modalities)
+        check(len(functions) == self.num_modalities and all(f is None or callable(f) for f in functions),
+              f"`to_modality_shape_fn` must be a function (text -> shape) or one per modality "
+              f"({self.num_modalities}), got {describe(to_modality_shape_fn)}")
+        return functions
+
+    def create_ema(self, beta: float = 0.99, **ema_kwargs):
+        """An ``ema_pytorch.EMA`` of this model (``beta`` and every other keyword of ``EMA`` passed on),
+        whose ``sample`` / ``generate_*`` methods run the averaged model."""
+        from ema_pytorch import EMA
+        names = ("sample", "sample_one", "sample_many", "generate_text_only", "generate_modality_only")
+        ema_kwargs.setdefault("forward_method_names", tuple(n for n in names if hasattr(self, n)))
+        return EMA(self, beta=beta, **ema_kwargs)
 
     # saved folders of earlier versions
 
@@ -398,6 +418,28 @@ class Transfusion(Checkpointable, nn.Module):
             return layers.output(tokens, None, None, coords).float()
         distinct, rows = torch.unique(times, return_inverse=True)
         return layers.output(tokens, self.embed_times(distinct), rows, coords).float()
+
+    def emitted_shape(self, modality: int, ids: Sequence[int]) -> Optional[Shape]:
+        """The shape the ``[meta]`` text ``ids`` spells for ``modality`` (through its
+        ``to_modality_shape_fn``), or None (then the default shape) when it is no valid shape. A shape of
+        the wrong rank raises unless ``fallback_to_default_shape_if_invalid``; every fallback warns."""
+        text = "".join(chr(i - self.vocab.first_char) if self.vocab.first_char <= i < self.vocab.size else "\ufffd"
+                       for i in ids)
+        function, rank = self.to_modality_shape_fn[modality], self.modalities[modality].rank
+        try:
+            shape = tuple(function(text)) if function is not None else self.vocab.parse_shape(ids)
+        except (ValueError, TypeError):
+            shape = None
+        valid_sizes = shape is not None and all(isinstance(s, int) and s > 0 for s in shape)
+        if valid_sizes and (rank is None or len(shape) == rank):
+            return shape
+        check(not valid_sizes or self.fallback_to_default_shape_if_invalid,
+              f"modality {modality}: the sampled shape {shape} has {len(shape or ())} dimensions, the modality "
+              f"{rank}; build the model with `fallback_to_default_shape_if_invalid=True` to use its default shape "
+              f"{self.modalities[modality].default_shape}, or pass `fixed_modality_shape`")
+        warnings.warn(f"modality {modality}: the sampled shape text {text!r} is no valid shape; using the "
+                      f"default shape {self.modalities[modality].default_shape}", stacklevel=2)
+        return None
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""
