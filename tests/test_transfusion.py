@@ -110,11 +110,16 @@ def test_model_emitted_shape_is_used():
 
 
 def test_invalid_emitted_shape_falls_back_to_default_and_fixed_shape_wins():
-    model = tiny().eval()
+    model = tiny(fallback_to_default_shape_if_invalid=True).eval()
     vocab = model.vocab
     scripted_logits(model, [vocab.meta, *vocab.shape_ids((3,)), vocab.som(0)])  # rank 1 for a rank-2 modality
-    sample = model.sample(max_length=64, cfg_scale=1.0, progress=False)
+    with pytest.warns(UserWarning, match="default shape"):
+        sample = model.sample(max_length=64, cfg_scale=1.0, progress=False)
     assert [tuple(i[1].shape) for i in sample if isinstance(i, tuple)] == [(2, 2, 8)]
+    model.fallback_to_default_shape_if_invalid = False  # transfusion-pytorch's default: a clear error
+    scripted_logits(model, [vocab.meta, *vocab.shape_ids((3,)), vocab.som(0)])
+    with pytest.raises(ValueError, match="fallback_to_default_shape_if_invalid"):
+        model.sample(max_length=64, cfg_scale=1.0, progress=False)
     scripted_logits(model, [vocab.meta, *vocab.shape_ids((3, 1)), vocab.som(0)])
     sample = model.sample(max_length=64, cfg_scale=1.0, fixed_modality_shape=(1, 2), progress=False)
     assert [tuple(i[1].shape) for i in sample if isinstance(i, tuple)] == [(1, 2, 8)]

@@ -1,9 +1,12 @@
+from .enc_dec import EncDecLayers, TrainableEncDec
 from .modalities import LinearLayers, ModalityFormat, ModalityLayers, ModalitySpec
 from .model import LossBreakdown, TextLoss, Transfusion, print_modality_sample
 from .packing import Positions, UncondText, Vocabulary
 from .patches import PatchedLatents, PatchLayers
+from .self_flow import SelfMaskedRepTraining
 from .time_injection import InputAdaLN, PerBlockAdaLN, TimeInjection, TimeToken
 
-__all__ = ["InputAdaLN", "LinearLayers", "LossBreakdown", "ModalityFormat", "ModalityLayers", "ModalitySpec",
-           "PatchLayers", "PatchedLatents", "PerBlockAdaLN", "Positions", "TextLoss", "TimeInjection", "TimeToken",
-           "Transfusion", "UncondText", "Vocabulary", "print_modality_sample"]
+__all__ = ["EncDecLayers", "InputAdaLN", "LinearLayers", "LossBreakdown", "ModalityFormat", "ModalityLayers",
+           "ModalitySpec", "PatchLayers", "PatchedLatents", "PerBlockAdaLN", "Positions", "SelfMaskedRepTraining",
+           "TextLoss", "TimeInjection", "TimeToken", "TrainableEncDec", "Transfusion", "UncondText", "Vocabulary",
+           "print_modality_sample"]

@@ -35,9 +35,11 @@ class ModalityLayers(nn.Module):
         """``[k, dim_latent]`` latent tokens and their coordinates in the modality ``[k, axes]`` -> ``[k, dim]``."""
         raise NotImplementedError
 
-    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor],
+               coords: Optional[Tensor] = None) -> Tensor:
         """``[k, dim]`` hidden states of latent tokens -> the objective's prediction ``[k, output_dim]``;
-        ``time_table [t, dim]`` and each token's row in it ``rows [k]`` when ``time_conditioned``."""
+        ``time_table [t, dim]`` and each token's row in it ``rows [k]`` when ``time_conditioned``;
+        ``coords [k, axes]`` the tokens' coordinates in their modality (as ``embed`` got them)."""
         raise NotImplementedError
 
 
@@ -66,9 +68,10 @@ class ModalityFormat(Protocol):
 class FrozenWrapper(nn.Module):
     """Holds a frozen encoder/decoder without exposing its parameters to optimisers or state dicts."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, *, batch_dim: bool = True):
         super().__init__()
         self._module = [module]  # a list keeps it out of .parameters() and .state_dict()
+        self.batch_dim = batch_dim  # the module takes (and returns) a batch of one
         module.requires_grad_(False).eval()
 
     @property
@@ -78,7 +81,7 @@ class FrozenWrapper(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         self.module.to(x.device).eval()
-        return self.module(x[None])[0]
+        return self.module(x[None])[0] if self.batch_dim else self.module(x)
 
 
 @dataclass(frozen=True)
@@ -147,30 +150,58 @@ class LinearLayers(ModalityLayers):
             embedded = embedded + self.pos_mlp(coords.to(values.dtype))
         return embedded
 
-    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor],
+               coords: Optional[Tensor] = None) -> Tensor:
         return self.to_output(hidden)
 
 
 def modality_specs(*, dim_latent, channel_first_latent=False, modality_default_shape=None, modality_num_dim=None,
-                   modality_encoder=None, modality_decoder=None, add_pos_emb=False) -> Tuple[ModalitySpec, ...]:
+                   modality_encoder=None, modality_decoder=None, add_pos_emb=False,
+                   modality_encoder_decoder_requires_batch_dim=True,
+                   pre_post_transformer_enc_dec=None) -> Tuple[ModalityFormat, ...]:
     """transfusion-pytorch's constructor arguments (each one value for every modality, or a list with one
-    per modality; ``dim_latent`` decides how many) -> one :class:`ModalitySpec` per modality."""
+    per modality; ``dim_latent`` decides how many) -> one :class:`ModalitySpec` per modality (wrapped in
+    :class:`~mmgen_pytorch.transfusion.enc_dec.TrainableEncDec` where ``pre_post_transformer_enc_dec``
+    gives it an (encoder, decoder) pair)."""
+    from .enc_dec import TrainableEncDec
     dims = tuple(dim_latent) if isinstance(dim_latent, (list, tuple)) else (dim_latent,)
     count = len(dims)
     shapes = [None if s is None else tuple(s) for s in _per_modality(modality_default_shape, count,
                                                                      "modality_default_shape")]
     ranks = (_per_modality(modality_num_dim, count, "modality_num_dim") if modality_num_dim is not None
              else [None] * count)
-    return tuple(
+    for index, (shape, rank) in enumerate(zip(shapes, ranks)):
+        check(shape is None or rank is None or len(shape) == rank,
+              f"`modality_default_shape` {shape} of modality {index} has {len(shape or ())} dimensions, but "
+              f"`modality_num_dim` says {rank}")
+    batch_dim = modality_encoder_decoder_requires_batch_dim
+    frozen = [[FrozenWrapper(m, batch_dim=batch_dim) if m is not None else None
+               for m in _per_modality(modules, count, name)]
+              for modules, name in ((modality_encoder, "modality_encoder"), (modality_decoder, "modality_decoder"))]
+    specs = tuple(
         ModalitySpec(dim_latent=dim, channel_first=first, default_shape=shape,
                      rank=rank if rank is not None else (len(shape) if shape is not None else None),
-                     encoder=FrozenWrapper(encoder) if encoder is not None else None,
-                     decoder=FrozenWrapper(decoder) if decoder is not None else None, add_pos_emb=pos)
+                     encoder=encoder, decoder=decoder, add_pos_emb=pos)
         for dim, first, shape, rank, encoder, decoder, pos in zip(
-            dims, _per_modality(channel_first_latent, count, "channel_first_latent"), shapes, ranks,
-            _per_modality(modality_encoder, count, "modality_encoder"),
-            _per_modality(modality_decoder, count, "modality_decoder"),
+            dims, _per_modality(channel_first_latent, count, "channel_first_latent"), shapes, ranks, *frozen,
             _per_modality(add_pos_emb, count, "add_pos_emb")))
+    pairs = _enc_dec_pairs(pre_post_transformer_enc_dec, count)
+    return tuple(spec if pair is None else TrainableEncDec(spec, encoder=pair[0], decoder=pair[1])
+                 for spec, pair in zip(specs, pairs))
+
+
+def _enc_dec_pairs(value, count: int) -> Sequence:
+    """``pre_post_transformer_enc_dec``: None, one (encoder, decoder) pair for every modality, or one pair
+    (or None) per modality."""
+    name = "pre_post_transformer_enc_dec"
+    is_pair = lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(m, nn.Module) for m in v)
+    if value is None or is_pair(value):
+        return (value,) * count
+    check(isinstance(value, (list, tuple)) and all(v is None or is_pair(v) for v in value),
+          f"`{name}` must be an (encoder, decoder) pair of modules or one pair (or None) per modality, "
+          f"got {describe(value)}")
+    check(len(value) == count, f"`{name}` needs one entry per modality ({count}), got {len(value)}")
+    return tuple(value)
 
 
 def check_modality_formats(modalities) -> Tuple[ModalityFormat, ...]:
@@ -186,8 +217,10 @@ def check_modality_formats(modalities) -> Tuple[ModalityFormat, ...]:
 def _per_modality(value, count: int, name: str) -> Sequence:
     """One value for every modality, or a list with one per modality (a default shape is itself a tuple
     of ints, so only a list of shapes is per modality)."""
-    per_modality = isinstance(value, (list, tuple)) and not (
-        name == "modality_default_shape" and value and isinstance(value[0], int))
+    one_shape = (name == "modality_default_shape" and isinstance(value, (list, tuple))
+                 and all(isinstance(size, int) for size in value)
+                 and (len(value) > 0 or isinstance(value, tuple)))  # (): one 0-dim modality
+    per_modality = isinstance(value, (list, tuple)) and not one_shape
     values = tuple(value) if per_modality else (value,) * count
     check(len(values) == count, f"`{name}` needs one entry per modality ({count}), got {len(values)}")
     return values

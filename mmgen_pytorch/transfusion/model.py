@@ -18,6 +18,7 @@ overriding a method (MonoFormer, :mod:`mmgen_pytorch.monoformer`):
 
 from __future__ import annotations
 
+import warnings
 from enum import Enum
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -31,6 +32,7 @@ from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding
+from .enc_dec import TrainableEncDec
 from .modalities import ModalityFormat, check_modality_formats, modality_specs
 from .noising import NoisedGroup, NoiseInput, TimesInput, noise_groups
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
@@ -87,10 +89,12 @@ class Transfusion(Checkpointable, nn.Module):
                  objective: Optional[ContinuousObjective] = None, time_injection: Optional[TimeInjection] = None,
                  positions: Union[str, Positions] = Positions.GRID,
                  uncond_text: Union[str, UncondText] = UncondText.NULL,
-                 text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None):
+                 text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None,
+                 pre_post_transformer_enc_dec=None, modality_encoder_decoder_requires_batch_dim: bool = True,
+                 to_modality_shape_fn=None, fallback_to_default_shape_if_invalid: bool = False):
         super().__init__()
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
-        check(0.0 <= prob_uncond < 1.0, f"`prob_uncond` must be in [0, 1), got {prob_uncond}")
+        check(0.0 <= prob_uncond <= 1.0, f"`prob_uncond` must be in [0, 1], got {prob_uncond}")
         check(max_prompt_length is None or max_prompt_length > 0,
               f"`max_prompt_length` must be None or positive, got {max_prompt_length}")
         positions = as_enum(Positions, positions, "positions")
@@ -100,16 +104,23 @@ class Transfusion(Checkpointable, nn.Module):
         self.modalities: Tuple[ModalityFormat, ...] = self._modality_records(
             modalities, transformer_dim, dim_latent=dim_latent, channel_first_latent=channel_first_latent,
             modality_default_shape=modality_default_shape, modality_num_dim=modality_num_dim,
-            modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb)
+            modality_encoder=modality_encoder, modality_decoder=modality_decoder, add_pos_emb=add_pos_emb,
+            pre_post_transformer_enc_dec=pre_post_transformer_enc_dec,
+            batch_dim=modality_encoder_decoder_requires_batch_dim)
         num_modalities = self.num_modalities = len(self.modalities)
         self.vocab = Vocabulary(num_text_tokens, num_modalities)
         self.time_injection = default(time_injection, PerBlockAdaLN())
         flat = positions is Positions.FLAT
+        check(not flat or not any(isinstance(m, TrainableEncDec) for m in self.modalities),
+              "`pre_post_transformer_enc_dec` needs grid positions (`positions='grid'`): its encoder sees each "
+              "modality's grid")
         self.rotary_axes = 1 if flat else max([1] + [m.rank for m in self.modalities if m.rank is not None])
         self.placement = Placement(axes=self.rotary_axes, flat=flat, time_tokens=self.time_injection.time_tokens)
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
         self.prob_uncond, self.ignore_index, self.max_prompt_length = prob_uncond, ignore_index, max_prompt_length
+        self.to_modality_shape_fn = self._shape_functions(to_modality_shape_fn)
+        self.fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid
         self.objective = default(objective, RectifiedFlow())
 
         self.transformer = self._build_transformer(transformer, attn_backend)
@@ -122,13 +133,31 @@ class Transfusion(Checkpointable, nn.Module):
         self.to_text_logits = nn.Linear(dim, self.vocab.size, bias=False)
 
     @staticmethod
-    def _modality_records(modalities, transformer_dim: int, **per_argument_lists) -> Tuple[ModalityFormat, ...]:
+    def _modality_records(modalities, transformer_dim: int, *, batch_dim: bool,
+                          **per_argument_lists) -> Tuple[ModalityFormat, ...]:
         if modalities is None:
-            return modality_specs(**{**per_argument_lists,
+            return modality_specs(**{**per_argument_lists, "modality_encoder_decoder_requires_batch_dim": batch_dim,
                                      "dim_latent": default(per_argument_lists["dim_latent"], transformer_dim)})
         given = [name for name, value in per_argument_lists.items() if value is not None and value is not False]
         check(not given, f"give either `modalities` or the per-modality arguments, not both (got {given})")
         return check_modality_formats(modalities)
+
+    def _shape_functions(self, to_modality_shape_fn) -> Tuple[Optional[Any], ...]:
+        """One ``[meta]`` text -> shape function (or None: ``"3,3"`` -> ``(3, 3)``) per modality."""
+        functions = (tuple(to_modality_shape_fn) if isinstance(to_modality_shape_fn, (list, tuple))
+                     else (to_modality_shape_fn,) * self.num_modalities)
+        check(len(functions) == self.num_modalities and all(f is None or callable(f) for f in functions),
+              f"`to_modality_shape_fn` must be a function (text -> shape) or one per modality "
+              f"({self.num_modalities}), got {describe(to_modality_shape_fn)}")
+        return functions
+
+    def create_ema(self, beta: float = 0.99, **ema_kwargs):
+        """An ``ema_pytorch.EMA`` of this model (``beta`` and every other keyword of ``EMA`` passed on),
+        whose ``sample`` / ``generate_*`` methods run the averaged model."""
+        from ema_pytorch import EMA
+        names = ("sample", "sample_one", "sample_many", "generate_text_only", "generate_modality_only")
+        ema_kwargs.setdefault("forward_method_names", tuple(n for n in names if hasattr(self, n)))
+        return EMA(self, beta=beta, **ema_kwargs)
 
     # saved folders of earlier versions
 
@@ -280,7 +309,7 @@ class Transfusion(Checkpointable, nn.Module):
         text_logits = self.to_text_logits(hidden)
         if text_only:
             text_logits = text_logits[..., :self.vocab.num_text_tokens]
-        outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times) for g in groups]
+        outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times, coords=g.coords) for g in groups]
         if not return_loss:
             return text_logits, outputs
         breakdown = self._losses(packed, text_logits, outputs, groups)
@@ -378,15 +407,39 @@ class Transfusion(Checkpointable, nn.Module):
         """``[t]`` times -> their embeddings ``[t, dim]``."""
         return self.time_emb(self.objective.time_embedding_input(times))
 
-    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor:
+    def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor,
+                        coords: Optional[Tensor] = None) -> Tensor:
         """The objective's prediction (``[k, output_dim]``, float32) at latent tokens ``flat_index`` whose
-        times are ``times [k]`` (used only by modality layers that are ``time_conditioned``)."""
+        times are ``times [k]`` (used only by modality layers that are ``time_conditioned``) and whose
+        coordinates in their modality are ``coords [k, axes]`` (needed by trainable decoders)."""
         layers = self.modality_layers[modality]
         tokens = hidden.reshape(-1, self.dim)[flat_index]
         if not layers.time_conditioned:
-            return layers.output(tokens, None, None).float()
+            return layers.output(tokens, None, None, coords).float()
         distinct, rows = torch.unique(times, return_inverse=True)
-        return layers.output(tokens, self.embed_times(distinct), rows).float()
+        return layers.output(tokens, self.embed_times(distinct), rows, coords).float()
+
+    def emitted_shape(self, modality: int, ids: Sequence[int]) -> Optional[Shape]:
+        """The shape the ``[meta]`` text ``ids`` spells for ``modality`` (through its
+        ``to_modality_shape_fn``), or None (then the default shape) when it is no valid shape. A shape of
+        the wrong rank raises unless ``fallback_to_default_shape_if_invalid``; every fallback warns."""
+        text = "".join(chr(i - self.vocab.first_char) if self.vocab.first_char <= i < self.vocab.size else "\ufffd"
+                       for i in ids)
+        function, rank = self.to_modality_shape_fn[modality], self.modalities[modality].rank
+        try:
+            shape = tuple(function(text)) if function is not None else self.vocab.parse_shape(ids)
+        except (ValueError, TypeError):
+            shape = None
+        valid_sizes = shape is not None and all(isinstance(s, int) and s > 0 for s in shape)
+        if valid_sizes and (rank is None or len(shape) == rank):
+            return shape
+        check(not valid_sizes or self.fallback_to_default_shape_if_invalid,
+              f"modality {modality}: the sampled shape {shape} has {len(shape or ())} dimensions, the modality "
+              f"{rank}; build the model with `fallback_to_default_shape_if_invalid=True` to use its default shape "
+              f"{self.modalities[modality].default_shape}, or pass `fixed_modality_shape`")
+        warnings.warn(f"modality {modality}: the sampled shape text {text!r} is no valid shape; using the "
+                      f"default shape {self.modalities[modality].default_shape}", stacklevel=2)
+        return None
 
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape:
         """Fixed shape if forced, else the emitted one, else the default (error if none)."""

@@ -125,7 +125,8 @@ class PatchLayers(ModalityLayers):
         """A token's row-major index in the grid: flat positions give it, grid positions give (row, column)."""
         return coords[:, 0] if coords.shape[1] == 1 else coords[:, 0] * self.grid[1] + coords[:, 1]
 
-    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor]) -> Tensor:
+    def output(self, hidden: Tensor, time_table: Optional[Tensor], rows: Optional[Tensor],
+               coords: Optional[Tensor] = None) -> Tensor:
         p = self.patch_size
         out = self.final_layer(hidden, time_table, rows)
         return rearrange(out, "k (ph pw parts c) -> k (parts c ph pw)", ph=p, pw=p, parts=self.parts)

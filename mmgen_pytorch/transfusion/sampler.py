@@ -53,6 +53,7 @@ class SamplingModel(Protocol):
     def modality_output(self, hidden: Tensor, modality: int, flat_index: Tensor, times: Tensor) -> Tensor: ...
     def decode_modality(self, modality: int, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor: ...
     def shape_for(self, modality: int, emitted: Optional[Shape], fixed: Optional[Shape]) -> Shape: ...
+    def emitted_shape(self, modality: int, ids: Sequence[int]) -> Optional[Shape]: ...
     def check_shape(self, modality: int, shape, *, name: str) -> Shape: ...
     def check_modality_type(self, modality, *, name: str = "modality_type") -> int: ...
 
@@ -208,7 +209,7 @@ class Sampler:
         if self.vocab.meta not in fed:
             return None
         meta = len(fed) - 1 - fed[::-1].index(self.vocab.meta)
-        return self.vocab.parse_shape(fed[meta + 1:-1], rank=self.model.modalities[modality].rank)
+        return self.model.emitted_shape(modality, fed[meta + 1:-1])
 
     # text
 
@@ -346,7 +347,8 @@ class Sampler:
         step = Chunk(chunk.token_ids, chunk.positions, chunk.layout,
                      [LatentRun(modality, flat, x.reshape(-1, x.shape[-1]), coords)], times)
         hidden = self.decoder.write(step) if write else self.decoder.read(step)
-        return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat]).view(*x.shape[:-1], -1)
+        return self.model.modality_output(hidden, modality, flat, times.view(-1)[flat],
+                                          coords=coords).view(*x.shape[:-1], -1)
 
 
 def forced_tokens(model, force_modality_at_start) -> List[int]:
