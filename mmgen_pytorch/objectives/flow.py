@@ -163,6 +163,11 @@ def upstream_flow_objective(objective: Optional[ContinuousObjective], *, model_o
     check(odeint_kwargs is None or isinstance(odeint_kwargs, Mapping),
           f"`odeint_kwargs` must be a dict of torchdiffeq odeint keywords, got {describe(odeint_kwargs)}")
     odeint_kwargs = dict(odeint_kwargs or {})
+    unknown = sorted(set(odeint_kwargs) - {"method", *ODE_OPTIONS})
+    check(not unknown, f"`odeint_kwargs` takes torchdiffeq's odeint keywords method, {', '.join(ODE_OPTIONS)}; "
+                       f"got {unknown}")
+    check(odeint_kwargs.get("method", "midpoint") in ODE_METHODS,
+          f"`odeint_kwargs['method']` must be one of torchdiffeq's {ODE_METHODS}, got {odeint_kwargs.get('method')!r}")
     wanted = {"prediction": None if model_output_clean is None else ("clean" if model_output_clean else "velocity"),
               "eps": eps, "ode_method": odeint_kwargs.pop("method", None),
               "ode_kwargs": odeint_kwargs or None}

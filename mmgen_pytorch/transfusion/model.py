@@ -436,9 +436,10 @@ class Transfusion(Checkpointable, nn.Module):
         """The teacher's velocity at every latent token, ``delta`` later on the same noise paths, with the
         same packed sequences (the same dropped text)."""
         later = later_groups(groups, teacher.objective, delta)
+        later_times = grid_times(packed, later, teacher.objective)
         with eval_mode(teacher):
             hidden = teacher.run_backbone(packed.token_ids, packed.positions, packed.layout,
-                                          [g.backbone_input() for g in later], grid_times(packed, later, teacher.objective))
+                                          [g.backbone_input() for g in later], later_times)
             return [teacher.objective.velocity(teacher.modality_output(hidden, g.modality, g.flat_index, g.times),
                                                g.noised, g.times) for g in later]
 
@@ -479,7 +480,8 @@ class Transfusion(Checkpointable, nn.Module):
         return decoder.differentiable(latent) if decoder is not None else latent
 
     @staticmethod
-    def _noised_instances(packed: PackedBatch, groups: List[NoisedGroup]) -> Dict[int, List[Tuple[int, Tensor, Shape]]]:
+    def _noised_instances(packed: PackedBatch,
+                          groups: List[NoisedGroup]) -> Dict[int, List[Tuple[int, Tensor, Shape]]]:
         """Per modality type, its noised instances in batch order: (group index, token mask in the group,
         latent grid shape)."""
         instances: Dict[int, List[Tuple[int, Tensor, Shape]]] = {}
