@@ -12,6 +12,8 @@ from torch import nn
 from mmgen_pytorch.objectives import GaussianObjective, RectifiedFlow
 from mmgen_pytorch.transfusion import LossBreakdown, Transfusion, random_modality_length_to_time_fn
 
+from _helpers import assert_close_f32, perturbed
+
 DIM_LATENT, SHAPE, DEPTH = 4, (3,), 2
 
 
@@ -32,9 +34,8 @@ def batch(channel_first: bool = False):
     return data, latents, noise
 
 
-def close(actual, expected, rtol=1e-5):
-    actual, expected = actual.detach(), expected.detach()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+def close(actual, expected):
+    assert_close_f32(actual.detach(), expected.detach())
 
 
 def test_clean_prediction_velocity_is_its_formula():
@@ -110,10 +111,7 @@ class Holder(nn.Module):
 
 def test_velocity_consistency_against_its_formula():
     model = tiny()
-    ema = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    ema = perturbed(copy.deepcopy(model))
     data, latents, noise = batch()
     delta, times = 0.01, [0.3, 0.8]
     # ours at t (1 - delta), the EMA delta later, both on the same noise paths
