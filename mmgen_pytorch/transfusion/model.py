@@ -324,9 +324,9 @@ class Transfusion(Checkpointable, nn.Module):
         packed = self._pack(samples, text_only, prob_uncond)
         if num_modalities_to_times_fn is not None:
             times = times_from_fn(packed, num_modalities_to_times_fn)
+        time_scale = 1.0 - velocity_consistency_delta_time if teacher is not None else 1.0
         groups, token_times = noise_groups(packed, self.objective, [m.dim_latent for m in self.modalities],
-                                           times=times, noise=noise,
-                                           time_scale=1.0 - velocity_consistency_delta_time if teacher is not None else 1.0)
+                                           times=times, noise=noise, time_scale=time_scale)
         hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
                                    [g.backbone_input() for g in groups], token_times, return_hiddens=return_hiddens)
         hidden, hiddens = hidden if return_hiddens else (hidden, None)
