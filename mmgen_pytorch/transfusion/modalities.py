@@ -80,6 +80,10 @@ class FrozenWrapper(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        return self.differentiable(x)
+
+    def differentiable(self, x: Tensor) -> Tensor:
+        """The module on one unbatched tensor with autograd on (its weights stay frozen): a loss through it."""
         self.module.to(x.device).eval()
         return self.module(x[None])[0] if self.batch_dim else self.module(x)
 

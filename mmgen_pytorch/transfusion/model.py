@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import warnings
 from enum import Enum
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,11 @@ from .._utils import (GeneratorLike, as_enum, as_int, check, check_finite, check
 from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
-from ..objectives.flow import RectifiedFlow, TimeEmbedding
+from ..objectives.flow import RectifiedFlow, TimeEmbedding, upstream_flow_objective
 from .enc_dec import TrainableEncDec
 from .modalities import ModalityFormat, check_modality_formats, modality_specs
-from .noising import NoisedGroup, NoiseInput, TimesInput, noise_groups
+from .noising import (NoisedGroup, NoiseInput, TimesFn, TimesInput, grid_times, later_groups, noise_groups,
+                      per_sample_times, times_from_fn)
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
                       Vocabulary, build_training_sequence, pack)
 from .sampler import Sampler, forced_tokens, prompt_as_list
@@ -49,6 +51,10 @@ class LossBreakdown(NamedTuple):
     flow: Tuple[Tensor, ...]        # mean objective (flow / diffusion) loss per modality type (0 where absent)
     text_per_sample: Tensor         # [b] mean text loss of each sample (nan if it has no labels)
     flow_per_sample: Tensor         # [b, M] mean objective loss of each sample per type (nan if absent)
+    # per modality type (0 where absent); None unless forward got `velocity_consistency_ema_model`
+    velocity: Optional[Tuple[Tensor, ...]] = None
+    # per modality type, the mean over its instances (0 where absent); None unless reconstruction_loss_weight > 0
+    recon: Optional[Tuple[Tensor, ...]] = None
 
 
 class TextLoss(str, Enum):
@@ -75,6 +81,14 @@ class Transfusion(Checkpointable, nn.Module):
     - ``text_loss``: ``"all_rows"``, or ``"rows_without_modality"``, which leaves the text of samples
       that hold a modality out of the text loss;
     - ``max_prompt_length``: the most text tokens right before a modality (None: no limit).
+
+    transfusion-pytorch's training options: ``model_output_clean`` (x-prediction: the network predicts the
+    clean latent, the velocity is derived; ``RectifiedFlow(prediction="clean")``), ``eps`` (its floor of
+    ``1 - t``), ``odeint_kwargs`` (torchdiffeq's ``method`` / ``rtol`` / ``atol`` / ``options`` for sampling;
+    ``RectifiedFlow(ode_method=..., ode_kwargs=...)``): each given with an ``objective`` must agree with it.
+    ``reconstruction_loss_weight``: weight of the squared error between the one-step clean estimate and the
+    clean latent, both through the modality's decoder if it has one. ``velocity_consistency_loss_weight``:
+    weight of the velocity consistency loss, used when ``forward`` gets ``velocity_consistency_ema_model``.
     """
 
     def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
@@ -91,8 +105,20 @@ class Transfusion(Checkpointable, nn.Module):
                  uncond_text: Union[str, UncondText] = UncondText.NULL,
                  text_loss: Union[str, TextLoss] = TextLoss.ALL_ROWS, max_prompt_length: Optional[int] = None,
                  pre_post_transformer_enc_dec=None, modality_encoder_decoder_requires_batch_dim: bool = True,
-                 to_modality_shape_fn=None, fallback_to_default_shape_if_invalid: bool = False):
+                 to_modality_shape_fn=None, fallback_to_default_shape_if_invalid: bool = False,
+                 model_output_clean: Optional[bool] = None, reconstruction_loss_weight: float = 0.0,
+                 velocity_consistency_loss_weight: float = 0.1, odeint_kwargs: Optional[dict] = None,
+                 eps: Optional[float] = None):
         super().__init__()
+        for name, weight in (("reconstruction_loss_weight", reconstruction_loss_weight),
+                             ("velocity_consistency_loss_weight", velocity_consistency_loss_weight)):
+            check(isinstance(weight, (int, float)) and 0.0 <= weight < float("inf"),
+                  f"`{name}` must be a finite float >= 0, got {weight!r}")
+        objective = upstream_flow_objective(objective, model_output_clean=model_output_clean,
+                                            odeint_kwargs=odeint_kwargs, eps=eps)
+        check(reconstruction_loss_weight == 0 or hasattr(objective, "predicted_clean"),
+              f"`reconstruction_loss_weight` needs an objective with a clean estimate (RectifiedFlow), "
+              f"got {type(objective).__name__}")
         check(num_text_tokens > 0, f"`num_text_tokens` must be positive, got {num_text_tokens}")
         check(0.0 <= prob_uncond <= 1.0, f"`prob_uncond` must be in [0, 1], got {prob_uncond}")
         check(max_prompt_length is None or max_prompt_length > 0,
@@ -121,7 +147,9 @@ class Transfusion(Checkpointable, nn.Module):
         self.prob_uncond, self.ignore_index, self.max_prompt_length = prob_uncond, ignore_index, max_prompt_length
         self.to_modality_shape_fn = self._shape_functions(to_modality_shape_fn)
         self.fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid
-        self.objective = default(objective, RectifiedFlow())
+        self.objective = objective
+        self.reconstruction_loss_weight = reconstruction_loss_weight
+        self.velocity_consistency_loss_weight = velocity_consistency_loss_weight
 
         self.transformer = self._build_transformer(transformer, attn_backend)
         dim = self.dim = self.transformer.dim
@@ -285,35 +313,71 @@ class Transfusion(Checkpointable, nn.Module):
 
     def forward(self, x, *, return_loss: bool = True, return_breakdown: bool = False,
                 modality_type: Optional[int] = None, times: TimesInput = None, noise: NoiseInput = None,
-                prob_uncond: Optional[float] = None):
+                prob_uncond: Optional[float] = None, num_modalities_to_times_fn: Optional[TimesFn] = None,
+                velocity_consistency_ema_model: Optional[nn.Module] = None,
+                velocity_consistency_delta_time: float = 1e-3, return_only_pred_flows: bool = False,
+                return_embed: bool = False, return_hiddens: bool = False, return_times: bool = False):
         """Loss of a batch (see the README for the input forms).
 
         ``modality_type``: the type of every bare float tensor: of a ``Float[b, ...]`` batch (needed with
         several modalities), or of the untagged float tensors of a list batch (default 0; a
         ``(modality_type, tensor)`` tuple keeps its own type).
 
-        ``times`` / ``noise``: per sample, one time in [0, 1) / one noise tensor (shaped like the latent,
+        ``times`` / ``noise``: per sample, one time in [0, 1] / one noise tensor (shaped like the latent,
         channel-last tokens ``[n, dim_latent]``) per NOISED modality of that sample, in order; drawn at
-        random when not given. ``times`` may also be transfusion-pytorch's padded ``Float[b, m]`` tensor. Returns the loss, ``(loss, LossBreakdown)``, or with ``return_loss=False``
-        the text logits and per-modality velocity predictions of the packed batch.
+        random when not given. ``times`` may also be transfusion-pytorch's padded ``Float[b, m]`` tensor, or
+        come from ``num_modalities_to_times_fn`` (``Long[b]`` modalities per sample -> ``Float[b, m]``, e.g.
+        :func:`~mmgen_pytorch.transfusion.random_modality_length_to_time_fn`).
+
+        ``velocity_consistency_ema_model``: a Transfusion (or an ``ema_pytorch.EMA`` of one) whose velocity
+        at ``t + velocity_consistency_delta_time`` on the same noise path is the target of ours at ``t``
+        (times are first scaled by ``1 - delta`` so the later time stays <= 1); the loss, weighted by
+        ``velocity_consistency_loss_weight``, is ``LossBreakdown.velocity``.
+
+        Returns the loss, or ``(loss, LossBreakdown)`` with ``return_breakdown``. ``return_loss=False``: the
+        text logits and the per-modality network outputs of the packed batch. ``return_embed``: the final
+        hidden states ``[b, n, dim]`` and ``{modality: [one function per noised instance]}``, each mapping
+        hidden states to that instance's predicted flow. ``return_only_pred_flows``: per modality type, a
+        list of each noised instance's predicted flow in the user's latent layout (in batch order).
+        ``return_hiddens`` / ``return_times`` append the backbone's hidden states (its input, every block's
+        output, the normed output) / each sample's modality times ``Float[b, m]`` (padded with 0) to the
+        result, which becomes a tuple.
 
         A batch without any modality of some type (text-only pretraining steps) leaves that type's
         layers without a gradient: under DistributedDataParallel use ``find_unused_parameters=True``.
         """
+        teacher = self._velocity_teacher(velocity_consistency_ema_model, velocity_consistency_delta_time)
+        check(times is None or num_modalities_to_times_fn is None,
+              "give `times` or `num_modalities_to_times_fn`, not both")
         samples, text_only = self.normalize_batch(x, modality_type)
         packed = self._pack(samples, text_only, prob_uncond)
+        if num_modalities_to_times_fn is not None:
+            times = times_from_fn(packed, num_modalities_to_times_fn)
+        time_scale = 1.0 - velocity_consistency_delta_time if teacher is not None else 1.0
         groups, token_times = noise_groups(packed, self.objective, [m.dim_latent for m in self.modalities],
-                                           times=times, noise=noise)
+                                           times=times, noise=noise, time_scale=time_scale)
         hidden = self.run_backbone(packed.token_ids, packed.positions, packed.layout,
-                                   [g.backbone_input() for g in groups], token_times)
+                                   [g.backbone_input() for g in groups], token_times, return_hiddens=return_hiddens)
+        hidden, hiddens = hidden if return_hiddens else (hidden, None)
+        extras = ((hiddens,) if return_hiddens else ()) + ((per_sample_times(packed, token_times),)
+                                                          if return_times else ())
+        with_extras = lambda result: (result, *extras) if extras else result  # noqa: E731
+        if return_embed:
+            return with_extras((hidden, self._flow_functions(packed, groups)))
+        if return_only_pred_flows:
+            return self._predicted_flows(packed, groups, hidden)
         text_logits = self.to_text_logits(hidden)
         if text_only:
             text_logits = text_logits[..., :self.vocab.num_text_tokens]
         outputs = [self.modality_output(hidden, g.modality, g.flat_index, g.times, coords=g.coords) for g in groups]
         if not return_loss:
-            return text_logits, outputs
-        breakdown = self._losses(packed, text_logits, outputs, groups)
-        return (breakdown.total, breakdown) if return_breakdown else breakdown.total
+            return with_extras((text_logits, outputs))
+        later = (self._teacher_velocities(teacher, packed, groups, velocity_consistency_delta_time)
+                 if teacher is not None else None)
+        breakdown = self._losses(packed, text_logits, outputs, groups, later)
+        if not (return_breakdown or extras):
+            return breakdown.total
+        return (breakdown.total, *((breakdown,) if return_breakdown else ()), *extras)
 
     def _pack(self, samples: List[List], text_only: bool, prob_uncond: Optional[float]) -> PackedBatch:
         """The samples as training sequences (text dropped for CFG with ``prob_uncond``) in one padded grid."""
@@ -328,8 +392,8 @@ class Transfusion(Checkpointable, nn.Module):
                      for items, d in zip(samples, drop)]
         return pack(sequences, num_modalities=self.num_modalities, ignore_index=self.ignore_index, device=self.device)
 
-    def _losses(self, packed: PackedBatch, text_logits: Tensor, outputs: List[Tensor],
-                groups: List[NoisedGroup]) -> LossBreakdown:
+    def _losses(self, packed: PackedBatch, text_logits: Tensor, outputs: List[Tensor], groups: List[NoisedGroup],
+                teacher_velocities: Optional[List[Tensor]] = None) -> LossBreakdown:
         batch = packed.shape[0]
         token_ce = F.cross_entropy(text_logits.transpose(1, 2).float(), packed.labels,
                                    ignore_index=self.ignore_index, reduction="none")
@@ -355,9 +419,128 @@ class Transfusion(Checkpointable, nn.Module):
             sums = torch.zeros(batch, device=self.device).index_add(0, token_rows, per_token)
             counts = torch.zeros(batch, device=self.device).index_add(0, token_rows, torch.ones_like(per_token))
             flow_per_sample[:, group.modality] = sums / counts
-        weighted_flow = sum(w * f for w, f in zip(self.modality_loss_weights, flow))
-        total = self.text_loss_weight * text + self.flow_loss_weight * weighted_flow
-        return LossBreakdown(total, text, tuple(flow), text_per_sample, flow_per_sample)
+        total = self.text_loss_weight * text + self.flow_loss_weight * self._per_type_sum(flow)
+        velocity = recon = None
+        if teacher_velocities is not None:
+            velocity = self._velocity_losses(groups, outputs, teacher_velocities)
+            total = total + self.velocity_consistency_loss_weight * self._per_type_sum(velocity)
+        if self.reconstruction_loss_weight > 0:
+            recon = self._reconstruction_losses(packed, groups, outputs)
+            total = total + self.reconstruction_loss_weight * self._per_type_sum(recon)
+        return LossBreakdown(total, text, tuple(flow), text_per_sample, flow_per_sample, velocity, recon)
+
+    def _per_type_sum(self, per_type: Sequence[Tensor]) -> Tensor:
+        """Per-modality-type losses summed with ``modality_loss_weights``."""
+        return sum(w * loss for w, loss in zip(self.modality_loss_weights, per_type))
+
+    def _zeros_per_type(self) -> List[Tensor]:
+        return [torch.zeros((), device=self.device) for _ in range(self.num_modalities)]
+
+    # transfusion-pytorch's extra losses and returns
+
+    def _velocity_teacher(self, model: Optional[nn.Module], delta: float) -> Optional["Transfusion"]:
+        """The EMA model of ``forward(velocity_consistency_ema_model=...)``, checked before any work."""
+        if model is None:
+            return None
+        name = "velocity_consistency_ema_model"
+        model = model.ema_model if isinstance(getattr(model, "ema_model", None), nn.Module) else model
+        check(isinstance(model, Transfusion), f"`{name}` must be a Transfusion or an ema_pytorch.EMA of one, "
+                                              f"got {describe(model)}", error=TypeError)
+        check(isinstance(self.objective, RectifiedFlow) and isinstance(model.objective, RectifiedFlow),
+              f"`{name}`: velocity consistency needs rectified flow objectives, got "
+              f"{type(self.objective).__name__} and {type(model.objective).__name__}")
+        same = (model.vocab == self.vocab and model.placement == self.placement and model.dim == self.dim
+                and [m.dim_latent for m in model.modalities] == [m.dim_latent for m in self.modalities])
+        check(same, f"`{name}` must be a copy of this model's architecture (vocabulary, positions, width, "
+                    f"modalities), e.g. an EMA of it")
+        check(model.device == self.device, f"`{name}` is on {model.device}, the model on {self.device}")
+        check(isinstance(delta, (int, float)) and 0.0 < delta < 1.0,
+              f"`velocity_consistency_delta_time` must be a float in (0, 1), got {delta!r}")
+        return model
+
+    @staticmethod
+    @torch.no_grad()
+    def _teacher_velocities(teacher: "Transfusion", packed: PackedBatch, groups: List[NoisedGroup],
+                            delta: float) -> List[Tensor]:
+        """The teacher's velocity at every latent token, ``delta`` later on the same noise paths, with the
+        same packed sequences (the same dropped text)."""
+        later = later_groups(groups, teacher.objective, delta)
+        later_times = grid_times(packed, later, teacher.objective)
+        with eval_mode(teacher):
+            hidden = teacher.run_backbone(packed.token_ids, packed.positions, packed.layout,
+                                          [g.backbone_input() for g in later], later_times)
+            outputs = [teacher.modality_output(hidden, g.modality, g.flat_index, g.times, coords=g.coords)
+                       for g in later]
+            return [teacher.objective.velocity(out, g.noised, g.times) for out, g in zip(outputs, later)]
+
+    def _velocity_losses(self, groups: List[NoisedGroup], outputs: List[Tensor],
+                         teacher_velocities: List[Tensor]) -> Tuple[Tensor, ...]:
+        """Per type: the mean squared error between our velocity and the teacher's later one."""
+        losses = self._zeros_per_type()
+        for group, output, target in zip(groups, outputs, teacher_velocities):
+            keep = group.trained
+            if keep.any():
+                ours = self.objective.velocity(output[keep], group.noised[keep], group.times[keep])
+                losses[group.modality] = F.mse_loss(ours, target[keep])
+        return tuple(losses)
+
+    def _reconstruction_losses(self, packed: PackedBatch, groups: List[NoisedGroup],
+                               outputs: List[Tensor]) -> Tuple[Tensor, ...]:
+        """Per type: the mean over noised instances of the squared error between the one-step clean estimate
+        and the clean latent, both through the modality's decoder if it has one."""
+        losses = self._zeros_per_type()
+        for modality, instances in self._noised_instances(packed, groups).items():
+            per_instance = []
+            for group_index, mask, shape in instances:
+                group = groups[group_index]
+                estimate = self.objective.predicted_clean(outputs[group_index][mask], group.noised[mask],
+                                                          group.times[mask])
+                decode = partial(self._decode_for_loss, modality, shape=shape)
+                with torch.no_grad():
+                    target = decode(group.clean[mask])
+                per_instance.append(F.mse_loss(decode(estimate), target))
+            losses[modality] = torch.stack(per_instance).mean()
+        return tuple(losses)
+
+    def _decode_for_loss(self, modality: int, tokens: Tensor, *, shape: Shape) -> Tensor:
+        """Latent tokens -> the user's layout through the modality's frozen decoder, differentiably."""
+        spec = self.modalities[modality]
+        latent = spec.from_tokens(tokens, shape, decode=False)
+        decoder = getattr(spec, "decoder", None)
+        return decoder.differentiable(latent) if decoder is not None else latent
+
+    @staticmethod
+    def _noised_instances(packed: PackedBatch,
+                          groups: List[NoisedGroup]) -> Dict[int, List[Tuple[int, Tensor, Shape]]]:
+        """Per modality type, its noised instances in batch order: (group index, token mask in the group,
+        latent grid shape)."""
+        instances: Dict[int, List[Tuple[int, Tensor, Shape]]] = {}
+        order = sorted((inst.row, inst.ordinal, i) for i, inst in enumerate(packed.instances) if inst.noised)
+        group_of = {g.modality: index for index, g in enumerate(groups)}
+        for _, _, i in order:
+            inst = packed.instances[i]
+            index = group_of[inst.modality]
+            mask = packed.groups[index].instance == i
+            instances.setdefault(inst.modality, []).append((index, mask, inst.shape))
+        return instances
+
+    def _instance_flow(self, hidden: Tensor, group: NoisedGroup, mask: Tensor, shape: Shape) -> Tensor:
+        """One noised instance's predicted flow from hidden states ``[b, n, dim]``, in the user's latent layout."""
+        output = self.modality_output(hidden, group.modality, group.flat_index[mask], group.times[mask],
+                                      coords=group.coords[mask])
+        flow = self.objective.velocity(output, group.noised[mask], group.times[mask])
+        return self.modalities[group.modality].from_tokens(flow, shape, decode=False)
+
+    def _flow_functions(self, packed: PackedBatch, groups: List[NoisedGroup]) -> Dict[int, List[Callable]]:
+        """``forward(return_embed=True)``: per type, one function (hidden states -> predicted flow) per instance."""
+        return {modality: [partial(self._instance_flow, group=groups[index], mask=mask, shape=shape)
+                           for index, mask, shape in instances]
+                for modality, instances in self._noised_instances(packed, groups).items()}
+
+    def _predicted_flows(self, packed: PackedBatch, groups: List[NoisedGroup], hidden: Tensor) -> List[List[Tensor]]:
+        """``forward(return_only_pred_flows=True)``: per modality type, each noised instance's predicted flow."""
+        functions = self._flow_functions(packed, groups)
+        return [[flow(hidden) for flow in functions.get(modality, [])] for modality in range(self.num_modalities)]
 
     # the sampler's interface (:class:`~mmgen_pytorch.transfusion.sampler.SamplingModel`)
 
@@ -397,7 +580,11 @@ class Transfusion(Checkpointable, nn.Module):
             times = token_times.new_full((1,), self.objective.clean_time)
         time_table = self.embed_times(times)
         x, time_kwargs = self.time_injection(x, time_table, time_index, latents)
-        return self.transformer(x, layout=layout, positions=positions, **time_kwargs, **backbone_kwargs)
+        out = self.transformer(x, layout=layout, positions=positions, **time_kwargs, **backbone_kwargs)
+        if not backbone_kwargs.get("return_hiddens"):
+            return out
+        out, hiddens = out  # as transfusion-pytorch: the backbone's input, every block's output, the normed output
+        return out, [x, *hiddens, out]
 
     def embed_latents(self, modality: int, values: Tensor, coords: Tensor) -> Tensor:
         """``[k, dim_latent]`` latent tokens (and their coordinates in the modality) -> ``[k, dim]``."""

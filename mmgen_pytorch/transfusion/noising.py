@@ -1,23 +1,26 @@
 """From a packed batch to the objective's inputs: one time and one noise draw per noised modality.
 
 Reading order: :class:`NoisedGroup` (the typed record the model's backbone, heads and losses read)
--> :func:`noise_groups` -> the checks of user-given ``times`` / ``noise``.
+-> :func:`noise_groups` -> the checks of user-given ``times`` / ``noise`` -> times from a user function
+(``num_modalities_to_times_fn``), the groups a little later on their paths (velocity consistency) and
+the per-sample times returned by ``forward(return_times=True)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .._utils import check, check_has_data
+from .._utils import check, check_has_data, check_value_range, describe
 from ..objectives.base import ContinuousObjective
 from .packing import LatentRun, PackedBatch
 
 TimesInput = Union[Sequence[Sequence[float]], Tensor, None]
 NoiseInput = Optional[Sequence[Sequence[Tensor]]]
+TimesFn = Callable[[Tensor], Tensor]  # modalities per sample Long[b] -> their times Float[b, m]
 
 
 @dataclass
@@ -39,14 +42,19 @@ class NoisedGroup:
 
 
 def noise_groups(packed: PackedBatch, objective: ContinuousObjective, dim_latents: Sequence[int], *,
-                 times: TimesInput = None, noise: NoiseInput = None) -> Tuple[List[NoisedGroup], Tensor]:
+                 times: TimesInput = None, noise: NoiseInput = None,
+                 time_scale: float = 1.0) -> Tuple[List[NoisedGroup], Tensor]:
     """Draw (or take) a time and a noise tensor for every noised modality instance and noise its tokens.
 
     Returns the groups and the per-token times ``[b, n]`` of the packed grid (clean time off latents).
     ``times`` / ``noise``: per sample, one entry per noised modality in order (see ``Transfusion.forward``).
+    ``time_scale`` multiplies the noised instances' times (velocity consistency keeps them below 1).
     """
     device = packed.token_ids.device
     instance_times, instance_noise = _instance_draws(packed, objective, dim_latents, times, noise, device)
+    if time_scale != 1.0:
+        trained = torch.tensor([inst.noised for inst in packed.instances], dtype=torch.bool, device=device)
+        instance_times = torch.where(trained, instance_times * time_scale, instance_times)
     trained_instance = torch.tensor([inst.noised for inst in packed.instances], device=device)
     instance_rows = torch.tensor([inst.row for inst in packed.instances], device=device)
     groups = []
@@ -58,10 +66,15 @@ def noise_groups(packed: PackedBatch, objective: ContinuousObjective, dim_latent
         groups.append(NoisedGroup(group.modality, group.flat_index, group.tokens,
                                   objective.noised(group.tokens, noise_of_group, t), noise_of_group, t, group.coords,
                                   instance_rows[group.instance], trained_instance[group.instance]))
-    token_times = torch.full(packed.shape, objective.clean_time, device=device)
+    return groups, grid_times(packed, groups, objective)
+
+
+def grid_times(packed: PackedBatch, groups: Sequence[NoisedGroup], objective: ContinuousObjective) -> Tensor:
+    """Every token's time ``[b, n]``: its group's time on latent tokens, the clean time elsewhere."""
+    token_times = torch.full(packed.shape, objective.clean_time, device=packed.token_ids.device)
     for group in groups:
         token_times.view(-1)[group.flat_index] = group.times
-    return groups, token_times
+    return token_times
 
 
 def _instance_draws(packed: PackedBatch, objective: ContinuousObjective, dim_latents: Sequence[int],
@@ -73,7 +86,7 @@ def _instance_draws(packed: PackedBatch, objective: ContinuousObjective, dim_lat
     instance_noise: List[Optional[Tensor]] = [None] * len(packed.instances)
     if isinstance(times, Tensor):  # transfusion-pytorch's padded Float[b, m]
         check_has_data("times", times)
-        times = _unpad_times(packed, noised, times)
+        times = _unpad_times(packed, times)
     given_times = _per_noised_instance(packed, noised, times, "times")
     given_noise = _per_noised_instance(packed, noised, noise, "noise")
     drawn = objective.sample_times(len(noised), device=device)
@@ -104,13 +117,72 @@ def _per_noised_instance(packed: PackedBatch, noised: List[int], values, name: s
     return flat
 
 
-def _unpad_times(packed: PackedBatch, noised: List[int], times: Tensor) -> List[List[float]]:
+def _unpad_times(packed: PackedBatch, times: Tensor) -> List[List[float]]:
     """Row ``r`` of a padded ``[b, m]`` tensor gives sample ``r``'s noised modalities their times in
     order; the entries past them are padding."""
-    counts = [0] * len(packed.lengths)
-    for i in noised:
-        counts[packed.instances[i].row] += 1
+    counts = noised_counts(packed)
     check(times.ndim == 2 and times.shape[0] == len(counts) and times.shape[1] >= max(counts, default=0),
           f"`times` as a tensor must be [batch={len(counts)}, >= {max(counts, default=0)}] (per sample, the "
           f"times of its noised modalities, then padding), got shape {tuple(times.shape)}")
     return [row[:count] for row, count in zip(times.tolist(), counts)]
+
+
+# times from a user function, later times (velocity consistency), times per sample
+
+def random_modality_length_to_time_fn(num_modalities: Tensor) -> Tensor:
+    """``num_modalities_to_times_fn`` drawing every time uniformly: ``Long[b]`` -> ``Float[b, max]``."""
+    check(isinstance(num_modalities, Tensor) and num_modalities.ndim == 1,
+          f"`num_modalities` must be a 1-D tensor of modality counts per sample, got {describe(num_modalities)}")
+    most = int(num_modalities.amax()) if num_modalities.numel() else 0
+    return torch.rand((num_modalities.shape[0], most), device=num_modalities.device)
+
+
+def noised_counts(packed: PackedBatch) -> List[int]:
+    """How many noised modalities each sample of the batch holds."""
+    counts = [0] * len(packed.lengths)
+    for inst in packed.instances:
+        counts[inst.row] += int(inst.noised)
+    return counts
+
+
+def times_from_fn(packed: PackedBatch, fn: TimesFn) -> Optional[Tensor]:
+    """``fn``'s padded ``[b, >= max]`` times for the batch's noised modalities (None without any), its
+    result checked (ValueError naming ``num_modalities_to_times_fn``) before anything runs on it."""
+    name = "num_modalities_to_times_fn"
+    check(callable(fn), f"`{name}` must be callable (Long[b] modality counts -> Float[b, m] times), got {describe(fn)}")
+    counts = noised_counts(packed)
+    if not any(counts):
+        return None
+    times = fn(torch.tensor(counts, device=packed.token_ids.device))
+    most = max(counts)
+    check(isinstance(times, Tensor) and times.is_floating_point() and times.ndim == 2
+          and times.shape[0] == len(counts) and times.shape[1] >= most,
+          f"`{name}` must return Float[batch={len(counts)}, >= {most}] (the most modalities in a sample), "
+          f"got {describe(times)}")
+    used = torch.cat([row[:count] for row, count in zip(times, counts)])
+    check_value_range(name, used, 0.0, 1.0, expected="flow times in [0, 1] (0 is noise)")
+    return times
+
+
+def later_groups(groups: Sequence[NoisedGroup], objective: ContinuousObjective,
+                 delta: float) -> List[NoisedGroup]:
+    """The trained tokens of ``groups`` moved ``delta`` later in time along the same noise paths."""
+    later = []
+    for group in groups:
+        times = torch.where(group.trained, group.times + delta, group.times)
+        noised = torch.where(group.trained[:, None], objective.noised(group.clean, group.noise, times), group.noised)
+        later.append(replace(group, times=times, noised=noised))
+    return later
+
+
+def per_sample_times(packed: PackedBatch, token_times: Tensor) -> Tensor:
+    """The times of each sample's noised modalities in order, ``Float[b, max]`` padded with 0
+    (transfusion-pytorch's ``times``), read off the per-token times."""
+    counts = noised_counts(packed)
+    times = torch.zeros(len(counts), max(counts, default=0), device=token_times.device)
+    noised = sorted((inst for inst in packed.instances if inst.noised), key=lambda inst: (inst.row, inst.ordinal))
+    column = [0] * len(counts)
+    for inst in noised:
+        times[inst.row, column[inst.row]] = token_times.view(-1)[inst.index[0]]
+        column[inst.row] += 1
+    return times
