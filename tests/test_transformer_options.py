@@ -132,7 +132,8 @@ def test_unet_skips_shapes_pairs_and_gradients():
     model = make_model(depth=5, unet_skips=True, use_value_residual=True)
     assert [tuple(p.shape) for p in model.skip_projs.parameters()] == [(DIM, 2 * DIM)] * 2
     visited = []
-    hooks = [p.register_forward_hook(lambda m, inputs, out, i=i: visited.append(i)) for i, p in enumerate(model.skip_projs)]
+    hooks = [projection.register_forward_hook(lambda module, inputs, out, i=i: visited.append(i))
+             for i, projection in enumerate(model.skip_projs)]
     model(torch.randn(2, 5, DIM)).square().mean().backward()
     for hook in hooks:
         hook.remove()

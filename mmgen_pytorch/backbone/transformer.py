@@ -261,7 +261,8 @@ class Transformer(Checkpointable, nn.Module):
         ])
         self.norm = make_norm(norm, dim, eps=norm_eps) if final_norm else nn.Identity()
         # built last, so that the blocks' seeded init is the same with or without them
-        self.skip_projs = nn.ModuleList(nn.Linear(2 * dim, dim, bias=False) for _ in range(depth // 2)) if unet_skips else None
+        self.skip_projs = (nn.ModuleList(nn.Linear(2 * dim, dim, bias=False) for _ in range(depth // 2))
+                           if unet_skips else None)
 
     # public API
 
