@@ -72,6 +72,20 @@ def _aliased(name: str, value: Any, default_value: Any, alias: str, alias_value:
     return alias_value
 
 
+def _with_aliases(*, qk_norm: bool, qk_rmsnorm: Optional[bool], attn_dropout: float, dropout: Optional[float],
+                  ff_hidden_dropout: float, ff_kwargs: Optional[Dict[str, Any]]) -> Tuple[bool, float, float]:
+    """``qk_norm``, ``attn_dropout`` and ``ff_hidden_dropout`` with transfusion-pytorch's names for them
+    (``qk_rmsnorm``, ``dropout``, ``ff_kwargs['dropout']``) folded in."""
+    check_flag("qk_rmsnorm", qk_rmsnorm, optional=True)
+    ff_dropout = _checked_kwargs("ff_kwargs", ff_kwargs, FF_KWARGS).get("dropout")
+    for name, value in (("dropout", dropout), ("ff_kwargs['dropout']", ff_dropout)):
+        if value is not None:
+            check_finite_number(name, value, minimum=0.0, maximum=1.0)
+    return (_aliased("qk_norm", qk_norm, False, "qk_rmsnorm", qk_rmsnorm),
+            _aliased("attn_dropout", attn_dropout, 0.0, "dropout", dropout),
+            _aliased("ff_hidden_dropout", ff_hidden_dropout, 0.0, "ff_kwargs['dropout']", ff_dropout))
+
+
 def _checked_kwargs(name: str, kwargs: Optional[Dict[str, Any]], allowed: Tuple[str, ...]) -> Dict[str, Any]:
     if kwargs is None:
         return {}
@@ -223,17 +237,10 @@ class Transformer(Checkpointable, nn.Module):
         for name, flag in (("unet_skips", unet_skips), ("use_value_residual", use_value_residual),
                            ("attn_laser", attn_laser)):
             check_flag(name, flag)
-        check_flag("qk_rmsnorm", qk_rmsnorm, optional=True)
-        qk_norm = _aliased("qk_norm", qk_norm, False, "qk_rmsnorm", qk_rmsnorm)
-        if dropout is not None:
-            check_finite_number("dropout", dropout, minimum=0.0, maximum=1.0)
-        attn_dropout = _aliased("attn_dropout", attn_dropout, 0.0, "dropout", dropout)
+        qk_norm, attn_dropout, ff_hidden_dropout = _with_aliases(
+            qk_norm=qk_norm, qk_rmsnorm=qk_rmsnorm, attn_dropout=attn_dropout, dropout=dropout,
+            ff_hidden_dropout=ff_hidden_dropout, ff_kwargs=ff_kwargs)
         attn_extras = _checked_kwargs("attn_kwargs", attn_kwargs, ATTN_KWARGS)
-        ff_extras = _checked_kwargs("ff_kwargs", ff_kwargs, FF_KWARGS)
-        if "dropout" in ff_extras:
-            check_finite_number("ff_kwargs['dropout']", ff_extras["dropout"], minimum=0.0, maximum=1.0)
-        ff_hidden_dropout = _aliased("ff_hidden_dropout", ff_hidden_dropout, 0.0, "ff_kwargs['dropout']",
-                                     ff_extras.get("dropout"))
         dim_head = default(dim_head, dim // heads)
         kv_heads = default(kv_heads, heads)
         check(divisible_by(heads, kv_heads), f"`heads` ({heads}) must be divisible by `kv_heads` ({kv_heads})")
