@@ -121,6 +121,13 @@ def check_finite_number(name: str, value: Any, *, minimum: Optional[float] = Non
     check(valid, f"`{name}` must be a finite number{_bounds(minimum, maximum, strict)}, got {value!r}")
 
 
+def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
+    """A boolean option (``None`` too with ``optional``); TypeError naming it otherwise."""
+    expected = "a bool or None" if optional else "a bool"
+    check(isinstance(value, bool) or (optional and value is None), f"`{name}` must be {expected}, got {value!r}",
+          error=TypeError)
+
+
 def _bounds(minimum: Optional[float], maximum: Optional[float], strict: bool) -> str:
     if minimum is not None and maximum is not None:
         return f" in {'(' if strict else '['}{minimum}, {maximum}]"

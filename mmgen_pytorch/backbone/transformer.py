@@ -7,7 +7,7 @@ every block.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._utils import check, default, divisible_by, round_up_to_multiple
+from .._utils import check, check_finite_number, check_flag, default, divisible_by, round_up_to_multiple
 from ..saving import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
 from .kv_cache import CacheWindow, KVCache
@@ -24,6 +24,8 @@ from .norms import make_norm
 from .positions import RotaryEmbedding, sequence_positions
 
 FEED_FORWARDS = ("swiglu", "gelu")
+ATTN_KWARGS = ("softcap_value", "gate_values", "laser_softclamp_value")  # transfusion-pytorch's Attention extras
+FF_KWARGS = ("dropout",)  # transfusion-pytorch's FeedForward extra: dropout after the activation
 
 BlockHook = Callable[[int, Tensor], Optional[Tensor]]
 
@@ -35,6 +37,63 @@ def swiglu_hidden_dim(dim: int, *, mult: float = 4.0, multiple_of: int = 256,
     if multiplier is not None:
         hidden = int(multiplier * hidden)
     return round_up_to_multiple(hidden, multiple_of)
+
+
+def _expansion_hidden_dim(dim: int, factor: float, *, gated: bool, ff_mult: float, ff_hidden: Optional[int]) -> int:
+    """transfusion-pytorch's feed-forward width: ``int(dim * factor * 2 / 3)`` when gated, unrounded."""
+    check_finite_number("ff_expansion_factor", factor, minimum=0.0, strict=True)
+    check(ff_hidden is None and ff_mult == 4.0, "give one of `ff_expansion_factor`, `ff_mult` and `ff_hidden`, got "
+          f"ff_expansion_factor={factor!r} with ff_mult={ff_mult!r}, ff_hidden={ff_hidden!r}")
+    hidden = int(dim * factor * 2 / 3) if gated else int(dim * factor)
+    check(hidden > 0, f"`ff_expansion_factor` ({factor}) leaves no hidden units at dim {dim}")
+    return hidden
+
+
+def _backend_for(attn_backend: str, use_flex_attn: Optional[bool]) -> str:
+    """``attn_backend`` with transfusion-pytorch's ``use_flex_attn`` folded in: True is flex where CUDA
+    runs it (``"auto"``), False is ``"sdpa"``; ``"auto"`` defers to it, a contradicting backend is an error."""
+    check(attn_backend in BACKENDS, f"`attn_backend` must be one of {BACKENDS}, got {attn_backend!r}")
+    check_flag("use_flex_attn", use_flex_attn, optional=True)
+    if use_flex_attn is None:
+        return attn_backend
+    check(attn_backend != ("sdpa" if use_flex_attn else "flex"),
+          f"`use_flex_attn={use_flex_attn}` contradicts `attn_backend={attn_backend!r}`: give one of them")
+    if attn_backend != "auto":
+        return attn_backend
+    return "auto" if use_flex_attn else "sdpa"
+
+
+def _aliased(name: str, value: Any, default_value: Any, alias: str, alias_value: Any) -> Any:
+    """An option given as ``name`` or as transfusion-pytorch's ``alias`` (both only when they agree)."""
+    if alias_value is None:
+        return value
+    check(value == default_value or value == alias_value,
+          f"`{alias}={alias_value!r}` contradicts `{name}={value!r}`: give one of them")
+    return alias_value
+
+
+def _with_aliases(*, qk_norm: bool, qk_rmsnorm: Optional[bool], attn_dropout: float, dropout: Optional[float],
+                  ff_hidden_dropout: float, ff_kwargs: Optional[Dict[str, Any]]) -> Tuple[bool, float, float]:
+    """``qk_norm``, ``attn_dropout`` and ``ff_hidden_dropout`` with transfusion-pytorch's names for them
+    (``qk_rmsnorm``, ``dropout``, ``ff_kwargs['dropout']``) folded in."""
+    check_flag("qk_rmsnorm", qk_rmsnorm, optional=True)
+    ff_dropout = _checked_kwargs("ff_kwargs", ff_kwargs, FF_KWARGS).get("dropout")
+    for name, value in (("dropout", dropout), ("ff_kwargs['dropout']", ff_dropout)):
+        if value is not None:
+            check_finite_number(name, value, minimum=0.0, maximum=1.0)
+    return (_aliased("qk_norm", qk_norm, False, "qk_rmsnorm", qk_rmsnorm),
+            _aliased("attn_dropout", attn_dropout, 0.0, "dropout", dropout),
+            _aliased("ff_hidden_dropout", ff_hidden_dropout, 0.0, "ff_kwargs['dropout']", ff_dropout))
+
+
+def _checked_kwargs(name: str, kwargs: Optional[Dict[str, Any]], allowed: Tuple[str, ...]) -> Dict[str, Any]:
+    if kwargs is None:
+        return {}
+    check(isinstance(kwargs, dict), f"`{name}` must be a dict or None, got {type(kwargs).__name__}", error=TypeError)
+    unknown = sorted(repr(key) for key in kwargs if key not in allowed)
+    check(not unknown, f"`{name}` may only hold {allowed}, got {', '.join(unknown)}; the Transformer's own "
+          "options (heads, dim_head, dropout, qk_rmsnorm, ...) are given to it directly", error=TypeError)
+    return dict(kwargs)
 
 
 class FeedForward(nn.Module):
@@ -99,13 +158,23 @@ class Block(nn.Module):
         self.modulation = AdaptiveModulation(dim, dim_cond) if dim_cond is not None else None
 
     def forward(self, x: Tensor, *, cond: Optional[Tensor] = None, cond_index: Optional[Tensor] = None,
-                **attn_kwargs) -> Tensor:
-        if self.modulation is None or cond is None:
-            x = x + self.attn(self.attn_norm(x), **attn_kwargs)
-            return x + self.ff(self.ff_norm(x))
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(cond, cond_index)
-        x = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, **attn_kwargs)
-        return x + gate_f * self.ff(self.ff_norm(x) * (1 + scale_f) + shift_f)
+                return_values: bool = False, **attn_kwargs):
+        """The block's output; with ``return_values`` also its attention's values (value residual)."""
+        mod = self.modulation(cond, cond_index) if self.modulation is not None and cond is not None else None
+        attn_out = self.attn(_modulated(self.attn_norm(x), mod, 0), return_values=return_values, **attn_kwargs)
+        attn_out, values = attn_out if return_values else (attn_out, None)
+        x = x + _gated(attn_out, mod, 0)
+        x = x + _gated(self.ff(_modulated(self.ff_norm(x), mod, 3)), mod, 3)
+        return (x, values) if return_values else x
+
+
+def _modulated(h: Tensor, mod: Optional[Tuple[Tensor, ...]], first: int) -> Tensor:
+    """adaLN: ``h * (1 + scale) + shift`` with shift, scale at ``mod[first]``, ``mod[first + 1]``."""
+    return h if mod is None else h * (1 + mod[first + 1]) + mod[first]
+
+
+def _gated(out: Tensor, mod: Optional[Tuple[Tensor, ...]], first: int) -> Tensor:
+    return out if mod is None else mod[first + 2] * out
 
 
 class Transformer(Checkpointable, nn.Module):
@@ -127,6 +196,23 @@ class Transformer(Checkpointable, nn.Module):
             see every other (MAE / MAR encoders), with no mask tensor at all.
         grad_checkpointing: recompute each block in the backward pass (training without a cache only).
         attn_backend: ``"auto"`` (flex on CUDA, SDPA elsewhere), ``"sdpa"`` or ``"flex"``.
+
+    transfusion-pytorch's options (same meaning; every one off by default, adding nothing when off):
+        use_flex_attn: ``True``: flex attention on CUDA, SDPA elsewhere (``attn_backend="auto"``);
+            ``False``: SDPA (``"sdpa"``). An ``attn_backend`` that contradicts it is an error.
+        unet_skips: U-ViT long skips: each block of the second half gets ``x + linear([x; skip])``, with
+            ``skip`` the input of its mirror block in the first half (the middle block of an odd depth
+            gets none).
+        use_value_residual: value residual learning: every block after the first mixes the first
+            block's values into its own, ``v * m + v_first * (1 - m)``, ``m = sigmoid(linear(x))`` per
+            token and key/value head.
+        attn_laser: LASER attention, ``log(softmax(qk) @ exp(softclamp(v, 15)))``.
+        ff_expansion_factor: feed-forward hidden width ``int(dim * f * 2 / 3)`` for SwiGLU (``dim * f``
+            for GELU), unrounded; instead of ``ff_mult`` / ``ff_hidden``.
+        qk_rmsnorm: alias of ``qk_norm``. dropout: alias of ``attn_dropout`` (on the attention weights).
+        attn_kwargs: extra options of every attention: ``softcap_value`` (soft-cap the logits),
+            ``gate_values`` (per-head output gates), ``laser_softclamp_value`` (default 15).
+        ff_kwargs: ``dropout``, after the feed-forward activation (alias of ``ff_hidden_dropout``).
     """
 
     def __init__(self, *, dim: int, depth: int, heads: int = 8, dim_head: Optional[int] = None,
@@ -138,33 +224,52 @@ class Transformer(Checkpointable, nn.Module):
                  ff_dropout: float = 0.0, rotary_axes: int = 1, rotary_base: float = 10000.0,
                  rotary_dim: Optional[int] = None, dim_cond: Optional[int] = None, final_norm: bool = True,
                  attn_backend: str = "auto", ff_hidden_dropout: float = 0.0, causal: bool = True,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, use_flex_attn: Optional[bool] = None, unet_skips: bool = False,
+                 use_value_residual: bool = False, attn_laser: bool = False,
+                 ff_expansion_factor: Optional[float] = None, qk_rmsnorm: Optional[bool] = None,
+                 dropout: Optional[float] = None, attn_kwargs: Optional[Dict[str, Any]] = None,
+                 ff_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         check(dim > 0 and depth > 0 and heads > 0, f"`dim`, `depth` and `heads` must be positive, got {dim}, {depth}, {heads}")
         check(dim_head is not None or divisible_by(dim, heads),
               f"`dim` ({dim}) must be divisible by `heads` ({heads}) unless `dim_head` is given")
-        check(attn_backend in BACKENDS, f"`attn_backend` must be one of {BACKENDS}, got {attn_backend!r}")
+        attn_backend = _backend_for(attn_backend, use_flex_attn)
+        for name, flag in (("unet_skips", unet_skips), ("use_value_residual", use_value_residual),
+                           ("attn_laser", attn_laser)):
+            check_flag(name, flag)
+        qk_norm, attn_dropout, ff_hidden_dropout = _with_aliases(
+            qk_norm=qk_norm, qk_rmsnorm=qk_rmsnorm, attn_dropout=attn_dropout, dropout=dropout,
+            ff_hidden_dropout=ff_hidden_dropout, ff_kwargs=ff_kwargs)
+        attn_extras = _checked_kwargs("attn_kwargs", attn_kwargs, ATTN_KWARGS)
         dim_head = default(dim_head, dim // heads)
         kv_heads = default(kv_heads, heads)
         check(divisible_by(heads, kv_heads), f"`heads` ({heads}) must be divisible by `kv_heads` ({kv_heads})")
+        if ff_expansion_factor is not None:
+            ff_hidden = _expansion_hidden_dim(dim, ff_expansion_factor, gated=ff == "swiglu", ff_mult=ff_mult,
+                                             ff_hidden=ff_hidden)
         if ff_hidden is None:
             ff_hidden = (swiglu_hidden_dim(dim, mult=ff_mult, multiple_of=ff_multiple_of, multiplier=ff_dim_multiplier)
                          if ff == "swiglu" else int(dim * ff_mult))
 
         self.dim, self.depth, self.heads, self.kv_heads, self.dim_head = dim, depth, heads, kv_heads, dim_head
-        self.dim_cond, self.attn_backend = dim_cond, attn_backend
+        self.dim_cond, self.attn_backend, self.attn_dropout = dim_cond, attn_backend, attn_dropout
         self.causal, self.grad_checkpointing = causal, grad_checkpointing
+        self.use_value_residual = use_value_residual
         self.rotary = RotaryEmbedding(dim_head, axes=rotary_axes, base=rotary_base, rot_dim=rotary_dim) if rotary_axes else None
         self.layers = nn.ModuleList([
             Block(dim, norm=norm, norm_eps=norm_eps, dim_cond=dim_cond,
                   attention=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, qkv_bias=qkv_bias,
                                       out_bias=out_bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attn_scale,
-                                      attn_dropout=attn_dropout, resid_dropout=resid_dropout),
+                                      attn_dropout=attn_dropout, resid_dropout=resid_dropout, laser=attn_laser,
+                                      value_residual_mix=use_value_residual and index > 0, **attn_extras),
                   feed_forward=FeedForward(dim, ff_hidden, kind=ff, bias=ff_bias, dropout=ff_dropout,
                                            hidden_dropout=ff_hidden_dropout))
-            for _ in range(depth)
+            for index in range(depth)
         ])
         self.norm = make_norm(norm, dim, eps=norm_eps) if final_norm else nn.Identity()
+        # built last, so that the blocks' seeded init is the same with or without them
+        self.skip_projs = (nn.ModuleList(nn.Linear(2 * dim, dim, bias=False) for _ in range(depth // 2))
+                           if unet_skips else None)
 
     # public API
 
@@ -216,10 +321,17 @@ class Transformer(Checkpointable, nn.Module):
             cond, cond_index = cond.reshape(batch * length, -1), torch.where(cond_mask, rows, -1)
 
         hiddens: List[Tensor] = []
+        skips: List[Tensor] = []
+        first_values: Optional[Tensor] = None
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for index, block in enumerate(self.layers):
-            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=window, layer_index=index)
+            x = self._unet_skip(index, x, skips)
+            wants_values = self.use_value_residual and index == 0
+            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=window, layer_index=index,
+                          value_residual=first_values, return_values=wants_values)
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
+            if wants_values:
+                x, first_values = x
             if block_hook is not None:
                 replaced = block_hook(index, x)
                 x = replaced if replaced is not None else x
@@ -232,11 +344,25 @@ class Transformer(Checkpointable, nn.Module):
 
     # internals
 
+    def _unet_skip(self, index: int, x: Tensor, skips: List[Tensor]) -> Tensor:
+        """U-ViT: remember the inputs of the first ``depth // 2`` blocks; the last ``depth // 2`` blocks
+        take them back in reverse order through their projection of ``[x; skip]``."""
+        if self.skip_projs is None:
+            return x
+        if index < self.depth // 2:
+            skips.append(x)
+            return x
+        projection = index - (self.depth - self.depth // 2)  # negative: the middle block of an odd depth
+        if projection < 0:
+            return x
+        return x + self.skip_projs[projection](torch.cat((x, skips.pop()), dim=-1))
+
     def resolve_backend(self, x: Tensor, query_length: int, backend: Optional[str] = None) -> str:
         backend = default(backend, self.attn_backend)
         check(backend in BACKENDS, f"`backend` must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            use_flex = x.is_cuda and flex_available() and query_length > 1
+            drops_attention = self.training and self.attn_dropout > 0  # which flex cannot do
+            use_flex = x.is_cuda and flex_available() and query_length > 1 and not drops_attention
             return "flex" if use_flex else "sdpa"
         check(backend != "flex" or flex_available(), "the flex backend needs torch >= 2.5 (flex_attention)")
         return backend
