@@ -489,13 +489,14 @@ class Transfusion(Checkpointable, nn.Module):
                                     max_length_counts=max_length_counts, keep_structure_tokens=keep_structure_tokens,
                                     **options)
 
-    def _sample_prompts(self, prompts: Sequence, *, names: Sequence[str], force_modality_at_start=None,
+    def _sample_prompts(self, prompts: Sequence, *, names: Sequence[str], max_length: int = 2048,
+                        force_modality_at_start=None,
                         max_modalities: Optional[int] = None, use_cache: Optional[bool] = None,
                         cache_kv: Optional[bool] = None, **sampler_options) -> List[List]:
         """One sample per prompt through one :class:`Sampler`; every check before any compute."""
         check(max_modalities is None or max_modalities >= 0, f"`max_modalities` must be >= 0, got {max_modalities}")
-        sampler = Sampler(self, use_cache=pick_alias("use_cache", use_cache, "cache_kv", cache_kv, True),
-                          max_modalities=max_modalities, **sampler_options)
+        sampler = Sampler(self, max_length=max_length, max_modalities=max_modalities,
+                          use_cache=pick_alias("use_cache", use_cache, "cache_kv", cache_kv, True), **sampler_options)
         forced = forced_tokens(self, force_modality_at_start)
         parsed = [PromptParser(self, name=name, fixed_shape=sampler.fixed_shape)(p) for p, name in zip(prompts, names)]
         items = [self._prompt_items(p, name=name) for p, name in zip(parsed, names)]

@@ -156,6 +156,7 @@ class Sampler:
         self.use_cache, self.progress, self.generator, self.text_only = use_cache, progress, generator, text_only
         self.objective_kwargs = dict(objective_kwargs or {})
         self.keep_structure, self.init_noise = keep_structure_tokens, init_modality_noise
+        self.names: Optional[Sequence[str]] = None  # how the caller calls each prompt in errors
         self.guided = cfg_scale != 1.0 and not text_only
         self.copies = 2 if self.guided else 1
 
@@ -163,7 +164,7 @@ class Sampler:
     def __call__(self, prompts: Sequence[List], forced: Sequence[List[int]],
                  names: Optional[Sequence[str]] = None) -> List[List]:
         """``names``: how the caller calls each prompt in errors (default ``prompt[i]``)."""
-        self.names = list(names) if names is not None else [f"prompt[{i}]" for i in range(len(prompts))]
+        self.names = names
         rows = [Row() for _ in prompts]
         hidden = self.prefill(prompts, forced, rows)
         bar = tqdm(total=self.max_length, disable=not self.progress, desc="sampling", leave=False)
@@ -207,7 +208,7 @@ class Sampler:
             row.twin_shift = twin.next_position - sequence.next_position
             row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
             check(row.length <= self.max_length or self.budget is LengthBudget.GENERATED,
-                  f"`{self.names[index]}` ({row.length} tokens with its structure tokens) is longer than `max_length` "
+                  f"`{self.name_of(index)}` ({row.length} tokens with its structure tokens) is longer than `max_length` "
                   f"({self.max_length}), which counts prompt + output: raise it, or pass "
                   f"`max_length_counts='generated'` (a budget after the prompt, transfusion-pytorch's meaning)")
             self.mark_fed(row, row.fed[-1])
@@ -220,6 +221,9 @@ class Sampler:
                                max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache)
         return self.decoder.write(chunk)[:, -1]
 
+    def name_of(self, index: int) -> str:
+        return self.names[index] if self.names is not None else f"prompt[{index}]"
+
     def check_requested_modality(self, row: Row, index: int) -> None:
         """A modality that the prompt (or ``force_modality_at_start``) starts is generated, never dropped:
         refuse, before any compute, one that cannot be."""
@@ -228,13 +232,22 @@ class Sampler:
         modality, shape = row.pending
         length = self.model.placement.length(shape) + 1  # with its [eom]
         check(self.budget is LengthBudget.GENERATED or row.length + length <= self.max_length,
-              f"`{self.names[index]}` starts a modality of type {modality} and shape {shape} ({length} tokens with its "
+              f"`{self.name_of(index)}` starts a modality of type {modality} and shape {shape} ({length} tokens with its "
               f"[eom]) that does not fit after its {row.length} tokens in `max_length` ({self.max_length}), which "
               f"counts prompt + output: raise it, or pass `max_length_counts='generated'` (a budget after the "
               f"prompt; a started modality is always finished)")
         check(self.max_modalities is None or self.max_modalities > 0,
-              f"`{self.names[index]}` starts a modality but `max_modalities` is {self.max_modalities}")
-        self.initial_noise(modality, shape, rows=1)
+              f"`{self.name_of(index)}` starts a modality but `max_modalities` is {self.max_modalities}")
+        self.check_init_noise_covers(modality, shape)
+
+    def check_init_noise_covers(self, modality: int, shape: Shape) -> None:
+        if self.init_noise is None:
+            return
+        count, dim_latent = token_count(shape), self.model.modalities[modality].dim_latent
+        have = tuple(self.init_noise.shape)
+        check(have[0] >= count and have[1] >= dim_latent,
+              f"`init_modality_noise` of shape {have} is too small for a modality of type {modality} and shape "
+              f"{shape}: it needs at least ({count}, {dim_latent}) (tokens, latent channels)")
 
     def initial_noise(self, modality: int, shape: Shape, rows: int) -> Tensor:
         """``[rows, count, dim_latent]`` starting noise: ``init_modality_noise``'s top-left corner, else drawn."""
@@ -242,10 +255,7 @@ class Sampler:
         device = self.model.device
         if self.init_noise is None:
             return torch.randn(rows, count, dim_latent, device=device, generator=self.generator)
-        have = tuple(self.init_noise.shape)
-        check(have[0] >= count and have[1] >= dim_latent,
-              f"`init_modality_noise` of shape {have} is too small for a modality of type {modality} and shape "
-              f"{shape}: it needs at least ({count}, {dim_latent}) (tokens, latent channels)")
+        self.check_init_noise_covers(modality, shape)
         return self.init_noise[:count, :dim_latent].to(device, torch.float32).expand(rows, -1, -1).clone()
 
     def run(self, chunk: Chunk, *, cache: Optional[KVCache], write: bool) -> Tensor:
