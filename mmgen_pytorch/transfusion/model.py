@@ -440,6 +440,8 @@ class Transfusion(Checkpointable, nn.Module):
         always finished). ``keep_structure_tokens``: False (default) returns the prompt as given plus the
         generated text ids and modalities; True returns transfusion-pytorch's form: the whole sequence,
         ``[sos]``, ``[meta]`` shape, ``[som]``, ``[eom]`` (and ``[eos]``) ids kept, adjacent text joined.
+        ``force_modality_at_start`` (``m`` or ``(m, shape)``) starts every sample with that modality; it
+        wins over a modality start that ends a prompt (whose ids stay in the sequence, as upstream).
         ``use_cache`` (alias ``cache_kv``; default True) only changes speed. ``init_modality_noise``
         ``[n, d]``: its top-left ``[tokens, dim_latent]`` corner starts every generated modality instead of
         drawn noise. ``objective_kwargs`` go to the objective's ``generate`` (Gaussian diffusion:
