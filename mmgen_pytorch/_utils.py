@@ -172,3 +172,10 @@ def like_parameters(tensor: Tensor, module: nn.Module) -> Tensor:
     inputs of another precision (float64 / float16 images into a float32 tokenizer)."""
     reference = next(module.parameters(), None)
     return tensor if reference is None else tensor.to(device=reference.device, dtype=reference.dtype)
+
+
+def pick_alias(name: str, value: Any, alias: str, alias_value: Any, fallback: Any) -> Any:
+    """One option under two names (ours and transfusion-pytorch's): whichever is given; both only if equal."""
+    check(value is None or alias_value is None or value == alias_value,
+          f"`{name}` ({value!r}) and its alias `{alias}` ({alias_value!r}) disagree: give one of them")
+    return default(value, default(alias_value, fallback))

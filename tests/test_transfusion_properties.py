@@ -254,7 +254,11 @@ def prompt_length(spec: Optional[SampleSpec]) -> int:
 def sample_with(model: Transfusion, setup: dict, *, use_cache: bool, generator: Optional[torch.Generator]):
     contents = torch.Generator().manual_seed(setup["seed"])
     prompts = [materialize(spec, contents).items if spec else None for spec in setup["prompts"]]
-    forced = 2 + 2 * MAX_SIDE if setup["force"] is not None else 0  # [meta] "3,3,3" [som] at most, plus one
+    forced = 0
+    if setup["force"] is not None:  # [meta] "3,3,3" [som] at most, plus one; the forced modality and its [eom]
+        modality, shape = setup["force"] if isinstance(setup["force"], tuple) else (setup["force"], None)
+        shape = shape or model.modalities[modality].default_shape  # (a requested modality that cannot fit is refused)
+        forced = 2 + 2 * MAX_SIDE + model.placement.length(shape) + 1
     max_length = max(prompt_length(p) for p in setup["prompts"]) + forced + setup["new_tokens"]
     return model.sample(prompts, max_length=max_length, cfg_scale=setup["cfg_scale"], text_min_p=0.0,
                         modality_steps=setup["modality_steps"], max_modalities=setup["max_modalities"],

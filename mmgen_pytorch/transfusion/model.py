@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import (GeneratorLike, as_enum, as_int, check, check_finite, check_index_range, default, describe,
-                      eval_mode)
+                      eval_mode, pick_alias)
 from ..backbone import KVCache, Transformer
 from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
@@ -39,7 +39,8 @@ from .noising import (NoisedGroup, NoiseInput, TimesFn, TimesInput, grid_times, 
                       per_sample_times, times_from_fn)
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
                       Vocabulary, build_training_sequence, pack)
-from .sampler import Sampler, forced_tokens, prompt_as_list
+from .sampler import (LengthBudget, ParsedPrompt, PromptParser, Sampler, forced_tokens, merge_text,
+                      prompt_as_list)
 from .time_injection import PerBlockAdaLN, TimeInjection
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
@@ -241,14 +242,16 @@ class Transfusion(Checkpointable, nn.Module):
 
     # input normalisation
 
-    def to_items(self, sample, *, name: str = "sample", modality_type: int = 0) -> List[Union[Tensor, Modality]]:
+    def to_items(self, sample, *, name: str = "sample", modality_type: int = 0,
+                 names: Optional[Sequence[str]] = None) -> List[Union[Tensor, Modality]]:
         """Validate one ragged sample and turn its modalities into channel-last latent tokens; a bare
-        float tensor is a modality of type ``modality_type``."""
+        float tensor is a modality of type ``modality_type``. ``names``: each item's name in errors
+        (default ``name[i]``)."""
         check(isinstance(sample, (list, tuple)), f"`{name}` must be a list of text tensors and modalities, got {describe(sample)}")
         check(len(sample) > 0, f"`{name}` is empty: give at least one text tensor or modality")
         items = []
         for index, item in enumerate(sample):
-            where = f"{name}[{index}]"
+            where = names[index] if names is not None else f"{name}[{index}]"
             if isinstance(item, tuple):
                 check(len(item) == 2, f"`{where}` must be a (modality_type, tensor) tuple, got {describe(item)}")
                 items.append(self.to_modality(item[1], item[0], name=where))
@@ -259,7 +262,7 @@ class Transfusion(Checkpointable, nn.Module):
         if self.max_prompt_length is not None:
             for index, (item, following) in enumerate(zip(items, items[1:])):
                 if isinstance(item, Tensor) and isinstance(following, Modality):
-                    self.check_prompt(item, name=f"{name}[{index}]")
+                    self.check_prompt(item, name=names[index] if names is not None else f"{name}[{index}]")
         return items
 
     def check_prompt(self, ids: Tensor, *, name: str) -> None:
@@ -658,21 +661,35 @@ class Transfusion(Checkpointable, nn.Module):
                text_temperature: float = 1.0, text_min_p: float = 0.1, text_top_k: int = 0, text_top_p: float = 1.0,
                cfg_scale: float = 3.0, modality_steps: int = 16, fixed_modality_shape: Optional[Shape] = None,
                force_modality_at_start=None, max_modalities: Optional[int] = None,
-               return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-               generator: GeneratorLike = None, objective_kwargs: Optional[dict] = None):
+               return_unprocessed_modalities: bool = False, use_cache: Optional[bool] = None,
+               cache_kv: Optional[bool] = None, init_modality_noise: Optional[Tensor] = None,
+               max_length_counts: Union[str, LengthBudget] = LengthBudget.TOTAL, keep_structure_tokens: bool = False,
+               progress: bool = True, generator: GeneratorLike = None, objective_kwargs: Optional[dict] = None):
         """Generate interleaved text and modalities.
 
-        ``prompt``: None, one prompt (a list of text tensors / modalities, or a single tensor), or a list
-        of prompts (batched). Returns one sample (a list of text tensors and ``(modality_type, tensor)``),
-        or a list of samples for a list of prompts or a ``batch_size`` (which must then equal the number
-        of prompts; an empty list is refused). ``objective_kwargs`` go to the objective's ``generate``
-        (Gaussian diffusion: ``temperature``, ``sampler``, ``eta``, ``clip_denoised``; rectified flow: none).
-        ``generator``: a ``torch.Generator`` or an int seed. Every option is checked before any prompt is
-        encoded or run.
+        ``prompt``: None, one prompt, or a list of prompts (batched). A prompt is a text tensor (0-dim,
+        ``[n]`` or ``[1, n]``), a modality (float tensor or ``(modality_type, tensor)``), or a list of
+        those, whose text may spell structure tokens as transfusion-pytorch's do (see
+        :class:`~mmgen_pytorch.transfusion.sampler.PromptParser`). Returns one sample (a list of text
+        tensors and ``(modality_type, tensor)``), or a list of samples for a list of prompts or a
+        ``batch_size`` (which must then equal the number of prompts; an empty list is refused).
+
+        ``max_length_counts``: ``"total"`` (default: prompt + output, so the sequence never exceeds
+        ``max_length``; a modality the prompt starts that cannot fit is refused before any compute) or
+        ``"generated"`` (transfusion-pytorch: a budget of tokens after the prompt; a started modality is
+        always finished). ``keep_structure_tokens``: False (default) returns the prompt as given plus the
+        generated text ids and modalities; True returns transfusion-pytorch's form: the whole sequence,
+        ``[sos]``, ``[meta]`` shape, ``[som]``, ``[eom]`` (and ``[eos]``) ids kept, adjacent text joined.
+        ``force_modality_at_start`` (``m`` or ``(m, shape)``) starts every sample with that modality; it
+        wins over a modality start that ends a prompt (whose ids stay in the sequence, as upstream).
+        ``use_cache`` (alias ``cache_kv``; default True) only changes speed. ``init_modality_noise``
+        ``[n, d]``: its top-left ``[tokens, dim_latent]`` corner starts every generated modality instead of
+        drawn noise. ``objective_kwargs`` go to the objective's ``generate`` (Gaussian diffusion:
+        ``temperature``, ``sampler``, ``eta``, ``clip_denoised``; rectified flow: none). ``generator``: a
+        ``torch.Generator`` or an int seed. Every option is checked before any prompt is encoded or run.
         """
         check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
               f"`batch_size` must be an int >= 1, got {batch_size!r}")
-        check(max_modalities is None or max_modalities >= 0, f"`max_modalities` must be >= 0, got {max_modalities}")
         check(not (isinstance(prompt, list) and len(prompt) == 0),
               "`prompt` is an empty list: pass `prompt=None` for one unconditional sample, `batch_size=n` for n of "
               "them, or a list of prompts")
@@ -680,31 +697,91 @@ class Transfusion(Checkpointable, nn.Module):
         check(not batched or batch_size in (None, len(prompt)),
               f"`batch_size` ({batch_size}) disagrees with the {len(prompt) if batched else 0} prompts in `prompt`: "
               f"a list of prompts gives one sample each; `batch_size` repeats a single prompt")
-        prompts = [prompt_as_list(p) for p in (prompt if batched else [prompt] * default(batch_size, 1))]
-        sampler = Sampler(self, max_length=max_length, text_temperature=text_temperature, text_min_p=text_min_p,
-                          text_top_k=text_top_k, text_top_p=text_top_p, cfg_scale=cfg_scale,
-                          modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
-                          max_modalities=max_modalities, return_unprocessed_modalities=return_unprocessed_modalities,
-                          use_cache=use_cache, progress=progress, generator=generator,
-                          objective_kwargs=objective_kwargs)
-        forced = [forced_tokens(self, force_modality_at_start)] * len(prompts)
-        items = [self.to_items(p, name=f"prompt[{i}]") if p else [] for i, p in enumerate(prompts)]
-        with eval_mode(self):  # inputs are validated above, so a bad call leaves the mode untouched
-            samples = [prompt + generated for prompt, generated in zip(prompts, sampler(items, forced))]
+        prompts = prompt if batched else [prompt] * default(batch_size, 1)
+        samples = self._sample_prompts(
+            prompts, names=[f"prompt[{i}]" for i in range(len(prompts))], max_length=max_length,
+            text_temperature=text_temperature, text_min_p=text_min_p, text_top_k=text_top_k, text_top_p=text_top_p,
+            cfg_scale=cfg_scale, modality_steps=modality_steps, fixed_modality_shape=fixed_modality_shape,
+            force_modality_at_start=force_modality_at_start, max_modalities=max_modalities,
+            return_unprocessed_modalities=return_unprocessed_modalities, use_cache=use_cache, cache_kv=cache_kv,
+            init_modality_noise=init_modality_noise, max_length_counts=max_length_counts,
+            keep_structure_tokens=keep_structure_tokens, progress=progress, generator=generator,
+            objective_kwargs=objective_kwargs)
         return samples if batched or batch_size is not None else samples[0]
 
     @torch.no_grad()
+    def sample_one(self, prompt=None, *, max_length_counts: Union[str, LengthBudget] = LengthBudget.GENERATED,
+                   keep_structure_tokens: bool = True, **options) -> List:
+        """transfusion-pytorch's ``sample_one``: one sample for one prompt (any form :meth:`sample` takes
+        for one prompt; a list is always one prompt). Defaults are transfusion-pytorch's:
+        ``max_length`` is a budget after the prompt and the whole sequence is returned with its
+        structure tokens. ``options``: :meth:`sample`'s keywords (not ``batch_size``)."""
+        return self._sample_prompts([prompt], names=["prompt"], max_length_counts=max_length_counts,
+                                    keep_structure_tokens=keep_structure_tokens, **options)[0]
+
+    @torch.no_grad()
+    def sample_many(self, prompts=None, *, max_length_counts: Union[str, LengthBudget] = LengthBudget.GENERATED,
+                    keep_structure_tokens: bool = True, **options) -> List[List]:
+        """transfusion-pytorch's ``sample_many``: one sample per element of ``prompts`` (None: one
+        unconditional sample; a tensor or a tuple: one prompt), all decoded together; the same samples as
+        :meth:`sample_one` per prompt. Defaults and ``options`` as :meth:`sample_one`'s."""
+        prompts = [None] if prompts is None else prompts if isinstance(prompts, list) else [prompts]
+        check(len(prompts) > 0, "`prompts` is an empty list: pass `prompts=None` for one unconditional sample")
+        return self._sample_prompts(prompts, names=[f"prompts[{i}]" for i in range(len(prompts))],
+                                    max_length_counts=max_length_counts, keep_structure_tokens=keep_structure_tokens,
+                                    **options)
+
+    def _sample_prompts(self, prompts: Sequence, *, names: Sequence[str], max_length: int = 2048,
+                        force_modality_at_start=None,
+                        max_modalities: Optional[int] = None, use_cache: Optional[bool] = None,
+                        cache_kv: Optional[bool] = None, **sampler_options) -> List[List]:
+        """One sample per prompt through one :class:`Sampler`; every check before any compute."""
+        check(max_modalities is None or max_modalities >= 0, f"`max_modalities` must be >= 0, got {max_modalities}")
+        sampler = Sampler(self, max_length=max_length, max_modalities=max_modalities,
+                          use_cache=pick_alias("use_cache", use_cache, "cache_kv", cache_kv, True), **sampler_options)
+        forced = forced_tokens(self, force_modality_at_start)
+        parsed = [PromptParser(self, name=name, fixed_shape=sampler.fixed_shape)(p) for p, name in zip(prompts, names)]
+        items = [self._prompt_items(p, name=name) for p, name in zip(parsed, names)]
+        with eval_mode(self):  # inputs are validated above, so a bad call leaves the mode untouched
+            generated = sampler(items, [p.start + forced for p in parsed], names=names)
+        if not sampler.keep_structure:
+            return [[part for part in prompt_as_list(raw) if part is not None] + new
+                    for raw, new in zip(prompts, generated)]
+        return [merge_text(self._prompt_with_structure(p, i, start=p.start + forced) + new)
+                for p, i, new in zip(parsed, items, generated)]
+
+    def _prompt_items(self, parsed: ParsedPrompt, *, name: str) -> List:
+        """A parsed prompt's parts as validated items; a spelled shape must be the modality's."""
+        items = self.to_items(parsed.parts, name=name, names=parsed.wheres) if parsed.parts else []
+        for index, shape in parsed.spelled.items():
+            check(items[index].shape == shape, f"`{parsed.wheres[index]}`: the [meta] header before it spells shape "
+                                               f"{shape}, but the modality's latent grid is {items[index].shape}")
+        return items
+
+    def _prompt_with_structure(self, parsed: ParsedPrompt, items: List, *, start: List[int]) -> List:
+        """The prompt as the sequence holds it (``[sos]`` and structure ids included), with the user's
+        modality tensors as given."""
+        originals = [(item.modality, part[1] if isinstance(part, tuple) else part)
+                     for part, item in zip(parsed.parts, items) if isinstance(item, Modality)]
+        sequence = self.prompt_sequence(items, drop_text=False, sos=True)
+        parts = [s.token_ids if s.modality is None else originals[s.ordinal] for s in sequence.segments]
+        return parts + [torch.tensor(start, dtype=torch.long)]
+
+    @torch.no_grad()
     def generate_text_only(self, prompt: Tensor, seq_len: int, *, temperature: float = 1.0, min_p: float = 0.1,
-                           top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, progress: bool = True,
+                           top_k: int = 0, top_p: float = 1.0, use_cache: Optional[bool] = None,
+                           cache_kv: Optional[bool] = None, progress: bool = True,
                            generator: GeneratorLike = None) -> Tensor:
-        """Text-only continuation of ``prompt`` (Int[b, n]) up to ``seq_len`` tokens; returns the new tokens."""
+        """Text-only continuation of ``prompt`` (Int[b, n]) up to ``seq_len`` tokens; returns the new tokens.
+        ``use_cache`` (alias ``cache_kv``; default True) only changes speed."""
         check(isinstance(prompt, Tensor) and prompt.ndim == 2 and not prompt.is_floating_point()
               and prompt.shape[0] > 0,
               f"`prompt` must be Int[batch, seq] with batch >= 1, got {describe(prompt)}")
         check(seq_len > prompt.shape[1], f"`seq_len` ({seq_len}) must exceed the prompt length ({prompt.shape[1]})")
         rows = [[self.check_text(p, name=f"prompt[{i}]")] for i, p in enumerate(prompt)]
         sampler = Sampler(self, max_length=seq_len, text_temperature=temperature, text_min_p=min_p, text_top_k=top_k,
-                          text_top_p=top_p, use_cache=use_cache, progress=progress, generator=generator, text_only=True)
+                          text_top_p=top_p, use_cache=pick_alias("use_cache", use_cache, "cache_kv", cache_kv, True),
+                          progress=progress, generator=generator, text_only=True)
         with eval_mode(self):
             out = sampler(rows, [[]] * len(rows))
         return torch.stack([sample[-1] for sample in out]).to(prompt.device)
@@ -713,22 +790,105 @@ class Transfusion(Checkpointable, nn.Module):
     def generate_modality_only(self, batch_size: int = 1, *, modality_type: Optional[int] = None,
                                fixed_modality_shape: Optional[Shape] = None, modality_steps: int = 16,
                                return_unprocessed_modalities: bool = False, progress: bool = True,
-                               generator: GeneratorLike = None) -> Tensor:
+                               generator: GeneratorLike = None,
+                               init_modality_noise: Optional[Tensor] = None) -> Tensor:
         """Unconditional modalities ``[batch_size, ...]`` (no text, no guidance)."""
         check(isinstance(batch_size, int) and batch_size >= 1, f"`batch_size` must be an int >= 1, got {batch_size!r}")
         modality = self.check_modality_type(modality_type)
-        shape = self.shape_for(modality, None, fixed_modality_shape)
-        max_length = self.placement.length(shape) + len(shape) * 8 + 8
-        samples = self.sample([[] for _ in range(batch_size)], max_length=max_length,
-                              cfg_scale=1.0, modality_steps=modality_steps, force_modality_at_start=(modality, shape),
-                              max_modalities=1, return_unprocessed_modalities=return_unprocessed_modalities,
-                              progress=progress, generator=generator)
+        if fixed_modality_shape is not None:
+            shape = self.check_shape(modality, fixed_modality_shape, name="fixed_modality_shape")
+        else:
+            shape = self.check_shape(modality, self.shape_for(modality, None, None), name="modality_default_shape")
+        samples = self._sample_prompts(
+            [None] * batch_size, names=["prompt"] * batch_size, max_length=1, max_length_counts=LengthBudget.GENERATED,
+            cfg_scale=1.0, modality_steps=modality_steps, force_modality_at_start=(modality, shape), max_modalities=1,
+            return_unprocessed_modalities=return_unprocessed_modalities, progress=progress, generator=generator,
+            init_modality_noise=init_modality_noise)
         return torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
 
     def decode_modality(self, modality: int, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor:
         """Channel-last tokens -> the user's layout (channel-first if configured), through the decoder
         unless ``decode=False``."""
         return self.modalities[modality].from_tokens(tokens, shape, decode=decode)
+
+    # transfusion-pytorch's token ids and modality records
+
+    @property
+    def sos_id(self) -> int:
+        return self.vocab.sos
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab.eos
+
+    @property
+    def null_text_id(self) -> int:
+        return self.vocab.null_text
+
+    @property
+    def som_ids(self) -> List[int]:
+        """The ``[som]`` id of each modality type."""
+        return [self.vocab.som(m) for m in range(self.num_modalities)]
+
+    @property
+    def eom_ids(self) -> List[int]:
+        """The ``[eom]`` id of each modality type."""
+        return [self.vocab.eom(m) for m in range(self.num_modalities)]
+
+    @property
+    def meta_id(self) -> int:
+        """The ``[meta]`` id that opens a modality's shape header."""
+        return self.vocab.meta
+
+    def char_tokenizer(self, text: str, device=None) -> Tensor:
+        """``text`` (ASCII, e.g. a shape ``"3,3"``) as the character ids a ``[meta]`` header holds."""
+        check(isinstance(text, str) and text.isascii(), f"`text` must be an ASCII string, got {describe(text)}")
+        return torch.tensor(self.vocab.char_ids(text), dtype=torch.long, device=device)
+
+    def get_modality_info(self, modality_type: Optional[int] = None) -> "ModalityInfo":
+        """transfusion-pytorch's record of one modality type (None: type 0, with one modality only)."""
+        modality = self.check_modality_type(modality_type)
+        spec, layers = self.modalities[modality], self.modality_layers[modality]
+        return ModalityInfo(
+            encoder=_unwrapped(getattr(spec, "encoder", None)), decoder=_unwrapped(getattr(spec, "decoder", None)),
+            latent_to_model=getattr(layers, "embed_latent", layers), model_to_latent=getattr(layers, "to_output", layers),
+            add_pos_emb=getattr(layers, "pos_mlp", None) is not None, pos_emb_mlp=getattr(layers, "pos_mlp", None),
+            num_dim=spec.rank, dim_latent=spec.dim_latent, default_shape=spec.default_shape,
+            som_id=self.vocab.som(modality), eom_id=self.vocab.eom(modality),
+            to_shape_fn=getattr(spec, "to_shape_fn", None) or shape_from_string,
+            channel_first_latent=getattr(spec, "channel_first", False), modality_type=modality)
+
+    def get_all_modality_info(self) -> List["ModalityInfo"]:
+        return [self.get_modality_info(m) for m in range(self.num_modalities)]
+
+
+class ModalityInfo(NamedTuple):
+    """One modality type as transfusion-pytorch describes it (:meth:`Transfusion.get_modality_info`)."""
+
+    encoder: Optional[nn.Module]
+    decoder: Optional[nn.Module]
+    latent_to_model: nn.Module
+    model_to_latent: nn.Module
+    add_pos_emb: bool
+    pos_emb_mlp: Optional[nn.Module]
+    num_dim: Optional[int]
+    dim_latent: int
+    default_shape: Optional[Shape]
+    som_id: int
+    eom_id: int
+    to_shape_fn: Any
+    channel_first_latent: bool
+    modality_type: int
+
+
+def shape_from_string(text: str) -> Shape:
+    """A shape spelled as a [meta] header spells it (``"3,3"``) -> ``(3, 3)``."""
+    return tuple(int(size) for size in text.split(",")) if text else ()
+
+
+def _unwrapped(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The user's module inside a frozen wrapper."""
+    return getattr(module, "module", module)
 
 
 def print_modality_sample(sample: List) -> None:

@@ -97,8 +97,12 @@ class Vocabulary:
     def is_text(self, ids: Tensor) -> Tensor:
         return ids < self.num_text_tokens
 
+    def char_ids(self, text: str) -> List[int]:
+        """The ids of ASCII characters (a shape header's ``"3,3"``)."""
+        return [self.first_char + ord(c) for c in text]
+
     def shape_ids(self, shape: Shape) -> List[int]:
-        return [self.first_char + ord(c) for c in ",".join(str(s) for s in shape)]
+        return self.char_ids(",".join(str(s) for s in shape))
 
     def parse_shape(self, ids: Sequence[int], rank: Optional[int] = None) -> Optional[Shape]:
         """The shape spelled by ``ids`` (e.g. ``"3,3"``), or None when it is not a valid shape."""

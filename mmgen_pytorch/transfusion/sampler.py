@@ -17,13 +17,14 @@ cached sampler is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Mapping, Optional, Protocol, Sequence, Tuple
+from enum import Enum
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._utils import GeneratorLike, as_generator, check, describe
+from .._utils import GeneratorLike, as_enum, as_generator, check, check_finite, describe
 from ..backbone import NO_BLOCK, PADDING, Decoder, KVCache, SequenceChunk, TokenLayout
 from ..guidance import check_cfg_scale
 from ..objectives.base import ContinuousObjective
@@ -32,6 +33,14 @@ from .modalities import ModalityFormat
 from .packing import LatentRun, PackedBatch, Placement, SampleSequence, Shape, Vocabulary, token_count
 
 GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from prompt instance ids
+
+
+class LengthBudget(str, Enum):
+    """What ``max_length`` counts when sampling."""
+
+    TOTAL = "total"          # prompt + output, structure tokens included: the sequence never exceeds it
+    GENERATED = "generated"  # tokens generated after the prompt (transfusion-pytorch); a started modality
+                             # is always finished, so the output may pass it by one modality
 
 
 class SamplingModel(Protocol):
@@ -107,10 +116,12 @@ class Row:
     position: int = 0                                # next rotary position
     twin_shift: int = 0                              # the unconditional twin's position minus this row's
     modalities: int = 0
+    generated: int = 0                               # text tokens chosen and modality tokens generated
     done: bool = False
 
-    def flush_text(self, num_text_tokens: int) -> None:
-        text = [t for t in self.text if t < num_text_tokens]
+    def flush_text(self, num_text_tokens: Optional[int]) -> None:
+        """Move the chosen ids into ``items``: the text ids only, or every id when ``num_text_tokens`` is None."""
+        text = [t for t in self.text if num_text_tokens is None or t < num_text_tokens]
         if text:
             self.items.append(torch.tensor(text, dtype=torch.long))
         self.text = []
@@ -121,9 +132,15 @@ class Sampler:
                  text_top_k: int = 0, text_top_p: float = 1.0, cfg_scale: float = 3.0, modality_steps: int = 16,
                  fixed_modality_shape: Optional[Shape] = None, max_modalities: Optional[int] = None,
                  return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
-                 generator: GeneratorLike = None, text_only: bool = False, objective_kwargs: Optional[dict] = None):
+                 generator: GeneratorLike = None, text_only: bool = False, objective_kwargs: Optional[dict] = None,
+                 max_length_counts: LengthBudget = LengthBudget.TOTAL, keep_structure_tokens: bool = False,
+                 init_modality_noise: Optional[Tensor] = None):
         """Every option is checked here, before any prompt is encoded or run."""
         check(max_length > 0, f"`max_length` must be positive, got {max_length}")
+        self.budget = as_enum(LengthBudget, max_length_counts, "max_length_counts")
+        check(isinstance(keep_structure_tokens, bool),
+              f"`keep_structure_tokens` must be a bool, got {describe(keep_structure_tokens)}")
+        check_init_noise(init_modality_noise)
         check_cfg_scale(cfg_scale)
         check_sampling_options(temperature=text_temperature, min_p=text_min_p, top_k=text_top_k, top_p=text_top_p,
                                prefix="" if text_only else "text_")
@@ -139,11 +156,16 @@ class Sampler:
         self.max_modalities, self.unprocessed = max_modalities, return_unprocessed_modalities
         self.use_cache, self.progress, self.generator, self.text_only = use_cache, progress, generator, text_only
         self.objective_kwargs = dict(objective_kwargs or {})
+        self.keep_structure, self.init_noise = keep_structure_tokens, init_modality_noise
+        self.names: Optional[Sequence[str]] = None  # how the caller calls each prompt in errors
         self.guided = cfg_scale != 1.0 and not text_only
         self.copies = 2 if self.guided else 1
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[List], forced: Sequence[List[int]]) -> List[List]:
+    def __call__(self, prompts: Sequence[List], forced: Sequence[List[int]],
+                 names: Optional[Sequence[str]] = None) -> List[List]:
+        """``names``: how the caller calls each prompt in errors (default ``prompt[i]``)."""
+        self.names = names
         rows = [Row() for _ in prompts]
         hidden = self.prefill(prompts, forced, rows)
         bar = tqdm(total=self.max_length, disable=not self.progress, desc="sampling", leave=False)
@@ -161,8 +183,13 @@ class Sampler:
                 break
         bar.close()
         for row in rows:
-            row.flush_text(self.vocab.num_text_tokens)
+            row.flush_text(self.kept_text_below)
         return [r.items for r in rows]
+
+    @property
+    def kept_text_below(self) -> Optional[int]:
+        """Returned text keeps ids below this (None: every id, structure tokens included)."""
+        return None if self.keep_structure else self.vocab.num_text_tokens
 
     # prompt
 
@@ -181,10 +208,12 @@ class Sampler:
             row.length, row.position = sequence.length, sequence.next_position
             row.twin_shift = twin.next_position - sequence.next_position
             row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
-            check(row.length <= self.max_length,
-                  f"`prompt[{index}]` ({row.length} tokens with its structure tokens) is longer than `max_length` "
-                  f"({self.max_length})")
+            check(row.length <= self.max_length or self.budget is LengthBudget.GENERATED,
+                  f"`{self.name_of(index)}` ({row.length} tokens with its structure tokens) is longer than `max_length` "
+                  f"({self.max_length}), which counts prompt + output: raise it, or pass "
+                  f"`max_length_counts='generated'` (a budget after the prompt, transfusion-pytorch's meaning)")
             self.mark_fed(row, row.fed[-1])
+            self.check_requested_modality(row, index)
         packed = model.pack_prompts(sequences)
         chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
                       [LatentRun(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
@@ -192,6 +221,43 @@ class Sampler:
         self.decoder = Decoder(self.run, new_cache=model.new_cache, rows=len(sequences),
                                max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache)
         return self.decoder.write(chunk)[:, -1]
+
+    def name_of(self, index: int) -> str:
+        return self.names[index] if self.names is not None else f"prompt[{index}]"
+
+    def check_requested_modality(self, row: Row, index: int) -> None:
+        """A modality that the prompt (or ``force_modality_at_start``) starts is generated, never dropped:
+        refuse, before any compute, one that cannot be."""
+        if row.pending is None:
+            return
+        modality, shape = row.pending
+        length = self.model.placement.length(shape) + 1  # with its [eom]
+        check(self.budget is LengthBudget.GENERATED or row.length + length <= self.max_length,
+              f"`{self.name_of(index)}` starts a modality of type {modality} and shape {shape} ({length} tokens with its "
+              f"[eom]) that does not fit after its {row.length} tokens in `max_length` ({self.max_length}), which "
+              f"counts prompt + output: raise it, or pass `max_length_counts='generated'` (a budget after the "
+              f"prompt; a started modality is always finished)")
+        check(self.max_modalities is None or self.max_modalities > 0,
+              f"`{self.name_of(index)}` starts a modality but `max_modalities` is {self.max_modalities}")
+        self.check_init_noise_covers(modality, shape)
+
+    def check_init_noise_covers(self, modality: int, shape: Shape) -> None:
+        if self.init_noise is None:
+            return
+        count, dim_latent = token_count(shape), self.model.modalities[modality].dim_latent
+        have = tuple(self.init_noise.shape)
+        check(have[0] >= count and have[1] >= dim_latent,
+              f"`init_modality_noise` of shape {have} is too small for a modality of type {modality} and shape "
+              f"{shape}: it needs at least ({count}, {dim_latent}) (tokens, latent channels)")
+
+    def initial_noise(self, modality: int, shape: Shape, rows: int) -> Tensor:
+        """``[rows, count, dim_latent]`` starting noise: ``init_modality_noise``'s top-left corner, else drawn."""
+        count, dim_latent = token_count(shape), self.model.modalities[modality].dim_latent
+        device = self.model.device
+        if self.init_noise is None:
+            return torch.randn(rows, count, dim_latent, device=device, generator=self.generator)
+        self.check_init_noise_covers(modality, shape)
+        return self.init_noise[:count, :dim_latent].to(device, torch.float32).expand(rows, -1, -1).clone()
 
     def run(self, chunk: Chunk, *, cache: Optional[KVCache], write: bool) -> Tensor:
         """The model over a chunk (the decoder's model function)."""
@@ -227,15 +293,27 @@ class Sampler:
         for i, token in zip(waiting, sampled):
             row = rows[i]
             token = row.forced.pop(0) if row.forced else token
-            if (token == self.vocab.eos and not self.text_only) or row.length >= self.max_length:
+            if self.out_of_budget(row):
+                row.done = True
+                continue
+            if token == self.vocab.eos and not self.text_only:
+                row.text += [token] if self.keep_structure else []
                 row.done = True
                 continue
             if token == self.vocab.meta and self.fixed_shape is not None:
                 row.forced = self.vocab.shape_ids(self.fixed_shape)
             row.text.append(token)
             row.next_token = token
-            if row.length + 1 >= self.max_length:  # the sequence is full with this token: no need to feed it
-                row.done = True
+            row.generated += 1
+            starts_modality = self.vocab.som_modality(token) is not None and not self.text_only
+            if self.out_of_budget(row, feeding=True) and not (starts_modality and self.budget is LengthBudget.GENERATED):
+                row.done = True  # the budget ends with this token: no need to feed it
+
+    def out_of_budget(self, row: Row, feeding: bool = False) -> bool:
+        """Whether the row has used ``max_length`` (counting the chosen token about to be fed)."""
+        if self.budget is LengthBudget.GENERATED:
+            return row.generated >= self.max_length
+        return row.length + feeding >= self.max_length
 
     def feed_text(self, rows: List[Row]) -> Tensor:
         """Feed every active row's chosen token: one forward of one token per row."""
@@ -277,7 +355,8 @@ class Sampler:
         for i in pending:
             if rows[i].pending != (modality, shape):
                 continue
-            out_of_room = rows[i].length + length + 1 > self.max_length  # the modality and its [eom]
+            out_of_room = (self.budget is LengthBudget.TOTAL
+                           and rows[i].length + length + 1 > self.max_length)  # the modality and its [eom]
             if out_of_room or (self.max_modalities is not None and rows[i].modalities >= self.max_modalities):
                 rows[i].done = True
             else:
@@ -286,8 +365,7 @@ class Sampler:
             return
         batch = len(rows)
         all_rows = [i + copy * batch for copy in range(self.copies) for i in group]
-        dim_latent = model.modalities[modality].dim_latent
-        noise = torch.randn(len(group), count, dim_latent, device=model.device, generator=self.generator)
+        noise = self.initial_noise(modality, shape, rows=len(group))
         chunk = self.modality_chunk(rows, all_rows, modality, shape, count, batch * self.copies)
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
@@ -300,14 +378,17 @@ class Sampler:
                               write=True)
         for k, i in enumerate(group):
             row = rows[i]
-            row.flush_text(self.vocab.num_text_tokens)
+            row.flush_text(self.kept_text_below)
             row.items.append((modality, self.output_modality(modality, latent[k], shape)))
             row.position += model.placement.extent(shape)
             row.length += length
+            row.generated += count
             row.modalities += 1
             row.pending = None
             row.next_token = self.vocab.eom(modality)
-            if self.max_modalities is not None and row.modalities >= self.max_modalities:
+            row.text += [row.next_token] if self.keep_structure else []
+            limited = self.max_modalities is not None and row.modalities >= self.max_modalities
+            if limited or (self.budget is LengthBudget.GENERATED and self.out_of_budget(row)):
                 row.done = True
 
     def output_modality(self, modality: int, tokens: Tensor, shape: Shape) -> Tensor:
@@ -372,3 +453,154 @@ def prompt_as_list(prompt) -> List:
     return list(prompt)
 
 
+
+
+def check_init_noise(noise) -> None:
+    """``init_modality_noise``: None, or a finite float ``[tokens, channels]`` tensor whose top-left corner
+    starts every generated modality."""
+    if noise is None:
+        return
+    check(isinstance(noise, Tensor) and noise.is_floating_point() and noise.ndim == 2,
+          f"`init_modality_noise` must be a float tensor [tokens, latent channels], got {describe(noise)}")
+    check_finite("init_modality_noise", noise)
+
+
+@dataclass
+class ParsedPrompt:
+    """A prompt in the form the model packs: text id tensors and modalities, with the structure tokens
+    it spelled taken out (the packing writes them), and the ids that start a modality at its end."""
+
+    parts: List = field(default_factory=list)               # 1-D text ids, float tensors, (type, tensor)
+    wheres: List[str] = field(default_factory=list)         # where each part came from (for errors)
+    start: List[int] = field(default_factory=list)          # [meta] shape [som_m] ending the prompt, or []
+    spelled: Dict[int, Shape] = field(default_factory=dict)  # part index -> the shape spelled before it
+
+
+class PromptParser:
+    """One prompt in any form transfusion-pytorch takes -> :class:`ParsedPrompt`.
+
+    A prompt is None, a text tensor (0-dim, ``[n]`` or ``[1, n]``), a modality (a float tensor or
+    ``(type, tensor)``), or a list of those (None parts are skipped). Text may hold structure ids: a
+    leading ``[sos]``; ``[meta] <shape chars> [som_m]`` (or ``[som_m]`` alone) right before a modality of
+    type m (an untagged float tensor there takes type m), or at the end (the sample then starts with
+    that modality: the spelled shape, else ``fixed_modality_shape``, else the default); ``[eom_m]`` right
+    after a modality of type m.
+    """
+
+    def __init__(self, model: SamplingModel, *, name: str, fixed_shape: Optional[Shape] = None):
+        self.model, self.vocab, self.name, self.fixed_shape = model, model.vocab, name, fixed_shape
+
+    def __call__(self, prompt) -> ParsedPrompt:
+        parsed, text = ParsedPrompt(), []
+        header: Optional[List[int]] = None      # shape chars after a [meta], until its [som]
+        started: Optional[Tuple[int, Optional[List[int]], str]] = None  # (type, chars, where) after a [som]
+        closable: Optional[int] = None          # the type of a modality just placed (its [eom] may follow)
+        last_where = self.name
+        for position, (where, element) in enumerate(self.elements(prompt)):
+            if not isinstance(element, int):
+                element = self.placed_modality(element, started, where)
+                if started is not None and started[1]:
+                    parsed.spelled[len(parsed.parts) + bool(text)] = self.spelled_shape(started, where)
+                self.flush(parsed, text, last_where)
+                parsed.parts.append(element)
+                parsed.wheres.append(where)
+                header, started, closable = None, None, self.model.check_modality_type(
+                    element[0] if isinstance(element, tuple) else 0, name=where)
+                continue
+            check(started is None, f"`{where}`: the [som] of modality {started and started[0]} must be followed by "
+                                   f"that modality or end the prompt, got token id {element}")
+            som = self.vocab.som_modality(element)
+            if header is not None:
+                check(som is not None or self.vocab.first_char <= element < self.vocab.size,
+                      f"`{where}`: [meta] must be followed by the shape's characters and a [som] token, "
+                      f"got token id {element}")
+                header, started = (None, (som, header, where)) if som is not None else (header + [element], None)
+            elif element < self.vocab.num_text_tokens:
+                text.append(element)
+            elif element == self.vocab.meta:
+                header = []
+            elif som is not None:
+                started = (som, None, where)
+            elif closable is not None and element == self.vocab.eom(closable):
+                pass  # the packing closes every modality with its [eom]
+            else:
+                check(element == self.vocab.sos and position == 0,
+                      f"`{where}`: token id {element} is not text (ids below {self.vocab.num_text_tokens}) nor a "
+                      f"structure token in its place ([sos] first, [meta] shape [som] before a modality, [eom] "
+                      f"right after it)")
+            closable, last_where = None, where
+        check(header is None, f"`{self.name}` ends inside a [meta] shape header: close it with a [som] token")
+        self.flush(parsed, text, last_where)
+        if started is not None:
+            modality, chars, where = started
+            spelled = self.spelled_shape(started, where) if chars else None
+            shape = self.model.shape_for(modality, spelled, self.fixed_shape)
+            parsed.start = [self.vocab.meta, *self.vocab.shape_ids(shape), self.vocab.som(modality)]
+        return parsed
+
+    def elements(self, prompt) -> List[Tuple[str, object]]:
+        """The prompt as (where, token id or modality) in order."""
+        if prompt is None:
+            return []
+        if isinstance(prompt, (Tensor, tuple)):
+            parts = [(self.name, prompt)]
+        else:
+            check(isinstance(prompt, list), f"`{self.name}` must be None, a tensor, a (modality_type, tensor) "
+                                            f"tuple or a list of them, got {describe(prompt)}")
+            parts = [(f"{self.name}[{i}]", part) for i, part in enumerate(prompt) if part is not None]
+        elements = []
+        for where, part in parts:
+            if isinstance(part, Tensor) and not part.is_floating_point():
+                elements += [(where, token) for token in self.text_ids(part, where)]
+            else:
+                check(isinstance(part, (Tensor, tuple)), f"`{where}` must be a text tensor, a modality tensor or "
+                                                         f"a (modality_type, tensor) tuple, got {describe(part)}")
+                elements.append((where, part))
+        return elements
+
+    def text_ids(self, ids: Tensor, where: str) -> List[int]:
+        check(ids.dtype in (torch.long, torch.int, torch.int16, torch.uint8),
+              f"`{where}` must be a long tensor of token ids, got {describe(ids)}")
+        check(ids.ndim <= 1 or (ids.ndim == 2 and ids.shape[0] == 1),
+              f"`{where}`: text must be a 0-dim, [n] or [1, n] tensor of token ids, got shape {tuple(ids.shape)} "
+              f"(pass several prompts as a list)")
+        flat = ids.reshape(-1).tolist()
+        check(all(0 <= token < self.vocab.size for token in flat),
+              f"`{where}`: token ids must be in [0, {self.vocab.size}), got {flat}")
+        return flat
+
+    def placed_modality(self, element, started, where: str):
+        """A modality right after a [som] takes its type (an explicit different type is refused)."""
+        if started is None:
+            return element
+        if not isinstance(element, tuple):
+            return (started[0], element)
+        check(len(element) == 2 and self.model.check_modality_type(element[0], name=where) == started[0],
+              f"`{where}` follows the [som] of modality {started[0]}, got a modality tagged {element[0]!r}")
+        return element
+
+    def spelled_shape(self, started, where: str) -> Shape:
+        modality, chars, _ = started
+        shape = self.vocab.parse_shape(chars, rank=self.model.modalities[modality].rank)
+        check(shape is not None, f"`{where}`: the [meta] header spells "
+                                 f"{''.join(chr(c - self.vocab.first_char) for c in chars)!r}, not a shape of "
+                                 f"modality {modality} (comma-separated positive ints, one per grid axis)")
+        return shape
+
+    @staticmethod
+    def flush(parsed: ParsedPrompt, text: List[int], where: str) -> None:
+        if text:
+            parsed.parts.append(torch.tensor(text, dtype=torch.long))
+            parsed.wheres.append(where)
+            text.clear()
+
+
+def merge_text(parts: Sequence) -> List:
+    """Adjacent text tensors joined into one (transfusion-pytorch's returned form)."""
+    merged: List = []
+    for part in parts:
+        if isinstance(part, Tensor) and merged and isinstance(merged[-1], Tensor):
+            merged[-1] = torch.cat((merged[-1], part.to(merged[-1].device)))
+        else:
+            merged.append(part)
+    return merged
