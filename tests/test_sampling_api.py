@@ -174,14 +174,23 @@ def test_bad_prompts_fail_before_compute(prompt, where, message):
 # the two switches
 
 
-def test_max_length_counts_total_refuses_a_requested_modality_that_cannot_fit():
+def test_max_length_counts_total_generates_a_requested_modality_past_the_cap_and_says_so():
+    """Like Hugging Face's ``max_length``: a prompt that fills the cap gets nothing more (with a warning),
+    but a modality the prompt or ``force_modality_at_start`` asks for is never dropped."""
     model = tiny()
-    calls = forward_counter(model)
     prompt = [torch.tensor([model.som_ids[0]])]
-    with pytest.raises(ValueError, match="max_length.*max_length_counts='generated'"):
-        model.sample(prompt, max_length=4, progress=False)  # [sos] [som] + 4 latents + [eom] > 4
-    with pytest.raises(ValueError, match="force_modality_at_start|does not fit"):
-        model.sample(None, force_modality_at_start=0, max_length=6, progress=False)
+    with pytest.warns(UserWarning, match=r"`prompt\[0\]` and the modality it starts need .*max_length_counts"):
+        sample = model.sample(prompt, max_length=4, **greedy())  # [sos] [som] + 4 latents + [eom] > 4
+    assert isinstance(sample[1], tuple) and sample[1][1].shape == (4, 8)
+    assert len(sample) == 2  # nothing after it
+    with pytest.warns(UserWarning, match="the modality it starts"):
+        forced = model.sample(None, force_modality_at_start=0, max_length=3, **greedy())
+    assert len(forced) == 1 and forced[0][1].shape == (4, 8)
+    text = torch.randint(0, N, (6,))
+    with pytest.warns(UserWarning, match="nothing is generated after it"):
+        full = model.sample([text], max_length=5, **greedy())
+    assert len(full) == 1 and torch.equal(full[0], text)
+    calls = forward_counter(model)
     with pytest.raises(ValueError, match="max_length_counts"):
         model.sample(None, max_length_counts="prompt", progress=False)
     assert not calls

@@ -16,6 +16,7 @@ cached sampler is tested against.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -38,9 +39,10 @@ GENERATED_BLOCK_OFFSET = 1 << 20  # block ids of generated modalities: far from 
 class LengthBudget(str, Enum):
     """What ``max_length`` counts when sampling."""
 
-    TOTAL = "total"          # prompt + output, structure tokens included: the sequence never exceeds it
-    GENERATED = "generated"  # tokens generated after the prompt (transfusion-pytorch); a started modality
-                             # is always finished, so the output may pass it by one modality
+    TOTAL = "total"          # prompt + output, structure tokens included (like Hugging Face's `max_length`)
+    GENERATED = "generated"  # tokens generated after the prompt (transfusion-pytorch; `max_new_tokens`)
+    # under both, a modality the prompt starts (or `force_modality_at_start` asks for) is always generated,
+    # and a modality the model starts is finished under GENERATED; so the output may pass it by one modality
 
 
 class SamplingModel(Protocol):
@@ -112,6 +114,7 @@ class Row:
     forced: List[int] = field(default_factory=list)  # ids to feed instead of sampling
     next_token: Optional[int] = None                 # chosen, not yet fed
     pending: Optional[Tuple[int, Shape]] = None      # (modality, shape) after a fed [som]
+    requested: bool = False                          # the pending modality was started by the prompt
     length: int = 0                                  # tokens in the sequence (prompt included)
     position: int = 0                                # next rotary position
     twin_shift: int = 0                              # the unconditional twin's position minus this row's
@@ -208,11 +211,9 @@ class Sampler:
             row.length, row.position = sequence.length, sequence.next_position
             row.twin_shift = twin.next_position - sequence.next_position
             row.fed = [int(t) for s in sequence.segments if s.modality is None for t in s.token_ids]
-            check(row.length <= self.max_length or self.budget is LengthBudget.GENERATED,
-                  f"`{self.name_of(index)}` ({row.length} tokens with its structure tokens) is longer than `max_length` "
-                  f"({self.max_length}), which counts prompt + output: raise it, or pass "
-                  f"`max_length_counts='generated'` (a budget after the prompt, transfusion-pytorch's meaning)")
             self.mark_fed(row, row.fed[-1])
+            row.requested = row.pending is not None
+            self.warn_if_no_room(row, index)
             self.check_requested_modality(row, index)
         packed = model.pack_prompts(sequences)
         chunk = Chunk(packed.token_ids, packed.positions, TokenLayout(packed.layout.segment_ids, packed.layout.block_ids),
@@ -225,18 +226,31 @@ class Sampler:
     def name_of(self, index: int) -> str:
         return self.names[index] if self.names is not None else f"prompt[{index}]"
 
+    def warn_if_no_room(self, row: Row, index: int) -> None:
+        """Under ``max_length_counts='total'``, a prompt that fills ``max_length`` leaves nothing to generate
+        (but the modality it starts): say so rather than return it silently."""
+        if self.budget is LengthBudget.GENERATED:
+            return
+        if row.pending is None:
+            if row.length < self.max_length:
+                return
+            what = f"has {row.length} tokens with its structure tokens: nothing is generated after it"
+        else:
+            needed = row.length + self.model.placement.length(row.pending[1]) + 1  # with its [eom]
+            if needed <= self.max_length:
+                return
+            what = (f"and the modality it starts need {needed} tokens: that modality is generated, passing "
+                    f"`max_length`, and nothing after it")
+        warnings.warn(f"`{self.name_of(index)}` {what}, since `max_length` ({self.max_length}) counts prompt + "
+                      f"output. Raise `max_length`, or pass `max_length_counts='generated'` to make it a budget after "
+                      f"the prompt (transfusion-pytorch's meaning)", stacklevel=2)
+
     def check_requested_modality(self, row: Row, index: int) -> None:
         """A modality that the prompt (or ``force_modality_at_start``) starts is generated, never dropped:
         refuse, before any compute, one that cannot be."""
         if row.pending is None:
             return
         modality, shape = row.pending
-        length = self.model.placement.length(shape) + 1  # with its [eom]
-        check(self.budget is LengthBudget.GENERATED or row.length + length <= self.max_length,
-              f"`{self.name_of(index)}` starts a modality of type {modality} and shape {shape} ({length} tokens with its "
-              f"[eom]) that does not fit after its {row.length} tokens in `max_length` ({self.max_length}), which "
-              f"counts prompt + output: raise it, or pass `max_length_counts='generated'` (a budget after the "
-              f"prompt; a started modality is always finished)")
         check(self.max_modalities is None or self.max_modalities > 0,
               f"`{self.name_of(index)}` starts a modality but `max_modalities` is {self.max_modalities}")
         self.check_init_noise_covers(modality, shape)
@@ -355,7 +369,7 @@ class Sampler:
         for i in pending:
             if rows[i].pending != (modality, shape):
                 continue
-            out_of_room = (self.budget is LengthBudget.TOTAL
+            out_of_room = (self.budget is LengthBudget.TOTAL and not rows[i].requested
                            and rows[i].length + length + 1 > self.max_length)  # the modality and its [eom]
             if out_of_room or (self.max_modalities is not None and rows[i].modalities >= self.max_modalities):
                 rows[i].done = True
@@ -384,7 +398,7 @@ class Sampler:
             row.length += length
             row.generated += count
             row.modalities += 1
-            row.pending = None
+            row.pending, row.requested = None, False
             row.next_token = self.vocab.eom(modality)
             row.text += [row.next_token] if self.keep_structure else []
             limited = self.max_modalities is not None and row.modalities >= self.max_modalities
