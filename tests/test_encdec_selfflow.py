@@ -44,6 +44,21 @@ def test_unet_shapes_and_every_parameter_gets_a_gradient():
     assert model.generate_modality_only(progress=False, generator=0).shape == (1, 4, 8, 8)
 
 
+def test_an_enc_dec_of_lower_rank_than_the_rotary_axes_encodes_each_instance_whole():
+    torch.manual_seed(0)
+    enc_dec = (nn.Conv1d(4, 16, 3, 2, 1), nn.ConvTranspose1d(16, 4, 3, 2, 1, output_padding=1))
+    model = Transfusion(num_text_tokens=10, dim_latent=(4, 4), modality_default_shape=((8,), (2, 2)),
+                        channel_first_latent=True, pre_post_transformer_enc_dec=[enc_dec, None],
+                        transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+    assert model.rotary_axes == 2 and model.modalities[0].rank == 1
+    layers, latent = model.modality_layers[0], randn(4, 8)  # channel-first: 8 latents -> 4 tokens
+    coords = model.placement.coords((4,)).repeat(2, 1)  # two instances in one run
+    assert layers._instances(coords) == [(0, 4, (4,)), (4, 8, (4,))]
+    values = to_blocks(latent.T, (2,)).repeat(2, 1)
+    expected = enc_dec[0](latent[None])[0].T  # the encoder on the whole latent
+    assert_close_f32(layers.embed(values, coords), expected.repeat(2, 1))
+
+
 def test_unet_forward_equals_enc_then_model_then_dec():
     model = unet_model().eval()
     x, noise, t = randn(1, 4, 8, 8), randn(1, 4, 8, 8), 0.3

@@ -186,8 +186,7 @@ class EncDecLayers(ModalityLayers):
 
     def _instances(self, coords: Tensor) -> List[Tuple[int, int, Shape]]:
         """``(start, end, token grid)`` of each instance in a run of tokens."""
-        rank = len(self.downsample)
-        grid_coords = coords[:, :rank]
+        grid_coords = coords[:, coords.shape[1] - len(self.downsample):]  # a grid fills the LAST rotary axes
         starts = torch.nonzero((grid_coords == 0).all(-1)).flatten().tolist() + [coords.shape[0]]
         return [(start, end, tuple((grid_coords[start:end].amax(0) + 1).tolist()))
                 for start, end in zip(starts, starts[1:])]
