@@ -142,10 +142,12 @@ def test_cfg_schedules():
 def test_modality_specs_from_per_argument_lists():
     first, second = modality_specs(dim_latent=[4, 6], channel_first_latent=[True, False],
                                    modality_default_shape=[(2, 3), None], modality_num_dim=[None, 1])
-    assert first == ModalitySpec(dim_latent=4, channel_first=True, default_shape=(2, 3), rank=2)
+    assert first == ModalitySpec(dim_latent=4, channel_first=True, default_shape=(2, 3))  # rank free
     assert second == ModalitySpec(dim_latent=6, rank=1)
     (only,) = modality_specs(dim_latent=5, modality_default_shape=(4, 4))  # one shape, not a list of them
-    assert only.default_shape == (4, 4) and only.rank == 2
+    assert only.default_shape == (4, 4) and only.rank is None
+    (positioned,) = modality_specs(dim_latent=5, modality_default_shape=(4, 4), add_pos_emb=True)
+    assert positioned.rank == 2  # a learned position embedding fixes the rank, as in transfusion-pytorch
     with pytest.raises(ValueError, match="`channel_first_latent` needs one entry per modality"):
         modality_specs(dim_latent=[4, 6], channel_first_latent=[True])
     tokens = torch.randn(6, 4)

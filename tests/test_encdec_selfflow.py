@@ -44,6 +44,21 @@ def test_unet_shapes_and_every_parameter_gets_a_gradient():
     assert model.generate_modality_only(progress=False, generator=0).shape == (1, 4, 8, 8)
 
 
+def test_an_enc_dec_of_lower_rank_than_the_rotary_axes_encodes_each_instance_whole():
+    torch.manual_seed(0)
+    enc_dec = (nn.Conv1d(4, 16, 3, 2, 1), nn.ConvTranspose1d(16, 4, 3, 2, 1, output_padding=1))
+    model = Transfusion(num_text_tokens=10, dim_latent=(4, 4), modality_default_shape=((8,), (2, 2)),
+                        channel_first_latent=True, pre_post_transformer_enc_dec=[enc_dec, None],
+                        transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+    assert model.rotary_axes == 2 and model.modalities[0].rank == 1
+    layers, latent = model.modality_layers[0], randn(4, 8)  # channel-first: 8 latents -> 4 tokens
+    coords = model.placement.coords((4,)).repeat(2, 1)  # two instances in one run
+    assert layers._instances(coords) == [(0, 4, (4,)), (4, 8, (4,))]
+    values = to_blocks(latent.T, (2,)).repeat(2, 1)
+    expected = enc_dec[0](latent[None])[0].T  # the encoder on the whole latent
+    assert_close_f32(layers.embed(values, coords), expected.repeat(2, 1))
+
+
 def test_unet_forward_equals_enc_then_model_then_dec():
     model = unet_model().eval()
     x, noise, t = randn(1, 4, 8, 8), randn(1, 4, 8, 8), 0.3
@@ -194,7 +209,7 @@ def test_create_ema_honours_its_arguments():
 
 def test_zero_dim_default_shape_is_one_shape():
     model = tiny_zero_dim()
-    assert model.modalities[0].default_shape == () and model.modalities[0].rank == 0
+    assert model.modalities[0].default_shape == () and model.modalities[0].rank is None  # rank free
     model(batch()).backward()
     two = Transfusion(num_text_tokens=8, dim_latent=(4, 4), modality_default_shape=((), (2,)),
                       transformer=dict(dim=16, depth=1))
@@ -229,10 +244,11 @@ def test_sampled_shape_function_and_fallback():
     model = tiny_zero_dim(modality_default_shape=(2,), to_modality_shape_fn=lambda text: (int(text) + 1,))
     ids = model.vocab.shape_ids((3,))
     assert model.emitted_shape(0, ids) == (4,)
-    plain = tiny_zero_dim(modality_default_shape=(2,))
+    plain = tiny_zero_dim(modality_default_shape=(2,), modality_num_dim=1)  # a fixed rank checks the emitted shape
     with pytest.raises(ValueError, match="fallback_to_default_shape_if_invalid"):
         plain.emitted_shape(0, plain.vocab.shape_ids((3, 3)))
-    falls_back = tiny_zero_dim(modality_default_shape=(2,), fallback_to_default_shape_if_invalid=True)
+    falls_back = tiny_zero_dim(modality_default_shape=(2,), modality_num_dim=1,
+                               fallback_to_default_shape_if_invalid=True)
     with pytest.warns(UserWarning, match="default shape"):
         assert falls_back.emitted_shape(0, falls_back.vocab.shape_ids((3, 3))) is None
     with pytest.warns(UserWarning, match="no valid shape"):

@@ -35,7 +35,8 @@ def m():
     torch.manual_seed(0)
     conv = dict(ch=32, num_res_blocks=1)
     return SimpleNamespace(
-        transfusion=Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2, 2), transformer=BACKBONE),
+        transfusion=Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2, 2), modality_num_dim=2,
+                                transformer=BACKBONE),
         transfusion2=Transfusion(num_text_tokens=16, dim_latent=(4, 4), modality_default_shape=((2, 2), (2, 2)),
                                  transformer=BACKBONE),
         monoformer=MonoFormer(num_text_tokens=8, transformer=BACKBONE, latent_channels=4, latent_size=4, patch_size=2),

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import check, describe
-from .modalities import ModalityFormat, ModalityLayers
+from .modalities import ModalityFormat, ModalityLayers, check_grid_rank, nominal_rank
 from .packing import Shape
 
 
@@ -67,12 +67,12 @@ class TrainableEncDec:
         check(isinstance(self.encoder, nn.Module) and isinstance(self.decoder, nn.Module),
               f"`pre_post_transformer_enc_dec` must be (encoder, decoder) modules, got "
               f"({describe(self.encoder)}, {describe(self.decoder)})")
-        check(self.inner.rank is not None, "a trainable encoder / decoder needs the modality's rank: give "
-                                           "`modality_num_dim` or `modality_default_shape`")
+        check(nominal_rank(self.inner) is not None, "a trainable encoder / decoder needs the modality's rank: "
+                                                     "give `modality_num_dim` or `modality_default_shape`")
         factor = self.downsample if self.downsample is not None else self._probe_downsample()
-        check(isinstance(factor, (list, tuple)) and len(factor) == self.inner.rank
+        check(isinstance(factor, (list, tuple)) and len(factor) == self.rank
               and all(isinstance(f, int) and f > 0 for f in factor),
-              f"`downsample` must be {self.inner.rank} positive ints, got {factor!r}")
+              f"`downsample` must be {self.rank} positive ints, got {factor!r}")
         object.__setattr__(self, "downsample", tuple(factor))
 
     def _probe_downsample(self) -> Shape:
@@ -100,7 +100,8 @@ class TrainableEncDec:
 
     @property
     def rank(self) -> int:
-        return self.inner.rank
+        """Fixed: the encoder works on grids of one rank (the inner modality's nominal rank)."""
+        return nominal_rank(self.inner)
 
     @property
     def default_shape(self) -> Optional[Shape]:
@@ -115,6 +116,7 @@ class TrainableEncDec:
 
     def to_latent_grid(self, tensor: Tensor, *, name: str) -> Tensor:
         latent = self.inner.to_latent_grid(tensor, name=name)
+        check_grid_rank(tuple(latent.shape[:-1]), self.rank, name=name)
         self._token_grid(tuple(latent.shape[:-1]), name=name)
         return to_blocks(latent, self.downsample)
 
@@ -184,8 +186,7 @@ class EncDecLayers(ModalityLayers):
 
     def _instances(self, coords: Tensor) -> List[Tuple[int, int, Shape]]:
         """``(start, end, token grid)`` of each instance in a run of tokens."""
-        rank = len(self.downsample)
-        grid_coords = coords[:, :rank]
+        grid_coords = coords[:, coords.shape[1] - len(self.downsample):]  # a grid fills the LAST rotary axes
         starts = torch.nonzero((grid_coords == 0).all(-1)).flatten().tolist() + [coords.shape[0]]
         return [(start, end, tuple((grid_coords[start:end].amax(0) + 1).tolist()))
                 for start, end in zip(starts, starts[1:])]

@@ -48,7 +48,7 @@ class ModalityFormat(Protocol):
 
     dim_latent: int                 # channels of one latent token
     default_shape: Optional[Shape]  # the latent grid sampled when none is emitted or forced
-    rank: Optional[int]             # grid dimensions (None: any)
+    rank: Optional[int]             # grid dimensions every input must have (None: any)
 
     def to_latent_grid(self, tensor: Tensor, *, name: str) -> Tensor:
         """A user's float tensor -> its channel-last latent grid ``[*grid, dim_latent]``; a tensor of the
@@ -93,10 +93,11 @@ class ModalitySpec:
     """A Transfusion modality: latent tokens of ``dim_latent`` channels on a grid of any rank.
 
     channel_first: the user's tensors are ``[c, *grid]`` (else ``[*grid, c]``). default_shape: the latent
-    grid sampled when none is emitted or forced. rank: grid dimensions (None: any; inferred from
-    ``default_shape``). encoder / decoder: frozen modules (one tensor in, one out; :class:`FrozenWrapper`)
-    applied to a user's tensor before it is tokenised and to a sampled latent. add_pos_emb: a learned MLP
-    of each token's grid coordinates is added to its embedding. Layers: :class:`LinearLayers`.
+    grid sampled when none is emitted or forced; it does not restrict inputs. rank: the grid dimensions
+    every input, forced and emitted shape must have (None: any). encoder / decoder: frozen modules (one
+    tensor in, one out; :class:`FrozenWrapper`) applied to a user's tensor before it is tokenised and to a
+    sampled latent. add_pos_emb: a learned MLP of each token's grid coordinates is added to its embedding.
+    Layers: :class:`LinearLayers`.
     """
 
     dim_latent: int
@@ -115,9 +116,7 @@ class ModalitySpec:
         check(latent.ndim >= 1 and latent.shape[-1] == self.dim_latent,
               f"`{name}`: the modality expects latents with {self.dim_latent} channels "
               f"({'first' if self.channel_first else 'last'} axis), got shape {tuple(tensor.shape)}{text_hint}")
-        shape = tuple(latent.shape[:-1])
-        check(self.rank is None or len(shape) == self.rank,
-              f"`{name}`: the modality has rank {self.rank}, got a latent grid of shape {shape}")
+        check_grid_rank(tuple(latent.shape[:-1]), self.rank, name=name)
         return latent
 
     def from_tokens(self, tokens: Tensor, shape: Shape, *, decode: bool = True) -> Tensor:
@@ -135,6 +134,21 @@ class ModalitySpec:
     def build_layers(self, *, dim: int, output_dim: int, axes: int) -> "LinearLayers":
         return LinearLayers(dim_latent=self.dim_latent, dim=dim, output_dim=output_dim,
                             position_axes=axes if self.add_pos_emb else None)
+
+
+def nominal_rank(modality: ModalityFormat) -> Optional[int]:
+    """The grid dimensions a modality is built for: its fixed ``rank``, else its default shape's (None:
+    neither). The model's rotary axes cover every modality's nominal rank; a modality without a fixed rank
+    still takes grids of any rank (:func:`~mmgen_pytorch.transfusion.packing.placed_shape`)."""
+    if modality.rank is not None:
+        return modality.rank
+    return None if modality.default_shape is None else len(modality.default_shape)
+
+
+def check_grid_rank(shape: Shape, rank: Optional[int], *, name: str) -> None:
+    """A latent grid of ``shape`` given to a modality whose inputs must have ``rank`` dimensions (None: any)."""
+    check(rank is None or len(shape) == rank,
+          f"`{name}`: the modality has rank {rank}, got a latent grid of shape {tuple(shape)}")
 
 
 class LinearLayers(ModalityLayers):
@@ -166,7 +180,8 @@ def modality_specs(*, dim_latent, channel_first_latent=False, modality_default_s
     """transfusion-pytorch's constructor arguments (each one value for every modality, or a list with one
     per modality; ``dim_latent`` decides how many) -> one :class:`ModalitySpec` per modality (wrapped in
     :class:`~mmgen_pytorch.transfusion.enc_dec.TrainableEncDec` where ``pre_post_transformer_enc_dec``
-    gives it an (encoder, decoder) pair)."""
+    gives it an (encoder, decoder) pair). As in transfusion-pytorch, a modality's rank is fixed only by
+    ``modality_num_dim`` or, with ``add_pos_emb``, by its default shape; otherwise it takes grids of any rank."""
     from .enc_dec import TrainableEncDec
     dims = tuple(dim_latent) if isinstance(dim_latent, (list, tuple)) else (dim_latent,)
     count = len(dims)
@@ -184,7 +199,7 @@ def modality_specs(*, dim_latent, channel_first_latent=False, modality_default_s
               for modules, name in ((modality_encoder, "modality_encoder"), (modality_decoder, "modality_decoder"))]
     specs = tuple(
         ModalitySpec(dim_latent=dim, channel_first=first, default_shape=shape,
-                     rank=rank if rank is not None else (len(shape) if shape is not None else None),
+                     rank=rank if rank is not None or not pos or shape is None else len(shape),
                      encoder=encoder, decoder=decoder, add_pos_emb=pos)
         for dim, first, shape, rank, encoder, decoder, pos in zip(
             dims, _per_modality(channel_first_latent, count, "channel_first_latent"), shapes, ranks, *frozen,

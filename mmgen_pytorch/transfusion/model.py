@@ -34,7 +34,7 @@ from ..saving import Checkpointable
 from ..objectives.base import ContinuousObjective
 from ..objectives.flow import RectifiedFlow, TimeEmbedding, upstream_flow_objective
 from .enc_dec import TrainableEncDec
-from .modalities import ModalityFormat, check_modality_formats, modality_specs
+from .modalities import ModalityFormat, check_modality_formats, modality_specs, nominal_rank
 from .noising import (NoisedGroup, NoiseInput, TimesFn, TimesInput, grid_times, later_groups, noise_groups,
                       per_sample_times, times_from_fn)
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
@@ -141,7 +141,8 @@ class Transfusion(Checkpointable, nn.Module):
         check(not flat or not any(isinstance(m, TrainableEncDec) for m in self.modalities),
               "`pre_post_transformer_enc_dec` needs grid positions (`positions='grid'`): its encoder sees each "
               "modality's grid")
-        self.rotary_axes = 1 if flat else max([1] + [m.rank for m in self.modalities if m.rank is not None])
+        ranks = [nominal_rank(m) for m in self.modalities]
+        self.rotary_axes = 1 if flat else max([1] + [r for r in ranks if r is not None])
         self.placement = Placement(axes=self.rotary_axes, flat=flat, time_tokens=self.time_injection.time_tokens)
         self.text_loss_weight, self.flow_loss_weight = text_loss_weight, flow_loss_weight
         self.modality_loss_weights = tuple(default(modality_loss_weights, (1.0,) * num_modalities))
@@ -223,8 +224,8 @@ class Transfusion(Checkpointable, nn.Module):
                   "a Transformer instance given to Transfusion needs `dim_cond=dim` (timestep adaLN)")
             axes = transformer.rotary.axes if transformer.rotary is not None else 0
             check(axes == self.rotary_axes,
-                  f"`transformer`: the modalities' ranks {[m.rank for m in self.modalities]} need a Transformer with "
-                  f"`rotary_axes={self.rotary_axes}`, got one with rotary_axes={axes}")
+                  f"`transformer`: the modalities' ranks {[nominal_rank(m) for m in self.modalities]} need a "
+                  f"Transformer with `rotary_axes={self.rotary_axes}`, got one with rotary_axes={axes}")
             return transformer
         check(isinstance(transformer, dict) and "dim" in transformer and "depth" in transformer,
               f"`transformer` must be a Transformer or a dict with at least `dim` and `depth`, got {describe(transformer)}")
@@ -286,10 +287,12 @@ class Transfusion(Checkpointable, nn.Module):
         spec = self.modalities[modality]
         latent = spec.to_latent_grid(tensor.to(self.device), name=name)
         shape = tuple(latent.shape[:-1])
-        check(spec.rank is not None or 0 < len(shape) <= self.rotary_axes or self.placement.flat,
-              f"`{name}`: modality {modality} got a latent grid of shape {shape}, but its rank is unknown and the "
-              f"model has {self.rotary_axes} rotary axes: build the model with `modality_num_dim` or "
-              f"`modality_default_shape` for it" + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
+        # a rank-free modality takes any grid (more dimensions than rotary axes are merged, packing.placed_shape);
+        # a bare channel vector for one that has neither a rank nor a default shape is most likely float text
+        check(nominal_rank(spec) is not None or len(shape) > 0 or self.placement.flat,
+              f"`{name}`: modality {modality} got a latent grid of shape {shape}, but its rank is unknown: build "
+              f"the model with `modality_num_dim` or `modality_default_shape` for it"
+              + (" (text must be a long tensor)" if tensor.ndim == 1 else ""))
         check(all(size > 0 for size in shape), f"`{name}`: modality {modality} got an empty latent grid {shape}")
         # latents are float32 targets whatever the input precision (float64 would not mix with the losses)
         return Modality(modality, latent.reshape(-1, spec.dim_latent).float(), shape)
@@ -853,7 +856,7 @@ class Transfusion(Checkpointable, nn.Module):
             encoder=_unwrapped(getattr(spec, "encoder", None)), decoder=_unwrapped(getattr(spec, "decoder", None)),
             latent_to_model=getattr(layers, "embed_latent", layers), model_to_latent=getattr(layers, "to_output", layers),
             add_pos_emb=getattr(layers, "pos_mlp", None) is not None, pos_emb_mlp=getattr(layers, "pos_mlp", None),
-            num_dim=spec.rank, dim_latent=spec.dim_latent, default_shape=spec.default_shape,
+            num_dim=nominal_rank(spec), dim_latent=spec.dim_latent, default_shape=spec.default_shape,
             som_id=self.vocab.som(modality), eom_id=self.vocab.eom(modality),
             to_shape_fn=getattr(spec, "to_shape_fn", None) or shape_from_string,
             channel_first_latent=getattr(spec, "channel_first", False), modality_type=modality)

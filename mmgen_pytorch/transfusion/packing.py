@@ -8,8 +8,10 @@ Positions (:class:`Placement`): text advances one position per token (the same v
 axis). On the grid (Transfusion), a modality of rank r that starts at position p gives token
 ``(i_1..i_r)`` the position ``p + (0, .., 0, i_1, .., i_r)`` (left-padded with zeros up to the number of
 rotary axes; rank 0 = one token at p), and text resumes at ``p + max(shape)`` — the M-RoPE scheme: real
-1-D / 2-D / 3-D positions inside every modality. Flat (MonoFormer, LLaMA's 1-D RoPE): every token of
-the modality takes the next position, row-major. A placement may also put time tokens (MonoFormer's
+1-D / 2-D / 3-D positions inside every modality. A grid with more dimensions than the rotary axes
+(a modality whose rank is free) is placed with its leading dimensions merged row-major into the first
+axis (:func:`placed_shape`); the modality keeps its true shape. Flat (MonoFormer, LLaMA's 1-D RoPE):
+every token of the modality takes the next position, row-major. A placement may also put time tokens (MonoFormer's
 timestep token) right before the latents, inside the modality's block.
 
 Dropping text for CFG: ``"null"`` replaces each text token by ``null_text`` (Transfusion), ``"empty"``
@@ -24,6 +26,7 @@ with the same positions, in its own bidirectional block, seeing only the prefix 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -117,15 +120,27 @@ class Vocabulary:
         return shape
 
 
+def placed_shape(shape: Shape, axes: int) -> Shape:
+    """The grid as it lies on ``axes`` rotary axes: a grid with more dimensions has its leading ones
+    merged row-major into the first axis (``(4, 4)`` on one axis is a run of 16), so its tokens keep
+    their order and get distinct positions."""
+    if len(shape) <= axes:
+        return tuple(shape)
+    merged = len(shape) - axes + 1
+    return (math.prod(shape[:merged]), *shape[merged:])
+
+
 def modality_positions(start: int, shape: Shape, axes: int) -> Tensor:
     """``[prod(shape), axes]`` positions of a modality's tokens starting at position ``start``."""
+    shape = placed_shape(shape, axes)
     coords = grid_positions(*shape) if shape else torch.zeros(1, 0, dtype=torch.long)
     pad = torch.zeros(coords.shape[0], axes - coords.shape[1], dtype=torch.long)
     return start + torch.cat((pad, coords), dim=1)
 
 
-def modality_extent(shape: Shape) -> int:
+def modality_extent(shape: Shape, axes: int) -> int:
     """How far text positions advance past a modality."""
+    shape = placed_shape(shape, axes)
     return max(shape) if shape else 1
 
 
@@ -164,7 +179,7 @@ class Placement:
 
     def extent(self, shape: Shape) -> int:
         """How far text positions advance past the modality."""
-        return self.length(shape) if self.flat else modality_extent(shape)
+        return self.length(shape) if self.flat else modality_extent(shape, self.axes)
 
 
 @dataclass
