@@ -321,10 +321,12 @@ def test_times_as_a_padded_tensor_equal_times_as_lists():
         model(batch, times=torch.tensor([[0.2], [0.4]]), noise=noise)
 
 
-def test_prompt_longer_than_max_length():
+def test_prompt_longer_than_max_length_warns_and_generates_nothing_more():
     model = tiny()
-    with pytest.raises(ValueError, match="longer than `max_length`"):
-        model.sample([randint(0, 32, (20,))], max_length=8, progress=False)
+    prompts = [[randint(0, 32, (2,))], [randint(0, 32, (20,))]]
+    with pytest.warns(UserWarning, match=r"`prompt\[1\]` has 21 tokens .* nothing is generated after it"):
+        samples = model.sample(prompts, max_length=8, progress=False)
+    assert len(samples[1]) == 1 and torch.equal(samples[1][0], prompts[1][0])
 
 
 def test_modality_only_needs_modality_type():
