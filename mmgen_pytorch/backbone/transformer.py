@@ -15,7 +15,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._utils import check, check_finite_number, check_flag, default, divisible_by, round_up_to_multiple
+from .._utils import (check, check_finite_number, check_flag, default, divisible_by, pick_alias,
+                      round_up_to_multiple)
 from ..saving import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
 from .kv_cache import CacheWindow, KVCache
@@ -64,12 +65,8 @@ def _backend_for(attn_backend: str, use_flex_attn: Optional[bool]) -> str:
 
 
 def _aliased(name: str, value: Any, default_value: Any, alias: str, alias_value: Any) -> Any:
-    """An option given as ``name`` or as transfusion-pytorch's ``alias`` (both only when they agree)."""
-    if alias_value is None:
-        return value
-    check(value == default_value or value == alias_value,
-          f"`{alias}={alias_value!r}` contradicts `{name}={value!r}`: give one of them")
-    return alias_value
+    """An option given as ``name`` (its default meaning "not given") or as transfusion-pytorch's ``alias``."""
+    return pick_alias(name, None if value == default_value else value, alias, alias_value, default_value)
 
 
 def _with_aliases(*, qk_norm: bool, qk_rmsnorm: Optional[bool], attn_dropout: float, dropout: Optional[float],
