@@ -8,7 +8,7 @@ from torch import nn
 
 from mmgen_pytorch.transfusion import (ModalitySpec, Transfusion, apply_fn_modality_type, exists,
                                        filter_with_inverse, flex_attention, stack_same_shape_tensors_with_inverse)
-from tests._helpers import reinitialised
+from _helpers import reinitialised
 
 N = 16  # text tokens
 
