@@ -38,7 +38,7 @@ from .modalities import ModalityFormat, check_modality_formats, modality_specs, 
 from .noising import (NoisedGroup, NoiseInput, TimesFn, TimesInput, grid_times, later_groups, noise_groups,
                       per_sample_times, times_from_fn)
 from .packing import (LatentRun, Modality, PackedBatch, Placement, Positions, SampleSequence, Shape, UncondText,
-                      Vocabulary, build_training_sequence, pack)
+                      Vocabulary, build_training_sequence, pack, shape_from_text)
 from .sampler import (LengthBudget, ParsedPrompt, PromptParser, Sampler, forced_tokens, merge_text,
                       prompt_as_list)
 from .time_injection import PerBlockAdaLN, TimeInjection
@@ -677,10 +677,10 @@ class Transfusion(Checkpointable, nn.Module):
         tensors and ``(modality_type, tensor)``), or a list of samples for a list of prompts or a
         ``batch_size`` (which must then equal the number of prompts; an empty list is refused).
 
-        ``max_length_counts``: ``"total"`` (default: prompt + output, so the sequence never exceeds
-        ``max_length``; a modality the prompt starts that cannot fit is refused before any compute) or
-        ``"generated"`` (transfusion-pytorch: a budget of tokens after the prompt; a started modality is
-        always finished). ``keep_structure_tokens``: False (default) returns the prompt as given plus the
+        ``max_length_counts``: ``"total"`` (default, like Hugging Face's ``max_length``: prompt + output; a
+        prompt that already fills it warns and gets nothing more) or ``"generated"`` (transfusion-pytorch:
+        a budget of tokens after the prompt; a modality the model starts is always finished). Under both, a
+        modality the prompt or ``force_modality_at_start`` asks for is always generated, even past the cap. ``keep_structure_tokens``: False (default) returns the prompt as given plus the
         generated text ids and modalities; True returns transfusion-pytorch's form: the whole sequence,
         ``[sos]``, ``[meta]`` shape, ``[som]``, ``[eom]`` (and ``[eos]``) ids kept, adjacent text joined.
         ``force_modality_at_start`` (``m`` or ``(m, shape)``) starts every sample with that modality; it
@@ -858,7 +858,7 @@ class Transfusion(Checkpointable, nn.Module):
             add_pos_emb=getattr(layers, "pos_mlp", None) is not None, pos_emb_mlp=getattr(layers, "pos_mlp", None),
             num_dim=nominal_rank(spec), dim_latent=spec.dim_latent, default_shape=spec.default_shape,
             som_id=self.vocab.som(modality), eom_id=self.vocab.eom(modality),
-            to_shape_fn=getattr(spec, "to_shape_fn", None) or shape_from_string,
+            to_shape_fn=self.to_modality_shape_fn[modality] or shape_from_text,
             channel_first_latent=getattr(spec, "channel_first", False), modality_type=modality)
 
     def get_all_modality_info(self) -> List["ModalityInfo"]:
@@ -882,11 +882,6 @@ class ModalityInfo(NamedTuple):
     to_shape_fn: Any
     channel_first_latent: bool
     modality_type: int
-
-
-def shape_from_string(text: str) -> Shape:
-    """A shape spelled as a [meta] header spells it (``"3,3"``) -> ``(3, 3)``."""
-    return tuple(int(size) for size in text.split(",")) if text else ()
 
 
 def _unwrapped(module: Optional[nn.Module]) -> Optional[nn.Module]:

@@ -111,13 +111,8 @@ class Vocabulary:
         """The shape spelled by ``ids`` (e.g. ``"3,3"``), or None when it is not a valid shape."""
         if any(not self.first_char <= i < self.size for i in ids):
             return None
-        text = "".join(chr(i - self.first_char) for i in ids)
-        if not SHAPE_PATTERN.match(text):
-            return None
-        shape = tuple(int(s) for s in text.split(",")) if text else ()
-        if any(s <= 0 for s in shape) or (rank is not None and len(shape) != rank):
-            return None
-        return shape
+        shape = shape_from_text("".join(chr(i - self.first_char) for i in ids))
+        return None if shape is None or (rank is not None and len(shape) != rank) else shape
 
 
 def placed_shape(shape: Shape, axes: int) -> Shape:
@@ -128,6 +123,15 @@ def placed_shape(shape: Shape, axes: int) -> Shape:
         return tuple(shape)
     merged = len(shape) - axes + 1
     return (math.prod(shape[:merged]), *shape[merged:])
+
+
+def shape_from_text(text: str) -> Optional[Shape]:
+    """A shape as a ``[meta]`` header spells it (``"3,3"`` -> ``(3, 3)``, ``""`` -> ``()``), or None when
+    ``text`` spells no shape of positive sizes."""
+    if not SHAPE_PATTERN.match(text):
+        return None
+    shape = tuple(int(s) for s in text.split(",")) if text else ()
+    return None if any(s <= 0 for s in shape) else shape
 
 
 def modality_positions(start: int, shape: Shape, axes: int) -> Tensor:
