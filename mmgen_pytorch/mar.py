@@ -63,6 +63,9 @@ class MAR(Checkpointable, nn.Module):
         vae, vae_scale: an optional frozen autoencoder (``encode(x).sample()/.mean``, ``decode(z)``),
             kept out of the state dict, and the latent scale applied outside it (default: the VAE's
             ``scale_factor``, else KL-16's 0.2325).
+        attn_backend: the encoder's and decoder's kernel (see :class:`~mmgen_pytorch.backbone.Transformer`).
+            Their attention is unmasked, so SDPA's fused kernels run whatever is chosen: a mask is what
+            flex attention adds, and MAR needs none.
     """
 
     def __init__(self, *, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1, vae_embed_dim: int = 16,
@@ -73,7 +76,7 @@ class MAR(Checkpointable, nn.Module):
                  buffer_size: int = 64, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
                  diffloss_depth: int = 3, diffloss_width: int = 1024, num_sampling_steps: Spacing = "100",
                  diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, vae: Optional[nn.Module] = None,
-                 vae_scale: Optional[float] = None):
+                 vae_scale: Optional[float] = None, attn_backend: str = "auto"):
         super().__init__()
         decoder_dim = encoder_dim if decoder_dim is None else decoder_dim
         decoder_depth = encoder_depth if decoder_depth is None else decoder_depth
@@ -103,7 +106,7 @@ class MAR(Checkpointable, nn.Module):
         block = dict(norm="layernorm", norm_eps=norm_eps, ff="gelu", ff_mult=mlp_ratio, qkv_bias=True, out_bias=True,
                      ff_bias=True, rotary_axes=0, causal=False, attn_dropout=attn_dropout, resid_dropout=proj_dropout,
                      ff_dropout=proj_dropout, ff_hidden_dropout=proj_dropout, grad_checkpointing=grad_checkpointing,
-                     attn_backend="sdpa")
+                     attn_backend=attn_backend)
         # encoder: class rows + visible tokens
         self.class_emb = nn.Embedding(num_classes, encoder_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, encoder_dim))  # the null class

@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from golden.weights import build_state_dict
+from mmgen_pytorch.backbone import eager_flex_attention
 
 # the reference data made by tests/golden/regenerate.py from the upstream code; MMGEN_GOLDEN_DIR points elsewhere
 GOLDEN_DIR = Path(os.environ.get("MMGEN_GOLDEN_DIR", Path(__file__).resolve().parent / "golden"))
@@ -17,6 +18,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def eager_flex():
+    """Flex attention through torch's uncompiled path (forward only) for a module of mask checks on CPU,
+    where compiling a kernel per shape would cost minutes; the compiled kernel has its own tests
+    (test_flex_compile.py). Elsewhere the unfused fallback is an error (pyproject.toml)."""
+    with eager_flex_attention():
+        yield
 
 
 @pytest.fixture

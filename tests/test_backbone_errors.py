@@ -95,6 +95,8 @@ FORWARD = [
     ("cache_truncate", lambda: model().new_cache(2, 8).truncate(1), ValueError, "`length` must be in [0, 0]"),
     ("flex_attn_dropout", lambda: model(attn_dropout=0.1).train()(x(), backend="flex"), ValueError,
      "flex attention does not support attention dropout"),
+    ("flex_backward_on_cpu", lambda: model()(x(), backend="flex"), NotImplementedError,
+     "flex attention has no backward pass on CPU: run it under torch.no_grad()"),
 ]
 
 

@@ -14,7 +14,7 @@ import torch
 from _helpers import assert_close_f32
 from mmgen_pytorch.backbone import KVCache, TokenLayout, Transformer, grid_positions
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+pytestmark = pytest.mark.usefixtures("eager_flex")  # flex uncompiled: these check masks, not the kernel
 
 DIM = 32
 
@@ -312,3 +312,59 @@ def test_batch_mismatch_raises():
     with pytest.raises(ValueError, match="batch of 4.*batch of 2"):
         model(torch.randn(2, 3, DIM), cache=cache)
     assert cache.length == 0
+
+
+# one mask per chunk layout: every denoising step of a modality reuses it
+
+@pytest.fixture
+def mask_builds(monkeypatch):
+    """Query lengths of every dense mask and BlockMask built."""
+    built: List[int] = []
+    for name in ("dense_mask", "block_mask"):
+        original = getattr(TokenLayout, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            built.append(self.shape[1])
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(TokenLayout, name, counted)
+    return built
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_builds_one_mask_per_modality(backend, mask_builds):
+    """A 16-step modality: its denoising steps and its final write share one mask; the prefill and every
+    text step build their own (a text step's mask is one query row)."""
+    from mmgen_pytorch import Transfusion
+
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens=16, dim_latent=4, modality_default_shape=(2, 3),
+                        transformer=dict(dim=DIM, depth=2, heads=2, attn_backend=backend)).eval()
+    prompt = torch.randint(0, 16, (5,))
+    sample = model.sample(prompt, force_modality_at_start=0, modality_steps=16, max_length=24, cfg_scale=2.0,
+                          progress=False, generator=0)
+    modalities = sum(isinstance(item, tuple) for item in sample)
+    chunk_length = model.placement.time_tokens + 6  # a modality's latents, after its time tokens
+    assert mask_builds[0] > 5  # the prefill: the prompt plus the forced [meta] shape [som]
+    assert mask_builds.count(chunk_length) == modalities >= 1
+    assert len(mask_builds) > 1 + modalities  # and some one-token text steps
+    assert all(length in (1, chunk_length) for length in mask_builds[1:])
+
+
+def test_a_changed_sequence_rebuilds_the_mask(mask_builds):
+    """The same chunk layout after the cached sequence changed (a commit, a truncation, kept rows) gets a
+    new mask."""
+    model = make_model()
+    cache = model.new_cache(2, 16)
+    chunk = TokenLayout.from_spans(lengths=[3, 3], blocks=[[(0, 3)], [(0, 3)]])
+    x = torch.randn(2, 3, DIM)
+    model(torch.randn(2, 4, DIM), cache=cache)
+    for _ in range(3):
+        model(x, layout=chunk, cache=cache, write_cache=False)
+    assert mask_builds.count(3) == 1
+    model(x, layout=chunk, cache=cache)  # the final write still shares it ...
+    model(x, layout=chunk, cache=cache, write_cache=False)  # ... but after it the sequence is longer
+    cache.truncate(4)
+    model(x, layout=chunk, cache=cache, write_cache=False)
+    cache.select(torch.tensor([1, 0]))
+    model(x, layout=chunk, cache=cache, write_cache=False)
+    assert mask_builds.count(3) == 4

@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import create_mask
 from _helpers import assert_close_f32
 from mmgen_pytorch.backbone import NO_BLOCK, PADDING, AttentionMask, TokenLayout, attend
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+pytestmark = pytest.mark.usefixtures("eager_flex")  # flex uncompiled: these check masks, not the kernel
 
 HEAD_CONFIGS = [(2, 2), (4, 2), (4, 1)]  # (query heads, kv heads)
 

@@ -9,6 +9,7 @@ Weights are redrawn first so that no option hides behind its init.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,6 +269,16 @@ def test_dropout_acts_on_the_attention_weights_in_training_only():
     model.eval()
     assert not torch.allclose(dropped, model(x))
     assert model.resolve_backend(x, 6) == "sdpa"
+
+
+def test_auto_backend_on_cuda_is_flex_except_for_dropout_and_decode_steps():
+    """The rule of ``attn_backend="auto"`` for a CUDA input (only ``is_cuda`` is read): a training
+    forward with attention dropout runs SDPA (flex has no dropout), never an error."""
+    cuda_input = SimpleNamespace(is_cuda=True)
+    model = make_model(attn_dropout=0.1, attn_backend="auto")
+    assert model.train().resolve_backend(cuda_input, 6) == "sdpa"
+    assert model.eval().resolve_backend(cuda_input, 6) == "flex"
+    assert model.resolve_backend(cuda_input, 1) == "sdpa"  # a one-token decode step
 
 
 @pytest.mark.parametrize("ff, factor, hidden", [("swiglu", 4, 42), ("swiglu", 2.5, 26), ("gelu", 4, 64)])

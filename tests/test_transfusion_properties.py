@@ -27,7 +27,7 @@ from torch import nn
 
 from mmgen_pytorch import Transfusion
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+pytestmark = pytest.mark.usefixtures("eager_flex")  # flex uncompiled: these check masks, not the kernel
 
 NUM_TEXT_TOKENS = 16
 DIM_LATENTS = (4, 6, 3)

@@ -1,4 +1,4 @@
-from .attention import Attention, AttentionMask, attend, flex_available
+from .attention import Attention, AttentionMask, attend, eager_flex_attention, flex_available
 from .decoding import Decoder, SequenceChunk
 from .kv_cache import CacheWindow, KVCache
 from .masks import NO_BLOCK, PADDING, TokenLayout, visible
@@ -7,7 +7,7 @@ from .positions import RotaryEmbedding, RotaryTable, grid_positions, llamagen_po
 from .transformer import Block, FeedForward, Transformer, swiglu_hidden_dim
 
 __all__ = [
-    "Attention", "AttentionMask", "attend", "flex_available", "CacheWindow", "Decoder", "SequenceChunk", "KVCache", "NO_BLOCK", "PADDING", "TokenLayout",
+    "Attention", "AttentionMask", "attend", "eager_flex_attention", "flex_available", "CacheWindow", "Decoder", "SequenceChunk", "KVCache", "NO_BLOCK", "PADDING", "TokenLayout",
     "visible", "RMSNorm", "make_norm", "RotaryEmbedding", "RotaryTable", "grid_positions", "llamagen_positions",
     "sequence_positions", "Block", "FeedForward", "Transformer", "swiglu_hidden_dim",
 ]

@@ -1,5 +1,12 @@
 """Multi-head attention with grouped-query heads and two kernels: SDPA and flex attention.
 
+Flex attention always runs compiled (``torch.compile(flex_attention, dynamic=False)``): its inputs are
+padded to the ``BlockMask``'s lengths, which :meth:`~mmgen_pytorch.backbone.TokenLayout.block_mask`
+rounds up to 128-token buckets, so ragged batches compile once per bucket (up to
+:data:`FLEX_RECOMPILE_LIMIT` buckets per process) instead of once per length. Inside a model that is
+itself compiled, the outer graph takes the kernel in. :func:`eager_flex_attention` is the uncompiled
+debugging path.
+
 Options beyond plain attention (each adds parameters only when on): logit soft-capping, LASER
 (attention over ``exp(values)``, then ``log``), a learned per-head mix of the first layer's values
 into this layer's (value residual learning) and per-head sigmoid gates on the output.
@@ -7,9 +14,10 @@ into this layer's (value residual learning) and per-head sigmoid gates on the ou
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +40,50 @@ def flex_available() -> bool:
     return True
 
 
+# Distinct (batch, heads, bucketed lengths, dtype) shapes one process may compile the flex kernel for
+# before dynamo falls back to the unfused kernel (dynamo's own default, 8, is a handful of buckets).
+FLEX_RECOMPILE_LIMIT = 64
+_eager_flex = False  # see eager_flex_attention()
+
+
 @lru_cache(maxsize=None)
-def _flex_kernel(compiled: bool):
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@contextmanager
+def eager_flex_attention() -> Iterator[None]:
+    """Run flex attention uncompiled inside this block: torch's unfused debugging path, forward only,
+    which materialises the whole score matrix. For checking masks on CPU without compile time;
+    outside it flex attention always runs the compiled kernel."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    global _eager_flex
+    before = _eager_flex, flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    _eager_flex = flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+    try:
+        yield
+    finally:
+        _eager_flex, flex_module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = before
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, **kwargs) -> Tensor:
+    """Flex attention over inputs padded to the ``BlockMask``'s bucketed lengths (the padding is masked
+    out), so that every length in one bucket reuses one compiled kernel."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    query_length = q.shape[2]
+    padded_q, padded_kv = block_mask.seq_lengths
+    q = F.pad(q, (0, 0, 0, padded_q - query_length))
+    k, v = (F.pad(t, (0, 0, 0, padded_kv - t.shape[2])) for t in (k, v))
+    if _eager_flex or torch.compiler.is_compiling():  # inside a compiled model the outer graph fuses it
+        out = flex_attention(q, k, v, block_mask=block_mask, **kwargs)
+    else:
+        limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            out = _compiled_flex()(q, k, v, block_mask=block_mask, **kwargs)
+    return out[:, :, :query_length]
 
 
 @dataclass
@@ -64,10 +112,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, dropout: flo
     path computes the attention matrix itself)."""
     if mask.block_mask is not None:
         check(dropout == 0.0, "flex attention does not support attention dropout; use the sdpa backend")
-        kernel = _flex_kernel(q.is_cuda)
         score_mod = _softcap_score_mod(softcap) if softcap else None
-        return kernel(q, k, v, block_mask=mask.block_mask, score_mod=score_mod, scale=scale,
-                      enable_gqa=k.shape[1] != q.shape[1])
+        return _flex_attention(q, k, v, mask.block_mask, score_mod=score_mod, scale=scale,
+                               enable_gqa=k.shape[1] != q.shape[1])
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -22,7 +22,7 @@ business. CFG is a doubled batch inside the same cache (conditional rows first).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,8 @@ class KVCache(nn.Module):
         self.register_buffer("block_ids", torch.full((batch_size, max_length), NO_BLOCK, dtype=torch.long, device=device), persistent=False)
         self.length = 0
         self.static = static
+        self._history = 0  # bumped whenever the cached sequence [0, length) may change
+        self._mask_memo: Optional[Tuple[TokenLayout, tuple, Any]] = None
 
     @property
     def batch_size(self) -> int:
@@ -72,16 +74,31 @@ class KVCache(nn.Module):
         ``[length, length + c)``, which must be the case for a chunk that is later committed), whose
         layout ids are written now."""
         chunk_length = layout.shape[1]
-        if input_pos is None:
+        appends = input_pos is None
+        if appends:
             input_pos = torch.arange(self.length, self.length + chunk_length, device=self.keys.device)
         self.segment_ids.index_copy_(1, input_pos, layout.segment_ids)
         self.block_ids.index_copy_(1, input_pos, layout.block_ids)
         end = self.length + chunk_length
-        return CacheWindow(self, input_pos, self.max_length if self.static else end)
+        return CacheWindow(self, input_pos, self.max_length if self.static else end, appends=appends)
 
     def commit(self, chunk_length: int) -> None:
         """A written chunk becomes part of the sequence: ``length`` moves past it."""
         self.length += chunk_length
+        self._history += 1
+
+    def reusable_mask(self, queries: TokenLayout, window: "CacheWindow", backend: str, build: Callable[[], Any]) -> Any:
+        """``build()``, the attention mask of a chunk, reused while the same ``queries`` layout object is
+        run again right after the same cached sequence with the same backend: every denoising step of a
+        modality (and its final write) shares one mask. A layout must not be modified in place between
+        such calls."""
+        key = (self._history, self.length, window.span, backend)
+        memo = self._mask_memo
+        if window.appends and memo is not None and memo[0] is queries and memo[1] == key:
+            return memo[2]
+        mask = build()
+        self._mask_memo = (queries, key, mask) if window.appends else None
+        return mask
 
     # the sequence
 
@@ -100,11 +117,13 @@ class KVCache(nn.Module):
 
         self.keys, self.values = grown(self.keys, 3, 0), grown(self.values, 3, 0)
         self.segment_ids, self.block_ids = grown(self.segment_ids, 1, PADDING), grown(self.block_ids, 1, NO_BLOCK)
+        self._history += 1
 
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` positions (the rest is overwritten by later writes)."""
         check(0 <= length <= self.length, f"`length` must be in [0, {self.length}], got {length}")
         self.length = length
+        self._history += 1
 
     def reset(self) -> None:
         self.truncate(0)
@@ -114,6 +133,7 @@ class KVCache(nn.Module):
         for name in ("keys", "values"):
             setattr(self, name, getattr(self, name)[:, rows])
         self.segment_ids, self.block_ids = self.segment_ids[rows], self.block_ids[rows]
+        self._history += 1
 
     def extra_repr(self) -> str:
         layers, batch, heads, max_length, dim_head = self.keys.shape
@@ -129,6 +149,7 @@ class CacheWindow:
     cache: KVCache
     input_pos: Tensor  # long [c]
     span: int
+    appends: bool = True  # the chunk sits right after the cached sequence (the default input_pos)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Write this layer's chunk K/V ``[b, kv_heads, c, d]``; return the K/V it attends to."""

@@ -20,15 +20,18 @@ From that one function come both the dense ``[b, 1, q, kv]`` boolean mask for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check
+from .._utils import check, round_up_to_multiple
 
 PADDING = -1
 NO_BLOCK = -1
+FLEX_BLOCK = 128  # flex attention's sparse block: BlockMask lengths are rounded up to a multiple of it
 
 Span = Tuple[int, int]  # (start, length)
 
@@ -67,6 +70,12 @@ class TokenLayout:
     def causal(cls, batch: int, length: int, device=None) -> "TokenLayout":
         return cls(torch.zeros(batch, length, dtype=torch.long, device=device),
                    torch.full((batch, length), NO_BLOCK, dtype=torch.long, device=device))
+
+    @classmethod
+    def bidirectional(cls, batch: int, length: int, device=None) -> "TokenLayout":
+        """One sample per row, every token seeing every other (one block)."""
+        zeros = torch.zeros(batch, length, dtype=torch.long, device=device)
+        return cls(zeros, zeros.clone())
 
     @classmethod
     def from_spans(cls, *, lengths: Sequence[int], blocks: Optional[Sequence[Sequence[Span]]] = None,
@@ -143,19 +152,48 @@ class TokenLayout:
 
     def block_mask(self, keys: Optional["TokenLayout"] = None, query_offset: int = 0,
                    query_index: Optional[Tensor] = None):
-        from torch.nn.attention.flex_attention import create_block_mask
+        """The same rule as a flex ``BlockMask`` whose query and key lengths are rounded up to
+        :data:`FLEX_BLOCK` (the extra queries and keys are padding), so that ragged batches fall into
+        a few shapes and the compiled kernel is reused; the attention pads its inputs to match."""
+        q_index = self._query_index(query_offset, query_index)
+        queries = self.padded_to(round_up_to_multiple(self.shape[1], FLEX_BLOCK))
+        # self-attention shares one padded layout, whatever the length: dynamo guards on tensor aliasing
+        keys = queries if keys is None or keys is self else keys.padded_to(round_up_to_multiple(keys.shape[1], FLEX_BLOCK))
+        extra = queries.shape[1] - self.shape[1]
+        q_index = torch.cat((q_index, q_index[-1] + 1 + torch.arange(extra, device=q_index.device)))
+        return _create_block_mask(queries.mask_mod(keys, query_index=q_index), B=self.shape[0], H=None,
+                                  Q_LEN=queries.shape[1], KV_LEN=keys.shape[1], device=self.segment_ids.device)
 
-        keys = self if keys is None else keys
-        device = self.segment_ids.device
-        return create_block_mask(self.mask_mod(keys, query_offset, query_index), B=self.shape[0], H=None,
-                                 Q_LEN=self.shape[1], KV_LEN=keys.shape[1], device=device,
-                                 _compile=device.type == "cuda")
+    def padded_to(self, length: int) -> "TokenLayout":
+        """This layout followed by padding tokens up to ``length``."""
+        extra = length - self.shape[1]
+        check(extra >= 0, f"cannot pad a layout of length {self.shape[1]} to {length}")
+        if extra == 0:
+            return self
+        padded = lambda ids, fill: F.pad(ids, (0, extra), value=fill)  # noqa: E731
+        limits = None if self.causal_limits is None else padded(self.causal_limits, 0)
+        return TokenLayout(padded(self.segment_ids, PADDING), padded(self.block_ids, NO_BLOCK), limits)
 
     def _query_index(self, offset: int, index: Optional[Tensor]) -> Tensor:
         if index is not None:
             check(tuple(index.shape) == (self.shape[1],), f"`query_index` must be [{self.shape[1]}], got {tuple(index.shape)}")
             return index
         return torch.arange(self.shape[1], device=self.segment_ids.device) + offset
+
+
+def _create_block_mask(mask_mod, **sizes):
+    """torch's ``create_block_mask``; on CUDA compiled, as torch >= 2.6 recommends (the deprecated
+    ``_compile=True`` did the same), which never materialises the dense ``[b, q, kv]`` mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    build = _compiled_create_block_mask() if sizes["device"].type == "cuda" else create_block_mask
+    return build(mask_mod, **sizes)
+
+
+@lru_cache(maxsize=None)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask)
 
 
 def _fill_blocks(block_row: Tensor, spans: Sequence[Span], start: int, end: int, row: int) -> None:

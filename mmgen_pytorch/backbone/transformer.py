@@ -64,6 +64,18 @@ def _backend_for(attn_backend: str, use_flex_attn: Optional[bool]) -> str:
     return "auto" if use_flex_attn else "sdpa"
 
 
+def _mask_between(queries: TokenLayout, keys: TokenLayout, query_index: Optional[Tensor], backend: str, *,
+                  sync_free: bool) -> AttentionMask:
+    """The mask of ``queries`` over ``keys`` for ``backend``; an all-visible dense mask is dropped unless
+    ``sync_free`` (the check is a host sync: not in a decode step or a compiled graph)."""
+    if backend == "flex":
+        return AttentionMask(block_mask=queries.block_mask(keys, query_index=query_index))
+    dense = queries.dense_mask(keys, query_index=query_index)
+    if sync_free or not bool(dense.all()):
+        return AttentionMask(dense=dense)
+    return AttentionMask()
+
+
 def _aliased(name: str, value: Any, default_value: Any, alias: str, alias_value: Any) -> Any:
     """An option given as ``name`` (its default meaning "not given") or as transfusion-pytorch's ``alias``."""
     return pick_alias(name, None if value == default_value else value, alias, alias_value, default_value)
@@ -355,32 +367,41 @@ class Transformer(Checkpointable, nn.Module):
         return x + self.skip_projs[projection](torch.cat((x, skips.pop()), dim=-1))
 
     def resolve_backend(self, x: Tensor, query_length: int, backend: Optional[str] = None) -> str:
+        """The kernel a forward over ``x`` runs. ``"auto"``: flex attention on CUDA for chunks of more
+        than one query, SDPA for single-token decode steps, on CPU, and in a training forward with
+        attention dropout (flex has none). An explicit ``"flex"`` is checked here, before any work."""
         backend = default(backend, self.attn_backend)
         check(backend in BACKENDS, f"`backend` must be one of {BACKENDS}, got {backend!r}")
+        drops_attention = self.training and self.attn_dropout > 0
         if backend == "auto":
-            drops_attention = self.training and self.attn_dropout > 0  # which flex cannot do
             use_flex = x.is_cuda and flex_available() and query_length > 1 and not drops_attention
             return "flex" if use_flex else "sdpa"
-        check(backend != "flex" or flex_available(), "the flex backend needs torch >= 2.5 (flex_attention)")
+        if backend == "flex":
+            check(flex_available(), "the flex backend needs torch >= 2.5 (flex_attention)")
+            check(not drops_attention, "flex attention does not support attention dropout "
+                  f"(attn_dropout={self.attn_dropout} in training mode); use the sdpa or auto backend")
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or next(self.parameters()).requires_grad)
+            check(x.is_cuda or not needs_grad,
+                  "flex attention has no backward pass on CPU: run it under torch.no_grad(), or use the sdpa "
+                  "or auto backend", error=NotImplementedError)
         return backend
 
     def _attention_mask(self, x: Tensor, layout: Optional[TokenLayout], window: Optional[CacheWindow],
                         backend: Optional[str]) -> AttentionMask:
         batch, length = x.shape[:2]
-        if layout is None and window is None and not self.causal:
-            return AttentionMask()
+        unmasked = layout is None and window is None
+        if unmasked and not self.causal and default(backend, self.attn_backend) != "flex":
+            return AttentionMask()  # all-visible: SDPA's fused kernels, unless flex is asked for by name
         backend = self.resolve_backend(x, length, backend)
-        if layout is None and window is None and backend == "sdpa":
+        if unmasked and backend == "sdpa":
             return AttentionMask(is_causal=True)
-        queries = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
-        keys = window.key_layout() if window is not None else queries
-        query_index = window.input_pos if window is not None else None
-        if backend == "flex":
-            return AttentionMask(block_mask=queries.block_mask(keys, query_index=query_index))
-        dense = queries.dense_mask(keys, query_index=query_index)
-        if window is not None or torch.compiler.is_compiling():
-            return AttentionMask(dense=dense)  # no host sync in a decode step or a graph
-        return AttentionMask() if bool(dense.all()) else AttentionMask(dense=dense)  # all-visible: no mask
+        queries = layout
+        if queries is None:
+            queries = (TokenLayout.causal if self.causal else TokenLayout.bidirectional)(batch, length, device=x.device)
+        if window is None:
+            return _mask_between(queries, queries, None, backend, sync_free=torch.compiler.is_compiling())
+        build = lambda: _mask_between(queries, window.key_layout(), window.input_pos, backend, sync_free=True)  # noqa: E731
+        return window.cache.reusable_mask(queries, window, backend, build)
 
     def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:
         check(isinstance(x, Tensor) and x.ndim == 3 and x.shape[-1] == self.dim,
