@@ -6,10 +6,11 @@ of blocks, four forward-only implementations (``torch.no_grad``, batch 1, 8 head
 fp32) are compared:
 
 - ``sdpa``          ``attend`` with ``AttentionMask(dense=layout.dense_mask())`` (bool ``[b, 1, n, n]``)
-- ``flex``          ``attend`` with ``AttentionMask(block_mask=layout.block_mask())``; on CPU this is
-                    flex attention's eager (uncompiled) path
-- ``flex-compiled`` ``torch.compile(flex_attention, dynamic=False)`` with the same ``BlockMask``;
-                    reported as ``n/a`` when compiling fails or runs past ``--compile-timeout``
+- ``flex``          ``attend`` with ``AttentionMask(block_mask=layout.block_mask())`` inside
+                    ``eager_flex_attention()``: flex attention's unfused, uncompiled path
+- ``flex-compiled`` ``attend`` with the same ``BlockMask`` as the backbone runs it: the compiled kernel
+                    (``torch.compile(flex_attention, dynamic=False)``) on inputs padded to the mask's
+                    128-token buckets; ``n/a`` when compiling fails or runs past ``--compile-timeout``
 - ``einsum``        naive attention: ``q @ k^T * scale``, ``masked_fill``, ``softmax``, ``@ v``
 
 Blocks are ``--block-len`` tokens long (shrunk to ``n // (2 * blocks)`` when needed, so that at
@@ -63,7 +64,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -116,10 +116,9 @@ def _tensor_bytes(obj) -> int:
 
 
 def worker(config: dict) -> dict:
-    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     _import_package()
     import torch
-    from mmgen_pytorch.backbone import AttentionMask, TokenLayout, attend, flex_available
+    from mmgen_pytorch.backbone import AttentionMask, TokenLayout, attend, eager_flex_attention, flex_available
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -147,13 +146,11 @@ def worker(config: dict) -> dict:
             return attend(q, k, v, AttentionMask(dense=mask), scale=scale)
     elif variant == "flex":
         def run():
-            return attend(q, k, v, AttentionMask(block_mask=mask), scale=scale)
+            with eager_flex_attention():
+                return attend(q, k, v, AttentionMask(block_mask=mask), scale=scale)
     elif variant == "flex-compiled":
-        from torch.nn.attention.flex_attention import flex_attention
-        compiled = torch.compile(flex_attention, dynamic=False)
-
-        def run():
-            return compiled(q, k, v, block_mask=mask, scale=scale)
+        def run():  # the backbone's own path: compiled, inputs padded to the mask's 128-token buckets
+            return attend(q, k, v, AttentionMask(block_mask=mask), scale=scale)
     elif variant == "einsum":
         def run():
             scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
