@@ -24,7 +24,8 @@ One run on one CUDA GPU (sized for an H100: under 8 minutes in all) does three t
       autocast, AdamW: tokens/s, model FLOPs utilisation (MFU) and peak memory
       (``torch.cuda.max_memory_allocated``), SDPA and flex. MFU = model FLOPs per step / step time /
       peak, where model FLOPs = ``6 * N * T + 6 * depth * dim * sum_i n_i**2``: ``N`` the parameters
-      outside embedding tables, ``T = sum_i n_i`` the packed tokens (``n_i`` per sample), and the
+      applied to every token (not the embedding tables, a lookup, nor the adaLN time modulation, which
+      runs once per distinct flow time), ``T = sum_i n_i`` the packed tokens (``n_i`` per sample), and the
       attention term the forward + backward products ``QK^T`` and ``PV`` (``12 * depth * dim * n_i**2``
       dense) halved for the causal mask. The peak is 989 TFLOP/s (H100 SXM, bf16 dense;
       ``--peak-tflops`` for another card); the timed steps run in bf16 only (no fp32/TF32 row);
@@ -35,8 +36,9 @@ One run on one CUDA GPU (sized for an H100: under 8 minutes in all) does three t
       seconds and images/s;
     - recompiles: 20 random ragged batches through a flex Transfusion (forward + backward), the
       number of graphs dynamo compiled (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``
-      before and after), the distinct packed lengths, and the count of the "flex_attention called
-      without torch.compile" warnings that announce the slow unfused fallback.
+      before and after), the distinct packed lengths, and whether torch warned "flex_attention called
+      without torch.compile", which announces the slow unfused fallback (it warns once per process).
+      The tally is recorded after every batch.
 
 (c) ``benchmarks/results_gpu.md`` (``--out``): date, device name, torch and CUDA versions, the command,
     the table and the check list; the same text is printed.
@@ -49,23 +51,20 @@ section stops starting new repeats near its limit and is killed at it; rows it r
 kept. A section that raises prints its traceback and the run goes on; the exit status is 1 if any
 check failed or any section raised or was killed, else 0.
 
+``--sections`` runs a subset (e.g. a rerun of one that failed) and ``--budget`` sets the time for them.
+
 ``--dry-run``: the same code path on the CPU at tiny sizes (dim 32, depth 2, a few short sequences
-and steps) in well under a minute on 2 cores, so that CI keeps the script working. Flex attention has
+and steps; about 35 s of CPU time, one thread), so that CI keeps the script working. Flex attention has
 no backward on the CPU, so there its rows run forward only (said in the row) and its backward checks
 print ``n/a`` with the reason; compiled checks use the ``aot_eager`` backend (no C++ build); MFU is
 ``n/a (cpu)``; the results go to ``--out`` or a temporary file, never to ``results_gpu.md``.
 
-Run (from the repository root; the package need not be installed)::
+Run from the repository root (the package need not be installed, its dependencies must be; the
+dry run also passes on torch 2.11, older than the package's pin, and the report names the version)::
 
     python benchmarks/gpu_check.py                     # on a CUDA machine: writes benchmarks/results_gpu.md
     python benchmarks/gpu_check.py --dry-run           # CPU smoke run, results to a temporary file
-
-On this workplace's device machine (torch there may be older than the package's pin; the script
-prints the version it ran with), beartype and rotary-embedding-torch are missing: download their
-wheels here (``echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl beartype
-rotary-embedding-torch``), carry ``.whl`` and start the command with ``python3 -m pip install -q
---no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
-PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/results_gpu.md``.
+    python benchmarks/gpu_check.py --sections train --budget 200 --out /tmp/train.md
 """
 
 from __future__ import annotations
@@ -192,17 +191,19 @@ class Recorder:
         self._add("checks", entry)
 
     def row(self, measurement: str, variant: str, *, seconds: Optional[float] = None, throughput: str = "",
-            mfu: str = "", memory: str = "", note: str = "") -> None:
+            mfu: str = "", memory: str = "", note: str = "", key: Optional[str] = None) -> None:
+        """``key``: a later row with the same key replaces this one (a running tally)."""
         entry = dict(measurement=measurement, variant=variant, seconds=seconds, throughput=throughput, mfu=mfu,
-                     memory=memory, note=note)
+                     memory=memory, note=note, key=key)
         shown = {**entry, "seconds": None if seconds is None else f"{seconds:.3f}"}
         print(f"  {measurement} [{variant}]: " + ", ".join(
-            f"{k} {v}" for k, v in shown.items() if k not in ("measurement", "variant") and v not in ("", None)),
-              flush=True)
+            f"{k} {v}" for k, v in shown.items() if k not in ("measurement", "variant", "key")
+            and v not in ("", None)), flush=True)
         self._add("rows", entry)
 
     def _add(self, kind: str, entry: dict) -> None:
-        self.data[kind].append(entry)
+        kept = [e for e in self.data[kind] if entry.get("key") is None or e.get("key") != entry["key"]]
+        self.data[kind] = kept + [entry]
         self.path.write_text(json.dumps(self.data))
 
 
@@ -326,7 +327,7 @@ def packed_length(model: Transfusion, items: list) -> int:
 def ragged_sample(model: Transfusion, target: int, generator: torch.Generator, *, image_side: int,
                   channels: int, vocab: int) -> list:
     """Text, image, text, ..., text of exactly ``target`` packed tokens (text runs of random length; the
-    last text run fills up). Every image but none is followed by text, so each gets a noised copy."""
+    last text run fills up). Every image is followed by text, so each also gets its noised copy."""
     def text(n: int) -> torch.Tensor:
         return torch.randint(0, vocab, (n,), generator=generator)
 
@@ -567,15 +568,20 @@ def check_compiled_sampling(ctx: Context) -> None:
 
 # (b) measurements: the Transfusion-B training step
 
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters outside embedding tables (the ``N`` of ``6 * N * T``)."""
+PER_TIME_MODULES = ("modulation", "time_emb")  # Transfusion's adaLN runs once per distinct flow time, not per token
+
+
+def per_token_parameters(model: torch.nn.Module) -> int:
+    """The ``N`` of ``6 * N * T``: parameters applied to every token, i.e. outside embedding tables (a
+    lookup) and outside the time conditioning (``PER_TIME_MODULES``, applied to a table of times)."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+    return sum(p.numel() for name, p in model.named_parameters()
+               if id(p) not in embedded and not set(name.split(".")) & set(PER_TIME_MODULES))
 
 
 def step_flops(model: Transfusion, lengths: Sequence[int], size: ModelSize) -> float:
     """``6 * N * T + 6 * depth * dim * sum(n_i ** 2)`` (see the module docstring)."""
-    return 6.0 * matmul_parameters(model) * sum(lengths) + 6.0 * size.depth * size.dim * sum(n * n for n in lengths)
+    return 6.0 * per_token_parameters(model) * sum(lengths) + 6.0 * size.depth * size.dim * sum(n * n for n in lengths)
 
 
 def train_step(model: Transfusion, optimizer, batch, *, backward: bool) -> None:
@@ -603,17 +609,20 @@ def measure_train_step(ctx: Context, backend: str) -> None:
     backward = not (ctx.dry_run and backend == "flex")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = lambda: train_step(model, optimizer, batch, backward=backward)  # noqa: E731
-    timed(ctx, step, sizes.warmup)
+    warmup = timed(ctx, step, sizes.warmup)
+    print(f"  {backend}: {len(warmup)} warm-up steps (compilation included) in {sum(warmup):.1f} s", flush=True)
     peak: dict = {}
     with peak_memory(device, peak):
-        seconds = median(timed(ctx, step, sizes.steps))
+        steps = timed(ctx, step, sizes.steps)
+    seconds = median(steps)
     flops = step_flops(model, lengths, sizes.train_model)
     mfu = "n/a (cpu)" if ctx.dry_run else f"{100 * flops / seconds / (ctx.peak_tflops * 1e12):.1f} %"
     what = f"Transfusion-B train step, {sizes.train_batch} x {sizes.train_tokens} tokens, bf16 autocast"
     ctx.recorder.row(what if not ctx.dry_run else what.replace("-B", " (dry-run size)"), backend, seconds=seconds,
                      throughput=f"{sum(lengths) / seconds:,.0f} tokens/s", mfu=mfu,
                      memory=memory_text(peak, ctx.dry_run),
-                     note=(f"{flops / 1e12:.2f} TFLOP/step, {matmul_parameters(model) / 1e6:.1f} M matmul params"
+                     note=(f"median of {len(steps)} steps after {len(warmup)} warm-up steps ({sum(warmup):.1f} s); "
+                           f"{flops / 1e12:.2f} TFLOP/step, {per_token_parameters(model) / 1e6:.1f} M per-token params"
                            + ("" if backward else "; forward only: flex attention has no backward on the CPU")))
 
 
@@ -663,6 +672,7 @@ def section_mar(ctx: Context) -> None:
 # (b) measurements: recompiles over ragged batches
 
 def section_recompiles(ctx: Context) -> None:
+    """The tally is recorded after every batch, so a section killed in a long compile keeps it."""
     from torch._dynamo.utils import counters
 
     sizes, device = ctx.sizes, ctx.device
@@ -674,34 +684,32 @@ def section_recompiles(ctx: Context) -> None:
     graphs_before, lengths, start = counters["stats"]["unique_graphs"], set(), time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        done = run_ragged_batches(ctx, model, generator, lengths, backward=backward)
-    synchronize(device)
-    graphs = counters["stats"]["unique_graphs"] - graphs_before
-    fell_back = any(FALLBACK_WARNING in str(w.message) for w in caught)  # torch warns once per process
-    ctx.recorder.row(f"recompiles, {done} of {sizes.recompile_batches} random ragged batches, flex",
-                     "forward + backward" if backward else "forward only", seconds=time.perf_counter() - start,
-                     throughput=f"{graphs} compiled graphs", note=(
-                         f"{len(lengths)} distinct packed lengths; unfused fallback warned: "
-                         f"{'yes' if fell_back else 'no'}" + ("" if backward else "; flex runs unfused on the CPU")))
+        for index in range(sizes.recompile_batches):
+            lengths.add(ragged_step(ctx, model, generator, seed=300 + index, backward=backward))
+            synchronize(device)
+            fell_back = any(FALLBACK_WARNING in str(w.message) for w in caught)  # torch warns once per process
+            ctx.recorder.row(
+                f"recompiles, {index + 1} of {sizes.recompile_batches} random ragged batches, flex",
+                "forward + backward" if backward else "forward only", seconds=time.perf_counter() - start,
+                throughput=f"{counters['stats']['unique_graphs'] - graphs_before} compiled graphs",
+                note=f"{len(lengths)} distinct packed lengths; unfused fallback warned: {'yes' if fell_back else 'no'}"
+                     + ("" if backward else "; flex runs unfused on the CPU"), key="recompiles")
+            if not ctx.time_left():
+                break
 
 
-def run_ragged_batches(ctx: Context, model: Transfusion, generator: torch.Generator, lengths: set, *,
-                       backward: bool) -> int:
-    """Forward (+ backward) of up to ``recompile_batches`` random ragged batches; returns how many ran."""
+def ragged_step(ctx: Context, model: Transfusion, generator: torch.Generator, *, seed: int, backward: bool) -> int:
+    """Forward (+ backward) of one batch of 2 random ragged samples; returns its packed length."""
     sizes = ctx.sizes
-    for index in range(sizes.recompile_batches):
-        targets = random_targets(sizes.recompile_tokens, 2, generator)
-        lengths.add(max(targets))
-        batch = to_device(ragged_batch(model, targets, seed=300 + index, image_side=sizes.image_side,
-                                       channels=sizes.latent_channels, vocab=sizes.text_vocab), ctx.device)
-        with torch.set_grad_enabled(backward):
-            loss = model(batch)
-        if backward:
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        if not ctx.time_left():
-            return index + 1
-    return sizes.recompile_batches
+    targets = random_targets(sizes.recompile_tokens, 2, generator)
+    batch = to_device(ragged_batch(model, targets, seed=seed, image_side=sizes.image_side,
+                                   channels=sizes.latent_channels, vocab=sizes.text_vocab), ctx.device)
+    with torch.set_grad_enabled(backward):
+        loss = model(batch)
+    if backward:
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return max(targets)
 
 
 # sections and the driver
