@@ -15,8 +15,11 @@ window exposes, and the chunk's layout ids are written at the same positions. Th
 
 A window exposes ``[0, length + c)`` (``static=False``: the cheapest shapes in eager mode) or all
 ``max_length`` slots with the unwritten ones hidden by the mask (``static=True``: every decode step
-has the same shapes, so it can be compiled once). Growth (:meth:`KVCache.reserve`) is the cache's own
-business. CFG is a doubled batch inside the same cache (conditional rows first).
+has the same shapes, so it can be compiled once). A static cache may also ask for ``compiled`` steps:
+every forward through it then runs the transformer's compiled decode step (see
+:meth:`~mmgen_pytorch.backbone.Transformer.forward`); the window is still opened and committed here,
+eagerly. Growth (:meth:`KVCache.reserve`) is the cache's own business. CFG is a doubled batch inside
+the same cache (conditional rows first).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .masks import NO_BLOCK, PADDING, TokenLayout
 
 class KVCache(nn.Module):
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, kv_heads: int, dim_head: int,
-                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
+                 dtype: torch.dtype = torch.float32, device=None, static: bool = False, compiled: bool = False):
         super().__init__()
         check(min(num_layers, batch_size, max_length, kv_heads, dim_head) > 0,
               "KVCache sizes (num_layers, batch_size, max_length, kv_heads, dim_head) must all be positive")
+        check(static or not compiled, "a KVCache with `compiled=True` needs `static=True` (fixed-shape windows)")
         shape = (num_layers, batch_size, kv_heads, max_length, dim_head)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -44,6 +48,7 @@ class KVCache(nn.Module):
         self.register_buffer("block_ids", torch.full((batch_size, max_length), NO_BLOCK, dtype=torch.long, device=device), persistent=False)
         self.length = 0
         self.static = static
+        self.compiled = compiled  # forwards through this cache run the transformer's compiled step
 
     @property
     def batch_size(self) -> int:
@@ -118,7 +123,7 @@ class KVCache(nn.Module):
     def extra_repr(self) -> str:
         layers, batch, heads, max_length, dim_head = self.keys.shape
         return (f"layers={layers}, batch={batch}, kv_heads={heads}, max_length={max_length}, dim_head={dim_head}, "
-                f"length={self.length}, static={self.static}")
+                f"length={self.length}, static={self.static}, compiled={self.compiled}")
 
 
 @dataclass
