@@ -35,13 +35,14 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar, Union
 import torch
 from torch import Tensor
 
-from .._utils import check, check_flag
+from .._utils import check, check_flag, round_up_to_multiple
 from .kv_cache import KVCache
 from .masks import TokenLayout
 
 ChunkT = TypeVar("ChunkT", bound="SequenceChunk")
 RunChunk = Callable[..., Tensor]  # run(chunk, cache: Optional[KVCache], write: bool, **kwargs) -> hidden
 Rows = Union[Tensor, Sequence[int]]
+COMPILED_LENGTH_MULTIPLE = 256  # a compiled cache's slots: generations of different lengths share graphs
 
 
 class SequenceChunk:
@@ -122,8 +123,10 @@ class Decoder:
         compile: run every call but the first write (the prefill, which runs once and whose length changes
             with the prompt) through the backbone's compiled decode step on a fixed-shape cache: the same
             results, faster once compiled (the first call of each chunk shape compiles; later calls and
-            later decoders reuse the graph). Needs ``use_cache``. A shape change (another chunk length,
-            :meth:`keep_rows`, growth of the cache) compiles one more graph.
+            later decoders reuse the graph). Needs ``use_cache``. The cache then holds ``max_length``
+            rounded up to a multiple of ``COMPILED_LENGTH_MULTIPLE`` (256) slots, so that generations of
+            different lengths share their graphs. A shape change (another chunk length, :meth:`keep_rows`,
+            growth of the cache) compiles one more graph (on CUDA: captures one more CUDA graph).
     """
 
     def __init__(self, run: RunChunk, *, new_cache: Callable[..., KVCache], rows: int, max_length: int,
@@ -133,6 +136,8 @@ class Decoder:
         self.run, self.compile = run, compile
         self.cache: Optional[KVCache] = None
         if use_cache:
+            if compile:
+                max_length = round_up_to_multiple(max_length, COMPILED_LENGTH_MULTIPLE)
             self.cache = new_cache(rows, max_length, static=True, compiled=True) if compile else new_cache(rows, max_length)
         self.history: List[SequenceChunk] = []
 
