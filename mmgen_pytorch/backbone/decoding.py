@@ -104,7 +104,6 @@ def check_compile(compile: bool, use_cache: bool) -> None:
     """``compile`` and ``use_cache`` as a generating method takes them (checked before any work): the
     compiled decode step runs on the KV cache, so ``compile=True`` with ``use_cache=False`` is refused."""
     check_flag("compile", compile)
-    check_flag("use_cache", use_cache)
     check(use_cache or not compile,
           "`compile=True` needs `use_cache=True`: the compiled decode step runs on the static KV cache, "
           "and `use_cache=False` (the reference path) recomputes the whole sequence instead")

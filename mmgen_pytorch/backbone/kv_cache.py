@@ -6,7 +6,7 @@ slot (``segment_ids`` / ``block_ids`` ``[batch, max_length]``, padding where not
 that the attention mask of a later chunk comes from the same rule as everything else.
 
 A forward over a chunk of ``c`` tokens opens a :class:`CacheWindow` at ``input_pos = [length,
-length + c)``: every layer writes its K/V there with ``index_copy_`` and attends to the slots the
+length + c)``: every layer writes its K/V there in place (``index_put_``) and attends to the slots the
 window exposes, and the chunk's layout ids are written at the same positions. Then either
 
 - the chunk is **written** (``write=True``): ``length`` advances to ``length + c``; or
@@ -137,10 +137,16 @@ class CacheWindow:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Write this layer's chunk K/V ``[b, kv_heads, c, d]``; return the K/V it attends to."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(2, self.input_pos, k.to(keys.dtype))
-        values.index_copy_(2, self.input_pos, v.to(values.dtype))
-        return keys[:, :, :self.span], values[:, :, :self.span]
+        keys, values = self.cache.keys, self.cache.values
+        # one index_put_ on the whole buffer (not a write into the view ``keys[layer]``): a compiled step
+        # then updates it in place, where a write into a view copies the buffer at every step
+        batch, heads = keys.shape[1:3]
+        device = keys.device
+        index = (torch.tensor([layer], device=device).view(1, 1, 1), torch.arange(batch, device=device).view(-1, 1, 1),
+                 torch.arange(heads, device=device).view(1, -1, 1), self.input_pos.view(1, 1, -1))
+        keys.index_put_(index, k.to(keys.dtype))
+        values.index_put_(index, v.to(values.dtype))
+        return keys[layer, :, :, :self.span], values[layer, :, :, :self.span]
 
     def key_layout(self) -> TokenLayout:
         """The layout of the exposed slots; in a static window the slots after the chunk read as padding."""

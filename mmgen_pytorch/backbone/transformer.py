@@ -64,7 +64,7 @@ def _compiled_step(mode: str) -> Callable:
 
 
 def _mark_cache_static(cache: KVCache) -> None:
-    """CUDA graphs update the cache's buffers in place (``index_copy_``): mark them as fixed addresses
+    """CUDA graphs update the cache's buffers in place (``index_put_``): mark them as fixed addresses
     (not copied into the graph's own inputs); a buffer replaced by ``reserve`` / ``select`` is captured anew."""
     for buffer in (cache.keys, cache.values, cache.segment_ids, cache.block_ids):
         torch._dynamo.mark_static_address(buffer, guard=False)
@@ -356,9 +356,10 @@ class Transformer(Checkpointable, nn.Module):
             return_hiddens: also return the hidden state after every block (before the final norm).
         """
         batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache)
+        segments = self._segments(block_hook) if cache is not None and cache.compiled else None
         inputs = self._block_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache, backend)
-        if cache is not None and cache.compiled:
-            x, hiddens = self._compiled_blocks(x, inputs, block_hook, return_hiddens)
+        if segments is not None:
+            x, hiddens = self._compiled_blocks(x, inputs, segments, block_hook, return_hiddens)
         else:
             checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
             x, (_, _, hiddens) = self._blocks(x, inputs, ([], None, []), 0, self.depth, block_hook=block_hook,
@@ -414,8 +415,8 @@ class Transformer(Checkpointable, nn.Module):
             x = self.norm(x)
         return x, (skips, first_values, hiddens)
 
-    def _compiled_blocks(self, x: Tensor, inputs: "BlockInputs", block_hook: Optional[BlockHook],
-                         return_hiddens: bool) -> Tuple[Tensor, List[Tensor]]:
+    def _compiled_blocks(self, x: Tensor, inputs: "BlockInputs", segments: List[Tuple[int, int]],
+                         block_hook: Optional[BlockHook], return_hiddens: bool) -> Tuple[Tensor, List[Tensor]]:
         """The blocks of a forward through a ``compiled`` (static) cache, gpt-fast style: :meth:`_blocks`
         compiled by ``torch.compile(fullgraph=True, dynamic=False)`` (``mode="reduce-overhead"``, i.e. CUDA
         graphs, on CUDA; the default mode elsewhere) and cached per mode, so every later step and every
@@ -424,14 +425,13 @@ class Transformer(Checkpointable, nn.Module):
         ``input_pos`` tensor, so a graph is compiled once per chunk shape, not once per position. A new
         shape (another chunk length, fewer rows after :meth:`KVCache.select`, buffers grown by
         :meth:`KVCache.reserve`) compiles (and on CUDA captures) one more graph. A ``block_hook`` runs
-        eagerly between compiled segments that end after its ``blocks``."""
+        eagerly between the compiled ``segments`` (:meth:`_segments`), which end after its ``blocks``."""
         cuda = x.is_cuda
         step = _compiled_step("reduce-overhead" if cuda else "default")
         if cuda:
             _mark_cache_static(inputs.window.cache)
             torch.compiler.cudagraph_mark_step_begin()
         carried: Carried = ([], None, [])
-        segments = self._segments(block_hook)
         for number, (first, last) in enumerate(segments):
             x, carried = step(self, x, inputs, carried, first, last, return_hiddens=return_hiddens)
             if cuda:  # a CUDA graph's outputs are overwritten by its next replay
