@@ -250,6 +250,7 @@ class DepthHeads(CodeHeads):
             embeds = embed(codes)
             return hidden + F.pad(embeds, (0, 0, hidden.shape[1] - embeds.shape[1], 0))
 
+        hook.blocks = self.head_positions  # where it acts: a compiled decode step stops only there
         return hook
 
 

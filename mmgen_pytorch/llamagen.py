@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ._utils import (GeneratorLike, as_generator, check, check_finite, check_finite_number, check_index_range, default,
                      describe, eval_mode, is_index_tensor)
 from .backbone import PADDING, Decoder, KVCache, SequenceChunk, TokenLayout, Transformer, llamagen_positions
+from .backbone.decoding import check_compile
 from .backbone.masks import NO_BLOCK
 from .code_heads import CodeHeads, NextCodeHead, copies_for_rows
 from .guidance import check_cfg_scale
@@ -173,7 +174,7 @@ class LlamaGen(Checkpointable, nn.Module):
                  max_new_tokens: Optional[int] = None, cfg_scale: float = 1.0, cfg_interval: float = -1,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                  generator: GeneratorLike = None, progress: bool = True, use_cache: bool = True,
-                 return_logits: bool = False):
+                 compile: bool = False, return_logits: bool = False):
         """Sample the codes of one image position per step (prefill of the prefix, then single-position
         steps). With depth heads (DnD) all ``D`` codes of a position come out of its one backbone step:
         head ``k`` samples depth ``k`` and the code goes into every row of its sample before the next block.
@@ -194,12 +195,19 @@ class LlamaGen(Checkpointable, nn.Module):
                 depth, in depth order). progress: a tqdm bar.
             use_cache: static KV cache (default); ``False`` recomputes the whole sequence every step (the
                 reference path).
+            compile: run every step after the prefill as a compiled decode step (gpt-fast style: a
+                fixed-shape cache, ``torch.compile`` with CUDA graphs on CUDA, the default mode on CPU;
+                see :class:`~mmgen_pytorch.backbone.Decoder`): the same codes, faster once compiled. The
+                first call compiles (seconds to minutes); later calls on the same model reuse the graphs.
+                Dropping the unconditional rows (``cfg_interval``) compiles one more graph. Needs
+                ``use_cache=True``.
             return_logits: also return the (guided) fp32 logits of every step ``[b, n, vocab_size]``
                 (``[b, n, D, vocab_size]`` with depth heads).
         Returns codes ``[b, grid, grid]`` (depth heads: ``[b, grid, grid, D]``) for a full grid, else
         ``[b, n]`` (``[b, n, D]``), int64.
         """
         steps = self._check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_compile(compile, use_cache)
         check_cfg_scale(cfg_scale)
         check_finite_number("cfg_interval", cfg_interval, minimum=-1)
         generator = as_generator(generator, self.token_embed.weight.device)
@@ -208,7 +216,7 @@ class LlamaGen(Checkpointable, nn.Module):
         with eval_mode(self):
             batch, prefix, prefix_mask = self._generation_prefix(condition, caption_mask, guide)
             decoder = Decoder(self._run_chunk, new_cache=self.backbone.new_cache, rows=prefix.shape[0],
-                              max_length=self.cls_token_num + steps - 1, use_cache=use_cache)
+                              max_length=self.cls_token_num + steps - 1, use_cache=use_cache, compile=compile)
             table = llamagen_positions(self.grid_size, self.cls_token_num, device=prefix.device)
             rows = prefix.shape[0]
             codes, step_logits = [], []

@@ -93,6 +93,12 @@ FORWARD = [
     ("cache_batch", lambda: model()(x(), cache=model().new_cache(3, 8)), ValueError,
      "the cache holds a batch of 3, but the input has a batch of 2"),
     ("cache_truncate", lambda: model().new_cache(2, 8).truncate(1), ValueError, "`length` must be in [0, 0]"),
+    ("compiled_cache_not_static", lambda: model().new_cache(2, 8, compiled=True), ValueError,
+     "a KVCache with `compiled=True` needs `static=True`"),
+    ("compiled_hook_without_blocks", lambda: model()(x(), cache=model().new_cache(2, 8, static=True, compiled=True),
+                                                     block_hook=lambda index, hidden: None), ValueError,
+     "a `block_hook` run through a compiled KV cache must name the blocks after which it acts in its attribute "
+     "`blocks` (block indices in [0, 1)), got None"),
     ("flex_attn_dropout", lambda: model(attn_dropout=0.1).train()(x(), backend="flex"), ValueError,
      "flex attention does not support attention dropout"),
     ("flex_backward_on_cpu", lambda: model()(x(), backend="flex"), NotImplementedError,
@@ -116,3 +122,12 @@ def test_errors_are_raised_before_any_cache_write():
         with pytest.raises(ValueError):
             m(x(), cache=cache, **bad)
         assert cache.length == 3 and torch.equal(cache.keys, keys)
+
+
+def test_a_hook_the_compiled_step_cannot_place_is_refused_before_the_cache_is_touched():
+    m = model()
+    cache = m.new_cache(2, 8, static=True, compiled=True)
+    ids = cache.segment_ids.clone()
+    with pytest.raises(ValueError, match="block_hook"):
+        m(x(), cache=cache, block_hook=lambda index, hidden: None)
+    assert cache.length == 0 and torch.equal(cache.segment_ids, ids)

@@ -68,6 +68,11 @@ NAN_LATENT = torch.full((2, 2, 4), NAN)
 CASES = [
     # (id, call, exception, message pattern)
     # Transfusion
+    ("transfusion/compile-without-cache", lambda m: m.transfusion.sample(max_length=8, compile=True, use_cache=False,
+                                                                          progress=False),
+     ValueError, r"`compile=True` needs `use_cache=True`"),
+    ("transfusion/compile-not-bool", lambda m: m.transfusion.sample(max_length=8, compile="yes", progress=False),
+     TypeError, r"`compile` must be a bool, got 'yes'"),
     ("transfusion/zero-batch-text", lambda m: m.transfusion(codes(0, 3)), ValueError,
      r"`x` must hold at least one sample, got Tensor\(shape=\(0, 3\)"),
     ("transfusion/empty-latent-grid", lambda m: m.transfusion([[codes(2), randn(0, 2, 4)]]), ValueError,
@@ -109,6 +114,9 @@ CASES = [
     ("monoformer/zero-batch-latents", lambda m: m.monoformer(randn(0, 4, 4, 4)), ValueError,
      r"`x` must hold at least one sample"),
     # LlamaGen
+    ("llamagen/compile-without-cache", lambda m: m.llamagen.generate(LABELS, compile=True, use_cache=False,
+                                                                      progress=False),
+     ValueError, r"`compile=True` needs `use_cache=True`: the compiled decode step runs on the static KV cache"),
     ("llamagen/bool-codes", lambda m: m.llamagen(codes(2, 9, dtype=torch.bool), class_labels=LABELS), ValueError,
      r"`codes` must be an integer tensor \[b, h, w\] or \[b, n\] with b >= 1, got .*torch.bool"),
     ("llamagen/zero-batch", lambda m: m.llamagen(codes(0, 9), class_labels=LABELS[:0]), ValueError,
@@ -129,6 +137,8 @@ CASES = [
                                                                         config=LLAMAGEN_CONFIG),
      CheckpointMismatchError, r"looks like an mmgen_pytorch LlamaGen / DnD state dict .*`load_state_dict`"),
     # DnD-Transformer
+    ("dnd/compile-without-cache", lambda m: m.dnd.generate(LABELS, compile=True, use_cache=False, progress=False),
+     ValueError, r"`compile=True` needs `use_cache=True`"),
     ("dnd/bool-codes", lambda m: m.dnd(codes(2, 9, 2, dtype=torch.bool), class_labels=LABELS), ValueError,
      r"`codes` must be an integer tensor \[b, h, w, D\] or \[b, n, D\] with b >= 1, got .*torch.bool"),
     ("dnd/zero-batch", lambda m: m.dnd(codes(0, 9, 2), class_labels=LABELS[:0]), ValueError,

@@ -19,6 +19,12 @@ The engine offers four operations:
 
 With a cache the engine owns it: a static :class:`~mmgen_pytorch.backbone.kv_cache.KVCache` written at
 ``input_pos`` that grows by itself when a chunk would not fit.
+
+``compile=True`` (gpt-fast style) makes that cache fixed-shape (``static``: every window exposes all its
+slots, the unwritten ones masked) and ``compiled``: every call after the prefill runs the backbone's
+blocks as a ``torch.compile`` d graph that is compiled once per chunk shape and reused for every position
+(CUDA graphs on CUDA), while the host side (opening the window at ``input_pos``, committing the length,
+growth, row selection) stays eager. See :meth:`~mmgen_pytorch.backbone.Transformer._compiled_blocks`.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar, Union
 import torch
 from torch import Tensor
 
-from .._utils import check
+from .._utils import check, check_flag, round_up_to_multiple
 from .kv_cache import KVCache
 from .masks import TokenLayout
 
 ChunkT = TypeVar("ChunkT", bound="SequenceChunk")
 RunChunk = Callable[..., Tensor]  # run(chunk, cache: Optional[KVCache], write: bool, **kwargs) -> hidden
 Rows = Union[Tensor, Sequence[int]]
+COMPILED_LENGTH_MULTIPLE = 256  # a compiled cache's slots: generations of different lengths share graphs
 
 
 class SequenceChunk:
@@ -93,22 +100,44 @@ def _map_fields(chunks: Sequence[ChunkT], combine: Callable[[List[Tensor]], Tens
                                          for f in dataclasses.fields(first)})
 
 
+def check_compile(compile: bool, use_cache: bool) -> None:
+    """``compile`` and ``use_cache`` as a generating method takes them (checked before any work): the
+    compiled decode step runs on the KV cache, so ``compile=True`` with ``use_cache=False`` is refused."""
+    check_flag("compile", compile)
+    check(use_cache or not compile,
+          "`compile=True` needs `use_cache=True`: the compiled decode step runs on the static KV cache, "
+          "and `use_cache=False` (the reference path) recomputes the whole sequence instead")
+
+
 class Decoder:
     """Decode ``rows`` rows through ``run`` (see the module docstring).
 
     Args:
         run: ``run(chunk, cache, write, **kwargs) -> hidden [rows, c', d]``, the model's embed + backbone.
-        new_cache: ``new_cache(rows, max_length) -> KVCache`` (e.g. ``Transformer.new_cache``).
+        new_cache: ``new_cache(rows, max_length, **options) -> KVCache`` (e.g. ``Transformer.new_cache``);
+            with ``compile`` it is called with ``static=True, compiled=True``.
         rows: batch rows (CFG twins included).
         max_length: tokens to preallocate; the cache grows beyond it if needed.
         use_cache: ``False`` recomputes the whole sequence for every call (the reference path).
+        compile: run every call but the first write (the prefill, which runs once and whose length changes
+            with the prompt) through the backbone's compiled decode step on a fixed-shape cache: the same
+            results, faster once compiled (the first call of each chunk shape compiles; later calls and
+            later decoders reuse the graph). Needs ``use_cache``. The cache then holds ``max_length``
+            rounded up to a multiple of ``COMPILED_LENGTH_MULTIPLE`` (256) slots, so that generations of
+            different lengths share their graphs. A shape change (another chunk length, :meth:`keep_rows`,
+            growth of the cache) compiles one more graph (on CUDA: captures one more CUDA graph).
     """
 
-    def __init__(self, run: RunChunk, *, new_cache: Callable[[int, int], KVCache], rows: int, max_length: int,
-                 use_cache: bool = True):
+    def __init__(self, run: RunChunk, *, new_cache: Callable[..., KVCache], rows: int, max_length: int,
+                 use_cache: bool = True, compile: bool = False):
+        check_compile(compile, use_cache)
         check(rows > 0 and max_length > 0, f"`rows` and `max_length` must be positive, got {rows} and {max_length}")
-        self.run = run
-        self.cache: Optional[KVCache] = new_cache(rows, max_length) if use_cache else None
+        self.run, self.compile = run, compile
+        self.cache: Optional[KVCache] = None
+        if use_cache:
+            if compile:
+                max_length = round_up_to_multiple(max_length, COMPILED_LENGTH_MULTIPLE)
+            self.cache = new_cache(rows, max_length, static=True, compiled=True) if compile else new_cache(rows, max_length)
         self.history: List[SequenceChunk] = []
 
     @property
@@ -137,6 +166,7 @@ class Decoder:
     def _forward(self, chunk: SequenceChunk, *, write: bool, **kwargs) -> Tensor:
         if self.cache is not None:
             self.cache.reserve(chunk.length)
+            self.cache.compiled = self.compile and self.cache.length > 0  # the prefill runs eagerly
             return self.run(chunk, cache=self.cache, write=write, **kwargs)
         whole = type(chunk).concat(self.history + [chunk])
         hidden = self.run(whole, cache=None, write=write, **kwargs)[:, -chunk.length:]

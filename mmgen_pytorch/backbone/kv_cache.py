@@ -6,7 +6,7 @@ slot (``segment_ids`` / ``block_ids`` ``[batch, max_length]``, padding where not
 that the attention mask of a later chunk comes from the same rule as everything else.
 
 A forward over a chunk of ``c`` tokens opens a :class:`CacheWindow` at ``input_pos = [length,
-length + c)``: every layer writes its K/V there with ``index_copy_`` and attends to the slots the
+length + c)``: every layer writes its K/V there in place (``index_put_``) and attends to the slots the
 window exposes, and the chunk's layout ids are written at the same positions. Then either
 
 - the chunk is **written** (``write=True``): ``length`` advances to ``length + c``; or
@@ -15,8 +15,11 @@ window exposes, and the chunk's layout ids are written at the same positions. Th
 
 A window exposes ``[0, length + c)`` (``static=False``: the cheapest shapes in eager mode) or all
 ``max_length`` slots with the unwritten ones hidden by the mask (``static=True``: every decode step
-has the same shapes, so it can be compiled once). Growth (:meth:`KVCache.reserve`) is the cache's own
-business. CFG is a doubled batch inside the same cache (conditional rows first).
+has the same shapes, so it can be compiled once). A static cache may also ask for ``compiled`` steps:
+every forward through it then runs the transformer's compiled decode step (see
+:meth:`~mmgen_pytorch.backbone.Transformer.forward`); the window is still opened and committed here,
+eagerly. Growth (:meth:`KVCache.reserve`) is the cache's own business. CFG is a doubled batch inside
+the same cache (conditional rows first).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .masks import NO_BLOCK, PADDING, TokenLayout
 
 class KVCache(nn.Module):
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, kv_heads: int, dim_head: int,
-                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
+                 dtype: torch.dtype = torch.float32, device=None, static: bool = False, compiled: bool = False):
         super().__init__()
         check(min(num_layers, batch_size, max_length, kv_heads, dim_head) > 0,
               "KVCache sizes (num_layers, batch_size, max_length, kv_heads, dim_head) must all be positive")
+        check(static or not compiled, "a KVCache with `compiled=True` needs `static=True` (fixed-shape windows)")
         shape = (num_layers, batch_size, kv_heads, max_length, dim_head)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -44,6 +48,7 @@ class KVCache(nn.Module):
         self.register_buffer("block_ids", torch.full((batch_size, max_length), NO_BLOCK, dtype=torch.long, device=device), persistent=False)
         self.length = 0
         self.static = static
+        self.compiled = compiled  # forwards through this cache run the transformer's compiled step
         self._history = 0  # bumped whenever the cached sequence [0, length) may change
         self._mask_memo: Optional[Tuple[TokenLayout, tuple, Any]] = None
 
@@ -138,7 +143,7 @@ class KVCache(nn.Module):
     def extra_repr(self) -> str:
         layers, batch, heads, max_length, dim_head = self.keys.shape
         return (f"layers={layers}, batch={batch}, kv_heads={heads}, max_length={max_length}, dim_head={dim_head}, "
-                f"length={self.length}, static={self.static}")
+                f"length={self.length}, static={self.static}, compiled={self.compiled}")
 
 
 @dataclass
@@ -153,10 +158,16 @@ class CacheWindow:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Write this layer's chunk K/V ``[b, kv_heads, c, d]``; return the K/V it attends to."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(2, self.input_pos, k.to(keys.dtype))
-        values.index_copy_(2, self.input_pos, v.to(values.dtype))
-        return keys[:, :, :self.span], values[:, :, :self.span]
+        keys, values = self.cache.keys, self.cache.values
+        # one index_put_ on the whole buffer (not a write into the view ``keys[layer]``): a compiled step
+        # then updates it in place, where a write into a view copies the buffer at every step
+        batch, heads = keys.shape[1:3]
+        device = keys.device
+        index = (torch.tensor([layer], device=device).view(1, 1, 1), torch.arange(batch, device=device).view(-1, 1, 1),
+                 torch.arange(heads, device=device).view(1, -1, 1), self.input_pos.view(1, 1, -1))
+        keys.index_put_(index, k.to(keys.dtype))
+        values.index_put_(index, v.to(values.dtype))
+        return keys[layer, :, :, :self.span], values[layer, :, :, :self.span]
 
     def key_layout(self) -> TokenLayout:
         """The layout of the exposed slots; in a static window the slots after the chunk read as padding."""

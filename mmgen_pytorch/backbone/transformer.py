@@ -7,6 +7,8 @@ every block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -29,6 +31,51 @@ ATTN_KWARGS = ("softcap_value", "gate_values", "laser_softclamp_value")  # trans
 FF_KWARGS = ("dropout",)  # transfusion-pytorch's FeedForward extra: dropout after the activation
 
 BlockHook = Callable[[int, Tensor], Optional[Tensor]]
+
+
+Carried = Tuple[List[Tensor], Optional[Tensor], List[Tensor]]  # U-ViT skips, first layer's values, hiddens
+
+
+@dataclass
+class BlockInputs:
+    """What every block of one forward reads beside the residual stream (the attention mask and the
+    rotary table are built from it); the input of the compiled decode step."""
+
+    layout: Optional[TokenLayout]
+    window: Optional[CacheWindow]
+    positions: Optional[Tensor]
+    zero_rotation: Optional[Tensor]
+    cond: Optional[Tensor]
+    cond_index: Optional[Tensor]
+    backend: Optional[str]
+
+
+def _hooked(block_hook: Optional[BlockHook], index: int, x: Tensor) -> Tensor:
+    """The residual stream after ``block_hook`` at block ``index`` (its returned tensor, if any)."""
+    replaced = block_hook(index, x) if block_hook is not None else None
+    return replaced if replaced is not None else x
+
+
+@lru_cache(maxsize=None)
+def _compiled_step(mode: str) -> Callable:
+    """:meth:`Transformer._blocks` compiled for ``mode``, once per process: the graphs it compiles are
+    kept by dynamo (per transformer and shape), so a later generation reuses them."""
+    return torch.compile(Transformer._blocks, fullgraph=True, dynamic=False, mode=mode)
+
+
+def _mark_cache_static(cache: KVCache) -> None:
+    """CUDA graphs update the cache's buffers in place (``index_put_``): mark them as fixed addresses
+    (not copied into the graph's own inputs); a buffer replaced by ``reserve`` / ``select`` is captured anew."""
+    for buffer in (cache.keys, cache.values, cache.segment_ids, cache.block_ids):
+        torch._dynamo.mark_static_address(buffer, guard=False)
+
+
+def _cloned(item: Any) -> Any:
+    if isinstance(item, Tensor):
+        return item.clone()
+    if isinstance(item, list):
+        return [_cloned(element) for element in item]
+    return item
 
 
 def swiglu_hidden_dim(dim: int, *, mult: float = 4.0, multiple_of: int = 256,
@@ -283,12 +330,13 @@ class Transformer(Checkpointable, nn.Module):
     # public API
 
     def new_cache(self, batch_size: int, max_length: int, *, dtype: Optional[torch.dtype] = None, device=None,
-                  static: bool = False) -> KVCache:
-        """An empty :class:`KVCache` for this transformer (``static``: fixed-shape windows, see there)."""
+                  static: bool = False, compiled: bool = False) -> KVCache:
+        """An empty :class:`KVCache` for this transformer (``static``: fixed-shape windows; ``compiled``: forwards
+        through it run the compiled decode step, see :meth:`_compiled_blocks`; it needs ``static``)."""
         reference = next(self.parameters())
         return KVCache(num_layers=self.depth, batch_size=batch_size, max_length=max_length, kv_heads=self.kv_heads,
                        dim_head=self.dim_head, dtype=default(dtype, reference.dtype),
-                       device=default(device, reference.device), static=static)
+                       device=default(device, reference.device), static=static, compiled=compiled)
 
     def forward(self, x: Float[Tensor, "b n d"], *, layout: Optional[TokenLayout] = None,
                 positions: Optional[Union[Int[Tensor, "b n"], Int[Tensor, "b n axes"]]] = None,
@@ -308,48 +356,115 @@ class Transformer(Checkpointable, nn.Module):
             cond, cond_mask: per-token condition for adaLN and which tokens carry it (default all).
             cond_index: instead of ``cond_mask``, ``cond`` is a table ``[k, dim_cond]`` and token
                 ``(b, n)`` uses row ``cond_index[b, n]`` (``-1``: no condition).
-            cache: a :class:`KVCache`; the tokens continue after its ``length`` positions.
+            cache: a :class:`KVCache`; the tokens continue after its ``length`` positions. A cache built
+                with ``compiled=True`` (static windows) runs the blocks as a compiled decode step: see
+                :meth:`_compiled_blocks`.
             write_cache: the chunk becomes part of the cached sequence (else it attends to the cached
                 prefix plus itself and the cache's ``length`` stays).
             block_hook: ``hook(block_index, hidden) -> hidden | None`` after every block; a returned
-                tensor replaces the residual stream (e.g. to inject embeddings).
+                tensor replaces the residual stream (e.g. to inject embeddings). With a compiled cache the
+                hook must name the blocks after which it acts in its attribute ``blocks`` (a sequence of
+                block indices): it runs only there, eagerly, between compiled segments of blocks.
             return_hiddens: also return the hidden state after every block (before the final norm).
         """
         batch, length = self._check_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache)
-        start = cache.length if cache is not None else 0
-        queries = layout if layout is not None else TokenLayout.causal(batch, length, device=x.device)
-        window = cache.open(queries) if cache is not None else None
-        mask = self._attention_mask(x, layout, window, backend)
-        rotary = None
-        if self.rotary is not None:
-            positions = positions if positions is not None else sequence_positions(length, batch, start, device=x.device)
-            rotary = self.rotary(positions, zero_rotation)
+        segments = self._segments(block_hook) if cache is not None and cache.compiled else None
+        inputs = self._block_inputs(x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache, backend)
+        if segments is not None:
+            x, hiddens = self._compiled_blocks(x, inputs, segments, block_hook, return_hiddens)
+        else:
+            checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+            x, (_, _, hiddens) = self._blocks(x, inputs, ([], None, []), 0, self.depth, block_hook=block_hook,
+                                              return_hiddens=return_hiddens, checkpointed=checkpointed)
+        if cache is not None and write_cache:
+            cache.commit(length)
+        return (x, hiddens) if return_hiddens else x
+
+    # internals: one forward, split into its host side and its pure tensor part
+
+    def _block_inputs(self, x: Tensor, layout: Optional[TokenLayout], positions: Optional[Tensor],
+                      zero_rotation: Optional[Tensor], cond: Optional[Tensor], cond_mask: Optional[Tensor],
+                      cond_index: Optional[Tensor], cache: Optional[KVCache], backend: Optional[str]) -> "BlockInputs":
+        """The host side of a forward (eager, also in a compiled decode step): default positions from the
+        cache's length, per-token conditions as a table, and the cache window opened at ``input_pos``, a
+        tensor, so that the compiled part never sees the length as a Python int."""
+        batch, length = x.shape[:2]
+        if self.rotary is not None and positions is None:
+            positions = sequence_positions(length, batch, cache.length if cache is not None else 0, device=x.device)
         if cond is not None and cond_index is None:  # per-token conditions: a table of b * n rows
             cond_mask = cond_mask if cond_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
             rows = torch.arange(batch * length, device=x.device).view(batch, length)
             cond, cond_index = cond.reshape(batch * length, -1), torch.where(cond_mask, rows, -1)
+        window = None
+        if cache is not None:
+            window = cache.open(layout if layout is not None else TokenLayout.causal(batch, length, device=x.device))
+        return BlockInputs(layout, window, positions, zero_rotation, cond, cond_index, backend)
 
-        hiddens: List[Tensor] = []
-        skips: List[Tensor] = []
-        first_values: Optional[Tensor] = None
-        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for index, block in enumerate(self.layers):
+    def _blocks(self, x: Tensor, inputs: "BlockInputs", carried: Carried, first: int, last: int, *,
+                block_hook: Optional[BlockHook] = None, return_hiddens: bool = False,
+                checkpointed: bool = False) -> Tuple[Tensor, Carried]:
+        """The pure tensor part of a forward: the attention mask and rotary table from ``inputs``, then
+        blocks ``first .. last - 1`` (and the final norm when ``last`` is the depth). ``carried``: the
+        U-ViT skips, the first layer's values and the hidden states of the blocks before ``first``;
+        returned as they stand after ``last - 1``. A compiled decode step compiles this as one graph."""
+        mask = self._attention_mask(x, inputs.layout, inputs.window, inputs.backend)
+        rotary = self.rotary(inputs.positions, inputs.zero_rotation) if self.rotary is not None else None
+        skips, first_values, hiddens = list(carried[0]), carried[1], list(carried[2])
+        for index in range(first, last):
             x = self._unet_skip(index, x, skips)
             wants_values = self.use_value_residual and index == 0
-            kwargs = dict(cond=cond, cond_index=cond_index, mask=mask, rotary=rotary, cache=window, layer_index=index,
-                          value_residual=first_values, return_values=wants_values)
+            kwargs = dict(cond=inputs.cond, cond_index=inputs.cond_index, mask=mask, rotary=rotary,
+                          cache=inputs.window, layer_index=index, value_residual=first_values,
+                          return_values=wants_values)
+            block = self.layers[index]
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
             if wants_values:
                 x, first_values = x
-            if block_hook is not None:
-                replaced = block_hook(index, x)
-                x = replaced if replaced is not None else x
+            x = _hooked(block_hook, index, x)
             if return_hiddens:
                 hiddens.append(x)
-        if cache is not None and write_cache:
-            cache.commit(length)
-        out = self.norm(x)
-        return (out, hiddens) if return_hiddens else out
+        if last == self.depth:
+            x = self.norm(x)
+        return x, (skips, first_values, hiddens)
+
+    def _compiled_blocks(self, x: Tensor, inputs: "BlockInputs", segments: List[Tuple[int, int]],
+                         block_hook: Optional[BlockHook], return_hiddens: bool) -> Tuple[Tensor, List[Tensor]]:
+        """The blocks of a forward through a ``compiled`` (static) cache, gpt-fast style: :meth:`_blocks`
+        compiled by ``torch.compile(fullgraph=True, dynamic=False)`` (``mode="reduce-overhead"``, i.e. CUDA
+        graphs, on CUDA; the default mode elsewhere) and cached per mode, so every later step and every
+        later generation reuses it. The host side (:meth:`_block_inputs`, the cache's ``commit``,
+        ``reserve`` and ``select``) stays eager and the cache's length reaches the graph only as the
+        ``input_pos`` tensor, so a graph is compiled once per chunk shape, not once per position. A new
+        shape (another chunk length, fewer rows after :meth:`KVCache.select`, buffers grown by
+        :meth:`KVCache.reserve`) compiles (and on CUDA captures) one more graph. A ``block_hook`` runs
+        eagerly between the compiled ``segments`` (:meth:`_segments`), which end after its ``blocks``."""
+        cuda = x.is_cuda
+        step = _compiled_step("reduce-overhead" if cuda else "default")
+        if cuda:
+            _mark_cache_static(inputs.window.cache)
+            torch.compiler.cudagraph_mark_step_begin()
+        carried: Carried = ([], None, [])
+        for number, (first, last) in enumerate(segments):
+            x, carried = step(self, x, inputs, carried, first, last, return_hiddens=return_hiddens)
+            if cuda:  # a CUDA graph's outputs are overwritten by its next replay
+                x, carried = _cloned(x), tuple(_cloned(item) for item in carried)
+            if number < len(segments) - 1:
+                x = _hooked(block_hook, last - 1, x)
+                if return_hiddens:
+                    carried[2][-1] = x
+        return x, carried[2]
+
+    def _segments(self, block_hook: Optional[BlockHook]) -> List[Tuple[int, int]]:
+        """``(first, last)`` block ranges of a compiled forward: one, or one after each of the hook's
+        ``blocks`` and a last one up to the depth (empty when the hook acts after the last block)."""
+        if block_hook is None:
+            return [(0, self.depth)]
+        blocks = getattr(block_hook, "blocks", None)
+        check(blocks is not None and all(isinstance(b, int) and 0 <= b < self.depth for b in blocks),
+              f"a `block_hook` run through a compiled KV cache must name the blocks after which it acts in its "
+              f"attribute `blocks` (block indices in [0, {self.depth})), got {blocks!r}")
+        ends = sorted({b + 1 for b in blocks})
+        return list(zip([0, *ends], [*ends, self.depth]))
 
     # internals
 
@@ -401,6 +516,8 @@ class Transformer(Checkpointable, nn.Module):
         if window is None:
             return _mask_between(queries, queries, None, backend, sync_free=torch.compiler.is_compiling())
         build = lambda: _mask_between(queries, window.key_layout(), window.input_pos, backend, sync_free=True)  # noqa: E731
+        if torch.compiler.is_compiling():  # a compiled step builds it in its graph (the memo's ints would be guards)
+            return build()
         return window.cache.reusable_mask(queries, window, backend, build)
 
     def _check_inputs(self, x, layout, positions, zero_rotation, cond, cond_mask, cond_index, cache) -> Tuple[int, int]:

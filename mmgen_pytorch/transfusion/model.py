@@ -564,8 +564,9 @@ class Transfusion(Checkpointable, nn.Module):
     def twin_skips_text(self) -> bool:
         return self.uncond_text is UncondText.EMPTY
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return self.transformer.new_cache(batch_size, max_length)
+    def new_cache(self, batch_size: int, max_length: int, *, static: bool = False, compiled: bool = False) -> KVCache:
+        """An empty KV cache for the backbone (see :meth:`~mmgen_pytorch.backbone.Transformer.new_cache`)."""
+        return self.transformer.new_cache(batch_size, max_length, static=static, compiled=compiled)
 
     def run_backbone(self, token_ids: Tensor, positions: Tensor, layout, latents: List[LatentRun],
                      token_times: Tensor, **backbone_kwargs) -> Tensor:
@@ -667,7 +668,8 @@ class Transfusion(Checkpointable, nn.Module):
                return_unprocessed_modalities: bool = False, use_cache: Optional[bool] = None,
                cache_kv: Optional[bool] = None, init_modality_noise: Optional[Tensor] = None,
                max_length_counts: Union[str, LengthBudget] = LengthBudget.TOTAL, keep_structure_tokens: bool = False,
-               progress: bool = True, generator: GeneratorLike = None, objective_kwargs: Optional[dict] = None):
+               progress: bool = True, generator: GeneratorLike = None, objective_kwargs: Optional[dict] = None,
+               compile: bool = False):
         """Generate interleaved text and modalities.
 
         ``prompt``: None, one prompt, or a list of prompts (batched). A prompt is a text tensor (0-dim,
@@ -689,7 +691,13 @@ class Transfusion(Checkpointable, nn.Module):
         ``[n, d]``: its top-left ``[tokens, dim_latent]`` corner starts every generated modality instead of
         drawn noise. ``objective_kwargs`` go to the objective's ``generate`` (Gaussian diffusion:
         ``temperature``, ``sampler``, ``eta``, ``clip_denoised``; rectified flow: none). ``generator``: a
-        ``torch.Generator`` or an int seed. Every option is checked before any prompt is encoded or run.
+        ``torch.Generator`` or an int seed. ``compile=True`` runs every text step and every denoising step
+        after the prompt's prefill as a compiled decode step (gpt-fast style: a fixed-shape KV cache,
+        ``torch.compile`` with CUDA graphs on CUDA, the default mode on CPU; see
+        :class:`~mmgen_pytorch.backbone.Decoder`): the same samples, faster once compiled. The first call
+        compiles one graph for text steps and one per modality shape; later calls reuse them. It needs the
+        cache (``use_cache=False`` with it is an error). Every option is checked before any prompt is
+        encoded or run.
         """
         check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
               f"`batch_size` must be an int >= 1, got {batch_size!r}")
@@ -709,7 +717,7 @@ class Transfusion(Checkpointable, nn.Module):
             return_unprocessed_modalities=return_unprocessed_modalities, use_cache=use_cache, cache_kv=cache_kv,
             init_modality_noise=init_modality_noise, max_length_counts=max_length_counts,
             keep_structure_tokens=keep_structure_tokens, progress=progress, generator=generator,
-            objective_kwargs=objective_kwargs)
+            objective_kwargs=objective_kwargs, compile=compile)
         return samples if batched or batch_size is not None else samples[0]
 
     @torch.no_grad()

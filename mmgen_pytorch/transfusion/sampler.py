@@ -11,7 +11,9 @@ which no token ever attends to.
 
 The rows decode through the shared :class:`~mmgen_pytorch.backbone.Decoder`; with ``use_cache=False``
 it replays the whole history for every call through the same code path: the reference that the
-cached sampler is tested against.
+cached sampler is tested against. With ``compile=True`` every text step and every denoising step
+(and the write of the finished latent) after the prompt's prefill runs the backbone's blocks as a
+compiled decode step on a fixed-shape cache: one graph for text steps and one per modality shape.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .._utils import GeneratorLike, as_enum, as_generator, check, check_finite, describe
 from ..backbone import NO_BLOCK, PADDING, Decoder, KVCache, SequenceChunk, TokenLayout
+from ..backbone.decoding import check_compile
 from ..guidance import check_cfg_scale
 from ..objectives.base import ContinuousObjective
 from ..sampling import check_sampling_options, sample_from_logits
@@ -57,7 +60,7 @@ class SamplingModel(Protocol):
 
     def prompt_sequence(self, items: Sequence, *, drop_text: bool, sos: bool) -> SampleSequence: ...
     def pack_prompts(self, sequences: Sequence[SampleSequence]) -> PackedBatch: ...
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache: ...
+    def new_cache(self, batch_size: int, max_length: int, **options) -> KVCache: ...  # options: static, compiled
     def run_backbone(self, token_ids: Tensor, positions: Tensor, layout: TokenLayout, latents: List[LatentRun],
                      token_times: Tensor, **backbone_kwargs) -> Tensor: ...
     def to_text_logits(self, hidden: Tensor) -> Tensor: ...
@@ -137,9 +140,10 @@ class Sampler:
                  return_unprocessed_modalities: bool = False, use_cache: bool = True, progress: bool = True,
                  generator: GeneratorLike = None, text_only: bool = False, objective_kwargs: Optional[dict] = None,
                  max_length_counts: LengthBudget = LengthBudget.TOTAL, keep_structure_tokens: bool = False,
-                 init_modality_noise: Optional[Tensor] = None):
+                 init_modality_noise: Optional[Tensor] = None, compile: bool = False):
         """Every option is checked here, before any prompt is encoded or run."""
         check(max_length > 0, f"`max_length` must be positive, got {max_length}")
+        check_compile(compile, use_cache)
         self.budget = as_enum(LengthBudget, max_length_counts, "max_length_counts")
         check(isinstance(keep_structure_tokens, bool),
               f"`keep_structure_tokens` must be a bool, got {describe(keep_structure_tokens)}")
@@ -158,6 +162,7 @@ class Sampler:
         self.fixed_shape = tuple(fixed_modality_shape) if fixed_modality_shape is not None else None
         self.max_modalities, self.unprocessed = max_modalities, return_unprocessed_modalities
         self.use_cache, self.progress, self.generator, self.text_only = use_cache, progress, generator, text_only
+        self.compile = compile
         self.objective_kwargs = dict(objective_kwargs or {})
         self.keep_structure, self.init_noise = keep_structure_tokens, init_modality_noise
         self.names: Optional[Sequence[str]] = None  # how the caller calls each prompt in errors
@@ -220,7 +225,8 @@ class Sampler:
                       [LatentRun(g.modality, g.flat_index, g.tokens, g.coords) for g in packed.groups],
                       torch.full(packed.shape, model.objective.clean_time, device=model.device))
         self.decoder = Decoder(self.run, new_cache=model.new_cache, rows=len(sequences),
-                               max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache)
+                               max_length=packed.shape[1] + self.max_length + 8, use_cache=self.use_cache,
+                               compile=self.compile)
         return self.decoder.write(chunk)[:, -1]
 
     def name_of(self, index: int) -> str:
