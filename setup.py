@@ -42,9 +42,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": [*EXAMPLES, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
+        "test": [*EXAMPLES, *HUB, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
+        "hub": HUB,
         "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },
     keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],

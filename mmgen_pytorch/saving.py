@@ -8,7 +8,8 @@ frozen VAE, a tokenizer, an objective instance, a callable) are listed in ``conf
 ``Transformer`` instance, a ``CaptionEncoder``) is saved as its own config.
 
 This module imports no upstream key maps, so the backbone can be checkpointable without them; training
-state (optimizer, RNG, EMA) is :mod:`mmgen_pytorch.checkpoint`.
+state (optimizer, RNG, EMA) is :mod:`mmgen_pytorch.checkpoint`; the Hub conventions over the same folder
+are :mod:`mmgen_pytorch.hub`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class Configurable:
 
 
 class Checkpointable(Configurable):
-    """Mixin for ``nn.Module`` models: ``model.save(path)`` and ``Model.load(path, **overrides)``."""
+    """Mixin for ``nn.Module`` models: ``model.save(path)`` and ``Model.load(path, **overrides)``, and the
+    Hugging Face Hub conventions on the same folder: ``save_pretrained``, ``from_pretrained`` (a folder or a
+    Hub repo id), ``push_to_hub`` (:mod:`mmgen_pytorch.hub`)."""
 
     @classmethod
     def upgraded_arguments(cls, arguments: Dict[str, Any]) -> Dict[str, Any]:
@@ -101,6 +104,39 @@ class Checkpointable(Configurable):
             model.to(_saved_dtype(record["dtype"]))
         load_weights(model, folder / WEIGHTS_FILE)
         return model.to(map_location).eval()
+
+    # Hugging Face Hub conventions (mmgen_pytorch.hub; huggingface_hub is optional and imported lazily)
+
+    def save_pretrained(self, save_directory: PathLike, *, push_to_hub: bool = False, repo_id: Optional[str] = None,
+                        model_card_kwargs: Optional[Dict[str, Any]] = None, **push_to_hub_kwargs) -> Optional[str]:
+        """:meth:`save` into ``save_directory`` plus a model card (``README.md``) through huggingface_hub's
+        ``ModelHubMixin``; ``push_to_hub=True`` then uploads it to ``repo_id`` (default: the folder's name).
+        Without huggingface_hub installed: :meth:`save` alone. Returns the commit URL of a push, else None."""
+        from .hub import save_pretrained
+        return save_pretrained(self, save_directory, push_to_hub=push_to_hub, repo_id=repo_id,
+                               model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Upload the :meth:`save_pretrained` folder to the Hub repo ``repo_id`` (created if absent) in one
+        commit; ``options`` are ``ModelHubMixin.push_to_hub``'s (``commit_message``, ``private``, ``token``,
+        ``branch``, ``create_pr``, ...). Returns the commit URL. Needs ``pip install mmgen-pytorch[hub]``."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, **options)
+
+    @classmethod
+    def from_pretrained(cls: Type[M], pretrained_model_name_or_path: Union[str, os.PathLike], *,
+                        revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+                        force_download: bool = False, token: Union[str, bool, None] = None,
+                        local_files_only: bool = False, map_location: Union[str, torch.device] = "cpu",
+                        **overrides) -> M:
+        """:meth:`load` of a local folder; otherwise ``pretrained_model_name_or_path`` is a Hub repo id
+        (``"namespace/name"``) whose ``config.json`` and ``model.safetensors`` are downloaded at ``revision``
+        (cached; ``cache_dir``, ``force_download``, ``token``, ``local_files_only`` as in huggingface_hub) and
+        loaded the same way. ``overrides`` are :meth:`load`'s (the ``"required"`` arguments among them)."""
+        from .hub import from_pretrained
+        return from_pretrained(cls, pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                               force_download=force_download, token=token, local_files_only=local_files_only,
+                               map_location=map_location, **overrides)
 
 
 def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu", **overrides) -> nn.Module:
