@@ -25,6 +25,13 @@ def test_backbone_imports_neither_training_state_nor_upstream_key_maps():
     assert not [name for name in out if "checkpoint" in name or "pretrained" in name], out
 
 
+def test_huggingface_hub_is_imported_only_by_a_hub_call():
+    """An optional dependency (the `hub` extra): importing the package, and every model class, must not need it."""
+    code = "import sys, mmgen_pytorch; print('huggingface_hub' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.split() == ["False"]
+
+
 def test_objective_interface_is_exported_from_the_top_level():
     import mmgen_pytorch
     from mmgen_pytorch import ContinuousObjective, GaussianObjective, RectifiedFlow
