@@ -12,6 +12,7 @@ and imported only by a call that needs it: local folders save and load without i
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 from pathlib import Path
@@ -58,7 +59,7 @@ def huggingface_hub(purpose: str):
 
 def _hub_available() -> bool:
     try:
-        import huggingface_hub as _  # noqa: F401
+        importlib.import_module("huggingface_hub")
     except ImportError:
         return False
     return True

@@ -1,7 +1,6 @@
 """Hugging Face Hub conventions: save_pretrained / from_pretrained / push_to_hub over the folders `save` writes,
 offline (the Hub download and upload calls are replaced by fakes that read or write local folders)."""
 
-import json
 import sys
 from types import SimpleNamespace
 
