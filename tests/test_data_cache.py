@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from mmgen_pytorch.data.cache import CachedDataset, cache_dataset, sample_latent, shard_name, ten_crops
+from mmgen_pytorch.files import CheckpointFileError
 from mmgen_pytorch.tokenizers import RQVAE, VQVAE, AutoencoderKL, KLConfig, RQConfig, VQConfig
 
 from _helpers import assert_close_f32
@@ -215,8 +216,13 @@ def test_a_truncated_shard_under_its_final_name_is_refused_by_name(tmp_path):
     cache_dataset(Images(), tokenizer("vq"), tmp_path, batch_size=2, shard_size=2, progress=False)
     shard = tmp_path / shard_name(2)
     shard.write_bytes(shard.read_bytes()[:-3])
-    with pytest.raises(Exception, match="shard-00002.safetensors.*truncated"):
+    with pytest.raises(CheckpointFileError, match="shard-00002.safetensors.*truncated"):
         CachedDataset(tmp_path)
+    model = tokenizer("vq")
+    calls = count_encoder_calls(model, "vq")
+    with pytest.warns(UserWarning, match="shard-00002.safetensors.*encoding it again"):
+        cache_dataset(Images(), model, tmp_path, batch_size=2, shard_size=2, progress=False)
+    assert calls == [2] and len(CachedDataset(tmp_path)) == 5
 
 
 def test_bad_arguments_are_refused_before_encoding(tmp_path):

@@ -196,6 +196,10 @@ def _shard_rows(index: int, length: int, shard_size: int) -> range:
     return range(index * shard_size, min((index + 1) * shard_size, length))
 
 
+def _shard_length(index: int, manifest: Mapping) -> int:
+    return len(_shard_rows(index, manifest["dataset_length"], manifest["shard_size"]))
+
+
 def _shard_is_complete(path: Path, field: str, rows: int) -> bool:
     """A shard under its final name that holds ``rows`` items; a damaged one is reported and redone."""
     if not path.exists():
@@ -258,15 +262,15 @@ def cache_dataset(dataset: Dataset, tokenizer: nn.Module, out_dir: PathLike, *, 
     fields = _check_first_item(dataset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_count = -(-length // shard_size)
     from .. import __version__
     manifest = {"format": "mmgen_pytorch.data.cache", "version": FORMAT_VERSION, "library_version": __version__,
                 "tokenizer": tokenizer_record(tokenizer), "kind": kind, "field": field,
                 "views": view_names(flip=flip, ten_crop=ten_crop), "crop_range": crop_range if ten_crop else None,
-                "fields": fields, "dataset_length": length, "shard_size": shard_size, "shard_count": shard_count}
+                "fields": fields, "dataset_length": length, "shard_size": shard_size,
+                "shard_count": -(-length // shard_size)}
     _write_manifest(out_dir, manifest, rank)
-    pending = [index for index in range(rank, shard_count, world_size)
-               if not _shard_is_complete(out_dir / shard_name(index), field, len(_shard_rows(index, length, shard_size)))]
+    pending = [index for index in range(rank, manifest["shard_count"], world_size)
+               if not _shard_is_complete(out_dir / shard_name(index), field, _shard_length(index, manifest))]
     _encode_shards(dataset, tokenizer, out_dir, pending, fields, manifest, batch_size=batch_size,
                    num_workers=num_workers, progress=progress, rank=rank, world_size=world_size)
     return out_dir
@@ -280,27 +284,26 @@ def _encode_shards(dataset: Dataset, tokenizer: nn.Module, out_dir: Path, shards
     batches = [list(rows[start:start + batch_size]) for index in shards
                for rows in [_shard_rows(index, length, shard_size)] for start in range(0, len(rows), batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(fields))
-    flip, ten_crop = manifest["views"][-1].startswith("flipped"), manifest["crop_range"] is not None
-    total = sum(len(batch) for batch in batches)
     description = "caching" if world_size == 1 else f"caching (rank {rank} of {world_size})"
     parts: List[Dict[str, Tensor]] = []
     remaining = list(shards)
-    with tqdm(total=total, disable=not progress, desc=description, unit="image") as bar:
+    with tqdm(total=sum(map(len, batches)), disable=not progress, desc=description, unit="image") as bar:
         for batch in loader:
-            images = batch.pop("image").to(_device(tokenizer))
-            views = image_views(images, flip=flip, ten_crop=ten_crop, crop_range=manifest["crop_range"] or CROP_RANGE)
-            encoded = encode_images(tokenizer, views.flatten(0, 1))
-            if manifest["kind"] != "kl":
-                encoded = encoded.to(code_dtype(tokenizer))
-            parts.append({manifest["field"]: encoded.unflatten(0, views.shape[:2]), **batch})
+            images = batch.pop("image")
+            parts.append({manifest["field"]: _encoded_views(tokenizer, images, manifest), **batch})
             bar.update(len(images))
-            if sum(len(part["label"]) for part in parts) == len(_shard_rows(remaining[0], length, shard_size)):
+            if sum(len(part["label"]) for part in parts) == _shard_length(remaining[0], manifest):
                 _write_shard(out_dir, remaining.pop(0), parts, manifest)
                 parts = []
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def _encoded_views(tokenizer: nn.Module, images: Tensor, manifest: Mapping) -> Tensor:
+    """``[b, views, ...]``: every view of every image, encoded in one tokenizer call on its device."""
+    flip, crop_range = manifest["views"][-1].startswith("flipped"), manifest["crop_range"]
+    views = image_views(images.to(next(tokenizer.parameters()).device), flip=flip, ten_crop=crop_range is not None,
+                        crop_range=crop_range or CROP_RANGE)
+    encoded = encode_images(tokenizer, views.flatten(0, 1))
+    return (encoded if manifest["kind"] == "kl" else encoded.to(code_dtype(tokenizer))).unflatten(0, views.shape[:2])
 
 
 def _write_shard(out_dir: Path, index: int, parts: Sequence[Mapping[str, Tensor]], manifest: Mapping) -> None:
@@ -368,7 +371,7 @@ class CachedDataset(Dataset):
 
     def _check_shard(self, index: int, path: Path) -> None:
         checkpoint_format(path, expected="safetensors")
-        rows = len(_shard_rows(index, self.manifest["dataset_length"], self.manifest["shard_size"]))
+        rows = _shard_length(index, self.manifest)
         names = [self.manifest["field"], *self.manifest["fields"]]
         with safe_open(str(path), "pt") as handle:
             shapes = {name: handle.get_slice(name).get_shape() for name in names if name in handle.keys()}
