@@ -45,6 +45,7 @@ setup(
         "test": [*EXAMPLES, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
+        "data": ["Pillow"],  # mmgen_pytorch.data reads images with it (imported on first use)
         "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },
     keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],
