@@ -46,6 +46,7 @@ setup(
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
         "hub": HUB,
+        "data": ["Pillow"],  # mmgen_pytorch.data reads images with it (imported on first use)
         "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },
     keywords=["artificial intelligence", "deep learning", "transformers", "multimodal", "diffusion", "flow matching"],

@@ -179,3 +179,12 @@ def pick_alias(name: str, value: Any, alias: str, alias_value: Any, fallback: An
     check(value is None or alias_value is None or value == alias_value,
           f"`{name}` ({value!r}) and its alias `{alias}` ({alias_value!r}) disagree: give one of them")
     return default(value, default(alias_value, fallback))
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """A count or size option (a resolution, a length) as a Python int ``>= 1``: TypeError naming ``name``
+    for anything but an int (bools refused), ValueError for zero or below."""
+    number = as_int(value)
+    check(number is not None, f"`{name}` must be a positive int, got {describe(value)}", error=TypeError)
+    check(number >= 1, f"`{name}` must be a positive int, got {number}")
+    return number
