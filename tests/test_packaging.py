@@ -57,8 +57,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     expose_dependencies(env)
     python = str(env / ("Scripts" if sys.platform == "win32" else "bin") / "python")
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
-    where = run(python, "-c", "import mmgen_pytorch, sys; print(mmgen_pytorch.__file__, mmgen_pytorch.__version__,"
-                              " 'Transfusion' in dir(mmgen_pytorch))", cwd=tmp_path)
+    where = run(python, "-c", "import mmgen_pytorch, mmgen_pytorch.data, sys; print(mmgen_pytorch.__file__,"
+                              " mmgen_pytorch.__version__, 'Transfusion' in dir(mmgen_pytorch))", cwd=tmp_path)
     path, version, exported = where.split()
     assert Path(path).is_relative_to(env) and version == "0.1.0" and exported == "True"
     script = ("import re; from importlib.metadata import requires; "
