@@ -13,9 +13,10 @@ running the compiled kernel:
                rounded up to multiples of 128 (inputs padded, padding masked out).
 
 Each variant runs in a fresh subprocess (no compiled kernel survives between variants) that makes every
-call once (``first pass s``: compiles included), then times a second pass over the same lengths
-(``steady pass s``: no compiles). ``graphs`` is dynamo's ``unique_graphs``; ``fallbacks`` counts
-calls that ran the unfused kernel (dynamo gave up on recompiling). Ratios are against ``buckets``.
+call once (``first pass s``: cold compiles included, inductor's on-disk caches disabled), then times a second pass over the same lengths
+(``steady pass s``: no compiles). ``shapes``: distinct input shapes; ``compiled kernels``: the compiled
+entries dynamo holds for ``flex_attention`` afterwards; the shapes without one ran torch's unfused
+fallback (dynamo stops compiling a function past its recompile limit). Ratios are against ``buckets``.
 
     python benchmarks/bench_flex_buckets.py [--calls 20] [--markdown benchmarks/results_flex_buckets.md]
 """
@@ -26,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,18 +61,17 @@ def worker(config: dict) -> dict:
         mask = create_block_mask(layout.mask_mod(), B=BATCH, H=None, Q_LEN=length, KV_LEN=length, device="cpu")
         return compiled(q, k, v, block_mask=mask)
 
-    fallbacks = 0
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with torch.no_grad():
         passes = []
         for _ in range(2):
             start = time.perf_counter()
             for length in lengths:
                 call(length)
             passes.append(time.perf_counter() - start)
-        fallbacks = sum("without torch.compile" in str(w.message) for w in caught)
-    return {"first": passes[0], "steady": passes[1], "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-            "fallbacks": fallbacks, "torch": torch.__version__}
+    shapes = {-(-n // 128) if variant == "buckets" else n for n in lengths}
+    kernels = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(flex_attention.__code__))
+    return {"first": passes[0], "steady": passes[1], "shapes": len(shapes), "kernels": kernels,
+            "torch": torch.__version__}
 
 
 def main() -> None:
@@ -93,7 +92,9 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
+    import os
     import random
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # cold compiles, as a fresh machine pays them
     draw = random.Random(0)
     lengths = [draw.randint(args.min_length, args.max_length) for _ in range(args.calls)]
     wall, load_before = time.perf_counter(), float(loadavg())
@@ -101,13 +102,14 @@ def main() -> None:
                                                                        threads=args.threads), args.timeout)
                for variant in VARIANTS}
     base = results["buckets"]
-    rows = ["| variant | graphs | fallbacks | first pass s | vs buckets | steady pass s | vs buckets |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| variant | shapes | compiled kernels | unfused shapes | first pass s | vs buckets | steady pass s | vs buckets |",
+            "|---|---|---|---|---|---|---|---|"]
     for variant, result in results.items():
         if "error" in result:
-            rows.append(f"| {variant} | error: {result['error']} | | | | | |")
+            rows.append(f"| {variant} | error: {result['error']} | | | | | | |")
             continue
-        rows.append(f"| {variant} | {result['graphs']} | {result['fallbacks']} | {result['first']:.1f} | "
+        rows.append(f"| {variant} | {result['shapes']} | {result['kernels']} | {result['shapes'] - result['kernels']} | "
+                    f"{result['first']:.1f} | "
                     f"{result['first'] / base['first']:.2f} | {result['steady']:.2f} | "
                     f"{result['steady'] / base['steady']:.2f} |")
     torch_version = next((r["torch"] for r in results.values() if "torch" in r), "?")
