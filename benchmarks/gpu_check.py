@@ -550,20 +550,18 @@ def compare_compiled_training(ctx: Context, backend: str, model: Transfusion, in
 
 def check_compiled_sampling(ctx: Context) -> None:
     sizes, device = ctx.sizes, ctx.device
-    name = "LlamaGen.generate(compile=True) == eager"
-    if has_compile_switch(LlamaGen.generate):
-        model = small_llamagen(sizes, device)
-        attempt(ctx, name, lambda: compare_codes(ctx, name, llamagen_codes(model, sizes, compile=True),
-                                                 llamagen_codes(model, sizes), GENERATION_TOL))
-    else:
-        ctx.recorder.check(name, None, note="n/a: generate has no compile switch")
-    name = "Transfusion.sample(compile=True) == eager"
-    if has_compile_switch(Transfusion.sample):
-        sampler = small_transfusion_sampler(sizes, device)
-        attempt(ctx, name, lambda: compare_samples(ctx, name, transfusion_samples(sampler, sizes, compile=True),
-                                                   transfusion_samples(sampler, sizes), GENERATION_TOL))
-    else:
-        ctx.recorder.check(name, None, note="n/a: sample has no compile switch")
+    cases = (("LlamaGen.generate", lambda: small_llamagen(sizes, device), llamagen_codes, compare_codes),
+             ("Transfusion.sample", lambda: small_transfusion_sampler(sizes, device), transfusion_samples,
+              compare_samples))
+    for method, build, run, compare in cases:
+        name = f"{method}(compile=True) == eager"
+        cls, function = method.split(".")
+        if not has_compile_switch(getattr({"LlamaGen": LlamaGen, "Transfusion": Transfusion}[cls], function)):
+            ctx.recorder.check(name, None, note=f"n/a: {function} has no compile switch")
+            continue
+        model = build()
+        attempt(ctx, name, lambda: compare(ctx, name, run(model, sizes, compile=True), run(model, sizes),
+                                           GENERATION_TOL))
 
 
 # (b) measurements: the Transfusion-B training step
