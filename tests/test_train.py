@@ -173,7 +173,7 @@ def test_two_processes_give_the_one_process_loss_curve(data, tmp_path):
                "--sample.num", "1"]
     single = run("tiny-llamagen", tmp_path / "one", *options)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "mmgen_pytorch.train", "tiny-llamagen", "--train.output_dir", str(tmp_path / "two"), *options]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
