@@ -17,6 +17,9 @@ def read_version() -> str:
 # what examples/ imports beside the library (ema-pytorch: the digits job's EMA; the library itself only
 # saves an EMA it is given); the tests run the examples, the notebook extra adds a Jupyter to run the quick start
 EXAMPLES = ["ema-pytorch", "numpy", "Pillow", "scikit-learn", "scipy"]
+HUB = ["huggingface_hub"]  # save_pretrained / from_pretrained / push_to_hub (imported on first use)
+# python -m mmgen_pytorch.train: Accelerate runs the loop, YAML configs, ema-pytorch's EMA, Pillow's images / grids
+TRAIN = ["accelerate", "pyyaml", "ema-pytorch", "Pillow"]
 
 readme = HERE / "README.md"
 long_description = readme.read_text(encoding="utf-8") if readme.exists() else ""
@@ -29,6 +32,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(exclude=["tests*", "benchmarks*", "examples*"]),
+    package_data={"mmgen_pytorch": ["configs/*.yaml"]},  # the named training configs
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.12",
@@ -42,10 +46,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": [*EXAMPLES, *HUB, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
+        "test": [*EXAMPLES, *HUB, *TRAIN, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
         "hub": HUB,
+        "train": TRAIN,
         "data": ["Pillow"],  # mmgen_pytorch.data reads images with it (imported on first use)
         "notebook": [*EXAMPLES, "notebook", "ipywidgets"],
     },

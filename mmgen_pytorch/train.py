@@ -1,0 +1,359 @@
+"""Train any of the five models on your own images: one entry point on Hugging Face Accelerate.
+
+    python -m mmgen_pytorch.train CONFIG [--section.key value ...] [--resume]
+    accelerate launch -m mmgen_pytorch.train CONFIG                  # GPUs, as `accelerate config` chose
+    torchrun --nproc_per_node 2 -m mmgen_pytorch.train CONFIG        # CPU (gloo) or GPUs
+
+CONFIG is a YAML / JSON file or a shipped config name (``python -m mmgen_pytorch.train --list``); see
+:mod:`mmgen_pytorch.training.config` for the keys. ``data.batch_size`` is the global batch per optimizer
+step: each process takes ``batch_size / (grad_accum * processes)`` items per micro-step, the same items
+whatever the number of processes, so runs on 1 and N processes see the same batches.
+
+Outputs in ``train.output_dir``: ``config.yaml`` (the resolved config), ``checkpoints/step-XXXXXXX/``
+(:func:`~mmgen_pytorch.checkpoint.save_training_state`: model, EMA, optimizer, scheduler, grad scaler, step,
+RNG states, plus one RNG file per process), ``samples/step-XXXXXXX.png`` (grids from the EMA model),
+``log.jsonl`` (step, loss, lr) and TensorBoard event files when TensorBoard is installed. ``--resume``
+continues from the latest checkpoint: on one process with ``data.num_workers: 0`` the resumed run is
+bit-identical to an uninterrupted one (same batches, same random draws, same weights). With workers, the
+augmentation draws after a resume come from new worker seeds (still seeded, not the same).
+
+Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .training.config import Config, ConfigError, check_world_size, load_config, shipped_configs
+from .training.recipes import LOSSES, build_dataset, build_model, draw_samples, load_tokenizer, save_grid
+
+CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
+
+
+# the data stream: global batches in a seeded order, each process its slice, resumable at any step
+
+
+class StepBatchSampler(Sampler):
+    """Batches of indices for micro-steps ``start .. total - 1``: epoch ``e`` is a permutation drawn from a
+    generator seeded with ``seed + e``, cut into global micro-batches of ``global_batch`` (the last partial
+    one dropped); this process takes rows ``[rank * b, (rank + 1) * b)`` of each (``b = global_batch / world``).
+    The order depends only on the seed and the micro-step, so a resumed run continues it exactly."""
+
+    def __init__(self, length: int, *, global_batch: int, seed: int, rank: int, world: int, start: int, total: int):
+        if length < global_batch:
+            raise ValueError(f"the dataset has {length} items, fewer than one global micro-batch ({global_batch})")
+        self.length, self.global_batch, self.seed = length, global_batch, seed
+        self.rank, self.per_rank, self.start, self.total = rank, global_batch // world, start, total
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        per_epoch = self.length // self.global_batch
+        order, epoch = None, None
+        for step in range(self.start, self.total):
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+            first = (step % per_epoch) * self.global_batch + self.rank * self.per_rank
+            yield order[first:first + self.per_rank].tolist()
+
+
+def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool) -> List[dict]:
+    """Weight decay on matrices only (biases, norms, embeddings' 1-D vectors excluded) unless ``decay_1d``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_1d or weight_decay == 0:
+        return [dict(params=params, weight_decay=weight_decay)]
+    return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+
+
+def collate(items: Sequence[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+
+
+# checkpoints
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:07d}"
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    from .checkpoint import TRAINING_STATE_FILE
+
+    found = sorted(path for path in (output_dir / CHECKPOINTS).glob("step-*") if (path / TRAINING_STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank{rank:05d}.pt"
+
+
+@dataclass
+class State:
+    """What a training run holds."""
+    accelerator: Any
+    model: nn.Module            # prepared (DDP-wrapped)
+    inner: nn.Module            # unwrapped
+    optimizer: Any              # prepared
+    scheduler: Any
+    ema: Any
+    tokenizer: Optional[nn.Module]
+
+
+def save_checkpoint(state: State, output_dir: Path, step: int) -> None:
+    from .checkpoint import get_rng_states, save_training_state
+
+    accelerator, folder = state.accelerator, checkpoint_dir(output_dir, step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_training_state(folder, model=state.inner, optimizer=state.optimizer.optimizer, step=step, ema=state.ema,
+                            scheduler=state.scheduler, grad_scaler=accelerator.scaler)
+    accelerator.wait_for_everyone()
+    torch.save(get_rng_states(), rng_file(folder, accelerator.process_index))
+    accelerator.wait_for_everyone()
+
+
+def resume(state: State, folder: Path) -> int:
+    """The step to continue from; every process restores its own RNG states."""
+    from .checkpoint import load_training_state, set_rng_states
+    from .files import read_tensor_file
+
+    step = load_training_state(folder, model=state.inner, optimizer=state.optimizer.optimizer, ema=state.ema,
+                               scheduler=state.scheduler, grad_scaler=state.accelerator.scaler, restore_rng=False)
+    set_rng_states(read_tensor_file(rng_file(folder, state.accelerator.process_index), expected="torch"))
+    return step
+
+
+# the loop
+
+
+def make_accelerator(config: Config):
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+    except ImportError:
+        raise SystemExit("mmgen_pytorch.train needs Hugging Face Accelerate: pip install mmgen-pytorch[train]") from None
+    tracker = config.train.tracker
+    if tracker == "auto":
+        from importlib.util import find_spec
+
+        tracker = "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else "none"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.train.grad_accum,
+                              mixed_precision=config.train.mixed_precision, kwargs_handlers=handlers,
+                              log_with=None if tracker == "none" else tracker, project_dir=config.train.output_dir)
+    return accelerator, tracker
+
+
+def make_ema(config: Config, model: nn.Module):
+    if config.optim.ema_beta is None:
+        return None
+    from ema_pytorch import EMA
+
+    # a constant beta from `ema_start` on (upstream MAR, DiT, MonoFormer): no warm-up ramp
+    return EMA(model, beta=config.optim.ema_beta, update_after_step=config.optim.ema_start, update_every=1,
+               inv_gamma=1e-12, include_online_model=False)
+
+
+def build(config: Config, accelerator) -> State:
+    torch.manual_seed(config.train.seed)  # the same initial weights on every process
+    tokenizer = load_tokenizer(config)
+    model = build_model(config, tokenizer)
+    if tokenizer is not None:
+        tokenizer.to(accelerator.device)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.decay_1d), lr=optim.lr,
+                                  betas=optim.betas)
+    schedule = lambda step: learning_rate_factor(step, warmup=optim.warmup_steps, total=config.train.steps,
+                                                 schedule=optim.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = make_ema(config, model)
+    prepared, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step here
+    if ema is not None:
+        ema.to(accelerator.device)
+    return State(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, ema, tokenizer)
+
+
+def run(config: Config, *, resume_run: bool = False) -> List[float]:
+    """Train as ``config`` says; returns the logged losses (every ``log_every`` steps, mean over processes)."""
+    accelerator, tracker = make_accelerator(config)
+    micro_batch = check_world_size(config, accelerator.num_processes)
+    output_dir = Path(config.train.output_dir)
+    state = build(config, accelerator)
+    dataset = build_dataset(config, state.tokenizer)
+    start = 0
+    if resume_run:
+        folder = latest_checkpoint(output_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
+        start = resume(state, folder)
+        accelerator.print(f"resumed from {folder} at step {start}")
+    else:
+        torch.manual_seed(config.train.seed + accelerator.process_index)  # each process its own draws
+    if accelerator.is_main_process:
+        write_config(config, output_dir, tracker)
+    if tracker != "none":
+        accelerator.init_trackers("mmgen_pytorch", config=flat_config(config))
+    sampler = StepBatchSampler(len(dataset), global_batch=micro_batch * accelerator.num_processes,
+                               seed=config.train.seed, rank=accelerator.process_index,
+                               world=accelerator.num_processes, start=start * config.train.grad_accum,
+                               total=config.train.steps * config.train.grad_accum)
+    # the loader draws its workers' base seed from its own generator, not from the global RNG whose
+    # state a resume restores (and per process and start step, so workers differ between them)
+    seeds = torch.Generator().manual_seed(config.train.seed * 1_000_003 + start * 1009 + accelerator.process_index)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers, collate_fn=collate,
+                        generator=seeds)
+    count = sum(p.numel() for p in state.inner.parameters())
+    accelerator.print(f"{config.model.name}: {count / 1e6:.2f}M parameters, {len(dataset)} items, "
+                      f"{accelerator.num_processes} process(es) x {micro_batch} x {config.train.grad_accum} "
+                      f"accumulation per step on {accelerator.device}, tracker: {tracker}")
+    try:
+        return train_loop(config, state, loader, start, output_dir, num_classes(config, dataset))
+    finally:
+        accelerator.end_training()
+
+
+def train_loop(config: Config, state: State, loader: DataLoader, start: int, output_dir: Path,
+               classes: Optional[int]) -> List[float]:
+    from tqdm.auto import tqdm
+
+    accelerator, train = state.accelerator, config.train
+    loss_fn = LOSSES[config.model.name]
+    losses, logged, step = [], [], start
+    bar = tqdm(total=train.steps, initial=start, disable=not (train.progress and accelerator.is_main_process),
+               desc="train", unit="step")
+    state.model.train()
+    for batch in loader:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.accumulate(state.model):
+            loss = loss_fn(state.model, state.inner, batch, state.tokenizer)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.optim.grad_clip is not None:
+                accelerator.clip_grad_norm_(state.model.parameters(), config.optim.grad_clip)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        lr = state.scheduler.get_last_lr()[0]  # the rate this step used
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update()
+        step += 1
+        bar.update(1)
+        if step % train.log_every == 0 or step == train.steps:
+            logged.append(log_step(accelerator, output_dir, step, torch.stack(losses).mean(), lr))
+            bar.set_postfix(loss=f"{logged[-1]:.4f}")
+        losses = []
+        if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
+            save_checkpoint(state, output_dir, step)
+        if (train.sample_every and step % train.sample_every == 0) or step == train.steps:
+            sample_grid(config, state, output_dir, step, classes)
+    bar.close()
+    return logged
+
+
+def log_step(accelerator, output_dir: Path, step: int, loss: torch.Tensor, lr: float) -> float:
+    value = accelerator.reduce(loss, reduction="mean").item()
+    if accelerator.is_main_process:
+        with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps(dict(step=step, loss=value, lr=lr)) + "\n")
+        accelerator.log(dict(loss=value, lr=lr), step=step)
+        print(f"step {step} loss {value:.6f} lr {lr:.3g}", flush=True)
+    return value
+
+
+def sample_grid(config: Config, state: State, output_dir: Path, step: int, classes: Optional[int]) -> None:
+    """A PNG grid from the EMA model (the model itself without EMA), drawn on the main process with its own
+    seeded generator, so the training RNG streams are untouched."""
+    accelerator = state.accelerator
+    if accelerator.is_main_process:
+        model = state.inner if state.ema is None else state.ema.ema_model
+        training = model.training
+        model.eval()
+        try:
+            images = draw_samples(config, model, state.tokenizer, classes)
+        finally:
+            model.train(training)
+        if images is None:
+            accelerator.print(f"step {step}: no sample grid ({config.model.name} needs a tokenizer / class "
+                              f"labels to draw one)")
+        else:
+            path = output_dir / SAMPLES / f"step-{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(images, path)
+    accelerator.wait_for_everyone()
+
+
+def num_classes(config: Config, dataset) -> Optional[int]:
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else config.model.kwargs.get("num_classes")
+
+
+def flat_config(config: Config) -> dict:
+    """Scalars only (what trackers store), keys ``section.key``."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def write_config(config: Config, output_dir: Path, tracker: str) -> None:
+    import yaml
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps(config.to_dict()))  # tuples -> lists
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+# command line
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="a YAML / JSON file or a shipped config name")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    args, overrides = parser.parse_known_args(argv)
+    if not args.list and args.config is None:
+        parser.error("give a CONFIG (a file or one of: " + ", ".join(shipped_configs()) + ")")
+    return args, overrides
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[float]:
+    args, overrides = parse_args(argv)
+    if args.list:
+        print("\n".join(shipped_configs()))
+        return []
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+    return run(config, resume_run=args.resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,234 @@
+"""What differs between the five models in training: how the model and its tokenizer are built, how a
+batch of dataset items becomes the model's loss, and how a grid of samples is drawn.
+
+A batch is a dict of the dataset items' fields, stacked: ``image`` (``[b, 3, R, R]`` in [-1, 1]) from an
+image dataset, ``moments`` (KL) or ``codes`` (VQ / RQ) from a cache, ``label`` (-1: none) and optionally
+``caption_ids`` / ``caption_mask``.
+
+- MAR: KL latents ``sample_latent(moments) * vae_scale`` (cached moments, or the frozen tokenizer's
+  posterior of the images), class labels (unconditional when every label is -1).
+- LlamaGen / DnDTransformer: VQ codes ``[b, h, w]`` / RQ codes ``[b, h, w, D]`` (cached, or encoded by the
+  frozen tokenizer); class labels (c2i) or caption ids through the model's ``caption_encoder`` (t2i).
+- Transfusion / MonoFormer: one sample per image, ``[text, latent]``: the text is the caption ids (their
+  valid part) or, without captions, the class label as a one-token text (none when -1); the latent is the
+  KL tokenizer's (scaled by its ``scale_factor``) or the image itself, channel-last for Transfusion and
+  channel-first for MonoFormer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data import sample_latent
+from .config import NEEDS_TOKENIZER, Config, ConfigError, model_presets
+
+Batch = Dict[str, Tensor]
+
+
+def byte_tokenizer(text: str) -> List[int]:
+    """Caption text -> ids: UTF-8 bytes shifted by one (0 is padding); 257 ids."""
+    return [byte + 1 for byte in text.encode("utf-8")]
+
+
+# building
+
+
+def load_tokenizer(config: Config) -> Optional[nn.Module]:
+    """The frozen tokenizer of ``config.tokenizer`` (None when none is given), in eval mode."""
+    from ..saving import load_model
+    from ..tokenizers import RQVAE, VQVAE, AutoencoderKL
+
+    spec = config.tokenizer
+    classes = {"kl": AutoencoderKL, "vq": VQVAE, "rq": RQVAE}
+    if spec.path is not None:
+        tokenizer = load_model(spec.path)
+    elif spec.from_official is not None:
+        tokenizer = classes[spec.kind].from_official(spec.from_official, config=spec.official_config)
+    else:
+        return None
+    needed = NEEDS_TOKENIZER.get(config.model.name)
+    if needed is not None and not isinstance(tokenizer, classes[needed]):
+        raise ConfigError(f"`tokenizer`: {config.model.name} needs a {classes[needed].__name__}, got "
+                          f"{type(tokenizer).__name__}")
+    return tokenizer.eval().requires_grad_(False)
+
+
+def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
+    """``model.name`` from its preset and kwargs; a constructor's refusal becomes a ConfigError naming it."""
+    import mmgen_pytorch
+
+    spec = config.model
+    cls = getattr(mmgen_pytorch, spec.name)
+    kwargs = dict(spec.kwargs)
+    if isinstance(kwargs.get("caption_encoder"), dict):
+        kwargs["caption_encoder"] = mmgen_pytorch.CaptionEncoder(**kwargs["caption_encoder"])
+    if spec.name == "MAR" and tokenizer is not None:
+        kwargs.setdefault("vae_scale", tokenizer.scale_factor)
+    try:
+        if spec.preset is None:
+            return cls(**kwargs)
+        if hasattr(cls, "from_preset"):
+            return cls.from_preset(spec.preset, **kwargs)
+        return cls(**{**model_presets(spec.name)[spec.preset], **kwargs})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"`model` ({spec.name}, preset {spec.preset}, kwargs {sorted(spec.kwargs)}): {error}") from error
+
+
+def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
+    from ..data import CachedDataset, HFImageDataset, ImageFolderDataset
+
+    data = config.data
+    if data.cache is not None:
+        return CachedDataset(data.cache, tokenizer=tokenizer, flip=data.random_flip)
+    captions = dict(tokenizer=byte_tokenizer, max_caption_length=data.max_caption_length) if data.captions else {}
+    if data.folder is not None:
+        return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
+                                  captions=data.captions, **captions)
+    return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
+                          random_flip=data.random_flip)
+
+
+def _hf_dataset(name: str, split: str):
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("`data.hf` needs Hugging Face datasets: pip install datasets") from error
+    from pathlib import Path
+
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(name, split=split)
+
+
+# batches -> losses
+
+
+def _labels(batch: Batch) -> Optional[Tensor]:
+    labels = batch["label"]
+    return None if bool((labels < 0).all()) else labels
+
+
+@torch.no_grad()
+def kl_latents(batch: Batch, tokenizer: Optional[nn.Module], scale: float) -> Tensor:
+    """Scaled KL latents ``[b, c, h, w]``: drawn from cached moments or from the images' posterior."""
+    if "moments" in batch:
+        return sample_latent(batch["moments"], scale=scale)
+    return sample_latent(tokenizer.encode(batch["image"]).parameters.float(), scale=scale)
+
+
+@torch.no_grad()
+def codes(batch: Batch, tokenizer: Optional[nn.Module]) -> Tensor:
+    if "codes" in batch:
+        return batch["codes"]
+    images = batch["image"]
+    return tokenizer.encode_to_indices(images) if hasattr(tokenizer, "encode_to_indices") \
+        else tokenizer.encode_to_codes(images)
+
+
+def mar_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
+    return model(kl_latents(batch, tokenizer, inner.vae_scale), _labels(batch))
+
+
+def code_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
+    if inner.model_type == "t2i":
+        return model(codes(batch, tokenizer), caption_ids=batch["caption_ids"])
+    return model(codes(batch, tokenizer), class_labels=_labels(batch))
+
+
+def _texts(batch: Batch) -> List[Optional[Tensor]]:
+    if "caption_ids" in batch:
+        return [ids[mask] for ids, mask in zip(batch["caption_ids"], batch["caption_mask"].bool())]
+    return [None if label < 0 else label.view(1) for label in batch["label"]]
+
+
+def image_latents(batch: Batch, tokenizer: Optional[nn.Module]) -> Tensor:
+    """``[b, c, h, w]``: the KL tokenizer's scaled latents, or the images themselves."""
+    if "moments" in batch or tokenizer is not None:
+        return kl_latents(batch, tokenizer, getattr(tokenizer, "scale_factor", 1.0))
+    return batch["image"]
+
+
+def multimodal_samples(batch: Batch, tokenizer, channel_last: bool) -> List[list]:
+    latents = image_latents(batch, tokenizer)
+    latents = latents.permute(0, 2, 3, 1) if channel_last else latents
+    return [[latent] if text is None else [text, latent] for text, latent in zip(_texts(batch), latents)]
+
+
+def transfusion_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
+    return model(multimodal_samples(batch, tokenizer, channel_last=True))
+
+
+def monoformer_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
+    return model(multimodal_samples(batch, tokenizer, channel_last=False))
+
+
+LOSSES: Dict[str, Callable[..., Tensor]] = dict(MAR=mar_loss, LlamaGen=code_loss, DnDTransformer=code_loss,
+                                               Transfusion=transfusion_loss, MonoFormer=monoformer_loss)
+
+
+# sample grids
+
+
+def grid_labels(config: Config, num_classes: Optional[int]) -> Optional[List[int]]:
+    spec = config.sample
+    if spec.labels is not None:
+        return [spec.labels[i % len(spec.labels)] for i in range(spec.num)]
+    return None if not num_classes else [i % num_classes for i in range(spec.num)]
+
+
+@torch.no_grad()
+def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],
+                 num_classes: Optional[int]) -> Optional[Tensor]:
+    """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid."""
+    spec, name = config.sample, config.model.name
+    labels = grid_labels(config, num_classes)
+    options = dict(generator=spec.seed, progress=False)
+    device = next(model.parameters()).device
+    if name == "MAR":
+        if tokenizer is None:
+            return None
+        out = model.sample(labels, batch_size=None if labels else spec.num, num_iter=spec.steps or 64,
+                           cfg_scale=spec.cfg, temperature=spec.temperature, **options)
+        return _to_unit(tokenizer.decode(out.latents.to(device) / model.vae_scale))
+    if name in ("LlamaGen", "DnDTransformer"):
+        if tokenizer is None or model.model_type != "c2i":
+            return None
+        generated = model.generate(torch.tensor(labels or [0] * spec.num, device=device), cfg_scale=spec.cfg,
+                                   temperature=spec.temperature, **options)
+        return _to_unit(tokenizer.decode_code(generated))
+    if name == "MonoFormer":
+        prompts = [torch.tensor([label], device=device) if label is not None and label >= 0
+                   else torch.zeros(0, dtype=torch.long, device=device) for label in (labels or [None] * spec.num)]
+        latents = model.generate_images(prompts, cfg_scale=spec.cfg, steps=spec.steps or 20, **options)
+        return _decoded(latents, tokenizer)
+    latents = model.generate_modality_only(spec.num, modality_steps=spec.steps or 16, **options)
+    return _decoded(latents.permute(0, 3, 1, 2), tokenizer)
+
+
+def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Optional[Tensor]:
+    if tokenizer is not None:
+        return _to_unit(tokenizer.decode(latents / tokenizer.scale_factor))
+    return _to_unit(latents) if latents.shape[1] == 3 else None
+
+
+def _to_unit(images: Tensor) -> Tensor:
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:
+    """``images`` ``[n, 3, H, W]`` in [0, 1] tiled row-major into one PNG (Pillow)."""
+    from ..data.images import pil_image_module
+
+    count, _, height, width = images.shape
+    per_row = per_row or max(1, round(count ** 0.5))
+    rows = -(-count // per_row)
+    canvas = torch.zeros(3, rows * height, per_row * width)
+    for index, image in enumerate(images.cpu()):
+        row, col = divmod(index, per_row)
+        canvas[:, row * height:(row + 1) * height, col * width:(col + 1) * width] = image
+    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    pil_image_module().fromarray(pixels).save(path)
