@@ -17,7 +17,7 @@ def read_version() -> str:
 # what examples/ imports beside the library (ema-pytorch: the digits job's EMA; the library itself only
 # saves an EMA it is given); the tests run the examples, the notebook extra adds a Jupyter to run the quick start
 EXAMPLES = ["ema-pytorch", "numpy", "Pillow", "scikit-learn", "scipy"]
-HUB = ["huggingface_hub"]  # save_pretrained / from_pretrained / push_to_hub (imported on first use)
+HUB = ["huggingface_hub>=0.26"]  # save_pretrained / from_pretrained / push_to_hub (imported on first use)
 # python -m mmgen_pytorch.train: Accelerate runs the loop, YAML configs, ema-pytorch's EMA, Pillow's images / grids
 TRAIN = ["accelerate", "pyyaml", "ema-pytorch", "Pillow"]
 
