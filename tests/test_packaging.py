@@ -57,10 +57,12 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     expose_dependencies(env)
     python = str(env / ("Scripts" if sys.platform == "win32" else "bin") / "python")
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
-    where = run(python, "-c", "import mmgen_pytorch, mmgen_pytorch.data, sys; print(mmgen_pytorch.__file__,"
-                              " mmgen_pytorch.__version__, 'Transfusion' in dir(mmgen_pytorch))", cwd=tmp_path)
-    path, version, exported = where.split()
+    where = run(python, "-c", "import mmgen_pytorch, mmgen_pytorch.data, importlib.resources as r;"
+                              " print(mmgen_pytorch.__file__, mmgen_pytorch.__version__, 'Transfusion' in dir(mmgen_pytorch),"
+                              " r.files('mmgen_pytorch').joinpath('configs', 'mar-b.yaml').is_file())", cwd=tmp_path)
+    path, version, exported, configs = where.split()
     assert Path(path).is_relative_to(env) and version == "0.1.0" and exported == "True"
+    assert configs == "True"  # the named training configs ship in the wheel
     script = ("import re; from importlib.metadata import requires; "
               "print(*(re.match(r'[A-Za-z0-9_.-]+', r)[0] for r in requires('mmgen-pytorch') if 'extra ==' not in r))")
     install_requires = run(python, "-c", script, cwd=tmp_path).split()
