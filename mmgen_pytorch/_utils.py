@@ -181,10 +181,19 @@ def pick_alias(name: str, value: Any, alias: str, alias_value: Any, fallback: An
     return default(value, default(alias_value, fallback))
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """A count or size option (a resolution, a length) as a Python int ``>= 1``: TypeError naming ``name``
-    for anything but an int (bools refused), ValueError for zero or below."""
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """A count or size option (a resolution, a length) as a Python int ``>= minimum`` (default 1): TypeError
+    naming ``name`` for anything but an int (bools refused), ValueError below ``minimum``."""
     number = as_int(value)
-    check(number is not None, f"`{name}` must be a positive int, got {describe(value)}", error=TypeError)
-    check(number >= 1, f"`{name}` must be a positive int, got {number}")
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    check(number is not None, f"`{name}` must be {expected}, got {describe(value)}", error=TypeError)
+    check(number >= minimum, f"`{name}` must be {expected}, got {number}")
     return number
+
+
+@contextlib.contextmanager
+def recompile_limit_at_least(limit: int) -> Iterator[None]:
+    """Inside, dynamo compiles up to ``limit`` variants of one function (its default, 8, is a handful of
+    shapes) before it gives up: the compiled kernels and steps of this library set their own."""
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, limit)):
+        yield

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Type, Union
 import torch
 
 from ._utils import check
-from .saving import CONFIG_FILE, WEIGHTS_FILE, PathLike, _encode_arguments
+from .saving import CONFIG_FILE, WEIGHTS_FILE, PathLike, encode_arguments
 
 LIBRARY_NAME = "mmgen-pytorch"
 INSTALL_HINT = "pip install mmgen-pytorch[hub]"
@@ -90,7 +90,7 @@ def _hub_checkpoint_class() -> type:
             return cls(checkpoint_class.load(folder, map_location=map_location, **overrides))
 
         def generate_model_card(self, *args, **kwargs):
-            _, required = _encode_arguments(self.model)
+            _, required = encode_arguments(self.model)
             card = dict(model_class=type(self.model).__name__, model_module=type(self.model).__module__,
                         required_arguments="".join(f", {name}=..." for name in required),
                         required_types=", ".join(f"`{name}`: {kind}" for name, kind in required.items()))
@@ -103,7 +103,7 @@ def save_pretrained(model, save_directory: PathLike, *, push_to_hub: bool = Fals
                     model_card_kwargs: Optional[Dict[str, Any]] = None, **push_to_hub_kwargs) -> Optional[str]:
     """:meth:`~mmgen_pytorch.saving.Checkpointable.save` into ``save_directory`` plus a model card, through
     ``ModelHubMixin.save_pretrained``; without huggingface_hub, ``save`` alone (a push then raises)."""
-    _encode_arguments(model)  # an unsaveable model raises here, before the mixin removes an old config.json
+    encode_arguments(model)  # an unsaveable model raises here, before the mixin removes an old config.json
     if push_to_hub:
         huggingface_hub("save_pretrained(push_to_hub=True)")
     elif not _hub_available():
@@ -118,7 +118,7 @@ def push_to_hub(model, repo_id: str, *, model_card_kwargs: Optional[Dict[str, An
     """``ModelHubMixin.push_to_hub``: the folder of :func:`save_pretrained` uploaded to ``repo_id`` in one
     commit (``options``: its ``commit_message``, ``private``, ``token``, ``branch``, ``create_pr``, ...)."""
     huggingface_hub("push_to_hub")
-    _encode_arguments(model)
+    encode_arguments(model)
     card = {"source": repo_id, **(model_card_kwargs or {})}
     return _hub_checkpoint_class()(model).push_to_hub(repo_id, model_card_kwargs=card, **options)
 

@@ -64,8 +64,8 @@ class MAR(Checkpointable, nn.Module):
             kept out of the state dict, and the latent scale applied outside it (default: the VAE's
             ``scale_factor``, else KL-16's 0.2325).
         attn_backend: the encoder's and decoder's kernel (see :class:`~mmgen_pytorch.backbone.Transformer`).
-            Their attention is unmasked, so SDPA's fused kernels run whatever is chosen: a mask is what
-            flex attention adds, and MAR needs none.
+            Their attention is unmasked: ``"auto"`` runs SDPA's fused kernels; ``"flex"`` runs flex attention
+            over one all-visible block (forward only on CPU; with attention dropout, training with it is refused).
     """
 
     def __init__(self, *, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1, vae_embed_dim: int = 16,

@@ -77,7 +77,7 @@ class Checkpointable(Configurable):
         ``path/model.safetensors``; returns the folder."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        config, required = _encode_arguments(self)
+        config, required = encode_arguments(self)
         from . import __version__
         record = {"class": type(self).__name__, "module": type(self).__module__, "library_version": __version__,
                   "format": FORMAT, "dtype": _uniform_dtype(self), "config": config, "required": required}
@@ -194,7 +194,7 @@ class _NotJSON(Exception):
     """An argument config.json cannot hold; the message names the offending value's type."""
 
 
-def _encode_arguments(model) -> Tuple[Dict[str, Any], Dict[str, str]]:
+def encode_arguments(model) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """(JSON config, {argument: type of what JSON cannot hold}) of a constructed model."""
     arguments = model.__dict__.get(_ARGUMENTS)
     check(arguments is not None, f"{type(model).__name__} has no recorded constructor arguments (it was not "
@@ -208,6 +208,12 @@ def _encode_arguments(model) -> Tuple[Dict[str, Any], Dict[str, str]]:
         except _NotJSON as error:
             required[name] = str(error)
     return config, required
+
+
+def encode_config(value) -> Any:
+    """The JSON form of a configuration value (a config dataclass, lists, dicts, scalars) as ``config.json``
+    holds it; a value JSON cannot hold raises."""
+    return _encode(value, set())
 
 
 def _encode(value, submodules: set):
@@ -230,7 +236,7 @@ def _encode(value, submodules: set):
             and (id(value) in submodules or not isinstance(value, nn.Module))):
         # a submodule (its weights are in the parent's state dict) or a plain configured object: its
         # config goes in the parent's
-        config, required = _encode_arguments(value)
+        config, required = encode_arguments(value)
         if not required:
             return {_MODULE: _qualified_name(type(value)), "config": config}
     raise _NotJSON(type(value).__name__)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from .data.cache import StackFields
 from .training.config import Config, ConfigError, check_world_size, load_config, shipped_configs
 from .training.recipes import LOSSES, build_dataset, build_model, draw_samples, load_tokenizer, save_grid
 
@@ -87,10 +88,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool) -> List[
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
 
 
-def collate(items: Sequence[dict]) -> dict:
-    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
-
-
 # checkpoints
 
 
@@ -126,11 +123,12 @@ def save_checkpoint(state: State, output_dir: Path, step: int) -> None:
 
     accelerator, folder = state.accelerator, checkpoint_dir(output_dir, step)
     accelerator.wait_for_everyone()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(get_rng_states(), rng_file(folder, accelerator.process_index))
+    accelerator.wait_for_everyone()  # the training state last: a folder with it is complete (latest_checkpoint)
     if accelerator.is_main_process:
         save_training_state(folder, model=state.inner, optimizer=state.optimizer.optimizer, step=step, ema=state.ema,
                             scheduler=state.scheduler, grad_scaler=accelerator.scaler)
-    accelerator.wait_for_everyone()
-    torch.save(get_rng_states(), rng_file(folder, accelerator.process_index))
     accelerator.wait_for_everyone()
 
 
@@ -143,6 +141,58 @@ def resume(state: State, folder: Path) -> int:
                                scheduler=state.scheduler, grad_scaler=state.accelerator.scaler, restore_rng=False)
     set_rng_states(read_tensor_file(rng_file(folder, state.accelerator.process_index), expected="torch"))
     return step
+
+
+# what a run continues: checked before anything is loaded or built
+
+RESUMABLE_CHANGES = {"train": ("steps", "log_every", "sample_every", "checkpoint_every", "progress", "tracker",
+                               "output_dir"),
+                     "data": ("num_workers",), "sample": None}  # None: the whole section may change
+
+
+def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> Optional[Path]:
+    """The checkpoint ``--resume`` continues, or None for a fresh run. A fresh run into a folder that
+    holds checkpoints is refused (it would mix two runs' logs and checkpoints); a resumed run must have the
+    config it was saved with (``config.yaml``), up to :data:`RESUMABLE_CHANGES`."""
+    latest = latest_checkpoint(output_dir)
+    if not resume_run:
+        if latest is not None:
+            raise ConfigError(f"train.output_dir {str(output_dir)!r} already holds checkpoints (the latest: "
+                              f"{latest.name}): pass --resume to continue that run, or choose another train.output_dir")
+        return None
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
+    saved = output_dir / "config.yaml"
+    if saved.is_file():
+        changed = config_changes(_yaml_load(saved), json.loads(json.dumps(config.to_dict())))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the one {str(saved)!r} was saved with in "
+                              f"{', '.join(changed)}; a resumed run must keep it (only "
+                              f"{', '.join(_resumable_names())} may change)")
+    return latest
+
+
+def config_changes(saved: dict, current: dict) -> List[str]:
+    """``section.key`` names whose values differ, except the :data:`RESUMABLE_CHANGES`."""
+    changed = []
+    for section in sorted(set(saved) | set(current)):
+        free = RESUMABLE_CHANGES.get(section, ())
+        if free is None:
+            continue
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        changed += [f"{section}.{key}" for key in sorted(set(old) | set(new))
+                    if key not in free and old.get(key) != new.get(key)]
+    return changed
+
+
+def _resumable_names() -> List[str]:
+    return [f"{section}.{key}" for section, keys in RESUMABLE_CHANGES.items() for key in (keys or ["*"])]
+
+
+def _yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
 # the loop
@@ -196,23 +246,22 @@ def build(config: Config, accelerator) -> State:
 
 
 def run(config: Config, *, resume_run: bool = False) -> List[float]:
-    """Train as ``config`` says; returns the logged losses (every ``log_every`` steps, mean over processes)."""
+    """Train as ``config`` says; returns the logged losses: every ``log_every`` steps, the mean over the
+    micro-batches since the previous log and over the processes."""
     accelerator, tracker = make_accelerator(config)
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
+    folder = checkpoint_to_resume(config, output_dir, resume_run)
     state = build(config, accelerator)
     dataset = build_dataset(config, state.tokenizer)
     start = 0
-    if resume_run:
-        folder = latest_checkpoint(output_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
+    if folder is not None:
         start = resume(state, folder)
         accelerator.print(f"resumed from {folder} at step {start}")
     else:
         torch.manual_seed(config.train.seed + accelerator.process_index)  # each process its own draws
     if accelerator.is_main_process:
-        write_config(config, output_dir, tracker)
+        write_config(config, output_dir)
     if tracker != "none":
         accelerator.init_trackers("mmgen_pytorch", config=flat_config(config))
     sampler = StepBatchSampler(len(dataset), global_batch=micro_batch * accelerator.num_processes,
@@ -222,7 +271,7 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     # the loader draws its workers' base seed from its own generator, not from the global RNG whose
     # state a resume restores (and per process and start step, so workers differ between them)
     seeds = torch.Generator().manual_seed(config.train.seed * 1_000_003 + start * 1009 + accelerator.process_index)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers, collate_fn=StackFields(),
                         generator=seeds)
     count = sum(p.numel() for p in state.inner.parameters())
     accelerator.print(f"{config.model.name}: {count / 1e6:.2f}M parameters, {len(dataset)} items, "
@@ -265,7 +314,7 @@ def train_loop(config: Config, state: State, loader: DataLoader, start: int, out
         if step % train.log_every == 0 or step == train.steps:
             logged.append(log_step(accelerator, output_dir, step, torch.stack(losses).mean(), lr))
             bar.set_postfix(loss=f"{logged[-1]:.4f}")
-        losses = []
+            losses = []
         if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
             save_checkpoint(state, output_dir, step)
         if (train.sample_every and step % train.sample_every == 0) or step == train.steps:
@@ -321,7 +370,7 @@ def flat_config(config: Config) -> dict:
     return flat
 
 
-def write_config(config: Config, output_dir: Path, tracker: str) -> None:
+def write_config(config: Config, output_dir: Path) -> None:
     import yaml
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -229,10 +229,11 @@ def test_bad_arguments_are_refused_before_encoding(tmp_path):
     model = tokenizer("vq")
     calls = count_encoder_calls(model, "vq")
     cases = [(dict(rank=2, world_size=2), "`rank` must be an int in \\[0, 2\\)"),
-             (dict(batch_size=0), "`batch_size` must be an int >= 1"),
-             (dict(shard_size=1.5), "`shard_size`"), (dict(crop_range=0.9), "`crop_range`")]
+             (dict(batch_size=0), "`batch_size` must be a positive int, got 0"),
+             (dict(shard_size=1.5), "`shard_size` must be a positive int"), (dict(crop_range=0.9), "`crop_range`"),
+             (dict(num_workers=-1), "`num_workers` must be an int >= 0")]
     for options, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises((ValueError, TypeError), match=message):
             cache_dataset(Images(), model, tmp_path, progress=False, **options)
     with pytest.raises(TypeError, match="`flip` must be a bool"):
         cache_dataset(Images(), model, tmp_path, flip=1, progress=False)

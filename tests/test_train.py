@@ -145,6 +145,11 @@ def test_train_resume_bit_identical_and_sample(data, tmp_path, name, kind):
     straight = run(name, tmp_path / "straight", *common)
     assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
     shutil.copytree(train.checkpoint_dir(tmp_path / "straight", 2), train.checkpoint_dir(tmp_path / "resumed", 2))
+    shutil.copy(tmp_path / "straight" / "config.yaml", tmp_path / "resumed" / "config.yaml")
+    with pytest.raises(train.ConfigError, match="already holds checkpoints"):  # a fresh run into it
+        run(name, tmp_path / "resumed", *common)
+    with pytest.raises(train.ConfigError, match="config differs .* in optim.lr"):
+        run(name, tmp_path / "resumed", *common, "--resume", "--optim.lr", "0.5")
     resumed = run(name, tmp_path / "resumed", *common, "--resume")
     assert resumed == straight[2:]
     a, b = final_weights(tmp_path / "straight", 4), final_weights(tmp_path / "resumed", 4)

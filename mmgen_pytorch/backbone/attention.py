@@ -2,8 +2,9 @@
 
 Flex attention always runs compiled (``torch.compile(flex_attention, dynamic=False)``): its inputs are
 padded to the ``BlockMask``'s lengths, which :meth:`~mmgen_pytorch.backbone.TokenLayout.block_mask`
-rounds up to 128-token buckets, so ragged batches compile once per bucket (up to
-:data:`FLEX_RECOMPILE_LIMIT` buckets per process) instead of once per length. Inside a model that is
+rounds up to 128-token buckets, so ragged batches compile once per bucket instead of once per length
+(up to :data:`FLEX_RECOMPILE_LIMIT` shapes per process; past it torch falls back to its unfused kernel
+with a warning). Inside a model that is
 itself compiled, the outer graph takes the kernel in. :func:`eager_flex_attention` is the uncompiled
 debugging path.
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._utils import check, check_finite_number, check_flag, divisible_by
+from .._utils import check, check_finite_number, check_flag, divisible_by, recompile_limit_at_least
 from .kv_cache import CacheWindow
 from .norms import RMSNorm
 from .positions import RotaryTable
@@ -40,8 +41,8 @@ def flex_available() -> bool:
     return True
 
 
-# Distinct (batch, heads, bucketed lengths, dtype) shapes one process may compile the flex kernel for
-# before dynamo falls back to the unfused kernel (dynamo's own default, 8, is a handful of buckets).
+# Distinct input shapes (batch, heads, bucketed lengths, dtype, ...) one process may compile the flex
+# kernel for; past it dynamo falls back to the unfused kernel with torch's warning (an error in our tests).
 FLEX_RECOMPILE_LIMIT = 64
 _eager_flex = False  # see eager_flex_attention()
 
@@ -80,8 +81,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, **kwargs) 
     if _eager_flex or torch.compiler.is_compiling():  # inside a compiled model the outer graph fuses it
         out = flex_attention(q, k, v, block_mask=block_mask, **kwargs)
     else:
-        limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with recompile_limit_at_least(FLEX_RECOMPILE_LIMIT):
             out = _compiled_flex()(q, k, v, block_mask=block_mask, **kwargs)
     return out[:, :, :query_length]
 

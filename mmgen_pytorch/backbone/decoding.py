@@ -22,7 +22,7 @@ With a cache the engine owns it: a static :class:`~mmgen_pytorch.backbone.kv_cac
 
 ``compile=True`` (gpt-fast style) makes that cache fixed-shape (``static``: every window exposes all its
 slots, the unwritten ones masked) and ``compiled``: every call after the prefill runs the backbone's
-blocks as a ``torch.compile`` d graph that is compiled once per chunk shape and reused for every position
+blocks as a ``torch.compile``-d graph that is compiled once per chunk shape and reused for every position
 (CUDA graphs on CUDA), while the host side (opening the window at ``input_pos``, committing the length,
 growth, row selection) stays eager. See :meth:`~mmgen_pytorch.backbone.Transformer._compiled_blocks`.
 """

@@ -52,6 +52,10 @@ class KVCache(nn.Module):
         self._history = 0  # bumped whenever the cached sequence [0, length) may change
         self._mask_memo: Optional[Tuple[TokenLayout, tuple, Any]] = None
 
+    def _apply(self, fn, recurse=True):
+        self._history += 1  # buffers moved or cast (`.to`): a kept mask would be on the old device
+        return super()._apply(fn, recurse)
+
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import (check, check_finite_number, check_flag, default, divisible_by, pick_alias,
-                      round_up_to_multiple)
+                      recompile_limit_at_least, round_up_to_multiple)
 from ..saving import Checkpointable
 from .attention import BACKENDS, Attention, AttentionMask, flex_available
 from .kv_cache import CacheWindow, KVCache
@@ -54,6 +54,11 @@ def _hooked(block_hook: Optional[BlockHook], index: int, x: Tensor) -> Tensor:
     """The residual stream after ``block_hook`` at block ``index`` (its returned tensor, if any)."""
     replaced = block_hook(index, x) if block_hook is not None else None
     return replaced if replaced is not None else x
+
+
+# graphs of the compiled step one process may hold: per transformer, chunk shape, segment and row count
+# (with fullgraph, dynamo raises past its limit instead of falling back)
+COMPILED_STEP_RECOMPILE_LIMIT = 64
 
 
 @lru_cache(maxsize=None)
@@ -112,13 +117,13 @@ def _backend_for(attn_backend: str, use_flex_attn: Optional[bool]) -> str:
 
 
 def _mask_between(queries: TokenLayout, keys: TokenLayout, query_index: Optional[Tensor], backend: str, *,
-                  sync_free: bool) -> AttentionMask:
-    """The mask of ``queries`` over ``keys`` for ``backend``; an all-visible dense mask is dropped unless
-    ``sync_free`` (the check is a host sync: not in a decode step or a compiled graph)."""
+                  keep_dense: bool) -> AttentionMask:
+    """The mask of ``queries`` over ``keys`` for ``backend``; an all-visible dense mask is dropped (no mask,
+    SDPA's fastest path) unless ``keep_dense``: the check is a host sync, kept out of decode steps and graphs."""
     if backend == "flex":
         return AttentionMask(block_mask=queries.block_mask(keys, query_index=query_index))
     dense = queries.dense_mask(keys, query_index=query_index)
-    if sync_free or not bool(dense.all()):
+    if keep_dense or not bool(dense.all()):
         return AttentionMask(dense=dense)
     return AttentionMask()
 
@@ -375,7 +380,8 @@ class Transformer(Checkpointable, nn.Module):
         else:
             checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
             x, (_, _, hiddens) = self._blocks(x, inputs, ([], None, []), 0, self.depth, block_hook=block_hook,
-                                              return_hiddens=return_hiddens, checkpointed=checkpointed)
+                                              return_hiddens=return_hiddens, checkpointed=checkpointed,
+                                              final_norm=True)
         if cache is not None and write_cache:
             cache.commit(length)
         return (x, hiddens) if return_hiddens else x
@@ -402,9 +408,9 @@ class Transformer(Checkpointable, nn.Module):
 
     def _blocks(self, x: Tensor, inputs: "BlockInputs", carried: Carried, first: int, last: int, *,
                 block_hook: Optional[BlockHook] = None, return_hiddens: bool = False,
-                checkpointed: bool = False) -> Tuple[Tensor, Carried]:
+                checkpointed: bool = False, final_norm: bool = False) -> Tuple[Tensor, Carried]:
         """The pure tensor part of a forward: the attention mask and rotary table from ``inputs``, then
-        blocks ``first .. last - 1`` (and the final norm when ``last`` is the depth). ``carried``: the
+        blocks ``first .. last - 1``, then the final norm if ``final_norm``. ``carried``: the
         U-ViT skips, the first layer's values and the hidden states of the blocks before ``first``;
         returned as they stand after ``last - 1``. A compiled decode step compiles this as one graph."""
         mask = self._attention_mask(x, inputs.layout, inputs.window, inputs.backend)
@@ -423,7 +429,7 @@ class Transformer(Checkpointable, nn.Module):
             x = _hooked(block_hook, index, x)
             if return_hiddens:
                 hiddens.append(x)
-        if last == self.depth:
+        if final_norm:
             x = self.norm(x)
         return x, (skips, first_values, hiddens)
 
@@ -443,28 +449,35 @@ class Transformer(Checkpointable, nn.Module):
         if cuda:
             _mark_cache_static(inputs.window.cache)
             torch.compiler.cudagraph_mark_step_begin()
+        hooked_blocks = set(getattr(block_hook, "blocks", ()))
         carried: Carried = ([], None, [])
-        for number, (first, last) in enumerate(segments):
-            x, carried = step(self, x, inputs, carried, first, last, return_hiddens=return_hiddens)
+        for first, last in segments:
+            hook_here = last - 1 in hooked_blocks
+            norm_here = last == self.depth and not hook_here  # else the norm follows the hook, eagerly
+            with recompile_limit_at_least(COMPILED_STEP_RECOMPILE_LIMIT):
+                x, carried = step(self, x, inputs, carried, first, last, return_hiddens=return_hiddens,
+                                  final_norm=norm_here)
             if cuda:  # a CUDA graph's outputs are overwritten by its next replay
                 x, carried = _cloned(x), tuple(_cloned(item) for item in carried)
-            if number < len(segments) - 1:
+            if hook_here:
                 x = _hooked(block_hook, last - 1, x)
                 if return_hiddens:
                     carried[2][-1] = x
+        if last - 1 in hooked_blocks:
+            x = self.norm(x)
         return x, carried[2]
 
     def _segments(self, block_hook: Optional[BlockHook]) -> List[Tuple[int, int]]:
-        """``(first, last)`` block ranges of a compiled forward: one, or one after each of the hook's
-        ``blocks`` and a last one up to the depth (empty when the hook acts after the last block)."""
+        """``(first, last)`` block ranges of a compiled forward: one, or one ending after each of the hook's
+        ``blocks`` and a last one up to the depth (none empty)."""
         if block_hook is None:
             return [(0, self.depth)]
         blocks = getattr(block_hook, "blocks", None)
         check(blocks is not None and all(isinstance(b, int) and 0 <= b < self.depth for b in blocks),
               f"a `block_hook` run through a compiled KV cache must name the blocks after which it acts in its "
               f"attribute `blocks` (block indices in [0, {self.depth})), got {blocks!r}")
-        ends = sorted({b + 1 for b in blocks})
-        return list(zip([0, *ends], [*ends, self.depth]))
+        ends = sorted({b + 1 for b in blocks} | {self.depth})
+        return list(zip([0, *ends[:-1]], ends))
 
     # internals
 
@@ -505,6 +518,7 @@ class Transformer(Checkpointable, nn.Module):
                         backend: Optional[str]) -> AttentionMask:
         batch, length = x.shape[:2]
         unmasked = layout is None and window is None
+        check(backend is None or backend in BACKENDS, f"`backend` must be one of {BACKENDS}, got {backend!r}")
         if unmasked and not self.causal and default(backend, self.attn_backend) != "flex":
             return AttentionMask()  # all-visible: SDPA's fused kernels, unless flex is asked for by name
         backend = self.resolve_backend(x, length, backend)
@@ -514,8 +528,8 @@ class Transformer(Checkpointable, nn.Module):
         if queries is None:
             queries = (TokenLayout.causal if self.causal else TokenLayout.bidirectional)(batch, length, device=x.device)
         if window is None:
-            return _mask_between(queries, queries, None, backend, sync_free=torch.compiler.is_compiling())
-        build = lambda: _mask_between(queries, window.key_layout(), window.input_pos, backend, sync_free=True)  # noqa: E731
+            return _mask_between(queries, queries, None, backend, keep_dense=torch.compiler.is_compiling())
+        build = lambda: _mask_between(queries, window.key_layout(), window.input_pos, backend, keep_dense=True)  # noqa: E731
         if torch.compiler.is_compiling():  # a compiled step builds it in its graph (the memo's ints would be guards)
             return build()
         return window.cache.reusable_mask(queries, window, backend, build)

@@ -8,13 +8,13 @@
   flipped copy or ten crops) into sharded safetensors files, and read back as a dataset.
 """
 
-from .cache import CachedDataset, cache_dataset, sample_latent, ten_crops
+from .cache import CachedDataset, StackFields, cache_dataset, sample_latent, ten_crops
 from .captions import CaptionTokenizer, read_captions
 from .images import (IMAGE_EXTENSIONS, NO_LABEL, HFImageDataset, ImageFolderDataset, adm_center_crop,
                      random_horizontal_flip, to_tensor_image)
 
 __all__ = [
-    "CachedDataset", "CaptionTokenizer", "HFImageDataset", "IMAGE_EXTENSIONS", "ImageFolderDataset", "NO_LABEL",
+    "CachedDataset", "CaptionTokenizer", "HFImageDataset", "IMAGE_EXTENSIONS", "ImageFolderDataset", "NO_LABEL", "StackFields",
     "adm_center_crop", "cache_dataset", "random_horizontal_flip", "read_captions", "sample_latent", "ten_crops",
     "to_tensor_image",
 ]

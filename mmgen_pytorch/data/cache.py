@@ -37,9 +37,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .._utils import GeneratorLike, as_generator, as_int, check, check_finite_number, check_flag, describe, eval_mode
+from .._utils import (GeneratorLike, as_generator, as_int, check, check_finite_number, check_flag, check_positive_int,
+                      describe, eval_mode)
 from ..files import CheckpointFileError, checkpoint_format, read_json_file
-from ..saving import _encode, write_atomically
+from ..saving import encode_config, write_atomically
 from ..tokenizers import AutoencoderKL, DiagonalGaussian, RQVAE, VQVAE
 
 FORMAT_VERSION = 1
@@ -137,7 +138,7 @@ def tokenizer_record(tokenizer: nn.Module) -> Dict[str, Any]:
     """The tokenizer's class, resolved config (as ``config.json`` writes dataclasses) and weight
     fingerprint, as the manifest records them."""
     tokenizer_kind(tokenizer)
-    config = json.loads(json.dumps(_encode(tokenizer.config, set())))  # tuples -> lists, as read back
+    config = json.loads(json.dumps(encode_config(tokenizer.config)))  # tuples -> lists, as read back
     cls = type(tokenizer)
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": config,
             "fingerprint": weights_fingerprint(tokenizer)}
@@ -161,12 +162,6 @@ def differences(cached: Mapping, given: Mapping) -> List[str]:
 
 # writing
 
-def _check_positive(name: str, value: Any, minimum: int = 1) -> int:
-    number = as_int(value)
-    check(number is not None and number >= minimum, f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return number
-
-
 def _check_first_item(dataset: Dataset) -> List[str]:
     """The stored fields besides the views (``label`` and the caption fields item 0 has)."""
     item = dataset[0]
@@ -179,17 +174,18 @@ def _check_first_item(dataset: Dataset) -> List[str]:
     return ["label"] + [name for name in CAPTION_FIELDS if name in item]
 
 
-class _Collate:
-    """Stacks the image and the stored fields of a batch (picklable, for loader workers)."""
+class StackFields:
+    """A DataLoader ``collate_fn`` for dict items: each field stacked into a batch (default: the fields of
+    the first item; all items must have them). Picklable, for loader workers."""
 
-    def __init__(self, fields: Sequence[str]):
-        self.fields = list(fields)
+    def __init__(self, fields: Optional[Sequence[str]] = None):
+        self.fields = None if fields is None else list(fields)
 
     def __call__(self, items: Sequence[Mapping]) -> Dict[str, Tensor]:
-        missing = sorted({name for item in items for name in ["image", *self.fields] if name not in item})
-        check(not missing, f"`dataset` items must all have the fields of item 0 ({['image', *self.fields]}); "
-                           f"some lack {missing}")
-        return {name: torch.stack([torch.as_tensor(item[name]) for item in items]) for name in ["image", *self.fields]}
+        fields = self.fields if self.fields is not None else list(items[0])
+        missing = sorted({name for item in items for name in fields if name not in item})
+        check(not missing, f"`dataset` items must all have the fields {fields}; some lack {missing}")
+        return {name: torch.stack([torch.as_tensor(item[name]) for item in items]) for name in fields}
 
 
 def _shard_rows(index: int, length: int, shard_size: int) -> range:
@@ -249,8 +245,9 @@ def cache_dataset(dataset: Dataset, tokenizer: nn.Module, out_dir: PathLike, *, 
     communication is needed). Shards already complete are skipped, so a rerun resumes.
     ``progress``: a tqdm bar; ``num_workers``: DataLoader workers that load the images."""
     kind, field = tokenizer_kind(tokenizer)
-    batch_size, shard_size = _check_positive("batch_size", batch_size), _check_positive("shard_size", shard_size)
-    world_size, num_workers = _check_positive("world_size", world_size), _check_positive("num_workers", num_workers, 0)
+    batch_size, shard_size = check_positive_int("batch_size", batch_size), check_positive_int("shard_size", shard_size)
+    world_size = check_positive_int("world_size", world_size)
+    num_workers = check_positive_int("num_workers", num_workers, minimum=0)
     check(as_int(rank) is not None and 0 <= as_int(rank) < world_size,
           f"`rank` must be an int in [0, {world_size}) (`world_size` {world_size}), got {rank!r}")
     rank = as_int(rank)
@@ -283,7 +280,8 @@ def _encode_shards(dataset: Dataset, tokenizer: nn.Module, out_dir: Path, shards
     length, shard_size = manifest["dataset_length"], manifest["shard_size"]
     batches = [list(rows[start:start + batch_size]) for index in shards
                for rows in [_shard_rows(index, length, shard_size)] for start in range(0, len(rows), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collate(fields))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=StackFields(["image", *fields]))
     description = "caching" if world_size == 1 else f"caching (rank {rank} of {world_size})"
     parts: List[Dict[str, Tensor]] = []
     remaining = list(shards)
