@@ -76,7 +76,8 @@ def assert_close_f32(actual, expected, *, tol: float = 1e-5, amplification: floa
     of the values. ``amplification`` is how much the computation after the point where rounding differs can grow
     an error, e.g. ``2·s − 1`` for classifier-free guidance at scale ``s ≥ 1``."""
     scale = tol * amplification
-    magnitude = float(torch.as_tensor(expected).detach().abs().max()) if torch.as_tensor(expected).numel() else 0.0
+    finite = torch.as_tensor(expected).detach().abs().nan_to_num(nan=0.0, posinf=0.0)  # NaN / inf: compared as equal_nan says
+    magnitude = float(finite.max()) if finite.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=scale, atol=scale * max(magnitude, 1.0), **kwargs)
 
 

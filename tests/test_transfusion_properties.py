@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _helpers import assert_close_f32
 from mmgen_pytorch import Transfusion
 
 pytestmark = pytest.mark.usefixtures("eager_flex")  # flex uncompiled: these check masks, not the kernel
@@ -200,10 +201,10 @@ def test_flex_equals_sdpa_equals_each_sample_alone(specs, seed):
     sdpa = run(model, samples)
     with backend(model, "flex"):
         flex = run(model, samples)
-    torch.testing.assert_close(flex.logits, sdpa.logits, atol=1e-5, rtol=0)
+    assert_close_f32(flex.logits, sdpa.logits)
     assert len(flex.outputs) == len(sdpa.outputs)
     for a, b in zip(flex.outputs, sdpa.outputs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_close_f32(a, b)
     torch.testing.assert_close(flex.text, sdpa.text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex.flow, sdpa.flow, atol=1e-5, rtol=1e-5, equal_nan=True)
 
