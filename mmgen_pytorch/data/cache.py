@@ -109,14 +109,14 @@ def tokenizer_kind(tokenizer: Any) -> tuple:
 
 @torch.no_grad()
 def encode_images(tokenizer: nn.Module, images: Tensor) -> Tensor:
-    """What the cache stores for ``images`` ``[b, 3, H, W]`` in [-1, 1], on the CPU: KL moments
-    ``[b, 2c, h, w]`` float32, VQ indices ``[b, h, w]`` or RQ codes ``[b, h, w, depth]``."""
+    """What the cache stores for ``images`` ``[b, 3, H, W]`` in [-1, 1] (on their device): KL moments
+    ``[b, 2c, h, w]`` float32, VQ indices ``[b, h, w]`` or RQ codes ``[b, h, w, depth]``. The training
+    entry point encodes uncached batches with it too."""
     kind, _ = tokenizer_kind(tokenizer)
-    with eval_mode(tokenizer):
+    with eval_mode(tokenizer), torch.no_grad():
         if kind == "kl":
-            return tokenizer.encode(images).parameters.float().cpu()
-        encoded = tokenizer.encode_to_indices(images) if kind == "vq" else tokenizer.encode_to_codes(images)
-        return encoded.cpu()
+            return tokenizer.encode(images).parameters.float()
+        return tokenizer.encode_to_indices(images) if kind == "vq" else tokenizer.encode_to_codes(images)
 
 
 def code_dtype(tokenizer: nn.Module) -> torch.dtype:
@@ -300,7 +300,7 @@ def _encoded_views(tokenizer: nn.Module, images: Tensor, manifest: Mapping) -> T
     flip, crop_range = manifest["views"][-1].startswith("flipped"), manifest["crop_range"]
     views = image_views(images.to(next(tokenizer.parameters()).device), flip=flip, ten_crop=crop_range is not None,
                         crop_range=crop_range or CROP_RANGE)
-    encoded = encode_images(tokenizer, views.flatten(0, 1))
+    encoded = encode_images(tokenizer, views.flatten(0, 1)).cpu()
     return (encoded if manifest["kind"] == "kl" else encoded.to(code_dtype(tokenizer))).unflatten(0, views.shape[:2])
 
 

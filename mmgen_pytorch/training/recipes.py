@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import sample_latent
+from ..data.cache import encode_images
 from .config import NEEDS_TOKENIZER, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
@@ -115,18 +116,13 @@ def _labels(batch: Batch) -> Optional[Tensor]:
 @torch.no_grad()
 def kl_latents(batch: Batch, tokenizer: Optional[nn.Module], scale: float) -> Tensor:
     """Scaled KL latents ``[b, c, h, w]``: drawn from cached moments or from the images' posterior."""
-    if "moments" in batch:
-        return sample_latent(batch["moments"], scale=scale)
-    return sample_latent(tokenizer.encode(batch["image"]).parameters.float(), scale=scale)
+    moments = batch["moments"] if "moments" in batch else encode_images(tokenizer, batch["image"])
+    return sample_latent(moments, scale=scale)
 
 
-@torch.no_grad()
 def codes(batch: Batch, tokenizer: Optional[nn.Module]) -> Tensor:
-    if "codes" in batch:
-        return batch["codes"]
-    images = batch["image"]
-    return tokenizer.encode_to_indices(images) if hasattr(tokenizer, "encode_to_indices") \
-        else tokenizer.encode_to_codes(images)
+    """Cached codes, or the frozen tokenizer's codes of the images."""
+    return batch["codes"] if "codes" in batch else encode_images(tokenizer, batch["image"])
 
 
 def mar_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
