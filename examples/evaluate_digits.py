@@ -5,7 +5,9 @@
 - conditional accuracy: an RBF SVC fitted on the training split classifies each sample; the score is
   the fraction classified as the class it was asked for;
 - Fréchet distance between the samples and the held-out real digits in the 20-dim PCA space of the
-  training split, with the floor given by two disjoint sets of real digits of the same sizes;
+  training split, with the floor given by two disjoint sets of real digits of the same sizes; computed by
+  `mmgen_pytorch.evaluation` (torchmetrics' FID on `digits_pca_extractor()`), which takes uint8 images:
+  samples are rounded to 0..255 first (at most 1/510 of the range, 0.03 pixel units);
 - memorisation: the median Euclidean distance (pixel units 0..16) from a sample to its nearest
   training digit, beside the same figure for held-out real digits (about 17). A generator that
   recites its training set scores far below the real figure while its FD stays near the floor.
@@ -21,35 +23,39 @@ from functools import lru_cache
 from typing import Dict
 
 import numpy as np
-from scipy import linalg
-from sklearn.datasets import load_digits
-from sklearn.decomposition import PCA
-from sklearn.model_selection import train_test_split
+import torch
 from sklearn.svm import SVC
 
-PCA_DIM = 20
+from mmgen_pytorch.evaluation import FeatureStats, digits_pca_extractor, digits_split, feature_stats, frechet_distance
 
 
 @lru_cache(maxsize=1)
 def split():
-    digits = load_digits()
-    return train_test_split(digits.data, digits.target, test_size=0.3, random_state=0, stratify=digits.target)
+    return digits_split()
 
 
 @lru_cache(maxsize=1)
 def fitted():
+    """The classifier, the PCA-20 feature extractor (both fitted on the training split) and the held-out accuracy."""
     x_train, x_test, y_train, y_test = split()
     classifier = SVC(kernel="rbf", gamma="scale", C=10.0).fit(x_train, y_train)
-    pca = PCA(n_components=PCA_DIM, random_state=0).fit(x_train)
-    return classifier, pca, float(classifier.score(x_test, y_test))
+    return classifier, digits_pca_extractor(), float(classifier.score(x_test, y_test))
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+def as_uint8_images(pixels: np.ndarray) -> torch.Tensor:
+    """Pixel rows (N, 64) in 0..16 -> uint8 RGB images (N, 3, 8, 8), the extractor's input (16 -> 255)."""
+    grey = torch.from_numpy(np.clip(pixels, 0.0, 16.0) / 16.0 * 255.0).round().to(torch.uint8).view(-1, 1, 8, 8)
+    return grey.expand(-1, 3, -1, -1)
+
+
+def pca_stats(pixels: np.ndarray) -> FeatureStats:
+    """The PCA-feature statistics of pixel rows (N, 64) in 0..16."""
+    return feature_stats([as_uint8_images(pixels)], fitted()[1], max_features=0)
+
+
+@lru_cache(maxsize=1)
+def heldout_stats() -> FeatureStats:
+    return pca_stats(split()[1])
 
 
 def to_pixels(images: np.ndarray) -> np.ndarray:
@@ -59,11 +65,10 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
 
 def real_floor(count: int, seed: int = 0) -> float:
     """Fréchet distance between ``count`` real digits (train split) and the held-out real digits."""
-    x_train, x_test, _, _ = split()
-    _, pca, _ = fitted()
+    x_train = split()[0]
     rng = np.random.default_rng(seed)
     chosen = x_train[rng.choice(len(x_train), size=min(count, len(x_train)), replace=False)]
-    return frechet_distance(pca.transform(chosen), pca.transform(x_test))
+    return frechet_distance(heldout_stats(), pca_stats(chosen))
 
 
 def nearest_train_distance(pixels: np.ndarray) -> float:
@@ -74,13 +79,13 @@ def nearest_train_distance(pixels: np.ndarray) -> float:
 
 
 def evaluate(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    classifier, pca, classifier_accuracy = fitted()
+    classifier, _, classifier_accuracy = fitted()
     _, x_test, _, _ = split()
     pixels = to_pixels(images)
     predicted = classifier.predict(pixels)
     return {
         "conditional_accuracy": float((predicted == labels).mean()),
-        "frechet_distance": frechet_distance(pca.transform(pixels), pca.transform(x_test)),
+        "frechet_distance": frechet_distance(heldout_stats(), pca_stats(pixels)),
         "frechet_floor_real": real_floor(len(images)),
         "classifier_heldout_accuracy": classifier_accuracy,
         "nearest_train_distance": nearest_train_distance(pixels),
