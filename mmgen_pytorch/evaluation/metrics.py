@@ -18,7 +18,7 @@ another extractor is refused (:func:`reference_stats`).
 sFID is not provided: it is the FID of Inception's spatial ``mixed_6/conv`` features (the first 7 of
 its channels over the 17x17 grid), which neither torchmetrics nor torch-fidelity's extractor exposes.
 
-Needs torchmetrics (the ``eval`` extra: ``pip install mmgen-pytorch[eval]``), imported on first use.
+Needs torchmetrics and numpy (the ``eval`` extra: ``pip install mmgen-pytorch[eval]``), imported on first use.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -104,6 +103,8 @@ class FeatureStats:
 
     def save(self, path: PathLike) -> None:
         """Write an ``.npz`` (keys ``mu``, ``sigma``, ``count``, ``features``, ``extractor``), atomically."""
+        import numpy as np
+
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
         with open(partial, "wb") as file:
@@ -114,6 +115,8 @@ class FeatureStats:
     @classmethod
     def load(cls, path: PathLike, extractor: Optional[FeatureExtractor] = None) -> "FeatureStats":
         """Read :meth:`save`'s file (no pickles); with ``extractor``, refuse statistics of another one."""
+        import numpy as np
+
         path = Path(path)
         check(path.is_file(), f"the statistics file {str(path)!r} does not exist", error=FileNotFoundError)
         with np.load(path, allow_pickle=False) as data:
