@@ -49,3 +49,18 @@ def test_noise_scores_badly(data):
     scores = evaluate_digits.evaluate(noise, labels[:500])
     assert scores["conditional_accuracy"] < 0.3
     assert scores["frechet_distance"] > 10 * scores["frechet_floor_real"]
+
+
+def test_frechet_distance_equals_scipy_sqrtm_on_the_same_pca_features(data):
+    """The printed FD (torchmetrics' FID in mmgen_pytorch.evaluation) is the former np.cov + scipy sqrtm
+    computation on the same features: the PCA-20 features of the uint8-rounded samples and held-out digits."""
+    from scipy import linalg
+
+    _, _, heldout, labels = data
+    samples = np.clip(heldout[:300] + np.random.default_rng(0).normal(0, 0.1, heldout[:300].shape), 0, 1)
+    extractor = evaluate_digits.fitted()[1]
+    a, b = (extractor(evaluate_digits.as_uint8_images(pixels)).numpy() for pixels in (samples * 16, heldout * 16))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
+    scores = evaluate_digits.evaluate(samples, labels[:300])
+    assert scores["frechet_distance"] == pytest.approx(expected, rel=1e-6)

@@ -101,6 +101,21 @@ class FeatureStats:
               f"{source} were computed with the extractor {self.extractor!r}, not with the given one "
               f"{extractor.identity!r}: recompute them with the given extractor (or use the matching one)")
 
+    @classmethod
+    def from_features(cls, features: Float[Tensor, "n d"], *, extractor: str, max_features: int = REFERENCE_FEATURES,
+                      seed: int = 0) -> "FeatureStats":
+        """The statistics of features computed elsewhere (N >= 2 rows), labelled with the ``extractor``
+        identity they come from; a uniform subsample of at most ``max_features`` rows is kept."""
+        check(isinstance(features, Tensor) and features.ndim == 2 and features.is_floating_point()
+              and len(features) >= 2, f"`features` must be a float tensor (N >= 2, D), got {describe(features)}",
+              error=TypeError)
+        check(isinstance(extractor, str), f"`extractor` must be the identity string, got {describe(extractor)}",
+              error=TypeError)
+        keep = check_positive_int("max_features", max_features, minimum=0)
+        collector = _Collector(features.shape[1], features.device, keep=keep, seed=seed, logits=False)
+        collector.add(features)
+        return collector.stats(extractor)
+
     def save(self, path: PathLike) -> None:
         """Write an ``.npz`` (keys ``mu``, ``sigma``, ``count``, ``features``, ``extractor``), atomically."""
         import numpy as np
@@ -242,7 +257,8 @@ def frechet_distance(first: FeatureStats, second: FeatureStats) -> float:
 
 def inception_score(logits: Float[Tensor, "n c"], *, splits: int = 10, seed: int = 0) -> Tuple[float, float]:
     """``(mean, std)`` over ``splits`` groups of ``exp(E KL(p(y|x) || p(y)))`` (torchmetrics' InceptionScore,
-    which groups a random permutation: drawn here from ``seed``, torch's global RNG left untouched)."""
+    which groups a random permutation: drawn here from ``seed``, torch's global RNG left untouched). With
+    ``splits=1`` the std is NaN."""
     check(isinstance(logits, Tensor) and logits.ndim == 2 and logits.is_floating_point(),
           f"`logits` must be a float tensor (N, classes), got {describe(logits)}", error=TypeError)
     splits = check_positive_int("splits", splits)
@@ -251,7 +267,8 @@ def inception_score(logits: Float[Tensor, "n c"], *, splits: int = 10, seed: int
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = _torchmetrics("is")(feature=_Precomputed(logits.shape[1]), splits=splits)
     metric.update(logits.double())
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # one split: std is NaN, as documented
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return float(mean), float(std)
