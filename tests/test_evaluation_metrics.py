@@ -114,7 +114,8 @@ def test_precision_recall_of_identical_and_of_disjoint_sets():
 def test_a_set_covering_half_the_modes_has_half_the_recall():
     centres = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) * 100
     real = clusters(10, 2000, centres, seed=1)
-    full, half = precision_recall(real, clusters(10, 2000, centres, 2)), precision_recall(real, clusters(5, 1000, centres, 3))
+    full = precision_recall(real, clusters(10, 2000, centres, seed=2))
+    half = precision_recall(real, clusters(5, 1000, centres, seed=3))
     assert full["recall"] > 0.9 and half["precision"] > 0.9
     assert half["recall"] / full["recall"] == pytest.approx(0.5, abs=0.03)
 
@@ -146,13 +147,20 @@ def test_reference_cache_round_trip_and_refusal_of_another_extractor(extractor, 
         reference_stats(never_iterated(), other, cache=cache)
     with pytest.raises(ValueError, match="seed=1"):
         evaluate(never_iterated(), loaded, other)
+    with pytest.raises(FileNotFoundError, match="`cache`.*no-folder"):
+        reference_stats(never_iterated(), extractor, cache=tmp_path / "no-folder" / "ref.npz")
 
 
-def test_statistics_file_without_the_keys_is_refused_by_name(tmp_path):
+def test_a_file_that_is_not_our_statistics_is_refused_by_name(tmp_path):
     path = tmp_path / "adm.npz"
     np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
     with pytest.raises(ValueError, match=r"adm\.npz.*\['count', 'features', 'extractor'\]"):
         FeatureStats.load(path)
+    for name, write in (("garbage.npz", lambda p: p.write_bytes(b"not an archive")),
+                        ("array.npy", lambda p: np.save(p, np.zeros(3)))):
+        write(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}.*not an .npz"):
+            FeatureStats.load(tmp_path / name)
 
 
 def test_image_folder_batches_give_the_files_pixels(tmp_path):
@@ -204,8 +212,8 @@ def test_bad_options_are_refused_before_reading_any_batch(extractor, reference):
     with pytest.raises(ValueError, match="`metrics`.*'kid'"):
         evaluate(never_iterated(), reference, extractor, metrics=["fid", "kid"])
     with pytest.raises(ValueError, match="'is'.*no logits"):
-        evaluate(never_iterated(), feature_stats(as_batches(smooth_images(8)), TinyConvExtractor()), TinyConvExtractor(),
-                 metrics=["is"])
+        no_logits = TinyConvExtractor()
+        evaluate(never_iterated(), feature_stats(as_batches(smooth_images(8)), no_logits), no_logits, metrics=["is"])
     with pytest.raises(ValueError, match="precision / recall.*keeps 0 features"):
         evaluate(never_iterated(), feature_stats(as_batches(smooth_images(8)), extractor, max_features=0), extractor,
                  metrics=["recall"])

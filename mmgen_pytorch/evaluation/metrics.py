@@ -15,8 +15,10 @@ the features for precision / recall) come from any iterable of uint8 batches (fo
 :func:`image_folder_batches`) and are cached to an ``.npz`` with the extractor's identity; a cache from
 another extractor is refused (:func:`reference_stats`).
 
-sFID is not provided: it is the FID of Inception's spatial ``mixed_6/conv`` features (the first 7 of
-its channels over the 17x17 grid), which neither torchmetrics nor torch-fidelity's extractor exposes.
+sFID is not provided: it is the FID of Inception's spatial ``mixed_6/conv`` features (ADM keeps the first
+7 channels of that 17x17 map), which neither torchmetrics nor torch-fidelity's extractor returns (their
+``768`` feature is that stage averaged over space); taking them would mean hooking torch-fidelity's
+internal layers, which could not be checked against ADM's numbers here.
 
 Needs torchmetrics and numpy (the ``eval`` extra: ``pip install mmgen-pytorch[eval]``), imported on first use.
 """
@@ -134,10 +136,16 @@ class FeatureStats:
 
         path = Path(path)
         check(path.is_file(), f"the statistics file {str(path)!r} does not exist", error=FileNotFoundError)
-        with np.load(path, allow_pickle=False) as data:
+        not_stats = f"the statistics file {str(path)!r} is not an .npz archive written by FeatureStats.save"
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{not_stats} ({error})") from error
+        check(hasattr(archive, "files"), f"{not_stats} (it holds a single array)")
+        with archive as data:
             missing = [key for key in STATS_KEYS if key not in data.files]
-            check(not missing, f"the statistics file {str(path)!r} lacks {missing}: expected the keys {list(STATS_KEYS)} "
-                               f"written by FeatureStats.save")
+            check(not missing, f"the statistics file {str(path)!r} lacks {missing}: expected the keys "
+                               f"{list(STATS_KEYS)} written by FeatureStats.save")
             stats = cls(mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),
                         count=int(data["count"]), features=torch.from_numpy(data["features"]),
                         extractor=str(data["extractor"]))
@@ -213,7 +221,12 @@ def reference_stats(batches: Iterable[Tensor], extractor: FeatureExtractor, *, c
 
     Raises:
         ValueError: the cache was computed with another extractor (both identities named).
+        FileNotFoundError: ``cache``'s folder does not exist (checked before any image is read).
     """
+    if cache is not None:
+        check(Path(cache).is_file() or (not Path(cache).exists() and Path(cache).parent.is_dir()),
+              f"`cache` {str(cache)!r} must be a statistics file or a new file in an existing folder",
+              error=FileNotFoundError)
     if cache is not None and Path(cache).is_file():
         return FeatureStats.load(cache, extractor)
     stats = feature_stats(batches, extractor, max_features=max_features, seed=seed)
@@ -305,7 +318,8 @@ def _wanted_metrics(metrics: Optional[Sequence[str]], extractor: FeatureExtracto
     """The metrics to compute (None: all that ``extractor`` and ``reference`` allow), checked up front."""
     can_pr = len(reference.features) > NEIGHBOURS
     if metrics is None:
-        return [m for m in METRICS if (m != "is" or extractor.num_classes) and (m not in ("precision", "recall") or can_pr)]
+        possible = {"fid": True, "is": extractor.num_classes is not None, "precision": can_pr, "recall": can_pr}
+        return [name for name in METRICS if possible[name]]
     check(not isinstance(metrics, str) and all(m in METRICS for m in metrics),
           f"`metrics` must be a sequence of names from {list(METRICS)}, got {metrics!r}")
     check("is" not in metrics or extractor.num_classes is not None,
