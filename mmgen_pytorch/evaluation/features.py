@@ -16,6 +16,7 @@ which reference-statistics caches record so that statistics from another extract
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -66,7 +67,7 @@ def uint8_to_images(images: UInt8[Tensor, "n 3 h w"]) -> Float[Tensor, "n 3 h w"
 
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module``'s parameters (or buffers) live; CPU for a module without either."""
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     return torch.device("cpu") if tensor is None else tensor.device
 
 
