@@ -250,17 +250,20 @@ def _device(requested: Optional[str]) -> str:
 
     if requested is not None:
         return requested
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
 
 
-def _init_distributed(device: str) -> bool:
-    """torch.distributed from torchrun's environment (gloo on CPU, nccl on CUDA); True when this call
-    initialised it. The barrier before the .npz waits for the slowest shard: a generous timeout."""
+def _init_distributed() -> bool:
+    """torch.distributed from torchrun's environment; True when this call initialised it. Gloo on any
+    device: the shards exchange nothing but the barrier before the .npz (so several processes may share
+    one GPU, which NCCL refuses), which waits for the slowest shard: a generous timeout."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    dist.init_process_group(backend="gloo", timeout=timedelta(hours=6))
     return True
 
 
@@ -278,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     from .evaluation.sampling import sample_images
 
     device = _device(args.device)
-    started = _init_distributed(device)
+    started = _init_distributed()
     try:
         model, tokenizer, weights = load_for_sampling(source, args, device)
         record = dict(source=str(source.model_dir.resolve()), weights=weights, tokenizer=_tokenizer_name(source, args),
