@@ -391,8 +391,9 @@ def _named_prefixes(module: nn.Module):
     return ((name + "." if name else "", sub) for name, sub in module.named_modules())
 
 
-def write_atomically(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temporary file and rename it: an interrupted save never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomically(path: Path, write: Callable[[str], Any], *, tmp_suffix: str = ".tmp") -> None:
+    """Write through a temporary file and rename it: an interrupted save never leaves a truncated file.
+    Processes that may write the same file at once each give their own ``tmp_suffix``."""
+    tmp = path.with_name(path.name + tmp_suffix)
     write(str(tmp))
     os.replace(tmp, path)

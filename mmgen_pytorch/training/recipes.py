@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..data import sample_latent
 from ..data.cache import encode_images
-from .config import NEEDS_TOKENIZER, Config, ConfigError, model_presets
+from .._utils import check
+from .config import MODELS, NEEDS_TOKENIZER, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
 
@@ -166,7 +167,7 @@ LOSSES: Dict[str, Callable[..., Tensor]] = dict(MAR=mar_loss, LlamaGen=code_loss
                                                Transfusion=transfusion_loss, MonoFormer=monoformer_loss)
 
 
-# sample grids
+# sample grids and sampling at scale (mmgen_pytorch.evaluation.sampling): one way to draw images
 
 
 def grid_labels(config: Config, num_classes: Optional[int]) -> Optional[List[int]]:
@@ -180,39 +181,119 @@ def grid_labels(config: Config, num_classes: Optional[int]) -> Optional[List[int
 def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],
                  num_classes: Optional[int]) -> Optional[Tensor]:
     """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid."""
-    spec, name = config.sample, config.model.name
-    labels = grid_labels(config, num_classes)
-    options = dict(generator=spec.seed, progress=False)
+    spec = config.sample
     device = next(model.parameters()).device
+    condition = {"label": torch.tensor(grid_labels(config, num_classes) or [-1] * spec.num, device=device)}
+    if sampling_problem(model, tokenizer, condition) is not None:
+        return None
+    return generate_images(model, tokenizer, condition, generator=spec.seed, cfg=spec.cfg, steps=spec.steps,
+                           temperature=spec.temperature)
+
+
+def model_name(model: nn.Module) -> str:
+    """Which of the five models ``model`` is (one of ``config.MODELS``), subclasses first."""
+    import mmgen_pytorch
+
+    for name in ("MAR", "DnDTransformer", "LlamaGen", "MonoFormer", "Transfusion"):
+        if isinstance(model, getattr(mmgen_pytorch, name)):
+            return name
+    raise TypeError(f"`model` must be one of {list(MODELS)}, got {type(model).__name__}")
+
+
+def class_count(model: nn.Module) -> Optional[int]:
+    """The classes a class-conditional model takes (MAR, a c2i LlamaGen / DnD); None for the others."""
+    name = model_name(model)
     if name == "MAR":
-        if tokenizer is None:
-            return None
-        out = model.sample(labels, batch_size=None if labels else spec.num, num_iter=spec.steps or 64,
-                           cfg_scale=spec.cfg, temperature=spec.temperature, **options)
-        return _to_unit(tokenizer.decode(out.latents.to(device) / model.vae_scale))
+        return model.num_classes
+    if name in ("LlamaGen", "DnDTransformer") and model.model_type == "c2i":
+        return model.prefix_embed.num_classes
+    return None
+
+
+def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition: Batch) -> Optional[str]:
+    """Why :func:`generate_images` cannot draw ``condition`` with ``model`` (+ ``tokenizer``); None when it can.
+    ``condition`` is a batch as in training: ``label`` ``[n]`` (-1: none) or ``caption_ids`` + ``caption_mask``."""
+    name, captions = model_name(model), "caption_ids" in condition
+    labelled = None if captions else (condition["label"] >= 0)
+    if name == "MAR":
+        if tokenizer is None and model.vae is None:
+            return "MAR draws KL latents: give the KL tokenizer that decodes them"
+        return "MAR is class-conditional: it takes no captions" if captions else _all_or_none(labelled, name)
     if name in ("LlamaGen", "DnDTransformer"):
-        if tokenizer is None or model.model_type != "c2i":
-            return None
-        generated = model.generate(torch.tensor(labels or [0] * spec.num, device=device), cfg_scale=spec.cfg,
-                                   temperature=spec.temperature, **options)
+        if tokenizer is None:
+            return f"{name} draws VQ / RQ codes: give the tokenizer that decodes them"
+        if model.model_type == "c2i":
+            return (f"a c2i {name} takes class labels, not captions" if captions else
+                    None if bool(labelled.all()) else f"a c2i {name} needs a class label for every image")
+        if not captions or model.caption_encoder is None:
+            return (f"a t2i {name} needs captions" if not captions else
+                    f"this t2i {name} has no `caption_encoder`: it cannot take caption text")
+        return None
+    channels = model.latent_shape[0] if name == "MonoFormer" else model.modalities[0].dim_latent
+    if tokenizer is None and channels != 3:
+        return f"{name} draws {channels}-channel latents: give the KL tokenizer that decodes them"
+    return None if captions else _all_or_none(labelled, name)
+
+
+def _all_or_none(labelled: Tensor, name: str) -> Optional[str]:
+    mixed = bool(labelled.any()) and not bool(labelled.all())
+    return f"{name} draws one batch class-conditional or not: give labels for all images or for none" if mixed else None
+
+
+@torch.no_grad()
+def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition: Batch, *, generator: Any,
+                    cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0, progress: bool = False,
+                    **options) -> Tensor:
+    """``[n, 3, H, W]`` in [0, 1]: one image per row of ``condition`` (see :func:`sampling_problem`), drawn by
+    the model's own sampler with ``generator`` (an int seed or a ``torch.Generator``). ``cfg``, ``temperature``
+    and ``steps`` (MAR ``num_iter``, default 64; MonoFormer DDPM steps, default 20; Transfusion ODE steps,
+    default 16; LlamaGen / DnD: none) are named alike for every model; ``options`` go to the sampler as
+    they are (``cfg_schedule``, ``top_k``, ``top_p``, ``num_sampling_steps``, ...)."""
+    problem = sampling_problem(model, tokenizer, condition)
+    check(problem is None, problem or "")
+    name, device = model_name(model), next(model.parameters()).device
+    condition = {key: value.to(device) for key, value in condition.items()}
+    common = dict(generator=generator, progress=progress, **options)
+    if name == "MAR":
+        labels = _labels(condition)
+        out = model.sample(labels, batch_size=None if labels is not None else len(condition["label"]),
+                           num_iter=steps or 64, cfg_scale=cfg, temperature=temperature, **common)
+        decoder = tokenizer if tokenizer is not None else model.vae
+        return _to_unit(decoder.decode(out.latents.to(device) / model.vae_scale))
+    if name in ("LlamaGen", "DnDTransformer"):
+        check(steps is None, f"`steps`: {name} draws one position per step, all of them; give no `steps`")
+        generated = model.generate(condition.get("caption_ids", condition.get("label")), cfg_scale=cfg,
+                                   temperature=temperature, **common)
         return _to_unit(tokenizer.decode_code(generated))
+    texts = _texts(condition)
     if name == "MonoFormer":
-        prompts = [torch.tensor([label], device=device) if label is not None and label >= 0
-                   else torch.zeros(0, dtype=torch.long, device=device) for label in (labels or [None] * spec.num)]
-        latents = model.generate_images(prompts, cfg_scale=spec.cfg, steps=spec.steps or 20, **options)
+        prompts = [text if text is not None else torch.zeros(0, dtype=torch.long, device=device) for text in texts]
+        latents = model.generate_images(prompts, cfg_scale=cfg, steps=steps or 20, temperature=temperature, **common)
         return _decoded(latents, tokenizer)
-    latents = model.generate_modality_only(spec.num, modality_steps=spec.steps or 16, **options)
+    check(temperature == 1.0, f"`temperature`: Transfusion's flow sampler has none (1.0), got {temperature}")
+    if texts[0] is None:
+        latents = model.generate_modality_only(len(texts), modality_steps=steps or 16, **common)
+    else:
+        samples = model.sample([[text] for text in texts], max_length=1, max_length_counts="generated",
+                               cfg_scale=cfg, modality_steps=steps or 16, force_modality_at_start=0,
+                               max_modalities=1, **common)
+        latents = torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
     return _decoded(latents.permute(0, 3, 1, 2), tokenizer)
 
 
-def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Optional[Tensor]:
+def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Tensor:
     if tokenizer is not None:
         return _to_unit(tokenizer.decode(latents / tokenizer.scale_factor))
-    return _to_unit(latents) if latents.shape[1] == 3 else None
+    return _to_unit(latents)
 
 
 def _to_unit(images: Tensor) -> Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] (any layout) -> uint8 pixels, rounded to the nearest level."""
+    return (images.float() * 255).round().to(torch.uint8)
 
 
 def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:
@@ -226,5 +307,5 @@ def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:
     for index, image in enumerate(images.cpu()):
         row, col = divmod(index, per_row)
         canvas[:, row * height:(row + 1) * height, col * width:(col + 1) * width] = image
-    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    pixels = to_uint8(canvas).permute(1, 2, 0).contiguous().numpy()
     pil_image_module().fromarray(pixels).save(path)

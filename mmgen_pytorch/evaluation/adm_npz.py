@@ -1,0 +1,140 @@
+"""ADM's sample / reference-batch format (openai/guided-diffusion's evaluator): one ``.npz`` file, as
+``np.savez`` writes it, holding ``arr_0``, the images as uint8 ``[N, H, W, 3]``, and ``arr_1``, their
+class labels ``[N]``, when the samples are class-conditional.
+
+:func:`save_adm_npz` writes arrays held in memory; :func:`save_adm_npz_from_pngs` streams PNG files into
+the same layout one image at a time (50k 256² images are 9.8 GB: never held at once). Both go through one
+writer that stores each array uncompressed as ``np.savez`` does, so ``np.load`` and the ADM evaluator
+read the result; the file appears under its name only once complete. :func:`load_adm_npz` reads and
+checks one.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .._utils import check, describe
+from ..saving import write_atomically
+
+PathLike = Union[str, os.PathLike]
+IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"
+
+
+class ADMBatch(NamedTuple):
+    images: np.ndarray             # uint8 [N, H, W, 3]
+    labels: Optional[np.ndarray]   # int64 [N], or None when the file holds no labels
+
+
+# writing
+
+
+def save_adm_npz(path: PathLike, images, labels=None) -> Path:
+    """``images`` (uint8 ``[N, H, W, 3]``, a NumPy array or a CPU tensor) and optional ``labels``
+    (integers ``[N]``) written to ``path`` as ``arr_0`` / ``arr_1``."""
+    images = _as_array("images", images)
+    check(images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3 and images.shape[0] > 0,
+          f"`images` must be uint8 [N, H, W, 3] with N >= 1 (channel-last RGB), got {_describe_array(images)}")
+    labels = None if labels is None else _checked_labels("labels", _as_array("labels", labels), len(images))
+    return _write_npz(Path(path), images.shape, (np.ascontiguousarray(image) for image in images), labels)
+
+
+def save_adm_npz_from_pngs(path: PathLike, files: Sequence[PathLike], labels=None) -> Path:
+    """The PNG ``files`` (RGB, all of one size), in order, as ``arr_0`` of ``path`` (plus ``labels`` as
+    ``arr_1``); each file is read when it is written, so memory holds one image at a time."""
+    check(len(files) > 0, "`files` is empty: give at least one PNG")
+    missing = [str(file) for file in files if not Path(file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"`files`: {len(missing)} of {len(files)} do not exist, the first {missing[0]!r}")
+    labels = None if labels is None else _checked_labels("labels", _as_array("labels", labels), len(files))
+    first = read_png(files[0])
+    shape = (len(files), *first.shape)
+
+    def rows():
+        yield first
+        for file in files[1:]:
+            image = read_png(file)
+            check(image.shape == first.shape, f"{str(file)!r} is {image.shape[1]}x{image.shape[0]}, but "
+                                              f"{str(files[0])!r} is {first.shape[1]}x{first.shape[0]}: one size only")
+            yield image
+    return _write_npz(Path(path), shape, rows(), labels)
+
+
+def read_png(path: PathLike) -> np.ndarray:
+    """An image file as uint8 ``[H, W, 3]`` RGB."""
+    from ..data.images import pil_image_module
+
+    with pil_image_module().open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _write_npz(path: Path, shape: Tuple[int, ...], rows: Iterable[np.ndarray], labels: Optional[np.ndarray]) -> Path:
+    """``np.savez``'s layout (a zip of uncompressed ``.npy`` members) written row by row."""
+    check(path.suffix == ".npz", f"`path` must end in .npz (np.load tells the format by it), got {str(path)!r}")
+    check(path.parent.is_dir(), f"`path`: the folder {str(path.parent)!r} does not exist", error=FileNotFoundError)
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            _write_member(archive, IMAGES_KEY, shape, np.dtype(np.uint8), rows)
+            if labels is not None:
+                _write_member(archive, LABELS_KEY, labels.shape, labels.dtype, [labels])
+    write_atomically(path, write)
+    return path
+
+
+def _write_member(archive: zipfile.ZipFile, name: str, shape: Tuple[int, ...], dtype: np.dtype,
+                  chunks: Iterable[np.ndarray]) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in chunks:
+            member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+# reading
+
+
+def load_adm_npz(path: PathLike) -> ADMBatch:
+    """``(images uint8 [N, H, W, 3], labels int64 [N] or None)`` from an ADM ``.npz`` file, checked."""
+    path = Path(path)
+    check(path.is_file(), f"ADM batch {str(path)!r} does not exist", error=FileNotFoundError)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files if key in (IMAGES_KEY, LABELS_KEY)}
+            keys = list(archive.files)
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{str(path)!r} is not an .npz archive of arrays (np.savez): {error}") from None
+    check(IMAGES_KEY in arrays, f"{str(path)!r} has no `{IMAGES_KEY}` (the images); it holds {keys}")
+    images = arrays[IMAGES_KEY]
+    check(images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3,
+          f"`{IMAGES_KEY}` in {str(path)!r} must be uint8 [N, H, W, 3], got {_describe_array(images)}")
+    labels = arrays.get(LABELS_KEY)
+    if labels is not None:
+        labels = _checked_labels(f"`{LABELS_KEY}` in {str(path)!r}", labels, len(images), quoted=True)
+    return ADMBatch(images, labels)
+
+
+# checks
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    check(isinstance(value, np.ndarray), f"`{name}` must be a NumPy array or a tensor, got {describe(value)}",
+          error=TypeError)
+    return value
+
+
+def _checked_labels(name: str, labels: np.ndarray, count: int, *, quoted: bool = False) -> np.ndarray:
+    where = name if quoted else f"`{name}`"
+    check(labels.ndim == 1 and labels.shape[0] == count and np.issubdtype(labels.dtype, np.integer),
+          f"{where} must be integer class labels [{count}] (one per image), got {_describe_array(labels)}")
+    return labels.astype(np.int64)
+
+
+def _describe_array(array: np.ndarray) -> str:
+    return f"array(shape={tuple(array.shape)}, dtype={array.dtype})"

@@ -1,0 +1,302 @@
+"""Draw N images for evaluation from a trained model: PNGs plus ADM's ``.npz`` (see
+:mod:`mmgen_pytorch.evaluation.sampling` for the folder layout, sharding and resuming).
+
+    python -m mmgen_pytorch.sample SOURCE --num N --out DIR [--cfg S] [--temperature T] [--steps K]
+        [--batch-size B] [--seed S] [--prompts FILE] [--num-classes C] [--tokenizer DIR] [--preset NAME]
+    torchrun --nproc_per_node 2 -m mmgen_pytorch.sample SOURCE --num-images N ...   # each process its shard
+    python -m mmgen_pytorch.sample --list-presets
+
+SOURCE is a training output folder (``config.yaml`` + ``checkpoints/step-*``: the latest complete
+checkpoint, its EMA weights when saved, the tokenizer of the config) or a model folder written by
+``save`` / ``save_pretrained`` (``config.json`` + ``model.safetensors``; ``ema.safetensors`` beside them
+is used too), whose tokenizer ``--tokenizer`` names (a folder saved by this library). ``--preset`` sets
+an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. Every
+flag is checked before the model is loaded. Rerunning the same command resumes: written images are kept.
+Under torchrun, spell ``--num`` as ``--num-images``: torchrun's parser reads ``--num`` as an ambiguous
+abbreviation of its own ``--numa-binding`` and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .training.config import MODELS, NEEDS_TOKENIZER, Config, ConfigError
+
+# the CLI's sampler flags (argparse dest = the option generate_images takes) and the models that take them
+SAMPLER_FLAGS = {
+    "cfg": ("guidance scale (1: none)", float, MODELS),
+    "temperature": ("sampling temperature (MAR, MonoFormer: the diffusion noise; LlamaGen, DnD: the logits)",
+                    float, ("MAR", "LlamaGen", "DnDTransformer", "MonoFormer")),
+    "steps": ("MAR autoregressive steps; MonoFormer DDPM / Transfusion ODE steps", int,
+              ("MAR", "MonoFormer", "Transfusion")),
+    "cfg_schedule": ("MAR's guidance schedule: linear or constant", str, ("MAR",)),
+    "num_sampling_steps": ("MAR's diffusion-head steps (a respacing such as 100)", str, ("MAR",)),
+    "top_k": ("LlamaGen / DnD top-k filter (0: off)", int, ("LlamaGen", "DnDTransformer")),
+    "top_p": ("LlamaGen / DnD nucleus filter (1: off)", float, ("LlamaGen", "DnDTransformer")),
+}
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    """An upstream paper's published evaluation settings, as data; ``notes`` say where a value comes from
+    or that the reference documents do not give it (then the library default is used)."""
+    model: str
+    num: int
+    options: Dict[str, Any]
+    notes: Tuple[str, ...] = field(default_factory=tuple)
+
+
+_MAR_NOTES = ("MAR paper Table 4 / README (reference mar.md section 6): ImageNet 256, 256 AR steps, 100 "
+              "diffusion steps, linear CFG, temperature 1.0 with CFG and 0.95 without; FID on 50k images, "
+              "50 per class, against ADM's in256 statistics",)
+_LLAMAGEN_NOTES = ("LlamaGen sample_c2i_ddp.py (reference llamagen.md sections 3 and 6): cfg 2.0 for GPT-B / GPT-L, "
+                   "top-k 0, 50k images; published c2i FIDs B (16x16 tokens) 5.46, L (16x16) 3.80",
+                   "upstream draws 50k random labels; here 50 per class (class-balanced)",
+                   "the reference says the FID script generates at 384 px and bicubic-downsamples to 256; a 16x16-"
+                   "token model draws 256 px images, and whether its published FID went through a resize is not "
+                   "stated: no resize here (the images are the model's)",
+                   "temperature and top-p of the FID script are not in the reference documents: the library "
+                   "defaults (1.0, 1.0; the demo script's values) are used")
+_DND_NOTES = ("DnD-Transformer README and sample_c2i_ddp_v3.py (reference dnd.md sections 2.5, 2.8, 5): ImageNet "
+              "256 16x16x2, cfg 2.0 (XXL) / 1.7 (XXXL), temperature 1.0, top-k 0, top-p 1.0; 50k images, guided-"
+              "diffusion's evaluator (FID 2.58 / 2.21)",
+              "how the 50k labels are drawn is not in the reference documents: here 50 per class")
+
+
+def _mar(cfg: float, temperature: float) -> EvalPreset:
+    options = dict(cfg=cfg, temperature=temperature, steps=256, cfg_schedule="linear", num_sampling_steps="100")
+    return EvalPreset("MAR", 50_000, options, _MAR_NOTES)
+
+
+def _gpt(model: str, cfg: float, notes: Tuple[str, ...]) -> EvalPreset:
+    return EvalPreset(model, 50_000, dict(cfg=cfg, temperature=1.0, top_k=0, top_p=1.0), notes)
+
+
+EVAL_PRESETS: Dict[str, EvalPreset] = {
+    "mar-b": _mar(2.9, 1.0), "mar-l": _mar(3.0, 1.0), "mar-h": _mar(3.2, 1.0),
+    "mar-b-nocfg": _mar(1.0, 0.95), "mar-l-nocfg": _mar(1.0, 0.95), "mar-h-nocfg": _mar(1.0, 0.95),
+    "llamagen-gpt-b-c2i": _gpt("LlamaGen", 2.0, _LLAMAGEN_NOTES),
+    "llamagen-gpt-l-c2i": _gpt("LlamaGen", 2.0, _LLAMAGEN_NOTES),
+    "dnd-xxl": _gpt("DnDTransformer", 2.0, _DND_NOTES), "dnd-xxxl": _gpt("DnDTransformer", 1.7, _DND_NOTES),
+}
+
+
+# the source: read its config files only (cheap), load later
+
+
+@dataclass
+class Source:
+    model_dir: Path                 # config.json + model.safetensors (+ ema.safetensors)
+    model_name: str                 # one of MODELS
+    config: Optional[Config]        # a training run's config
+    required: Tuple[str, ...]       # constructor arguments config.json cannot hold
+
+
+def resolve_source(path: str) -> Source:
+    from .saving import read_config
+    from .train import latest_checkpoint
+    from .training.config import load_config
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SOURCE {path!r} is not a folder (a training output folder or a saved model folder)")
+    config = None
+    if (folder / "config.yaml").is_file():
+        config = load_config(folder / "config.yaml")
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            raise FileNotFoundError(f"SOURCE {path!r}: a training output folder without a complete checkpoint "
+                                    f"under {str(folder / 'checkpoints')!r}")
+        folder = checkpoint
+    elif not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"SOURCE {path!r} holds neither config.yaml (a training output folder) nor "
+                                f"config.json (a model saved with save / save_pretrained)")
+    record = read_config(folder)
+    name = record["class"]
+    if name not in MODELS:
+        raise ValueError(f"SOURCE {path!r} holds a {name}; sampling draws images from {', '.join(MODELS)}")
+    return Source(folder, name, config, tuple(record["required"]))
+
+
+# flags
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", help="a training output folder or a saved model folder")
+    # `--num-images` too: torchrun's own parser refuses `--num` (an abbreviation of its --numa-binding)
+    parser.add_argument("--num", "--num-images", dest="num", type=int, help="number of images (default: the preset's)")
+    parser.add_argument("--out", help="output folder (PNGs, sampling.json, the .npz)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (the images depend on it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", help="captions: a text file, one per line, or JSON Lines")
+    parser.add_argument("--num-classes", type=int,
+                        help="class-balanced labels over this many classes (default: the model's; 0: unconditional)")
+    parser.add_argument("--tokenizer", help="the tokenizer folder (saved by this library) that decodes the samples")
+    parser.add_argument("--preset", help="an upstream evaluation setting: " + ", ".join(EVAL_PRESETS))
+    for name, (text, kind, models) in SAMPLER_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} [{', '.join(models)}]")
+    parser.add_argument("--device", help="default: cuda (this process's local rank) when available, else cpu")
+    parser.add_argument("--no-ema", action="store_true", help="the model's weights even when EMA weights exist")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--list-presets", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.list_presets and (args.source is None or args.out is None):
+        parser.error("give SOURCE and --out DIR")
+    return args
+
+
+def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Any]:
+    """The preset's options, then the flags given; each must be one the model's sampler takes."""
+    preset = EVAL_PRESETS[args.preset] if args.preset else None
+    if preset is not None and preset.model != source.model_name:
+        raise ValueError(f"--preset {args.preset} is for {preset.model}, but SOURCE holds a {source.model_name}")
+    given = {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
+    for name in given:
+        if source.model_name not in SAMPLER_FLAGS[name][2]:
+            raise ValueError(f"--{name.replace('_', '-')}: {source.model_name}'s sampler has no such option "
+                             f"(it is for {', '.join(SAMPLER_FLAGS[name][2])})")
+    return {**(preset.options if preset else {}), **given}
+
+
+def check_flags(args: argparse.Namespace) -> Tuple[Source, Dict[str, Any]]:
+    """Every flag checked, nothing loaded but config files: the source, the settings sample_images records."""
+    from .evaluation.sampling import read_prompts, sampling_settings
+
+    if args.preset is not None and args.preset not in EVAL_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(EVAL_PRESETS)}, got {args.preset!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {args.out!r} is a file, not a folder")
+    source = resolve_source(args.source)
+    options = sampler_options(args, source)
+    num = args.num if args.num is not None else (EVAL_PRESETS[args.preset].num if args.preset else None)
+    if num is None:
+        raise ValueError("--num: give the number of images (or a --preset that sets it)")
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    if prompts is not None and source.model_name in ("MAR", "DnDTransformer"):
+        raise ValueError(f"--prompts: {source.model_name} is class-conditional; it takes no captions")
+    _check_tokenizer(args, source)
+    if args.device is not None:
+        import torch
+
+        try:
+            torch.device(args.device)
+        except RuntimeError as error:
+            raise ValueError(f"--device {args.device!r}: {error}") from None
+    kwargs = dict(num=num, batch_size=args.batch_size, seed=args.seed, num_classes=args.num_classes, prompts=prompts,
+                  max_caption_length=_max_caption_length(source))
+    sampling_settings(**kwargs, options=options)  # raises naming the argument
+    return source, dict(kwargs, **options)
+
+
+def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
+    from .saving import read_config
+
+    if args.tokenizer is not None:
+        read_config(args.tokenizer)  # a saved model folder, or a FileNotFoundError naming it
+        return
+    spec = source.config.tokenizer if source.config is not None else None
+    has_one = spec is not None and (spec.path is not None or spec.from_official is not None)
+    if source.model_name in NEEDS_TOKENIZER and not has_one:
+        kind = NEEDS_TOKENIZER[source.model_name].upper()
+        raise ValueError(f"--tokenizer: {source.model_name} draws {kind} latents / codes; give the folder of the "
+                         f"{kind} tokenizer that decodes them")
+
+
+def _max_caption_length(source: Source) -> int:
+    from .training.config import DataConfig
+
+    return (source.config.data if source.config is not None else DataConfig()).max_caption_length
+
+
+# loading
+
+
+def load_for_sampling(source: Source, args: argparse.Namespace, device: str):
+    """``(model, tokenizer, weights)``: the model on ``device`` in eval mode, its EMA weights loaded unless
+    ``--no-ema`` (``weights`` says which), and the tokenizer (``--tokenizer`` or the run's)."""
+    from .checkpoint import EMA_WEIGHTS_FILE
+    from .saving import load_model, load_weights
+    from .training.config import ModelConfig, TokenizerConfig
+    from .training.recipes import load_tokenizer
+
+    config = source.config or Config(model=ModelConfig(name=source.model_name))
+    if args.tokenizer is not None:
+        config = dataclasses.replace(config, tokenizer=TokenizerConfig(path=args.tokenizer))
+    tokenizer = load_tokenizer(config)
+    attached = {name: tokenizer for name in ("vae", "tokenizer") if name in source.required}
+    model = load_model(source.model_dir, **attached)
+    ema = source.model_dir / EMA_WEIGHTS_FILE
+    weights = "ema" if ema.is_file() and not args.no_ema else "model"
+    if weights == "ema":
+        load_weights(model, ema)
+    model = model.to(device).eval().requires_grad_(False)
+    return model, None if tokenizer is None else tokenizer.to(device), weights
+
+
+def _tokenizer_name(source: Source, args: argparse.Namespace) -> Optional[str]:
+    if args.tokenizer is not None:
+        return str(Path(args.tokenizer).resolve())
+    spec = source.config.tokenizer if source.config is not None else None
+    return None if spec is None else spec.path or spec.from_official
+
+
+def _device(requested: Optional[str]) -> str:
+    import torch
+
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
+def _init_distributed() -> bool:
+    """torch.distributed from torchrun's environment; True when this call initialised it. Gloo on any
+    device: the shards exchange nothing but the barrier before the .npz (so several processes may share
+    one GPU, which NCCL refuses), which waits for the slowest shard: a generous timeout."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="gloo", timeout=timedelta(hours=6))
+    return True
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    args = parse_args(argv)
+    if args.list_presets:
+        for name, preset in EVAL_PRESETS.items():
+            print(f"{name}: {preset.model}, {preset.num} images, {preset.options}")
+            print("".join(f"    {note}\n" for note in preset.notes), end="")
+        return None
+    try:
+        source, settings = check_flags(args)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"sample: {error}") from None
+    from .evaluation.sampling import sample_images
+
+    device = _device(args.device)
+    started = _init_distributed()
+    try:
+        model, tokenizer, weights = load_for_sampling(source, args, device)
+        record = dict(source=str(source.model_dir.resolve()), weights=weights, tokenizer=_tokenizer_name(source, args),
+                      preset=args.preset)
+        return sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
