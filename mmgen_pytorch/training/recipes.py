@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..data import sample_latent
 from ..data.cache import encode_images
-from .config import NEEDS_TOKENIZER, Config, ConfigError, model_presets
+from .config import NEEDS_TOKENIZER, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
 
@@ -69,6 +69,9 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
     if spec.name == "MAR" and tokenizer is not None:
         kwargs.setdefault("vae_scale", tokenizer.scale_factor)
     try:
+        if spec.name in TOKENIZERS:  # a config dataclass (preset) with field overrides; lists -> tuples
+            overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
+            return cls(spec.preset, **overrides) if spec.preset is not None else cls(**overrides)
         if spec.preset is None:
             return cls(**kwargs)
         if hasattr(cls, "from_preset"):
@@ -179,8 +182,11 @@ def grid_labels(config: Config, num_classes: Optional[int]) -> Optional[List[int
 @torch.no_grad()
 def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],
                  num_classes: Optional[int]) -> Optional[Tensor]:
-    """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid."""
+    """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid
+    (a tokenizer being trained draws none: it reconstructs, it does not generate)."""
     spec, name = config.sample, config.model.name
+    if name in TOKENIZERS:
+        return None
     labels = grid_labels(config, num_classes)
     options = dict(generator=spec.seed, progress=False)
     device = next(model.parameters()).device
