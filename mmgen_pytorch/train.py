@@ -17,6 +17,13 @@ continues from the latest checkpoint: on one process with ``data.num_workers: 0`
 bit-identical to an uninterrupted one (same batches, same random draws, same weights). With workers, the
 augmentation draws after a resume come from new worker seeds (still seeded, not the same).
 
+A tokenizer (``model.name`` VQVAE, AutoencoderKL or RQVAE; configs ``llamagen-vq-16``, ``mar-kl-16``,
+``dnd-rqvae``) trains on images with :class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss` as its upstream
+does: each step updates the tokenizer, then its PatchGAN discriminator (from ``tokenizer_loss.disc_start``),
+each with its own optimizer; checkpoints add ``discriminator.safetensors`` and its optimizer / scheduler
+states, and the checkpoint folder loads as the tokenizer (``VQVAE.load(folder)``). LPIPS needs torchvision's
+VGG16 and the lpips package's linear weights as local files (``tokenizer_loss.vgg16_path`` / ``lpips_path``).
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
@@ -372,7 +379,8 @@ def train_loop(config: Config, state: State, loader: DataLoader, start: int, out
 def log_step(accelerator, output_dir: Path, step: int, terms: Dict[str, List[torch.Tensor]], lr: float) -> float:
     """Log each term's mean over the micro-steps since the last log and over the processes (``loss`` first;
     a tokenizer's ``disc_loss`` over the steps that had one); returns the loss."""
-    values = {key: accelerator.reduce(torch.stack(parts).mean(), reduction="mean").item() for key, parts in terms.items()}
+    values = {key: accelerator.reduce(torch.stack(parts).mean(), reduction="mean").item()
+              for key, parts in terms.items()}
     if accelerator.is_main_process:
         with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
             file.write(json.dumps(dict(step=step, **values, lr=lr)) + "\n")

@@ -153,8 +153,9 @@ def read_vgg16_weights(path: PathLike, trunk: VGG16Features) -> dict:
     other key is refused by name."""
     state_dict = _read_state_dict(path, "torchvision's vgg16 ImageNet weights (vgg16-397923af.pth)")
     features = {key: value for key, value in state_dict.items() if key not in VGG16_CLASSIFIER_KEYS}
-    check_state_dict(trunk.state_dict(), features, target="the LPIPS VGG16 trunk (torchvision's vgg16 "
-                     "`features.{0..28}.weight/bias`, optionally with its `classifier.{0,3,6}.*`)", source=f"file {str(path)!r}")
+    check_state_dict(trunk.state_dict(), features, source=f"file {str(path)!r}",
+                     target="the LPIPS VGG16 trunk (torchvision's vgg16 `features.{0..28}.weight/bias`, "
+                            "optionally with its `classifier.{0,3,6}.*`)")
     return features
 
 

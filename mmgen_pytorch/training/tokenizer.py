@@ -2,15 +2,14 @@
 reconstruction + perceptual + its regulariser + the GAN term, then the PatchGAN discriminator on real
 images and the detached reconstructions, each with its own optimizer (``optim``'s settings, as upstream).
 Before ``tokenizer_loss.disc_start`` the GAN terms are off and the discriminator is neither run nor stepped
-(upstream runs it with a zero weight: its Adam state stays zero, so only the bias-correction step count
-differs)."""
+(upstream runs it with a zero weight: its Adam state stays zero, so only Adam's bias-correction step count
+differs); its learning-rate schedule starts at ``disc_start`` (RQ-VAE's; LlamaGen's and LDM's are constant)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Dict
 
-import torch
 from torch import Tensor, nn
 
 from ..tokenizers.losses import LPIPS, NLayerDiscriminator, TokenizerLoss, last_decoder_layer, regularization
