@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +25,28 @@ TRAINING_STATE_FILE = "training_state.pt"
 
 # training state
 
+
+class TrainedPart(NamedTuple):
+    """A second module trained alongside the model with its own optimizer (a tokenizer's discriminator)."""
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+
+
 def save_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                        ema: Optional[nn.Module] = None, scheduler: Any = None, grad_scaler: Any = None) -> Path:
+                        ema: Optional[nn.Module] = None, scheduler: Any = None, grad_scaler: Any = None,
+                        parts: Mapping[str, TrainedPart] = {}) -> Path:
     """Everything needed to continue training exactly where it stopped, in ``folder``:
 
     - ``model.safetensors`` (+ ``config.json`` for a :class:`Checkpointable` model, so
       ``Model.load(folder)`` also works) and, with ``ema`` (an ``ema_pytorch.EMA``), ``ema.safetensors``;
     - ``training_state.pt``: ``step``, the optimizer / scheduler / grad-scaler state dicts, the EMA's
       counters and the RNG states (torch CPU, every CUDA device, Python ``random``, NumPy), stored as
-      tensors and plain values that ``torch.load(weights_only=True)`` reads.
+      tensors and plain values that ``torch.load(weights_only=True)`` reads;
+    - for each of ``parts`` (name -> :class:`TrainedPart`), ``{name}.safetensors`` and its optimizer /
+      scheduler states in ``training_state.pt``.
     """
+    _check_parts(parts)
     check(isinstance(step, int) and not isinstance(step, bool) and step >= 0,
           f"`step` must be a non-negative int, got {describe(step)}", error=TypeError)
     folder = Path(folder)
@@ -46,20 +58,26 @@ def save_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.
         save_weights(model, folder / WEIGHTS_FILE)
     if ema is not None:
         save_weights(_ema_model(ema), folder / EMA_WEIGHTS_FILE)
+    for name, part in parts.items():
+        save_weights(_unwrapped(part.module), folder / f"{name}.safetensors")
     state = dict(format=FORMAT, step=step, optimizer=optimizer.state_dict(),
                  scheduler=None if scheduler is None else scheduler.state_dict(),
                  grad_scaler=None if grad_scaler is None else grad_scaler.state_dict(),
-                 ema=None if ema is None else _ema_counters(ema), rng=get_rng_states())
+                 ema=None if ema is None else _ema_counters(ema), rng=get_rng_states(),
+                 parts={name: dict(optimizer=part.optimizer.state_dict(),
+                                   scheduler=None if part.scheduler is None else part.scheduler.state_dict())
+                        for name, part in parts.items()})
     write_atomically(folder / TRAINING_STATE_FILE, lambda tmp: torch.save(state, tmp))
     return folder
 
 
 def load_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         ema: Optional[nn.Module] = None, scheduler: Any = None, grad_scaler: Any = None,
-                        restore_rng: bool = True) -> int:
+                        restore_rng: bool = True, parts: Mapping[str, TrainedPart] = {}) -> int:
     """Restore what :func:`save_training_state` wrote into freshly built objects (same architecture,
     optimizer over the same parameters in the same order) and return the step to continue from. Model and
-    EMA weights load strictly; RNG states are restored unless ``restore_rng=False``.
+    EMA weights load strictly; RNG states are restored unless ``restore_rng=False``. ``parts`` must name
+    the parts the folder was saved with.
 
     Every file is read and every part checked against its target (keys and shapes of the weights, the
     optimizer's parameter groups and state, the scheduler / grad scaler / EMA / RNG states) before anything
@@ -81,6 +99,7 @@ def load_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.
             loads.append(_state_dict_load(name, target, state[name], source))
     if ema is not None:
         loads += [_weights_load(ema_model, folder / EMA_WEIGHTS_FILE), _ema_counters_load(ema, state["ema"], source)]
+    loads += _parts_load(parts, state.get("parts", {}), folder, source)
     if restore_rng:
         loads.append(_rng_load(state["rng"], source))
     for load in loads:  # everything fits: only now is anything changed
@@ -88,7 +107,36 @@ def load_training_state(folder: PathLike, *, model: nn.Module, optimizer: torch.
     return int(state["step"])
 
 
-_TRAINING_STATE_KEYS = {"format", "step", "optimizer", "scheduler", "grad_scaler", "ema", "rng"}
+_TRAINING_STATE_KEYS = {"format", "step", "optimizer", "scheduler", "grad_scaler", "ema", "rng"}  # + "parts"
+
+
+def _check_parts(parts: Mapping[str, TrainedPart]) -> None:
+    check(isinstance(parts, Mapping), f"`parts` must be a mapping of names to TrainedPart, got {describe(parts)}",
+          error=TypeError)
+    for name, part in parts.items():
+        check(isinstance(name, str) and name.isidentifier() and name not in ("model", "ema"),
+              f"`parts` names must be identifiers other than 'model' and 'ema' (they name files), got {name!r}")
+        check(isinstance(part, TrainedPart), f"`parts[{name!r}]` must be a TrainedPart, got {describe(part)}",
+              error=TypeError)
+
+
+def _parts_load(parts: Mapping[str, TrainedPart], saved: Any, folder: Path, source: str) -> List[Callable[[], None]]:
+    """Check every part's weights and states now; the returned calls load them."""
+    _check_parts(parts)
+    check(isinstance(saved, Mapping) and set(saved) == set(parts),
+          f"{source!r} holds the trained parts {sorted(saved) if isinstance(saved, Mapping) else describe(saved)}, "
+          f"but `parts` gives {sorted(parts)}: resume with the parts the run was saved with",
+          error=CheckpointMismatchError)
+    loads = []
+    for name, part in parts.items():
+        where = f"{source} (part {name!r})"
+        loads += [_weights_load(_unwrapped(part.module), folder / f"{name}.safetensors"),
+                  _optimizer_load(part.optimizer, saved[name]["optimizer"], where)]
+        if part.scheduler is not None:
+            check(saved[name]["scheduler"] is not None, f"a scheduler was given for part {name!r} but {source!r} "
+                                                        f"holds none for it", error=ValueError)
+            loads.append(_state_dict_load(f"{name} scheduler", part.scheduler, saved[name]["scheduler"], where))
+    return loads
 
 
 def _read_training_state(file: Path) -> Dict[str, Any]:

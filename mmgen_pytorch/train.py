@@ -17,6 +17,13 @@ continues from the latest checkpoint: on one process with ``data.num_workers: 0`
 bit-identical to an uninterrupted one (same batches, same random draws, same weights). With workers, the
 augmentation draws after a resume come from new worker seeds (still seeded, not the same).
 
+A tokenizer (``model.name`` VQVAE, AutoencoderKL or RQVAE; configs ``llamagen-vq-16``, ``mar-kl-16``,
+``dnd-rqvae``) trains on images with :class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss` as its upstream
+does: each step updates the tokenizer, then its PatchGAN discriminator (from ``tokenizer_loss.disc_start``),
+each with its own optimizer; checkpoints add ``discriminator.safetensors`` and its optimizer / scheduler
+states, and the checkpoint folder loads as the tokenizer (``VQVAE.load(folder)``). LPIPS needs torchvision's
+VGG16 and the lpips package's linear weights as local files (``tokenizer_loss.vgg16_path`` / ``lpips_path``).
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
@@ -28,15 +35,16 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .data.cache import StackFields
-from .training.config import Config, ConfigError, check_world_size, load_config, shipped_configs
+from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
 from .training.recipes import LOSSES, build_dataset, build_model, draw_samples, load_tokenizer, save_grid
+from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
 
@@ -115,7 +123,40 @@ class State:
     optimizer: Any              # prepared
     scheduler: Any
     ema: Any
-    tokenizer: Optional[nn.Module]
+    tokenizer: Optional[nn.Module]   # the frozen tokenizer a generator trains through
+    step: Callable[..., Dict[str, torch.Tensor]]  # one micro-step: (config, state, batch, step) -> logged terms
+    adversary: Optional[Adversary] = None  # tokenizer training: the discriminator, its optimizer and the loss
+
+    def trained(self) -> List[nn.Module]:
+        """The prepared modules that take gradients (for gradient accumulation)."""
+        return [self.model] + ([self.adversary.model] if self.adversary is not None else [])
+
+    def schedulers(self, step: int) -> List[Any]:
+        """The schedulers of the optimizers that stepped at ``step``: the discriminator's schedule starts
+        with its training at ``disc_start`` (as RQ-VAE's; LlamaGen's and LDM's are constant)."""
+        active = self.adversary is not None and self.adversary.loss.gan_active(step)
+        return [self.scheduler] + ([self.adversary.scheduler] if active else [])
+
+    def parts(self) -> dict:
+        """What checkpoints hold besides the model (:class:`~mmgen_pytorch.checkpoint.TrainedPart`)."""
+        from .checkpoint import TrainedPart
+
+        if self.adversary is None:
+            return {}
+        return {DISCRIMINATOR: TrainedPart(self.adversary.inner, self.adversary.optimizer.optimizer,
+                                           self.adversary.scheduler)}
+
+
+def model_step(config: Config, state: State, batch: dict, step: int) -> Dict[str, torch.Tensor]:
+    """One micro-step of a generator: its loss backward and (on the last micro-step) the optimizer step."""
+    accelerator = state.accelerator
+    loss = LOSSES[config.model.name](state.model, state.inner, batch, state.tokenizer)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and config.optim.grad_clip is not None:
+        accelerator.clip_grad_norm_(state.model.parameters(), config.optim.grad_clip)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss.detach())
 
 
 def save_checkpoint(state: State, output_dir: Path, step: int) -> None:
@@ -128,7 +169,7 @@ def save_checkpoint(state: State, output_dir: Path, step: int) -> None:
     accelerator.wait_for_everyone()  # the training state last: a folder with it is complete (latest_checkpoint)
     if accelerator.is_main_process:
         save_training_state(folder, model=state.inner, optimizer=state.optimizer.optimizer, step=step, ema=state.ema,
-                            scheduler=state.scheduler, grad_scaler=accelerator.scaler)
+                            scheduler=state.scheduler, grad_scaler=accelerator.scaler, parts=state.parts())
     accelerator.wait_for_everyone()
 
 
@@ -138,7 +179,8 @@ def resume(state: State, folder: Path) -> int:
     from .files import read_tensor_file
 
     step = load_training_state(folder, model=state.inner, optimizer=state.optimizer.optimizer, ema=state.ema,
-                               scheduler=state.scheduler, grad_scaler=state.accelerator.scaler, restore_rng=False)
+                               scheduler=state.scheduler, grad_scaler=state.accelerator.scaler, restore_rng=False,
+                               parts=state.parts())
     set_rng_states(read_tensor_file(rng_file(folder, state.accelerator.process_index), expected="torch"))
     return step
 
@@ -226,23 +268,38 @@ def make_ema(config: Config, model: nn.Module):
                inv_gamma=1e-12, include_online_model=False)
 
 
-def build(config: Config, accelerator) -> State:
-    torch.manual_seed(config.train.seed)  # the same initial weights on every process
-    tokenizer = load_tokenizer(config)
-    model = build_model(config, tokenizer)
-    if tokenizer is not None:
-        tokenizer.to(accelerator.device)
+def make_optimizer(config: Config, model: nn.Module):
+    """AdamW over ``model`` as ``optim`` says, and its LambdaLR (stepped once per optimizer step)."""
     optim = config.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.decay_1d), lr=optim.lr,
                                   betas=optim.betas)
     schedule = lambda step: learning_rate_factor(step, warmup=optim.warmup_steps, total=config.train.steps,
                                                  schedule=optim.schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def build(config: Config, accelerator) -> State:
+    torch.manual_seed(config.train.seed)  # the same initial weights on every process
+    training_tokenizer = config.model.name in TOKENIZERS
+    loss = build_tokenizer_loss(config) if training_tokenizer else None  # reads the LPIPS files first
+    tokenizer = load_tokenizer(config)
+    model = build_model(config, tokenizer)
+    if tokenizer is not None:
+        tokenizer.to(accelerator.device)
+    optimizer, scheduler = make_optimizer(config, model)
     ema = make_ema(config, model)
-    prepared, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step here
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
-    return State(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, ema, tokenizer)
+    state = State(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, ema, tokenizer,
+                  step=model_step)
+    if training_tokenizer:
+        loss.to(accelerator.device)
+        disc_optimizer, disc_scheduler = make_optimizer(config, loss.discriminator)
+        disc, disc_optimizer = accelerator.prepare(loss.discriminator, disc_optimizer)
+        state.adversary = Adversary(loss, disc, disc_optimizer, disc_scheduler)
+        state.step = tokenizer_step
+    return state
 
 
 def run(config: Config, *, resume_run: bool = False) -> List[float]:
@@ -288,33 +345,29 @@ def train_loop(config: Config, state: State, loader: DataLoader, start: int, out
     from tqdm.auto import tqdm
 
     accelerator, train = state.accelerator, config.train
-    loss_fn = LOSSES[config.model.name]
-    losses, logged, step = [], [], start
+    terms, logged, step = {}, [], start
     bar = tqdm(total=train.steps, initial=start, disable=not (train.progress and accelerator.is_main_process),
                desc="train", unit="step")
-    state.model.train()
+    for module in state.trained():
+        module.train()
     for batch in loader:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        with accelerator.accumulate(state.model):
-            loss = loss_fn(state.model, state.inner, batch, state.tokenizer)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(state.model.parameters(), config.optim.grad_clip)
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        with accelerator.accumulate(*state.trained()):
+            for key, value in state.step(config, state, batch, step).items():
+                terms.setdefault(key, []).append(value)
         if not accelerator.sync_gradients:
             continue
         lr = state.scheduler.get_last_lr()[0]  # the rate this step used
-        state.scheduler.step()
+        for scheduler in state.schedulers(step):
+            scheduler.step()
         if state.ema is not None:
             state.ema.update()
         step += 1
         bar.update(1)
         if step % train.log_every == 0 or step == train.steps:
-            logged.append(log_step(accelerator, output_dir, step, torch.stack(losses).mean(), lr))
+            logged.append(log_step(accelerator, output_dir, step, terms, lr))
             bar.set_postfix(loss=f"{logged[-1]:.4f}")
-            losses = []
+            terms = {}
         if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.steps:
             save_checkpoint(state, output_dir, step)
         if (train.sample_every and step % train.sample_every == 0) or step == train.steps:
@@ -323,14 +376,17 @@ def train_loop(config: Config, state: State, loader: DataLoader, start: int, out
     return logged
 
 
-def log_step(accelerator, output_dir: Path, step: int, loss: torch.Tensor, lr: float) -> float:
-    value = accelerator.reduce(loss, reduction="mean").item()
+def log_step(accelerator, output_dir: Path, step: int, terms: Dict[str, List[torch.Tensor]], lr: float) -> float:
+    """Log each term's mean over the micro-steps since the last log and over the processes (``loss`` first;
+    a tokenizer's ``disc_loss`` over the steps that had one); returns the loss."""
+    values = {key: accelerator.reduce(torch.stack(parts).mean(), reduction="mean").item()
+              for key, parts in terms.items()}
     if accelerator.is_main_process:
         with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(dict(step=step, loss=value, lr=lr)) + "\n")
-        accelerator.log(dict(loss=value, lr=lr), step=step)
-        print(f"step {step} loss {value:.6f} lr {lr:.3g}", flush=True)
-    return value
+            file.write(json.dumps(dict(step=step, **values, lr=lr)) + "\n")
+        accelerator.log(dict(**values, lr=lr), step=step)
+        print(f"step {step} loss {values['loss']:.6f} lr {lr:.3g}", flush=True)
+    return values["loss"]
 
 
 def sample_grid(config: Config, state: State, output_dir: Path, step: int, classes: Optional[int]) -> None:
@@ -346,8 +402,8 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
         finally:
             model.train(training)
         if images is None:
-            accelerator.print(f"step {step}: no sample grid ({config.model.name} needs a tokenizer / class "
-                              f"labels to draw one)")
+            accelerator.print(f"step {step}: no sample grid ({config.model.name} draws none, or needs a tokenizer / "
+                              f"class labels to draw one)")
         else:
             path = output_dir / SAMPLES / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ pytest.importorskip("PIL")
 from mmgen_pytorch import train  # noqa: E402
 from mmgen_pytorch.data import ImageFolderDataset, cache_dataset  # noqa: E402
 from mmgen_pytorch.tokenizers import VQVAE, AutoencoderKL, KLConfig, VQConfig  # noqa: E402
-from mmgen_pytorch.training.config import ConfigError, load_config, parse_config, shipped_configs  # noqa: E402
+from mmgen_pytorch.training.config import (TOKENIZERS, ConfigError, load_config, parse_config,  # noqa: E402
+                                           read_config_file, shipped_configs)
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230)]
@@ -55,6 +56,14 @@ def with_key(section: str, key: str, value):
     ({**VALID, "data": {"cache": "x", "folder": "y"}}, ["data.folder", "data.cache"]),
     ({**VALID, "data": {"folder": "y"}}, ["tokenizer.path", "LlamaGen"]),
     (with_key("tokenizer", "from_official", "x.ckpt"), ["tokenizer.kind"]),
+    (with_key("tokenizer_loss", "disc_start", 5), ["tokenizer_loss.disc_start", "tokenizer training", "LlamaGen"]),
+    ({"model": {"name": "VQVAE"}, "data": {"cache": "x"}}, ["VQVAE", "data.cache", "data.folder"]),
+    ({"model": {"name": "VQVAE"}, "data": {"folder": "x"}}, ["tokenizer_loss.vgg16_path", "random_lpips"]),
+    ({"model": {"name": "RQVAE"}, "data": {"folder": "x"}, "tokenizer_loss": {"random_lpips": True, "lpips_path": "v"}},
+     ["random_lpips", "tokenizer_loss.lpips_path", "not both"]),
+    ({"model": {"name": "AutoencoderKL"}, "data": {"folder": "x"},
+      "tokenizer_loss": {"random_lpips": True, "disc_weight": -1}}, ["tokenizer_loss.disc_weight", ">= 0"]),
+    ({"model": {"name": "VQVAE", "preset": "VQ-32"}, "data": {"folder": "x"}}, ["model.preset", "VQ-16"]),
 ])
 def test_config_errors_name_the_key(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -74,9 +83,16 @@ def test_overrides_and_shipped_configs(tmp_path):
         load_config(path, ["--train.steps"])
     names = shipped_configs()
     assert {"mar-b", "mar-l", "mar-h", "llamagen-gpt-b-c2i", "llamagen-gpt-l-t2i", "dnd", "monoformer",
-            "transfusion", "tiny-mar", "tiny-llamagen"} <= set(names)
-    for name in names:  # every shipped config passes the schema (data given as a cache)
-        assert load_config(name, ["--data.cache", "x", "--data.folder", "null"]).model.name
+            "transfusion", "tiny-mar", "tiny-llamagen", "llamagen-vq-16", "mar-kl-16", "dnd-rqvae",
+            "tiny-vqgan"} <= set(names)
+    lpips = ["--tokenizer_loss.vgg16_path", "v", "--tokenizer_loss.lpips_path", "l"]
+    for name in names:  # every shipped config passes the schema (data given as a cache; tokenizers: images)
+        raw = read_config_file(name)
+        if raw["model"]["name"] in TOKENIZERS:
+            data = ["--data.folder", "x"] + ([] if raw["tokenizer_loss"].get("random_lpips") else lpips)
+        else:
+            data = ["--data.cache", "x", "--data.folder", "null"]
+        assert load_config(name, data).model.name
 
 
 def test_step_batch_sampler_resumes_and_shards():

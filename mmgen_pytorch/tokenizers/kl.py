@@ -138,7 +138,8 @@ class AutoencoderKL(Checkpointable, nn.Module):
 
     def forward(self, images: Float[Tensor, "b c H W"], *, sample: bool = True,
                 generator: GeneratorLike = None) -> KLOutput:
-        """Reconstruction and the training loss ``mse + kl_weight * KL`` (LDM adds LPIPS and a GAN)."""
+        """Reconstruction and the loss ``mse + kl_weight * KL``; LDM's L1 + LPIPS + PatchGAN training is
+        :class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss` (``python -m mmgen_pytorch.train mar-kl-16``)."""
         images = check_images(images, self)
         posterior = self._posterior(images)
         z = posterior.sample(generator) if sample else posterior.mode()

@@ -10,7 +10,8 @@ Training: the codebook is not learned by gradients but by EMA of the assigned ve
 Laplace-smoothed cluster sizes); codewords whose EMA count falls below 1 are restarted from random
 vectors of the current batch. Loss = MSE (or L1) reconstruction + ``latent_loss_weight`` *
 commitment, the commitment being the mean over depths of ``mean((z - partial_sum_d)^2)``.
-Upstream adds LPIPS and a PatchGAN.
+Upstream's LPIPS + adaptive-weight PatchGAN training is :class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss`
+(``python -m mmgen_pytorch.train dnd-rqvae``).
 """
 
 from __future__ import annotations

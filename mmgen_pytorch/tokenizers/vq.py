@@ -4,7 +4,8 @@ code of an L2-normalised codebook (straight-through) -> 1x1 ``post_quant_conv`` 
 Images are in [-1, 1]; tokens are in row-major raster order. Losses follow the official
 quantizer: ``vq = mean((z_q - sg z)^2)``, ``commit = beta * mean((sg z_q - z)^2)`` and an optional
 entropy loss ``ratio * (sample entropy - average entropy)`` on ``-distance / temperature``.
-Training here uses an MSE reconstruction loss only (upstream adds LPIPS and a PatchGAN).
+The forward's loss is MSE reconstruction + the quantizer losses; upstream's LPIPS + PatchGAN training is
+:class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss` (``python -m mmgen_pytorch.train llamagen-vq-16``).
 """
 
 from __future__ import annotations

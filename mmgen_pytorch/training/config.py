@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-MODELS = ("MAR", "LlamaGen", "DnDTransformer", "Transfusion", "MonoFormer")
+TOKENIZERS = ("VQVAE", "AutoencoderKL", "RQVAE")  # trained on images with TokenizerLoss (`tokenizer_loss`)
+MODELS = ("MAR", "LlamaGen", "DnDTransformer", "Transfusion", "MonoFormer", *TOKENIZERS)
 NEEDS_TOKENIZER = {"MAR": "kl", "LlamaGen": "vq", "DnDTransformer": "rq"}  # what their images go through
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = ""                            # one of MODELS
-    preset: Optional[str] = None              # mar_base / GPT-B / ... (the class's PRESETS)
+    preset: Optional[str] = None              # mar_base / GPT-B / VQ-16 / ... (the class's PRESETS)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor arguments (override the preset)
 
 
@@ -66,6 +67,28 @@ class OptimConfig:
 
 
 @dataclass
+class TokenizerLossConfig:
+    """Training a tokenizer (``model.name`` VQVAE / AutoencoderKL / RQVAE): the arguments of
+    :class:`~mmgen_pytorch.tokenizers.losses.TokenizerLoss` and its PatchGAN; the discriminator's optimizer
+    is ``optim``'s (as upstream), stepped after the tokenizer's in every step."""
+    reconstruction: Literal["l1", "l2"] = "l2"
+    reduction: Literal["mean", "sum"] = "mean"   # sum: per-image sums over pixels (LDM)
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    vgg16_path: Optional[str] = None          # torchvision's vgg16 ImageNet weights (vgg16-397923af.pth)
+    lpips_path: Optional[str] = None          # the lpips package's weights/v0.1/vgg.pth
+    random_lpips: bool = False                # untrained LPIPS weights: tests and smoke runs only
+    disc_start: int = 0                       # GAN terms on from this step (counted from 0)
+    disc_weight: float = 0.5                  # the generator's GAN weight (times the adaptive weight)
+    disc_loss_weight: float = 1.0             # the discriminator's loss weight
+    disc_loss: Literal["hinge", "non-saturating"] = "hinge"
+    gen_loss: Literal["hinge", "non-saturating"] = "hinge"
+    adaptive_weight: bool = False             # taming's gradient-norm balance at the decoder's last layer
+    disc_layers: int = 3                      # PatchGAN n_layers
+    disc_channels: int = 64                   # PatchGAN ndf
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1
@@ -96,6 +119,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    tokenizer_loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -254,6 +278,7 @@ def _check_values(config: Config) -> None:
     _check_model(config.model)
     _check_data(config)
     _check_optim(config.optim)
+    _check_tokenizer_loss(config)
     _check_train(config.train, config.data)
     _require(config.sample.num >= 1, f"`sample.num` must be >= 1, got {config.sample.num}")
     _require(config.sample.steps is None or config.sample.steps >= 1,
@@ -270,8 +295,11 @@ def _check_model(model: ModelConfig) -> None:
 
 def model_presets(name: str) -> Dict[str, Any]:
     from .. import mar, dnd, llamagen
+    from ..tokenizers.kl import KL_PRESETS
+    from ..tokenizers.vq import VQ_PRESETS
 
-    return {"MAR": mar.PRESETS, "LlamaGen": llamagen.PRESETS, "DnDTransformer": dnd.PRESETS}.get(name, {})
+    return {"MAR": mar.PRESETS, "LlamaGen": llamagen.PRESETS, "DnDTransformer": dnd.PRESETS, "VQVAE": VQ_PRESETS,
+            "AutoencoderKL": KL_PRESETS}.get(name, {})
 
 
 def _check_data(config: Config) -> None:
@@ -315,6 +343,33 @@ def _check_train(train: TrainConfig, data: DataConfig) -> None:
     _require(data.batch_size % train.grad_accum == 0,
              f"`data.batch_size` ({data.batch_size}, the global batch per optimizer step) must be divisible by "
              f"`train.grad_accum` ({train.grad_accum})")
+
+
+def _check_tokenizer_loss(config: Config) -> None:
+    spec, name = config.tokenizer_loss, config.model.name
+    if name not in TOKENIZERS:
+        changed = [key for key, value in dataclasses.asdict(spec).items()
+                   if value != getattr(TokenizerLossConfig, key)]
+        _require(not changed, f"`tokenizer_loss.{changed[0] if changed else ''}` applies to tokenizer training "
+                              f"(model.name one of {list(TOKENIZERS)}), not to {name}")
+        return
+    _require(config.data.cache is None, f"{name} trains on images: give `data.folder` or `data.hf`, not `data.cache`")
+    _require(config.tokenizer.path is None and config.tokenizer.from_official is None,
+             f"`tokenizer` is the frozen tokenizer of a generator; {name} is the model being trained: leave "
+             f"`tokenizer.path` / `tokenizer.from_official` unset")
+    for key in ("reconstruction_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
+        _require(getattr(spec, key) >= 0, f"`tokenizer_loss.{key}` must be >= 0, got {getattr(spec, key)}")
+    _require(spec.disc_start >= 0, f"`tokenizer_loss.disc_start` must be >= 0, got {spec.disc_start}")
+    for key in ("disc_layers", "disc_channels"):
+        _require(getattr(spec, key) >= 1, f"`tokenizer_loss.{key}` must be >= 1, got {getattr(spec, key)}")
+    paths = [key for key in ("vgg16_path", "lpips_path") if getattr(spec, key) is not None]
+    if spec.perceptual_weight > 0:
+        _require(spec.random_lpips or len(paths) == 2,
+                 f"`tokenizer_loss.perceptual_weight` is {spec.perceptual_weight}: give `tokenizer_loss.vgg16_path` "
+                 f"(torchvision's vgg16-397923af.pth) and `tokenizer_loss.lpips_path` (the lpips package's "
+                 f"weights/v0.1/vgg.pth), or `tokenizer_loss.random_lpips: true` for a smoke run")
+    _require(not (spec.random_lpips and paths), f"give `tokenizer_loss.random_lpips` or "
+                                                f"{', '.join(f'`tokenizer_loss.{p}`' for p in paths)}, not both")
 
 
 def check_world_size(config: Config, world_size: int) -> int:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..data import sample_latent
 from ..data.cache import encode_images
 from .._utils import check
-from .config import MODELS, NEEDS_TOKENIZER, Config, ConfigError, model_presets
+from .config import NEEDS_TOKENIZER, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
 
@@ -70,6 +70,9 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
     if spec.name == "MAR" and tokenizer is not None:
         kwargs.setdefault("vae_scale", tokenizer.scale_factor)
     try:
+        if spec.name in TOKENIZERS:  # a config dataclass (preset) with field overrides; lists -> tuples
+            overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
+            return cls(spec.preset, **overrides) if spec.preset is not None else cls(**overrides)
         if spec.preset is None:
             return cls(**kwargs)
         if hasattr(cls, "from_preset"):
@@ -180,8 +183,11 @@ def grid_labels(config: Config, num_classes: Optional[int]) -> Optional[List[int
 @torch.no_grad()
 def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],
                  num_classes: Optional[int]) -> Optional[Tensor]:
-    """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid."""
+    """``[n, 3, H, W]`` in [0, 1] from ``model`` (the EMA), or None when this setup cannot draw a grid
+    (a tokenizer being trained draws none: it reconstructs, it does not generate)."""
     spec = config.sample
+    if config.model.name in TOKENIZERS:
+        return None
     device = next(model.parameters()).device
     condition = {"label": torch.tensor(grid_labels(config, num_classes) or [-1] * spec.num, device=device)}
     if sampling_problem(model, tokenizer, condition) is not None:
@@ -191,13 +197,15 @@ def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module
 
 
 def model_name(model: nn.Module) -> str:
-    """Which of the five models ``model`` is (one of ``config.MODELS``), subclasses first."""
+    """Which of the five generators ``model`` is, subclasses first (DnD before LlamaGen, MonoFormer before
+    Transfusion)."""
     import mmgen_pytorch
 
-    for name in ("MAR", "DnDTransformer", "LlamaGen", "MonoFormer", "Transfusion"):
+    generators = ("MAR", "DnDTransformer", "LlamaGen", "MonoFormer", "Transfusion")
+    for name in generators:
         if isinstance(model, getattr(mmgen_pytorch, name)):
             return name
-    raise TypeError(f"`model` must be one of {list(MODELS)}, got {type(model).__name__}")
+    raise TypeError(f"`model` must be one of {list(generators)}, got {type(model).__name__}")
 
 
 def class_count(model: nn.Module) -> Optional[int]:
