@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data.cache import StackFields
 from .training.config import Config, ConfigError, check_world_size, load_config, shipped_configs
-from .training.recipes import LOSSES, build_dataset, build_model, draw_samples, load_tokenizer, save_grid
+from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, draw_samples,
+                               has_captions, load_tokenizer, save_grid)
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
 
@@ -226,10 +227,10 @@ def make_ema(config: Config, model: nn.Module):
                inv_gamma=1e-12, include_online_model=False)
 
 
-def build(config: Config, accelerator) -> State:
+def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) -> State:
     torch.manual_seed(config.train.seed)  # the same initial weights on every process
-    tokenizer = load_tokenizer(config)
     model = build_model(config, tokenizer)
+    check_conditions(config, model, dataset)
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
     optim = config.optim
@@ -252,8 +253,9 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
     folder = checkpoint_to_resume(config, output_dir, resume_run)
-    state = build(config, accelerator)
-    dataset = build_dataset(config, state.tokenizer)
+    tokenizer = load_tokenizer(config)
+    dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
+    state = build(config, accelerator, tokenizer, dataset)
     start = 0
     if folder is not None:
         start = resume(state, folder)
@@ -356,6 +358,9 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
 
 
 def num_classes(config: Config, dataset) -> Optional[int]:
+    """The classes the grid cycles through; None for a text model trained on captions (a class id is no caption)."""
+    if config.model.name in TEXT_MODELS and has_captions(dataset):
+        return None
     classes = getattr(dataset, "classes", None)
     return len(classes) if classes else config.model.kwargs.get("num_classes")
 
