@@ -17,6 +17,11 @@ continues from the latest checkpoint: on one process with ``data.num_workers: 0`
 bit-identical to an uninterrupted one (same batches, same random draws, same weights). With workers, the
 augmentation draws after a resume come from new worker seeds (still seeded, not the same).
 
+One process or DDP: Accelerate's FSDP, DeepSpeed and Megatron-LM setups are refused before anything is
+built (the main process saves the unwrapped model and optimizer, and the EMA copies whole parameters; with
+FSDP2's sharded parameters both fail), and so is ACCELERATE_USE_FSDP / _DEEPSPEED on CPU, where Accelerate
+would ignore it and run DDP. FSDP2 training: ``examples/train_distributed.py --fsdp``.
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
@@ -211,10 +216,34 @@ def make_accelerator(config: Config):
 
         tracker = "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else "none"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)]
+    check_unsharded(sharding_asked())  # before Accelerate imports the sharding library
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.train.grad_accum,
                               mixed_precision=config.train.mixed_precision, kwargs_handlers=handlers,
                               log_with=None if tracker == "none" else tracker, project_dir=config.train.output_dir)
+    check_unsharded(accelerator.distributed_type.name)
     return accelerator, tracker
+
+
+SHARDED_SETUPS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # Accelerate's setups that shard weights or optimizer state
+
+
+def check_unsharded(setup: str) -> None:
+    """The loop needs the whole model on every process (one process, or DDP): the main process alone saves
+    the unwrapped model and optimizer, the EMA copies the model's parameters and the sample grid runs the
+    model; under FSDP (sharded DTensor parameters) the EMA update and the checkpoint fail. ``setup``: the
+    distributed type Accelerate chose, or one asked for through ACCELERATE_USE_* (which Accelerate ignores
+    on CPU, running DDP instead): a sharded one is refused before anything is built."""
+    if setup in SHARDED_SETUPS:
+        raise ConfigError(f"mmgen_pytorch.train runs on one process or DDP, not Accelerate's {setup} (its "
+                          f"checkpoints, EMA and sample grids need the whole model on every process): choose "
+                          f"multi-GPU (DDP) in `accelerate config` and leave ACCELERATE_USE_{setup} unset; FSDP2 "
+                          f"training: examples/train_distributed.py --fsdp")
+
+
+def sharding_asked() -> str:
+    from accelerate.utils import parse_flag_from_env
+
+    return next((name for name in SHARDED_SETUPS if parse_flag_from_env(f"ACCELERATE_USE_{name}")), "NO")
 
 
 def make_ema(config: Config, model: nn.Module):

@@ -140,6 +140,19 @@ def test_data_the_model_cannot_take_is_refused_before_training(data, tmp_path, n
     assert not (tmp_path / train.LOG_FILE).exists()
 
 
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_accelerate_setups_are_refused_before_anything_is_built(data, tmp_path, monkeypatch, flag):
+    """FSDP / DeepSpeed shard the weights, which the loop's checkpoints and EMA need whole; on CPU Accelerate
+    would ignore the flag and run DDP, so asking is refused too. What Accelerate chose is checked as well."""
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ConfigError, match=f"not Accelerate's {flag[len('ACCELERATE_USE_'):]}.*accelerate config"):
+        run("tiny-llamagen", tmp_path / "out", "--data.cache", str(data / "cache-vq"))
+    assert not (tmp_path / "out" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="not Accelerate's FSDP"):
+        train.check_unsharded("FSDP")
+    train.check_unsharded("MULTI_GPU")
+
+
 def test_train_from_image_folder_through_the_frozen_tokenizer(data, tmp_path):
     losses = run("tiny-llamagen", tmp_path, "--data.folder", str(data / "images"), "--tokenizer.path",
                  str(data / "vq"), "--train.steps", "2", "--sample.num", "2")
