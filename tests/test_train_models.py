@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def fresh_accelerate_state(one_torch_thread):
     yield
     reset_accelerate_state()
 
