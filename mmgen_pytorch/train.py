@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data.cache import StackFields
 from .training.config import Config, ConfigError, check_world_size, load_config, shipped_configs
-from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, draw_samples,
-                               has_captions, load_tokenizer, save_grid)
+from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
+                               draw_samples, has_captions, load_tokenizer, save_grid)
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
 
@@ -260,6 +260,7 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     torch.manual_seed(config.train.seed)  # the same initial weights on every process
     model = build_model(config, tokenizer)
     check_conditions(config, model, dataset)
+    check_idle_blocks(config, model, accelerator.num_processes)
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
     optim = config.optim

@@ -120,3 +120,20 @@ def test_data_the_model_cannot_take_is_refused_before_training(data, flat_folder
         train_run(name, tmp_path, *under(data, options))
     assert all(word in str(info.value) for word in words), str(info.value)
     assert not (tmp_path / train.LOG_FILE).exists()
+
+
+def test_dnd_blocks_after_the_last_head_need_find_unused_parameters_under_ddp(data):
+    """Those blocks get no gradient: DDP would fail in the second step; one process trains them as they are."""
+    from mmgen_pytorch.training.config import ConfigError
+    from mmgen_pytorch.training.recipes import build_model, check_idle_blocks
+
+    config = load_config("tiny-dnd", ["--data.cache", "x", "--model.kwargs.depth", "3"])
+    model = build_model(config, None)
+    with pytest.raises(ConfigError, match=r"blocks 2..2 .* `train.find_unused_parameters: true`"):
+        check_idle_blocks(config, model, processes=2)
+    check_idle_blocks(config, model, processes=1)
+    allowed = load_config("tiny-dnd", ["--data.cache", "x", "--model.kwargs.depth", "3",
+                                       "--train.find_unused_parameters", "true"])
+    check_idle_blocks(allowed, model, processes=2)
+    shipped = load_config("tiny-dnd", ["--data.cache", "x"])  # heads [0, 1] of 2 blocks
+    check_idle_blocks(shipped, build_model(shipped, None), processes=2)

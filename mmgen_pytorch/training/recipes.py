@@ -159,6 +159,18 @@ def _check_labels(name: str, model: nn.Module, labels: Tensor) -> None:
         _check_bound(labels, model.prefix_embed.num_classes, "model.kwargs.num_classes", "class labels")
 
 
+def check_idle_blocks(config: Config, model: nn.Module, processes: int) -> None:
+    """DnD's blocks after its last head get no gradient, which DDP (several processes) refuses in the second
+    step unless told: a ConfigError naming ``train.find_unused_parameters`` before the model is wrapped."""
+    positions = getattr(model, "head_positions", None)
+    if processes > 1 and not config.train.find_unused_parameters and positions is not None:
+        depth = model.backbone.depth
+        if positions[-1] < depth - 1:
+            raise ConfigError(f"{config.model.name}: blocks {positions[-1] + 1}..{depth - 1} come after the last head "
+                              f"(`model.kwargs.head_positions` {list(positions)}, depth {depth}) and get no gradient; "
+                              f"under DDP set `train.find_unused_parameters: true` (or end the heads at the last block)")
+
+
 def _check_bound(values: Tensor, bound: int, key: str, what: str) -> None:
     if values.numel() and int(values.max()) >= bound:
         raise ConfigError(f"`{key}` is {bound}, but the data's {what} go up to {int(values.max())}: it must be at "
