@@ -1,8 +1,9 @@
 """Data-parallel training of any mmgen_pytorch model: DDP, FSDP2 (``--fsdp``) or Hugging Face Accelerate.
 
 One process per device. Every rank builds the same model (same seed), takes its own shard of each
-global batch (``DistributedSampler``), draws its own noise / times / masks (seed + rank), and the
-gradients are averaged across ranks. Rank 0 logs the loss averaged over ranks and writes the
+global batch (the training entry point's ``StepBatchSampler``: the global batches depend only on the seed
+and the step, so 1 and N processes see the same ones), draws its own noise / times / masks (seed + rank),
+and the gradients are averaged across ranks. Rank 0 logs the loss averaged over ranks and writes the
 checkpoint (``model.safetensors`` + ``config.json``). CUDA (NCCL) when available, else CPU (gloo).
 
     torchrun --nproc_per_node=2 examples/train_distributed.py --steps 3                # CPU works too
@@ -16,9 +17,8 @@ checkpoint (``model.safetensors`` + ``config.json``). CUDA (NCCL) when available
     accelerate launch --num_processes=2 examples/train_distributed.py --accelerate --model dnd   # GPUs
     torchrun --nproc_per_node=2 examples/train_distributed.py --accelerate --model dnd          # CPU
 
-With ``--accelerate`` the same loop runs through ``accelerate.Accelerator`` (``prepare`` shards the
-loader and wraps the model with DDP, or FSDP when ``accelerate config`` chose it; ``backward``,
-``reduce``, ``get_state_dict``); Accelerate is optional and not a dependency of the library. On a
+With ``--accelerate`` the same loop runs through ``accelerate.Accelerator`` (``prepare`` wraps the
+model with DDP, or FSDP when ``accelerate config`` chose it; ``backward``, ``reduce``, ``get_state_dict``); Accelerate is optional and not a dependency of the library. On a
 CPU-only machine ``accelerate launch`` starts a single process (several need MPI): start the
 processes with torchrun instead, which Accelerate joins.
 
@@ -45,16 +45,17 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
 from mmgen_pytorch.backbone.transformer import Block
+from mmgen_pytorch.train import StepBatchSampler
 
 LEVELS = 17  # digits pixels are integers 0..16
 
@@ -198,14 +199,11 @@ def save_checkpoint(state: dict, args, step: int) -> None:
     (out / "config.json").write_text(json.dumps({**vars(args), "step": step}, indent=2))
 
 
-def batches(loader: DataLoader, sampler: Optional[DistributedSampler]) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Endless: a new shuffle (the same on every rank, each taking its shard) per epoch."""
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def batches(data: TensorDataset, args, rank: int, world: int) -> DataLoader:
+    """This rank's rows of the ``args.steps`` global batches: a new shuffle per epoch (seed + epoch)."""
+    sampler = StepBatchSampler(len(data), global_batch=args.batch_size, seed=args.seed, rank=rank, world=world,
+                               start=0, total=args.steps)
+    return DataLoader(data, batch_sampler=sampler)
 
 
 def step(recipe: Recipe, model: nn.Module, optimizer, levels: Tensor, labels: Tensor, backward) -> Tensor:
@@ -233,9 +231,7 @@ def train(args) -> None:
         model = wrap(recipe.model.to(device), args, device)
         torch.manual_seed(args.seed + rank)  # but each rank its own noise, times and masks
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        data = dataset(args.data, args.seed)
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-        stream = batches(DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=True), sampler)
+        stream = iter(batches(dataset(args.data, args.seed), args, rank, world))
         if rank == 0:
             count = sum(p.numel() for p in recipe.model.parameters())
             print(f"{args.model}: {count / 1e6:.2f}M parameters, {world} x {per_rank} samples per step on {device} "
@@ -277,13 +273,12 @@ def train_with_accelerate(args) -> None:
     torch.manual_seed(args.seed)
     recipe = RECIPES[args.model](args)
     optimizer = torch.optim.AdamW(recipe.model.parameters(), lr=args.lr, weight_decay=0.0)
-    loader = DataLoader(dataset(args.data, args.seed), batch_size=per_rank, shuffle=True, drop_last=True)
-    model, optimizer, loader = accelerator.prepare(recipe.model, optimizer, loader)  # shards the loader
+    model, optimizer = accelerator.prepare(recipe.model, optimizer)
     torch.manual_seed(args.seed + accelerator.process_index)
     accelerator.print(f"{args.model}: {accelerator.num_processes} x {per_rank} samples per step on {accelerator.device}")
-    stream = batches(loader, None)
+    stream = iter(batches(dataset(args.data, args.seed), args, accelerator.process_index, accelerator.num_processes))
     for index in range(1, args.steps + 1):
-        levels, labels = next(stream)
+        levels, labels = (t.to(accelerator.device) for t in next(stream))
         loss = step(recipe, model, optimizer, levels, labels, accelerator.backward)
         if index % args.log_every == 0 or index == args.steps:
             accelerator.print(f"step {index}/{args.steps} loss {accelerator.reduce(loss, reduction='mean').item():.4f}")

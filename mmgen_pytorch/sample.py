@@ -27,11 +27,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .training.config import MODELS, NEEDS_TOKENIZER, Config, ConfigError
+from .training.config import GENERATORS, NEEDS_TOKENIZER, Config
 
 # the CLI's sampler flags (argparse dest = the option generate_images takes) and the models that take them
 SAMPLER_FLAGS = {
-    "cfg": ("guidance scale (1: none)", float, MODELS),
+    "cfg": ("guidance scale (1: none)", float, GENERATORS),
     "temperature": ("sampling temperature (MAR, MonoFormer: the diffusion noise; LlamaGen, DnD: the logits)",
                     float, ("MAR", "LlamaGen", "DnDTransformer", "MonoFormer")),
     "steps": ("MAR autoregressive steps; MonoFormer DDPM / Transfusion ODE steps", int,
@@ -94,7 +94,7 @@ EVAL_PRESETS: Dict[str, EvalPreset] = {
 @dataclass
 class Source:
     model_dir: Path                 # config.json + model.safetensors (+ ema.safetensors)
-    model_name: str                 # one of MODELS
+    model_name: str                 # one of GENERATORS
     config: Optional[Config]        # a training run's config
     required: Tuple[str, ...]       # constructor arguments config.json cannot hold
 
@@ -120,8 +120,8 @@ def resolve_source(path: str) -> Source:
                                 f"config.json (a model saved with save / save_pretrained)")
     record = read_config(folder)
     name = record["class"]
-    if name not in MODELS:
-        raise ValueError(f"SOURCE {path!r} holds a {name}; sampling draws images from {', '.join(MODELS)}")
+    if name not in GENERATORS:
+        raise ValueError(f"SOURCE {path!r} holds a {name}; sampling draws images from {', '.join(GENERATORS)}")
     return Source(folder, name, config, tuple(record["required"]))
 
 

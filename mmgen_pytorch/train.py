@@ -24,6 +24,11 @@ each with its own optimizer; checkpoints add ``discriminator.safetensors`` and i
 states, and the checkpoint folder loads as the tokenizer (``VQVAE.load(folder)``). LPIPS needs torchvision's
 VGG16 and the lpips package's linear weights as local files (``tokenizer_loss.vgg16_path`` / ``lpips_path``).
 
+One process or DDP: Accelerate's FSDP, DeepSpeed and Megatron-LM setups are refused before anything is
+built (the main process saves the unwrapped model and optimizer, and the EMA copies whole parameters; with
+FSDP2's sharded parameters both fail), and so is ACCELERATE_USE_FSDP / _DEEPSPEED on CPU, where Accelerate
+would ignore it and run DDP. FSDP2 training: ``examples/train_distributed.py --fsdp``.
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
@@ -43,7 +48,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
-from .training.recipes import LOSSES, build_dataset, build_model, draw_samples, load_tokenizer, save_grid
+from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
+                               draw_samples, has_captions, load_tokenizer, save_grid)
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
@@ -252,10 +258,34 @@ def make_accelerator(config: Config):
 
         tracker = "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else "none"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.train.find_unused_parameters)]
+    check_unsharded(sharding_asked())  # before Accelerate imports the sharding library
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.train.grad_accum,
                               mixed_precision=config.train.mixed_precision, kwargs_handlers=handlers,
                               log_with=None if tracker == "none" else tracker, project_dir=config.train.output_dir)
+    check_unsharded(accelerator.distributed_type.name)
     return accelerator, tracker
+
+
+SHARDED_SETUPS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # Accelerate's setups that shard weights or optimizer state
+
+
+def check_unsharded(setup: str) -> None:
+    """The loop needs the whole model on every process (one process, or DDP): the main process alone saves
+    the unwrapped model and optimizer, the EMA copies the model's parameters and the sample grid runs the
+    model; under FSDP (sharded DTensor parameters) the EMA update and the checkpoint fail. ``setup``: the
+    distributed type Accelerate chose, or one asked for through ACCELERATE_USE_* (which Accelerate ignores
+    on CPU, running DDP instead): a sharded one is refused before anything is built."""
+    if setup in SHARDED_SETUPS:
+        raise ConfigError(f"mmgen_pytorch.train runs on one process or DDP, not Accelerate's {setup} (its "
+                          f"checkpoints, EMA and sample grids need the whole model on every process): choose "
+                          f"multi-GPU (DDP) in `accelerate config` and leave ACCELERATE_USE_{setup} unset; FSDP2 "
+                          f"training: examples/train_distributed.py --fsdp")
+
+
+def sharding_asked() -> str:
+    from accelerate.utils import parse_flag_from_env
+
+    return next((name for name in SHARDED_SETUPS if parse_flag_from_env(f"ACCELERATE_USE_{name}")), "NO")
 
 
 def make_ema(config: Config, model: nn.Module):
@@ -278,12 +308,13 @@ def make_optimizer(config: Config, model: nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def build(config: Config, accelerator) -> State:
+def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) -> State:
     torch.manual_seed(config.train.seed)  # the same initial weights on every process
     training_tokenizer = config.model.name in TOKENIZERS
     loss = build_tokenizer_loss(config) if training_tokenizer else None  # reads the LPIPS files first
-    tokenizer = load_tokenizer(config)
     model = build_model(config, tokenizer)
+    check_conditions(config, model, dataset)
+    check_idle_blocks(config, model, accelerator.num_processes)
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
     optimizer, scheduler = make_optimizer(config, model)
@@ -309,8 +340,9 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
     folder = checkpoint_to_resume(config, output_dir, resume_run)
-    state = build(config, accelerator)
-    dataset = build_dataset(config, state.tokenizer)
+    tokenizer = load_tokenizer(config)
+    dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
+    state = build(config, accelerator, tokenizer, dataset)
     start = 0
     if folder is not None:
         start = resume(state, folder)
@@ -412,6 +444,9 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
 
 
 def num_classes(config: Config, dataset) -> Optional[int]:
+    """The classes the grid cycles through; None for a text model trained on captions (a class id is no caption)."""
+    if config.model.name in TEXT_MODELS and has_captions(dataset):
+        return None
     classes = getattr(dataset, "classes", None)
     return len(classes) if classes else config.model.kwargs.get("num_classes")
 

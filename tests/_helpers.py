@@ -84,3 +84,116 @@ def assert_close_f32(actual, expected, *, tol: float = 1e-5, amplification: floa
 def guidance_amplification(scale: float) -> float:
     """``uncond + (cond − uncond)·s`` turns errors ε in both halves into at most ``(|s| + |1 − s|)·ε``."""
     return abs(scale) + abs(1 - scale)
+
+
+# the training entry point (tests/test_train*.py): a folder of coloured squares, tiny tokenizers, short runs
+
+TRAIN_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+
+
+def write_colour_folder(root, *, per_class: int = 8, size: int = 32):
+    """``root/images/class{k}/{i}.png``: noisy squares of one colour per class, and ``root/captions.jsonl``
+    giving each image the caption ``"<colour> square <i>"``. Returns the images folder."""
+    import json
+
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for label, (name, colour) in enumerate(TRAIN_COLOURS.items()):
+        folder = root / "images" / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            noise = torch.randint(0, 60, (size, size, 3), generator=generator)
+            pixels = (torch.tensor(colour) * 0.8 + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+            lines.append(json.dumps({"file": f"class{label}/{index}.png", "caption": f"{name} square {index}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "images"
+
+
+def tiny_tokenizer(kind: str) -> nn.Module:
+    """A KL (stride 2, 4 channels), VQ (stride 8, 16 codes) or RQ (stride 8, 16 codes, depth 2) tokenizer
+    for 32x32 images (weights from torch's global RNG), in eval mode."""
+    from mmgen_pytorch.tokenizers import RQVAE, VQVAE, AutoencoderKL, KLConfig, RQConfig, VQConfig
+
+    if kind == "kl":
+        return AutoencoderKL(KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(),
+                                      decoder_attn_levels=())).eval()
+    if kind == "vq":
+        return VQVAE(VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2, 2, 2),
+                              decoder_ch_mult=(1, 2, 2, 2), z_channels=16, num_res_blocks=1, usage_window=256)).eval()
+    return RQVAE(RQConfig(embed_dim=4, n_embed=16, depth=2, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+                          attn_levels=(), z_channels=16)).eval()
+
+
+def training_data(root, kinds):
+    """The colour folder, and per tokenizer kind (built in this order from seed 0) the tokenizer saved in
+    ``root/<kind>`` and the folder cached through it (unflipped images, the flip cached) in
+    ``root/cache-<kind>``. Returns ``root``."""
+    from mmgen_pytorch.data import ImageFolderDataset, cache_dataset
+
+    images = ImageFolderDataset(write_colour_folder(root), resolution=32, random_flip=False)
+    torch.manual_seed(0)
+    for kind in kinds:
+        tokenizer = tiny_tokenizer(kind)
+        tokenizer.save(root / kind)
+        cache_dataset(images, tokenizer, root / f"cache-{kind}", batch_size=24, progress=False)
+    return root
+
+
+def under(root, options) -> list:
+    """``--key value`` options with each value that names an entry of ``root`` made its full path."""
+    return [str(root / value) if index % 2 and (root / value).exists() else value for index, value in enumerate(options)]
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate keeps its process state in singletons: reset them between runs in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_run(name: str, out, *extra: str) -> list:
+    """``python -m mmgen_pytorch.train name --train.output_dir out *extra`` in this process: the logged losses."""
+    from mmgen_pytorch import train
+
+    return train.main([name, "--train.output_dir", str(out), *extra])
+
+
+def checkpoint_weights(out, step: int) -> dict:
+    """The model's and the EMA's (``ema.`` keys) weights of the run's step-``step`` checkpoint."""
+    from safetensors.torch import load_file
+
+    from mmgen_pytorch import train
+
+    folder = train.checkpoint_dir(out, step)
+    return {**load_file(folder / "model.safetensors"),
+            **{f"ema.{k}": v for k, v in load_file(folder / "ema.safetensors").items()}}
+
+
+def assert_resumes_bit_identically(name: str, tmp_path, common) -> list:
+    """4 steps straight == 2 steps, then ``--resume`` from the step-2 checkpoint for 2 more: the same losses
+    and the same model and EMA weights, bit for bit (``common``: the options of both runs, which must save a
+    checkpoint at step 2). A fresh run into the resumed folder and a resume with a changed config are
+    refused first. Returns the straight run's losses."""
+    import shutil
+
+    import pytest
+
+    from mmgen_pytorch import train
+
+    straight = train_run(name, tmp_path / "straight", *common)
+    assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
+    shutil.copytree(train.checkpoint_dir(tmp_path / "straight", 2), train.checkpoint_dir(tmp_path / "resumed", 2))
+    shutil.copy(tmp_path / "straight" / "config.yaml", tmp_path / "resumed" / "config.yaml")
+    with pytest.raises(train.ConfigError, match="already holds checkpoints"):  # a fresh run into it
+        train_run(name, tmp_path / "resumed", *common)
+    with pytest.raises(train.ConfigError, match="config differs .* in optim.lr"):
+        train_run(name, tmp_path / "resumed", *common, "--resume", "--optim.lr", "0.5")
+    resumed = train_run(name, tmp_path / "resumed", *common, "--resume")
+    assert resumed == straight[2:]
+    a, b = checkpoint_weights(tmp_path / "straight", 4), checkpoint_weights(tmp_path / "resumed", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight

@@ -29,6 +29,17 @@ def eager_flex():
         yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for a module of tiny models: a second thread gains nothing on tensors
+    this small, and its synchronisation made the training tests 5-7x slower when other jobs shared the
+    2 cores (tests/test_train_models.py: 50 s of CPU with 2 threads, 7 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def golden():
     """Loads a golden file as {config, state_dict, inputs, outputs, notes}, its state_dict rebuilt from the

@@ -254,6 +254,7 @@ def test_cached_items_batch_through_a_dataloader_and_pickle(tmp_path):
     batch = next(iter(DataLoader(dataset, batch_size=5)))
     assert batch["codes"].shape == (5, 4, 4, 3) and batch["codes"].dtype == torch.long
     assert batch["label"].tolist() == [0, 1, 2, 0, 1] and batch["caption_mask"].dtype == torch.bool
+    assert dataset.labels().tolist() == batch["label"].tolist()  # across the 3 shards, no image read
     copy = pickle.loads(pickle.dumps(dataset))
     assert torch.equal(copy[4]["label"], dataset[4]["label"])
     with pytest.raises(IndexError, match="`index`"):

@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("PIL")
 
 from mmgen_pytorch import LlamaGen, MAR, Transfusion  # noqa: E402
-from mmgen_pytorch.evaluation import adm_npz, sampling  # noqa: E402
+from mmgen_pytorch.evaluation import sampling  # noqa: E402
 from mmgen_pytorch.evaluation.adm_npz import load_adm_npz, save_adm_npz, save_adm_npz_from_pngs  # noqa: E402
 from mmgen_pytorch.evaluation.sampling import balanced_labels, sample_images  # noqa: E402
 from mmgen_pytorch.tokenizers import VQVAE, AutoencoderKL, KLConfig, VQConfig  # noqa: E402

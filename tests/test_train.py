@@ -1,13 +1,13 @@
 """The training entry point (mmgen_pytorch.train): config checks, then end to end on CPU: a folder of
 32x32 PNGs in 3 colour classes, cached through tiny KL / VQ tokenizers, MAR and LlamaGen trained a few
 steps, resumed bit-identically, sample grids written, and a 2-process run (torchrun, gloo) whose loss
-curve equals the 1-process run on the same global batches."""
+curve equals the 1-process run on the same global batches. DnD, Transfusion and MonoFormer:
+tests/test_train_models.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +20,13 @@ pytest.importorskip("accelerate")
 pytest.importorskip("yaml")
 pytest.importorskip("PIL")
 
+from _helpers import (assert_resumes_bit_identically, reset_accelerate_state, train_run as run,  # noqa: E402
+                      training_data, under)
 from mmgen_pytorch import train  # noqa: E402
-from mmgen_pytorch.data import ImageFolderDataset, cache_dataset  # noqa: E402
-from mmgen_pytorch.tokenizers import VQVAE, AutoencoderKL, KLConfig, VQConfig  # noqa: E402
 from mmgen_pytorch.training.config import (TOKENIZERS, ConfigError, load_config, parse_config,  # noqa: E402
                                            read_config_file, shipped_configs)
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230)]
 VALID = {"model": {"name": "LlamaGen", "kwargs": {"dim": 32, "depth": 1, "heads": 2}}, "data": {"cache": "x"}}
 
 
@@ -64,6 +63,8 @@ def with_key(section: str, key: str, value):
     ({"model": {"name": "AutoencoderKL"}, "data": {"folder": "x"},
       "tokenizer_loss": {"random_lpips": True, "disc_weight": -1}}, ["tokenizer_loss.disc_weight", ">= 0"]),
     ({"model": {"name": "VQVAE", "preset": "VQ-32"}, "data": {"folder": "x"}}, ["model.preset", "VQ-16"]),
+    (with_key("tokenizer", "kind", "kl"), ["tokenizer.kind", "'vq'", "LlamaGen"]),
+    ({"model": {"name": "MonoFormer"}, "data": {"cache": "x"}}, ["tokenizer.path", "MonoFormer", "scale_factor"]),
 ])
 def test_config_errors_name_the_key(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -83,15 +84,15 @@ def test_overrides_and_shipped_configs(tmp_path):
         load_config(path, ["--train.steps"])
     names = shipped_configs()
     assert {"mar-b", "mar-l", "mar-h", "llamagen-gpt-b-c2i", "llamagen-gpt-l-t2i", "dnd", "monoformer",
-            "transfusion", "tiny-mar", "tiny-llamagen", "llamagen-vq-16", "mar-kl-16", "dnd-rqvae",
-            "tiny-vqgan"} <= set(names)
+            "transfusion", "tiny-mar", "tiny-llamagen", "tiny-dnd", "tiny-transfusion", "tiny-monoformer",
+            "llamagen-vq-16", "mar-kl-16", "dnd-rqvae", "tiny-vqgan"} <= set(names)
     lpips = ["--tokenizer_loss.vgg16_path", "v", "--tokenizer_loss.lpips_path", "l"]
-    for name in names:  # every shipped config passes the schema (data given as a cache; tokenizers: images)
-        raw = read_config_file(name)
+    for name in names:  # every shipped config passes the schema (data given as a cache, with its tokenizer;
+        raw = read_config_file(name)  # tokenizers train on images)
         if raw["model"]["name"] in TOKENIZERS:
             data = ["--data.folder", "x"] + ([] if raw["tokenizer_loss"].get("random_lpips") else lpips)
         else:
-            data = ["--data.cache", "x", "--data.folder", "null"]
+            data = ["--data.cache", "x", "--data.folder", "null", "--tokenizer.path", "x"]
         assert load_config(name, data).model.name
 
 
@@ -110,66 +111,22 @@ def test_step_batch_sampler_resumes_and_shards():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("train")
-    generator = torch.Generator().manual_seed(0)
-    for label, colour in enumerate(COLOURS):
-        folder = root / "images" / f"class{label}"
-        folder.mkdir(parents=True)
-        for index in range(8):
-            noise = torch.randint(0, 60, (32, 32, 3), generator=generator)
-            pixels = (torch.tensor(colour) * 0.8 + noise).clamp(0, 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{index}.png")
-    torch.manual_seed(0)
-    kl = AutoencoderKL(KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(),
-                                decoder_attn_levels=()))
-    vq = VQVAE(VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2, 2, 2),
-                        decoder_ch_mult=(1, 2, 2, 2), z_channels=16, num_res_blocks=1, usage_window=256))
-    images = ImageFolderDataset(root / "images", resolution=32, random_flip=False)
-    for name, tokenizer in (("kl", kl), ("vq", vq)):
-        tokenizer.save(root / name)
-        cache_dataset(images, tokenizer.eval(), root / f"cache-{name}", batch_size=24, progress=False)
-    return root
+    return training_data(tmp_path_factory.mktemp("train"), kinds=("kl", "vq"))
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def fresh_accelerate_state(one_torch_thread):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run(name: str, out: Path, *extra: str) -> list:
-    return train.main([name, "--train.output_dir", str(out), *extra])
-
-
-def final_weights(out: Path, step: int) -> dict:
-    folder = train.checkpoint_dir(out, step)
-    return {**load_file(folder / "model.safetensors"), **{f"ema.{k}": v for k, v in
-                                                            load_file(folder / "ema.safetensors").items()}}
+    reset_accelerate_state()
 
 
 @pytest.mark.parametrize("name, kind", [("tiny-mar", "kl"), ("tiny-llamagen", "vq")])
 def test_train_resume_bit_identical_and_sample(data, tmp_path, name, kind):
-    """4 steps straight == 2 steps, then --resume from the step-2 checkpoint for 2 more: the same losses
-    and the same weights, bit for bit; a sample grid from the EMA model at the end."""
+    """4 steps straight == 2 steps + --resume for 2 more (losses, model and EMA weights, bit for bit); a
+    sample grid from the EMA model at the end."""
     common = ["--data.cache", str(data / f"cache-{kind}"), "--tokenizer.path", str(data / kind),
               "--train.checkpoint_every", "2", "--train.sample_every", "0"]
-    straight = run(name, tmp_path / "straight", *common)
-    assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
-    shutil.copytree(train.checkpoint_dir(tmp_path / "straight", 2), train.checkpoint_dir(tmp_path / "resumed", 2))
-    shutil.copy(tmp_path / "straight" / "config.yaml", tmp_path / "resumed" / "config.yaml")
-    with pytest.raises(train.ConfigError, match="already holds checkpoints"):  # a fresh run into it
-        run(name, tmp_path / "resumed", *common)
-    with pytest.raises(train.ConfigError, match="config differs .* in optim.lr"):
-        run(name, tmp_path / "resumed", *common, "--resume", "--optim.lr", "0.5")
-    resumed = run(name, tmp_path / "resumed", *common, "--resume")
-    assert resumed == straight[2:]
-    a, b = final_weights(tmp_path / "straight", 4), final_weights(tmp_path / "resumed", 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_bit_identically(name, tmp_path, common)
     grid = tmp_path / "resumed" / "samples" / "step-0000004.png"
     from PIL import Image
 
@@ -177,6 +134,39 @@ def test_train_resume_bit_identical_and_sample(data, tmp_path, name, kind):
         assert image.size == (2 * 32, 2 * 32)  # 4 samples of 32x32
     logged = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4] and logged[0]["lr"] == pytest.approx(5e-4)
+
+
+T2I = ["--model.kwargs.model_type", "t2i", "--model.kwargs.cls_token_num", "16", "--data.max_caption_length", "16",
+       "--model.kwargs.caption_encoder", "{num_tokens: 257, dim: 32, depth: 1, heads: 2, max_seq_len: 16}"]
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("tiny-llamagen", ["--data.cache", "cache-vq", *T2I], ["LlamaGen t2i", "captions", "data.captions"]),
+    ("tiny-llamagen", ["--data.folder", "images", "--tokenizer.path", "vq", "--data.captions", "captions.jsonl", *T2I,
+                       "--model.kwargs.caption_encoder.num_tokens", "8"],
+     ["model.kwargs.caption_encoder.num_tokens", "is 8", "at least 257"]),
+    ("tiny-mar", ["--data.cache", "cache-kl", "--model.kwargs.num_classes", "2"], ["model.kwargs.num_classes", "is 2"]),
+])
+def test_data_the_model_cannot_take_is_refused_before_training(data, tmp_path, name, options, words):
+    """Refused with the key to change before any step (these failed inside the first one); DnD,
+    Transfusion and MonoFormer: tests/test_train_models.py."""
+    with pytest.raises(ConfigError) as info:
+        run(name, tmp_path, *under(data, options))
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert not (tmp_path / train.LOG_FILE).exists()
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_accelerate_setups_are_refused_before_anything_is_built(data, tmp_path, monkeypatch, flag):
+    """FSDP / DeepSpeed shard the weights, which the loop's checkpoints and EMA need whole; on CPU Accelerate
+    would ignore the flag and run DDP, so asking is refused too. What Accelerate chose is checked as well."""
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ConfigError, match=f"not Accelerate's {flag[len('ACCELERATE_USE_'):]}.*accelerate config"):
+        run("tiny-llamagen", tmp_path / "out", "--data.cache", str(data / "cache-vq"))
+    assert not (tmp_path / "out" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="not Accelerate's FSDP"):
+        train.check_unsharded("FSDP")
+    train.check_unsharded("MULTI_GPU")
 
 
 def test_train_from_image_folder_through_the_frozen_tokenizer(data, tmp_path):

@@ -380,6 +380,10 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return self.manifest["dataset_length"]
 
+    def labels(self) -> Tensor:
+        """Every item's label (long), read from the shards without the encoded images."""
+        return torch.cat([self._handle(shard).get_tensor("label") for shard in range(len(self.paths))]).long()
+
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
         position = as_int(index)
         check(position is not None and -len(self) <= position < len(self),

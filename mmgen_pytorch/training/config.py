@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 TOKENIZERS = ("VQVAE", "AutoencoderKL", "RQVAE")  # trained on images with TokenizerLoss (`tokenizer_loss`)
-MODELS = ("MAR", "LlamaGen", "DnDTransformer", "Transfusion", "MonoFormer", *TOKENIZERS)
+GENERATORS = ("MAR", "LlamaGen", "DnDTransformer", "Transfusion", "MonoFormer")  # they draw images
+MODELS = (*GENERATORS, *TOKENIZERS)
 NEEDS_TOKENIZER = {"MAR": "kl", "LlamaGen": "vq", "DnDTransformer": "rq"}  # what their images go through
+TOKENIZER_KINDS = {**NEEDS_TOKENIZER, "Transfusion": "kl", "MonoFormer": "kl"}  # the one kind each model takes
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -311,16 +313,25 @@ def _check_data(config: Config) -> None:
     for name in ("resolution", "batch_size"):
         _require(getattr(data, name) >= 1, f"`data.{name}` must be >= 1, got {getattr(data, name)}")
     _require(data.num_workers >= 0, f"`data.num_workers` must be >= 0, got {data.num_workers}")
+    if config.model.name in TOKENIZERS:
+        return  # it is the model being trained: its data rules are in _check_tokenizer_loss
     _require(tokenizer.path is None or tokenizer.from_official is None,
              "give one of `tokenizer.path` and `tokenizer.from_official`, not both")
     _require(tokenizer.from_official is None or tokenizer.kind is not None,
              "`tokenizer.from_official` needs `tokenizer.kind` (kl, vq or rq)")
+    kind = TOKENIZER_KINDS[config.model.name]
+    _require(tokenizer.kind in (None, kind), f"`tokenizer.kind` must be {kind!r} for {config.model.name}, "
+                                             f"got {tokenizer.kind!r}")
     needed = NEEDS_TOKENIZER.get(config.model.name)
     has_tokenizer = tokenizer.path is not None or tokenizer.from_official is not None
     _require(needed is None or data.cache is not None or has_tokenizer,
              f"{config.model.name} trains on {needed.upper()} {'latents' if needed == 'kl' else 'codes'}: with "
              f"`data.folder` / `data.hf` give `tokenizer.path` or `tokenizer.from_official` (or train on a "
              f"`data.cache`)" if needed else "")
+    # the latents of a cache are scaled by the tokenizer's scale_factor (MAR has its own vae_scale)
+    _require(needed is not None or data.cache is None or has_tokenizer,
+             f"{config.model.name} on a `data.cache` trains on KL latents scaled by the tokenizer's scale_factor "
+             f"(and decodes its sample grids with it): give `tokenizer.path` or `tokenizer.from_official`")
 
 
 def _check_optim(optim: OptimConfig) -> None:

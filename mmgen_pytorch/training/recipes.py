@@ -17,17 +17,19 @@ image dataset, ``moments`` (KL) or ``codes`` (VQ / RQ) from a cache, ``label`` (
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..data import sample_latent
-from ..data.cache import encode_images
 from .._utils import check
-from .config import NEEDS_TOKENIZER, TOKENIZERS, Config, ConfigError, model_presets
+from ..data.cache import TOKENIZER_KINDS as CACHED_FIELDS, encode_images
+from .config import GENERATORS, TOKENIZER_KINDS, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
+TOKENIZER_CLASSES = {kind: cls for cls, (kind, _) in CACHED_FIELDS.items()}  # "kl" -> AutoencoderKL, ...
 
 
 def byte_tokenizer(text: str) -> List[int]:
@@ -41,20 +43,17 @@ def byte_tokenizer(text: str) -> List[int]:
 def load_tokenizer(config: Config) -> Optional[nn.Module]:
     """The frozen tokenizer of ``config.tokenizer`` (None when none is given), in eval mode."""
     from ..saving import load_model
-    from ..tokenizers import RQVAE, VQVAE, AutoencoderKL
 
     spec = config.tokenizer
-    classes = {"kl": AutoencoderKL, "vq": VQVAE, "rq": RQVAE}
     if spec.path is not None:
         tokenizer = load_model(spec.path)
     elif spec.from_official is not None:
-        tokenizer = classes[spec.kind].from_official(spec.from_official, config=spec.official_config)
+        tokenizer = TOKENIZER_CLASSES[spec.kind].from_official(spec.from_official, config=spec.official_config)
     else:
         return None
-    needed = NEEDS_TOKENIZER.get(config.model.name)
-    if needed is not None and not isinstance(tokenizer, classes[needed]):
-        raise ConfigError(f"`tokenizer`: {config.model.name} needs a {classes[needed].__name__}, got "
-                          f"{type(tokenizer).__name__}")
+    needed = TOKENIZER_CLASSES[TOKENIZER_KINDS[config.model.name]]
+    if not isinstance(tokenizer, needed):
+        raise ConfigError(f"`tokenizer`: {config.model.name} needs a {needed.__name__}, got {type(tokenizer).__name__}")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -84,9 +83,11 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
 
 def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
     from ..data import CachedDataset, HFImageDataset, ImageFolderDataset
+    from ..data.cache import read_manifest
 
     data = config.data
     if data.cache is not None:
+        check_cache_kind(config, read_manifest(Path(data.cache)))  # before the tokenizer's fingerprint is compared
         return CachedDataset(data.cache, tokenizer=tokenizer, flip=data.random_flip)
     captions = dict(tokenizer=byte_tokenizer, max_caption_length=data.max_caption_length) if data.captions else {}
     if data.folder is not None:
@@ -96,12 +97,98 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
                           random_flip=data.random_flip)
 
 
+def check_cache_kind(config: Config, manifest: dict) -> None:
+    """A ConfigError unless the cache holds what ``model.name`` trains on (KL moments, VQ or RQ codes)."""
+    held, needed = manifest["kind"], TOKENIZER_KINDS[config.model.name]
+    if held != needed:
+        cls = TOKENIZER_CLASSES[needed]
+        raise ConfigError(f"`data.cache` {config.data.cache!r} holds {held.upper()} {manifest['field']}, but "
+                          f"{config.model.name} trains on {needed.upper()} {CACHED_FIELDS[cls][1]}: cache the "
+                          f"images through a {cls.__name__}")
+
+
+# what the data conditions on, against what the model takes: checked before any step
+
+TEXT_MODELS = ("Transfusion", "MonoFormer")  # conditioned on a text: the caption, else the class as one token
+BYTE_IDS = 257  # byte_tokenizer's ids: 0 (padding) .. 256
+
+
+def has_captions(dataset) -> bool:
+    return getattr(dataset, "captions", None) is not None or "caption_ids" in getattr(dataset, "manifest", {}).get(
+        "fields", ())
+
+
+def dataset_labels(dataset) -> Optional[Tensor]:
+    """Every item's label where the dataset holds them apart from the images (an image folder, a cache);
+    None where they would have to be read item by item."""
+    if hasattr(dataset, "labels"):
+        return dataset.labels()
+    if hasattr(dataset, "samples"):
+        return torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
+    return None
+
+
+def check_conditions(config: Config, model: nn.Module, dataset) -> None:
+    """Class labels, captions or one-token class texts, as the model takes them, against the data: a
+    :class:`ConfigError` naming the key to change instead of a failure inside the first step. A tokenizer
+    being trained takes images only."""
+    if config.model.name in TOKENIZERS:
+        return
+    if config.model.name in TEXT_MODELS and has_captions(dataset):
+        _check_byte_captions(config, model.vocab.num_text_tokens, "model.kwargs.num_text_tokens")
+    elif getattr(model, "model_type", None) == "t2i":
+        if not has_captions(dataset):
+            raise ConfigError(f"{config.model.name} t2i trains on captions, the data has none: give `data.folder` "
+                              f"with `data.captions` (or a `data.cache` written with captions)")
+        if model.caption_encoder is not None:
+            _check_byte_captions(config, model.caption_encoder.num_tokens, "model.kwargs.caption_encoder.num_tokens")
+    else:
+        labels = dataset_labels(dataset)
+        if labels is not None:
+            _check_labels(config.model.name, model, labels)
+
+
+def _check_byte_captions(config: Config, vocabulary: int, key: str) -> None:
+    if config.data.captions is not None:  # byte ids (a cache holds the ids of whatever tokenizer wrote it)
+        _check_bound(torch.tensor([BYTE_IDS - 1]), vocabulary, key, "caption ids (UTF-8 bytes + 1)")
+
+
+def _check_labels(name: str, model: nn.Module, labels: Tensor) -> None:
+    if name in TEXT_MODELS:
+        _check_bound(labels, model.vocab.num_text_tokens, "model.kwargs.num_text_tokens",
+                     "class labels (each the one-token text before its image)")
+    elif name == "MAR":  # all -1: trained unconditionally
+        _check_bound(labels, model.num_classes, "model.kwargs.num_classes", "class labels")
+    else:
+        if bool((labels < 0).all()):
+            raise ConfigError(f"{name} (c2i) trains on class labels, but the data has none (a flat folder): give "
+                              f"a folder of class sub-folders")
+        _check_bound(labels, model.prefix_embed.num_classes, "model.kwargs.num_classes", "class labels")
+
+
+def check_idle_blocks(config: Config, model: nn.Module, processes: int) -> None:
+    """DnD's blocks after its last head get no gradient, which DDP (several processes) refuses in the second
+    step unless told: a ConfigError naming ``train.find_unused_parameters`` before the model is wrapped."""
+    positions = getattr(model, "head_positions", None)
+    if processes > 1 and not config.train.find_unused_parameters and positions is not None:
+        depth = model.backbone.depth
+        if positions[-1] < depth - 1:
+            raise ConfigError(f"{config.model.name}: blocks {positions[-1] + 1}..{depth - 1} come after the last head "
+                              f"(`model.kwargs.head_positions` {list(positions)}, depth {depth}) and get no gradient; "
+                              f"under DDP set `train.find_unused_parameters: true` (or end the heads at the last block)")
+
+
+def _check_bound(values: Tensor, bound: int, key: str, what: str) -> None:
+    if values.numel() and int(values.max()) >= bound:
+        raise ConfigError(f"`{key}` is {bound}, but the data's {what} go up to {int(values.max())}: it must be at "
+                          f"least {int(values.max()) + 1}")
+
+
 def _hf_dataset(name: str, split: str):
     try:
         import datasets
     except ImportError as error:
         raise ImportError("`data.hf` needs Hugging Face datasets: pip install datasets") from error
-    from pathlib import Path
 
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)
@@ -201,11 +288,10 @@ def model_name(model: nn.Module) -> str:
     Transfusion)."""
     import mmgen_pytorch
 
-    generators = ("MAR", "DnDTransformer", "LlamaGen", "MonoFormer", "Transfusion")
-    for name in generators:
+    for name in ("MAR", "DnDTransformer", "LlamaGen", "MonoFormer", "Transfusion"):
         if isinstance(model, getattr(mmgen_pytorch, name)):
             return name
-    raise TypeError(f"`model` must be one of {list(generators)}, got {type(model).__name__}")
+    raise TypeError(f"`model` must be one of {list(GENERATORS)}, got {type(model).__name__}")
 
 
 def class_count(model: nn.Module) -> Optional[int]:

@@ -1,0 +1,139 @@
+"""The training entry point for DnD, Transfusion and MonoFormer (MAR and LlamaGen: tests/test_train.py):
+their tiny configs trained a few steps from an image folder (through the frozen tokenizer) and from a
+cache, Transfusion on captions (text + image) resumed bit-identically, and data a model cannot take
+(a cache of another kind, a flat folder for a class-conditional model, labels or captions past the
+model's vocabulary) refused before the first step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+pytest.importorskip("yaml")
+pytest.importorskip("PIL")
+
+from _helpers import (assert_resumes_bit_identically, reset_accelerate_state, train_run,  # noqa: E402
+                      training_data, under)
+from mmgen_pytorch import train  # noqa: E402
+from mmgen_pytorch.data.cache import StackFields  # noqa: E402
+from mmgen_pytorch.training.config import load_config  # noqa: E402
+from mmgen_pytorch.training.recipes import build_dataset, multimodal_samples  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return training_data(tmp_path_factory.mktemp("train-models"), kinds=("kl", "rq"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(one_torch_thread):
+    yield
+    reset_accelerate_state()
+
+
+def source(data, kind: str, where: str) -> list:
+    given = ("--data.cache", data / f"cache-{kind}") if where == "cache" else ("--data.folder", data / "images")
+    return [given[0], str(given[1]), "--tokenizer.path", str(data / kind)]
+
+
+def logged(out) -> list:
+    return [json.loads(line) for line in (out / train.LOG_FILE).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name, kind, where", [
+    ("tiny-dnd", "rq", "cache"), ("tiny-dnd", "rq", "folder"), ("tiny-monoformer", "kl", "cache"),
+    ("tiny-monoformer", "kl", "folder"), ("tiny-transfusion", "kl", "cache"),
+])
+def test_tiny_config_trains(data, tmp_path, name, kind, where):
+    """4 steps: finite losses that fall, one log line per step, the final checkpoint (loadable as the
+    model) and the EMA model's sample grid (4 samples of 32x32)."""
+    from PIL import Image
+
+    from mmgen_pytorch.saving import load_model
+
+    losses = train_run(name, tmp_path, *source(data, kind, where))
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert [entry["step"] for entry in logged(tmp_path)] == [1, 2, 3, 4]
+    model = load_model(train.checkpoint_dir(tmp_path, 4))
+    assert type(model).__name__ == load_config(name, source(data, kind, where)).model.name
+    with Image.open(tmp_path / "samples" / "step-0000004.png") as image:
+        assert image.size == (2 * 32, 2 * 32)
+
+
+def test_transfusion_on_captions_resumes_bit_identically(data, tmp_path):
+    """Text + image from an image folder with a captions file, images encoded by the frozen KL tokenizer
+    and flipped at random: the resumed run repeats the uninterrupted one bit for bit."""
+    common = [*source(data, "kl", "folder"), "--data.captions", str(data / "captions.jsonl"),
+              "--train.checkpoint_every", "2"]
+    losses = assert_resumes_bit_identically("tiny-transfusion", tmp_path, common)
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "resumed" / "samples" / "step-0000004.png").is_file()
+
+
+def test_captions_are_the_text_before_each_image(data):
+    """Each Transfusion sample is [caption's UTF-8 bytes + 1, the image's latent], the caption read
+    independently from the captions file; a caption-trained text model draws its grid without class prompts."""
+    config = load_config("tiny-transfusion", [*source(data, "kl", "folder"), "--data.captions",
+                                              str(data / "captions.jsonl"), "--data.random_flip", "false"])
+    dataset = build_dataset(config, None)
+    captions = {json.loads(line)["file"]: json.loads(line)["caption"]
+                for line in (data / "captions.jsonl").read_text().splitlines()}
+    rows = [0, 9, 23]
+    samples = multimodal_samples(StackFields()([dataset[i] for i in rows]), None, channel_last=True)
+    for row, (text, image) in zip(rows, samples):
+        expected = [byte + 1 for byte in captions[dataset.relative_path(dataset.samples[row][0])].encode("utf-8")]
+        assert text.tolist() == expected
+        torch.testing.assert_close(image, dataset[row]["image"].permute(1, 2, 0), rtol=0, atol=0)
+    assert train.num_classes(config, dataset) is None
+    on_labels = load_config("tiny-monoformer", source(data, "kl", "folder"))
+    assert train.num_classes(on_labels, build_dataset(on_labels, None)) == 3
+
+
+@pytest.fixture(scope="module")
+def flat_folder(data):
+    flat = data / "flat"
+    flat.mkdir()
+    for path in sorted((data / "images" / "class0").glob("*.png")):
+        (flat / path.name).write_bytes(path.read_bytes())
+    return flat
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("tiny-dnd", ["--data.cache", "cache-kl", "--tokenizer.path", "rq"], ["data.cache", "KL moments", "RQVAE"]),
+    ("tiny-transfusion", ["--data.cache", "cache-rq", "--tokenizer.path", "kl"], ["data.cache", "RQ codes", "KL"]),
+    ("tiny-monoformer", ["--data.folder", "images", "--tokenizer.path", "rq"], ["tokenizer", "AutoencoderKL", "RQVAE"]),
+    ("tiny-dnd", ["--data.folder", "flat", "--tokenizer.path", "rq"], ["DnDTransformer", "class labels", "flat"]),
+    ("tiny-dnd", ["--data.cache", "cache-rq", "--model.kwargs.num_classes", "2"],
+     ["model.kwargs.num_classes", "is 2", "at least 3"]),
+    ("tiny-monoformer", ["--data.cache", "cache-kl", "--tokenizer.path", "kl", "--model.kwargs.num_text_tokens", "2"],
+     ["model.kwargs.num_text_tokens", "class labels", "at least 3"]),
+    ("tiny-monoformer", ["--data.folder", "images", "--tokenizer.path", "kl", "--data.captions", "captions.jsonl"],
+     ["model.kwargs.num_text_tokens", "is 8", "caption ids", "at least 257"]),
+])
+def test_data_the_model_cannot_take_is_refused_before_training(data, flat_folder, tmp_path, name, options, words):
+    """Refused with the key to change before the model is trained (these failed inside the first step)."""
+    with pytest.raises(train.ConfigError) as info:
+        train_run(name, tmp_path, *under(data, options))
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert not (tmp_path / train.LOG_FILE).exists()
+
+
+def test_dnd_blocks_after_the_last_head_need_find_unused_parameters_under_ddp(data):
+    """Those blocks get no gradient: DDP would fail in the second step; one process trains them as they are."""
+    from mmgen_pytorch.training.config import ConfigError
+    from mmgen_pytorch.training.recipes import build_model, check_idle_blocks
+
+    config = load_config("tiny-dnd", ["--data.cache", "x", "--model.kwargs.depth", "3"])
+    model = build_model(config, None)
+    with pytest.raises(ConfigError, match=r"blocks 2..2 .* `train.find_unused_parameters: true`"):
+        check_idle_blocks(config, model, processes=2)
+    check_idle_blocks(config, model, processes=1)
+    allowed = load_config("tiny-dnd", ["--data.cache", "x", "--model.kwargs.depth", "3",
+                                       "--train.find_unused_parameters", "true"])
+    check_idle_blocks(allowed, model, processes=2)
+    shipped = load_config("tiny-dnd", ["--data.cache", "x"])  # heads [0, 1] of 2 blocks
+    check_idle_blocks(shipped, build_model(shipped, None), processes=2)
