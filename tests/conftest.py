@@ -20,6 +20,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--recipes", action="store_true",
+                     help="also run the shortened digits recipes (tests marked `recipes`: about 6 minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--recipes"):
+        return
+    skip = pytest.mark.skip(reason="a shortened digits recipe: run with --recipes (CI does)")
+    for item in items:
+        if "recipes" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def eager_flex():
     """Flex attention through torch's uncompiled path (forward only) for a module of mask checks on CPU,

@@ -8,7 +8,8 @@ their GPT 800 (at 300 + 300 they sample at chance level, so a recorded score wou
 recorded scores were measured with exactly these flags (seed 0, 200 samples) on the project's 2-core
 CPU machine (1 or 2 threads give the same scores to 3 digits). The margins cover the spread between
 training seeds 0 and 1 (accuracy within 0.055 and FD within 19 %, except DnD's accuracy: 0.115), which
-is also what another CPU's kernels can do to a short trajectory. About 6 minutes in all on 2 idle cores.
+is also what another CPU's kernels can do to a short trajectory. About 6 minutes in all on 2 idle cores: a
+tier of their own, run with `pytest --recipes` (CI runs it after the suite).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ WIDER_ACCURACY_MARGIN = {"dnd": 0.12}  # its 800-step accuracy moves by 0.115 be
 FRECHET_MARGIN = 0.30    # relative
 
 
+@pytest.mark.recipes
 @pytest.mark.parametrize("model", sorted(RECORDED))
 def test_shortened_recipe_reaches_its_recorded_score(model, tmp_path):
     flags, accuracy, frechet = RECORDED[model]
