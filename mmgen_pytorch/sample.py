@@ -128,12 +128,11 @@ def resolve_source(path: str) -> Source:
 # flags
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", nargs="?", help="a training output folder or a saved model folder")
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how to draw (all but SOURCE, --out and --list-presets): shared with
+    ``python -m mmgen_pytorch.evaluate``."""
     # `--num-images` too: torchrun's own parser refuses `--num` (an abbreviation of its --numa-binding)
     parser.add_argument("--num", "--num-images", dest="num", type=int, help="number of images (default: the preset's)")
-    parser.add_argument("--out", help="output folder (PNGs, sampling.json, the .npz)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (the images depend on it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", help="captions: a text file, one per line, or JSON Lines")
@@ -146,6 +145,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", help="default: cuda (this process's local rank) when available, else cpu")
     parser.add_argument("--no-ema", action="store_true", help="the model's weights even when EMA weights exist")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", help="a training output folder or a saved model folder")
+    parser.add_argument("--out", help="output folder (PNGs, sampling.json, the .npz)")
+    add_sampling_flags(parser)
     parser.add_argument("--list-presets", action="store_true")
     args = parser.parse_args(argv)
     if not args.list_presets and (args.source is None or args.out is None):
@@ -282,6 +288,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         source, settings = check_flags(args)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"sample: {error}") from None
+    return draw(args, source, settings)
+
+
+def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> Optional[Path]:
+    """Load the checked source and draw into ``args.out`` (this process's shard under torchrun); the
+    ``.npz`` on rank 0, None on the other ranks."""
     from .evaluation.sampling import sample_images
 
     device = _device(args.device)

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
+from .training.evaluation import build_evaluator, check_eval
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                draw_samples, has_captions, load_tokenizer, save_grid)
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
@@ -133,6 +134,10 @@ class State:
     step: Callable[..., Dict[str, torch.Tensor]]  # one micro-step: (config, state, batch, step) -> logged terms
     adversary: Optional[Adversary] = None  # tokenizer training: the discriminator, its optimizer and the loss
 
+    def sampling_model(self) -> nn.Module:
+        """What grids and metrics draw from: the EMA model (the model itself without EMA)."""
+        return self.inner if self.ema is None else self.ema.ema_model
+
     def trained(self) -> List[nn.Module]:
         """The prepared modules that take gradients (for gradient accumulation)."""
         return [self.model] + ([self.adversary.model] if self.adversary is not None else [])
@@ -195,7 +200,7 @@ def resume(state: State, folder: Path) -> int:
 
 RESUMABLE_CHANGES = {"train": ("steps", "log_every", "sample_every", "checkpoint_every", "progress", "tracker",
                                "output_dir"),
-                     "data": ("num_workers",), "sample": None}  # None: the whole section may change
+                     "data": ("num_workers",), "sample": None, "eval": None}  # None: the whole section may change
 
 
 def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> Optional[Path]:
@@ -340,9 +345,15 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
     folder = checkpoint_to_resume(config, output_dir, resume_run)
+    reference = check_eval(config)
     tokenizer = load_tokenizer(config)
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
     state = build(config, accelerator, tokenizer, dataset)
+    classes = num_classes(config, dataset)
+    evaluator = None
+    if reference is not None and accelerator.is_main_process:
+        evaluator = build_evaluator(config, reference, state.sampling_model(), state.tokenizer, classes,
+                                    accelerator.device)
     start = 0
     if folder is not None:
         start = resume(state, folder)
@@ -367,13 +378,13 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
                       f"{accelerator.num_processes} process(es) x {micro_batch} x {config.train.grad_accum} "
                       f"accumulation per step on {accelerator.device}, tracker: {tracker}")
     try:
-        return train_loop(config, state, loader, start, output_dir, num_classes(config, dataset))
+        return train_loop(config, state, loader, start, output_dir, classes, evaluator)
     finally:
         accelerator.end_training()
 
 
 def train_loop(config: Config, state: State, loader: DataLoader, start: int, output_dir: Path,
-               classes: Optional[int]) -> List[float]:
+               classes: Optional[int], evaluator=None) -> List[float]:
     from tqdm.auto import tqdm
 
     accelerator, train = state.accelerator, config.train
@@ -404,6 +415,8 @@ def train_loop(config: Config, state: State, loader: DataLoader, start: int, out
             save_checkpoint(state, output_dir, step)
         if (train.sample_every and step % train.sample_every == 0) or step == train.steps:
             sample_grid(config, state, output_dir, step, classes)
+        if config.eval.every and step % config.eval.every == 0:
+            log_metrics(state, evaluator, output_dir, step)
     bar.close()
     return logged
 
@@ -414,11 +427,27 @@ def log_step(accelerator, output_dir: Path, step: int, terms: Dict[str, List[tor
     values = {key: accelerator.reduce(torch.stack(parts).mean(), reduction="mean").item()
               for key, parts in terms.items()}
     if accelerator.is_main_process:
-        with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(dict(step=step, **values, lr=lr)) + "\n")
-        accelerator.log(dict(**values, lr=lr), step=step)
+        write_log(accelerator, output_dir, step, dict(**values, lr=lr))
         print(f"step {step} loss {values['loss']:.6f} lr {lr:.3g}", flush=True)
     return values["loss"]
+
+
+def write_log(accelerator, output_dir: Path, step: int, values: Dict[str, float]) -> None:
+    """One line of ``log.jsonl`` and the tracker (main process)."""
+    with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
+        file.write(json.dumps(dict(step=step, **values)) + "\n")
+    accelerator.log(values, step=step)
+
+
+def log_metrics(state: State, evaluator, output_dir: Path, step: int) -> None:
+    """The ``eval`` metrics of the EMA model, scored on the main process (the others wait), logged as
+    ``eval/fid`` ... in ``log.jsonl`` (a line of their own) and the tracker."""
+    accelerator = state.accelerator
+    if accelerator.is_main_process:
+        values = evaluator(state.sampling_model(), state.tokenizer)
+        write_log(accelerator, output_dir, step, values)
+        print(f"step {step} " + " ".join(f"{name} {value:.4f}" for name, value in values.items()), flush=True)
+    accelerator.wait_for_everyone()
 
 
 def sample_grid(config: Config, state: State, output_dir: Path, step: int, classes: Optional[int]) -> None:
@@ -426,7 +455,7 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
     seeded generator, so the training RNG streams are untouched."""
     accelerator = state.accelerator
     if accelerator.is_main_process:
-        model = state.inner if state.ema is None else state.ema.ema_model
+        model = state.sampling_model()
         training = model.training
         model.eval()
         try:

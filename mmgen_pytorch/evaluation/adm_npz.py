@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -116,6 +116,61 @@ def load_adm_npz(path: PathLike) -> ADMBatch:
     if labels is not None:
         labels = _checked_labels(f"`{LABELS_KEY}` in {str(path)!r}", labels, len(images), quoted=True)
     return ADMBatch(images, labels)
+
+
+def npz_members(path: PathLike) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+    """``{name: (shape, dtype)}`` of every array of an ``.npz`` file, from the members' ``.npy`` headers
+    only (nothing is loaded: a 50k-image batch is 9.8 GB)."""
+    path = Path(path)
+    check(path.is_file(), f"{str(path)!r} does not exist", error=FileNotFoundError)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {}
+            for entry in archive.namelist():
+                if entry.endswith(".npy"):
+                    with archive.open(entry) as member:
+                        members[entry[:-len(".npy")]] = _npy_header(member)[:2]
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{str(path)!r} is not an .npz archive of arrays (np.savez): {error}") from None
+    return members
+
+
+def _npy_header(member) -> Tuple[Tuple[int, ...], np.dtype, bool]:
+    major, _ = np.lib.format.read_magic(member)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(member)
+    return tuple(shape), dtype, fortran_order
+
+
+def adm_npz_batches(path: PathLike, batch_size: int, *, limit: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The images ``arr_0`` of an ADM ``.npz`` as uint8 ``[n, H, W, 3]`` arrays of ``batch_size`` rows (the
+    first ``limit`` images when given), read from the archive as a stream: memory holds one batch."""
+    path = Path(path)
+    shape, dtype = check_adm_images(path)
+    row = int(np.prod(shape[1:]))
+    count = shape[0] if limit is None else min(limit, shape[0])
+    with zipfile.ZipFile(path) as archive, archive.open(f"{IMAGES_KEY}.npy") as member:
+        _npy_header(member)
+        for start in range(0, count, batch_size):
+            rows = min(batch_size, count - start)
+            data = member.read(rows * row)
+            check(len(data) == rows * row, f"{str(path)!r}: `{IMAGES_KEY}` ends before its {shape[0]} images")
+            yield np.frombuffer(data, dtype=np.uint8).reshape(rows, *shape[1:])
+
+
+def check_adm_images(path: PathLike) -> Tuple[Tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of ``arr_0`` in an ``.npz``, which must be uint8 ``[N, H, W, 3]`` (C order), N >= 1."""
+    path = Path(path)
+    members = npz_members(path)
+    check(IMAGES_KEY in members, f"{str(path)!r} has no `{IMAGES_KEY}` (the images); it holds {sorted(members)}")
+    shape, dtype = members[IMAGES_KEY]
+    check(dtype == np.uint8 and len(shape) == 4 and shape[-1] == 3 and shape[0] > 0,
+          f"`{IMAGES_KEY}` in {str(path)!r} must be uint8 [N, H, W, 3] with N >= 1, got "
+          f"array(shape={shape}, dtype={dtype})")
+    with zipfile.ZipFile(path) as archive, archive.open(f"{IMAGES_KEY}.npy") as member:
+        check(not _npy_header(member)[2], f"`{IMAGES_KEY}` in {str(path)!r} is stored in Fortran order; "
+                                          f"write it with np.savez from a C-ordered array")
+    return shape, dtype
 
 
 # checks

@@ -265,3 +265,36 @@ def _torch_fidelity_inception() -> type:
         raise ImportError("the Inception extractor needs torch-fidelity (which needs torchvision): "
                           "pip install mmgen-pytorch[inception] (or pip install torch-fidelity)") from error
     return FeatureExtractorInceptionV3
+
+
+# --- by name (the command line, the training config) ----------------------------------------------------
+
+TINY_FEATURES, TINY_CLASSES = 16, 10
+EXTRACTOR_FEATURES = {"inception": INCEPTION_FEATURES, "pca-digits": DIGITS_PCA_DIM, "tiny": TINY_FEATURES}
+EXTRACTORS = tuple(EXTRACTOR_FEATURES)
+
+
+def check_extractor_name(name: Any, *, inception_weights: Any = None, option: str = "extractor",
+                         weights_option: str = "inception_weights") -> str:
+    """``name`` must be one of :data:`EXTRACTORS`, and ``inception_weights`` (a path) goes only with
+    ``inception``; errors name ``option`` / ``weights_option``."""
+    check(name in EXTRACTORS, f"`{option}` must be one of {list(EXTRACTORS)}, got {name!r}")
+    check(inception_weights is None or name == "inception",
+          f"`{weights_option}` goes with the inception extractor, not with {name!r}")
+    return name
+
+
+def build_extractor(name: str, *, inception_weights: Union[str, os.PathLike, None] = None,
+                    device: Union[str, torch.device, None] = None) -> FeatureExtractor:
+    """The extractor called ``name``: ``inception`` (:func:`inception_v3`, from ``inception_weights``),
+    ``pca-digits`` (:func:`digits_pca_extractor`) or ``tiny`` (a :class:`TinyConvExtractor` with
+    :data:`TINY_FEATURES` features and :data:`TINY_CLASSES` logits, seed 0: tests and smoke runs only),
+    moved to ``device``."""
+    check_extractor_name(name, inception_weights=inception_weights)
+    if name == "inception":
+        extractor = inception_v3(inception_weights)
+    elif name == "pca-digits":
+        extractor = digits_pca_extractor()
+    else:
+        extractor = TinyConvExtractor(num_features=TINY_FEATURES, num_classes=TINY_CLASSES)
+    return extractor if device is None else extractor.to(device)

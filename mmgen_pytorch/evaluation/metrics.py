@@ -214,6 +214,14 @@ def feature_stats(batches: Iterable[Tensor], extractor: FeatureExtractor, *,
     return _collect(batches, extractor, name="batches", keep=keep, seed=seed)[0]
 
 
+def check_cache_path(cache: PathLike, *, name: str = "cache") -> None:
+    """A statistics cache must be an existing file or a new file in an existing folder (FileNotFoundError
+    naming ``name`` otherwise): checked before any image is read."""
+    check(Path(cache).is_file() or (not Path(cache).exists() and Path(cache).parent.is_dir()),
+          f"`{name}` {str(cache)!r} must be a statistics file or a new file in an existing folder",
+          error=FileNotFoundError)
+
+
 def reference_stats(batches: Iterable[Tensor], extractor: FeatureExtractor, *, cache: Optional[PathLike] = None,
                     max_features: int = REFERENCE_FEATURES, seed: int = 0) -> FeatureStats:
     """:func:`feature_stats` of the reference images, read from ``cache`` when that file exists (then
@@ -224,9 +232,7 @@ def reference_stats(batches: Iterable[Tensor], extractor: FeatureExtractor, *, c
         FileNotFoundError: ``cache``'s folder does not exist (checked before any image is read).
     """
     if cache is not None:
-        check(Path(cache).is_file() or (not Path(cache).exists() and Path(cache).parent.is_dir()),
-              f"`cache` {str(cache)!r} must be a statistics file or a new file in an existing folder",
-              error=FileNotFoundError)
+        check_cache_path(cache)
     if cache is not None and Path(cache).is_file():
         return FeatureStats.load(cache, extractor)
     stats = feature_stats(batches, extractor, max_features=max_features, seed=seed)
@@ -328,6 +334,28 @@ def _wanted_metrics(metrics: Optional[Sequence[str]], extractor: FeatureExtracto
           f"`metrics` asks for precision / recall but `reference` keeps {len(reference.features)} features "
           f"(recompute it with max_features > {NEIGHBOURS})")
     return list(metrics)
+
+
+def computable_metrics(extractor: FeatureExtractor, reference: FeatureStats, num_generated: int, *,
+                       is_splits: int = 10) -> Tuple[list, list]:
+    """``(names, reasons)``: the metrics that ``num_generated`` images can be scored by against ``reference``
+    with ``extractor``, and one sentence for each metric left out (why)."""
+    names, reasons = ["fid"], []
+    if extractor.num_classes is None:
+        reasons.append(f"IS not computed: the extractor {extractor.name!r} gives no class logits")
+    elif num_generated < 2 * is_splits:
+        reasons.append(f"IS not computed: {num_generated} images, it needs at least {2 * is_splits} "
+                       f"({is_splits} splits of 2)")
+    else:
+        names.append("is")
+    if len(reference.features) <= NEIGHBOURS:
+        reasons.append("precision / recall not computed: the reference keeps no image features (an ADM .npz "
+                       "holding only mu / sigma, or statistics saved without features): they need its images")
+    elif num_generated <= NEIGHBOURS:
+        reasons.append(f"precision / recall not computed: {num_generated} images, they need more than {NEIGHBOURS}")
+    else:
+        names += ["precision", "recall"]
+    return names, reasons
 
 
 def evaluate(generated_batches: Iterable[Tensor], reference: FeatureStats, extractor: FeatureExtractor, *,

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -269,13 +269,21 @@ def _draw_shard(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: Path,
     todo = [indices for indices in batches if not all(image_file(out_dir, i).is_file() for i in indices)]
     bar = tqdm(total=sum(map(len, batches)), initial=sum(map(len, batches)) - sum(map(len, todo)),
                disable=not progress or rank != 0, desc="sample", unit="img")
-    with eval_mode(model):
-        for indices in todo:
-            images = generate_images(model, tokenizer, conditioning.batch(indices),
-                                     generator=batch_seed(settings["seed"], indices[0]), **settings["options"])
-            save_pngs(images, [image_file(out_dir, i) for i in indices])
-            bar.update(len(indices))
+    for indices, images in draw_batches(model, tokenizer, conditioning, todo, seed=settings["seed"],
+                                        options=settings["options"]):
+        save_pngs(images, [image_file(out_dir, i) for i in indices])
+        bar.update(len(indices))
     bar.close()
+
+
+def draw_batches(model: nn.Module, tokenizer: Optional[nn.Module], conditioning: Conditioning,
+                 batches: Sequence[range], *, seed: int, options: Mapping[str, Any]) -> Iterator[Tuple[range, Tensor]]:
+    """``(indices, images [n, 3, H, W] in [0, 1])`` for each batch of image indices, the model in eval mode,
+    each batch drawn from :func:`batch_seed` ``(seed, first index)``: the one way sampling at scale draws."""
+    with eval_mode(model):
+        for indices in batches:
+            yield indices, generate_images(model, tokenizer, conditioning.batch(indices),
+                                           generator=batch_seed(seed, indices[0]), **options)
 
 
 def save_pngs(images: Tensor, files: Sequence[Path]) -> None:

@@ -116,6 +116,22 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Metrics during training (off while ``every`` is 0), every ``every`` optimizer steps on the main process,
+    from the EMA model (the model without EMA), with their own seeded generators: a generator draws
+    ``num_samples`` class-balanced images (the ``sample`` section's cfg / steps / temperature), scored against
+    ``reference`` (FID, IS, precision, recall: those computable); a tokenizer reconstructs the first
+    ``num_samples`` images of ``reference`` (held-out images: a folder or an ADM .npz's arr_0), scored by rFID."""
+    every: int = 0
+    num_samples: int = 2000
+    reference: Optional[str] = None           # image folder, ADM reference .npz or statistics (FeatureStats.save)
+    extractor: Literal["inception", "pca-digits", "tiny"] = "inception"
+    inception_weights: Optional[str] = None   # torch-fidelity's Inception weights file (default: its download)
+    batch_size: int = 50                      # images per sampling and feature batch
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,6 +140,7 @@ class Config:
     tokenizer_loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,6 +299,7 @@ def _check_values(config: Config) -> None:
     _check_optim(config.optim)
     _check_tokenizer_loss(config)
     _check_train(config.train, config.data)
+    _check_eval(config.eval)
     _require(config.sample.num >= 1, f"`sample.num` must be >= 1, got {config.sample.num}")
     _require(config.sample.steps is None or config.sample.steps >= 1,
              f"`sample.steps` must be >= 1 or null, got {config.sample.steps}")
@@ -354,6 +372,18 @@ def _check_train(train: TrainConfig, data: DataConfig) -> None:
     _require(data.batch_size % train.grad_accum == 0,
              f"`data.batch_size` ({data.batch_size}, the global batch per optimizer step) must be divisible by "
              f"`train.grad_accum` ({train.grad_accum})")
+
+
+def _check_eval(spec: EvalConfig) -> None:
+    _require(spec.every >= 0, f"`eval.every` must be >= 0 (0: no metrics during training), got {spec.every}")
+    _require(spec.num_samples >= 2, f"`eval.num_samples` must be >= 2, got {spec.num_samples}")
+    _require(spec.batch_size >= 1, f"`eval.batch_size` must be >= 1, got {spec.batch_size}")
+    _require(spec.seed >= 0, f"`eval.seed` must be >= 0, got {spec.seed}")
+    _require(spec.every == 0 or spec.reference is not None,
+             f"`eval.every` is {spec.every}: give `eval.reference` (an image folder, an ADM reference .npz or "
+             f"saved statistics)")
+    _require(spec.inception_weights is None or spec.extractor == "inception",
+             f"`eval.inception_weights` goes with `eval.extractor: inception`, not {spec.extractor!r}")
 
 
 def _check_tokenizer_loss(config: Config) -> None:
