@@ -24,6 +24,12 @@ each with its own optimizer; checkpoints add ``discriminator.safetensors`` and i
 states, and the checkpoint folder loads as the tokenizer (``VQVAE.load(folder)``). LPIPS needs torchvision's
 VGG16 and the lpips package's linear weights as local files (``tokenizer_loss.vgg16_path`` / ``lpips_path``).
 
+With an ``eval`` section (``every`` > 0; :mod:`mmgen_pytorch.training.evaluation`) the main process scores the
+EMA model every ``eval.every`` steps: FID / IS / precision / recall of ``eval.num_samples`` class-balanced
+samples against ``eval.reference`` (a generator), or the rFID of the reconstructed first ``eval.num_samples``
+reference images (a tokenizer); logged as ``eval/fid`` ... on lines of their own in ``log.jsonl`` and to the
+tracker. Scoring leaves the training RNG streams as they were: losses and resumes are those of a run without it.
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
