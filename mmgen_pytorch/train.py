@@ -29,6 +29,12 @@ built (the main process saves the unwrapped model and optimizer, and the EMA cop
 FSDP2's sharded parameters both fail), and so is ACCELERATE_USE_FSDP / _DEEPSPEED on CPU, where Accelerate
 would ignore it and run DDP. FSDP2 training: ``examples/train_distributed.py --fsdp``.
 
+With an ``eval`` section (``every`` > 0; :mod:`mmgen_pytorch.training.evaluation`) the main process scores the
+EMA model every ``eval.every`` steps: FID / IS / precision / recall of ``eval.num_samples`` class-balanced
+samples against ``eval.reference`` (a generator), or the rFID of the reconstructed first ``eval.num_samples``
+reference images (a tokenizer); logged as ``eval/fid`` ... on lines of their own in ``log.jsonl`` and to the
+tracker. Scoring leaves the training RNG streams as they were: losses and resumes are those of a run without it.
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
