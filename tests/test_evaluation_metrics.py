@@ -258,3 +258,22 @@ def test_missing_torchmetrics_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)
     with pytest.raises(ImportError, match=r"torchmetrics.*mmgen-pytorch\[eval\]"):
         FeatureStats.from_features(torch.randn(4, 2), extractor="x")
+
+
+def test_one_pixel_conversion_for_datasets_samples_and_metrics():
+    """The metrics' [-1, 1] -> uint8, the sampled PNGs' [0, 1] -> uint8 and the datasets' uint8 -> [-1, 1] are
+    one conversion: every level survives the round trip, and images_to_uint8 equals the PNGs' path on values
+    where round(127.5 x + 127.5) and round(255 (x + 1) / 2) differ in float32."""
+    from PIL import Image
+
+    import mmgen_pytorch.training.recipes as recipes
+    from mmgen_pytorch.data.images import images_to_unit, to_tensor_image, uint8_to_images, unit_to_uint8
+    from mmgen_pytorch.evaluation import images_to_uint8
+
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+    from_file = to_tensor_image(Image.fromarray(levels[0].permute(1, 2, 0).numpy()))
+    assert torch.equal(from_file, uint8_to_images(levels)[0])
+    assert torch.equal(images_to_uint8(from_file[None]), levels)
+    values = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    assert torch.equal(images_to_uint8(values), unit_to_uint8(images_to_unit(values)))
+    assert not hasattr(recipes, "to_uint8") and not hasattr(recipes, "_to_unit")

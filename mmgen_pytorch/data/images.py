@@ -65,7 +65,25 @@ def to_tensor_image(image) -> Tensor:
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return pixels.permute(2, 0, 1).contiguous().float().div(255).sub(0.5).div(0.5)
+    return uint8_to_images(pixels.permute(2, 0, 1).contiguous())
+
+
+# the one place pixels and float images convert (datasets, sample grids, sampled PNGs, metrics)
+
+
+def uint8_to_images(pixels: Tensor) -> Tensor:
+    """uint8 pixels 0..255 as float32 images in [-1, 1]: ``x / 255`` then ``(x - 0.5) / 0.5``."""
+    return pixels.float().div(255).sub(0.5).div(0.5)
+
+
+def images_to_unit(images: Tensor) -> Tensor:
+    """Float images in [-1, 1] (the models' range) as float32 in [0, 1], clipped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def unit_to_uint8(images: Tensor) -> Tensor:
+    """Float images in [0, 1] as uint8 pixels ``round(255 x)``, clipped (as when writing an image file)."""
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def random_horizontal_flip(image: Tensor, *, p: float = 0.5, generator: GeneratorLike = None) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .._utils import check, check_positive_int, describe, eval_mode
 from ..data.cache import weights_fingerprint
+from ..data.images import images_to_unit, uint8_to_images, unit_to_uint8
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -53,16 +54,12 @@ def check_uint8_images(name: str, images: Any, image_size: Optional[int] = None)
 
 
 def images_to_uint8(images: Float[Tensor, "n 3 h w"]) -> UInt8[Tensor, "n 3 h w"]:
-    """Float images in [-1, 1] (the models' and datasets' range) as uint8 pixels: ``round(127.5 x + 127.5)``,
-    clamped to 0..255 (values outside [-1, 1] are clipped, as when writing an image file)."""
+    """Float images in [-1, 1] (the models' and datasets' range) as uint8 pixels: ``round(255 (x + 1) / 2)``,
+    clipped to 0..255 (values outside [-1, 1] are clipped, as when writing an image file); the conversion of
+    sample grids and sampled PNGs (:func:`~mmgen_pytorch.data.images.unit_to_uint8`)."""
     check(isinstance(images, Tensor) and images.is_floating_point(),
           f"`images` must be a float tensor in [-1, 1], got {describe(images)}", error=TypeError)
-    return (images.detach() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def uint8_to_images(images: UInt8[Tensor, "n 3 h w"]) -> Float[Tensor, "n 3 h w"]:
-    """uint8 pixels as float32 images in [-1, 1] (``x / 127.5 - 1``, the inverse of :func:`images_to_uint8`)."""
-    return images.float() / 127.5 - 1
+    return unit_to_uint8(images_to_unit(images.detach()))
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from .._utils import as_int, check, check_finite_number, check_positive_int, describe, eval_mode
 from ..guidance import check_cfg_scale
 from ..saving import write_atomically
-from ..training.recipes import (Batch, byte_tokenizer, class_count, generate_images, sampling_problem,
-                                to_uint8)
+from ..data.images import unit_to_uint8
+from ..training.recipes import Batch, byte_tokenizer, class_count, generate_images, sampling_problem
 from .adm_npz import save_adm_npz_from_pngs
 
 PathLike = Union[str, os.PathLike]
@@ -290,7 +290,7 @@ def save_pngs(images: Tensor, files: Sequence[Path]) -> None:
     """``images`` ``[n, 3, H, W]`` in [0, 1] as one PNG each; a file appears only once written in full."""
     from ..data.images import pil_image_module
 
-    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = unit_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     image_module = pil_image_module()
     for array, file in zip(pixels, files):
         write_atomically(file, lambda tmp: image_module.fromarray(array).save(tmp, format="PNG"))

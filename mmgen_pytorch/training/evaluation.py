@@ -68,12 +68,12 @@ class TrainingEvaluator:
     def _generated(self, model: nn.Module, tokenizer: Optional[nn.Module]) -> Dict[str, float]:
         from ..evaluation.metrics import evaluate
         from ..evaluation.sampling import draw_batches, shard_batches
-        from .recipes import to_uint8
+        from ..data.images import unit_to_uint8
 
         spec = self.spec
         batches = shard_batches(spec.num_samples, spec.batch_size, 0, 1)
         drawn = draw_batches(model, tokenizer, self.conditioning, batches, seed=spec.seed, options=self.options)
-        return evaluate((to_uint8(images) for _, images in drawn), self.stats, self.extractor, metrics=self.metrics)
+        return evaluate((unit_to_uint8(images) for _, images in drawn), self.stats, self.extractor, metrics=self.metrics)
 
     def _reconstructed(self, tokenizer: nn.Module) -> Dict[str, float]:
         from ..evaluation.metrics import reconstruction_fid

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..data import sample_latent
 from .._utils import check
 from ..data.cache import TOKENIZER_KINDS as CACHED_FIELDS, encode_images
+from ..data.images import images_to_unit, unit_to_uint8
 from .config import GENERATORS, TOKENIZER_KINDS, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
@@ -353,12 +354,12 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
         out = model.sample(labels, batch_size=None if labels is not None else len(condition["label"]),
                            num_iter=steps or 64, cfg_scale=cfg, temperature=temperature, **common)
         decoder = tokenizer if tokenizer is not None else model.vae
-        return _to_unit(decoder.decode(out.latents.to(device) / model.vae_scale))
+        return images_to_unit(decoder.decode(out.latents.to(device) / model.vae_scale))
     if name in ("LlamaGen", "DnDTransformer"):
         check(steps is None, f"`steps`: {name} draws one position per step, all of them; give no `steps`")
         generated = model.generate(condition.get("caption_ids", condition.get("label")), cfg_scale=cfg,
                                    temperature=temperature, **common)
-        return _to_unit(tokenizer.decode_code(generated))
+        return images_to_unit(tokenizer.decode_code(generated))
     texts = _texts(condition)
     if name == "MonoFormer":
         prompts = [text if text is not None else torch.zeros(0, dtype=torch.long, device=device) for text in texts]
@@ -377,17 +378,8 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
 
 def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Tensor:
     if tokenizer is not None:
-        return _to_unit(tokenizer.decode(latents / tokenizer.scale_factor))
-    return _to_unit(latents)
-
-
-def _to_unit(images: Tensor) -> Tensor:
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Images in [0, 1] (any layout) -> uint8 pixels, rounded to the nearest level."""
-    return (images.float() * 255).round().to(torch.uint8)
+        return images_to_unit(tokenizer.decode(latents / tokenizer.scale_factor))
+    return images_to_unit(latents)
 
 
 def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:
@@ -401,5 +393,5 @@ def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:
     for index, image in enumerate(images.cpu()):
         row, col = divmod(index, per_row)
         canvas[:, row * height:(row + 1) * height, col * width:(col + 1) * width] = image
-    pixels = to_uint8(canvas).permute(1, 2, 0).contiguous().numpy()
+    pixels = unit_to_uint8(canvas).permute(1, 2, 0).contiguous().numpy()
     pil_image_module().fromarray(pixels).save(path)
