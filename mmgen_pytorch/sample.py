@@ -207,7 +207,14 @@ def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
     from .saving import read_config
 
     if args.tokenizer is not None:
-        read_config(args.tokenizer)  # a saved model folder, or a FileNotFoundError naming it
+        from .training.config import TOKENIZER_KINDS
+        from .training.recipes import TOKENIZER_CLASSES
+
+        held = read_config(args.tokenizer)["class"]  # a saved model folder, or a FileNotFoundError naming it
+        needed = TOKENIZER_CLASSES[TOKENIZER_KINDS[source.model_name]].__name__
+        if held != needed:
+            raise ValueError(f"--tokenizer {args.tokenizer!r} holds a {held}, but {source.model_name} decodes "
+                             f"through a {needed}")
         return
     spec = source.config.tokenizer if source.config is not None else None
     has_one = spec is not None and (spec.path is not None or spec.from_official is not None)

@@ -316,6 +316,7 @@ def test_command_samples_a_saved_model_folder(llamagen, tmp_path):
     (["--prompts", "{missing}"], "prompts file .* does not exist"),
     (["--prompts", "{prompts}", "--num-classes", "4"], "give `prompts` or `num_classes`"),
     (["--tokenizer", "{missing}"], "has no config.json"),
+    (["--tokenizer", "{kl}"], "--tokenizer .* holds a AutoencoderKL, but LlamaGen decodes through a VQVAE"),
     (["--out", "{file}"], "--out .* is a file"),
     (["--device", "gpu7"], "--device 'gpu7'"),
 ])
@@ -327,7 +328,12 @@ def test_bad_flags_are_refused_before_loading(run_dir, tmp_path, monkeypatch, fl
     monkeypatch.setattr(sample, "load_for_sampling", not_loaded)
     (tmp_path / "prompts.txt").write_text("a red square\n")
     (tmp_path / "file").write_text("")
-    names = dict(missing=str(tmp_path / "missing"), prompts=str(tmp_path / "prompts.txt"), file=str(tmp_path / "file"))
+    names = dict(missing=str(tmp_path / "missing"), prompts=str(tmp_path / "prompts.txt"), file=str(tmp_path / "file"),
+                 kl=str(tmp_path / "kl"))
+    if "{kl}" in flags:
+        from _helpers import tiny_tokenizer
+
+        tiny_tokenizer("kl").save(tmp_path / "kl")
     flags = [flag.format(**names) for flag in flags]
     source = flags.pop(0) if flags[0] == names["missing"] else str(run_dir[0] / "run")
     argv = [source, "--num", "4", "--out", str(tmp_path / "out"), *flags]
