@@ -96,6 +96,11 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                                     "into (rerunning resumes it)")
         args.source = args.generated
         source, settings = sample.check_flags(args)
+        if source.config is not None:  # a run folder: its images' size is known before sampling
+            size = (source.config.data.resolution,) * 2
+            drawn = f"SOURCE's images (data.resolution {size[0]})"
+            reference.check_size(size, name=drawn)
+            check_extractor_name(args.extractor, option="--extractor", image_size=size, images=drawn)
         return Plan(reference, Path(args.out) / METRICS_FILE, source=source, settings=settings)
     given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
              if dest not in SCORING_DESTS and value != parser.get_default(dest)]
@@ -103,6 +108,8 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                      f"(they apply to a run / model folder)")
     generated = open_generated(generated_path)
     reference.check_size(generated.size)
+    check_extractor_name(args.extractor, option="--extractor", image_size=generated.size,
+                         images=f"the images of GENERATED {args.generated!r}")
     folder = Path(args.out) if args.out is not None else (generated.path.parent if generated.path.is_file()
                                                           else generated.path)
     return Plan(reference, folder / METRICS_FILE, generated=generated)

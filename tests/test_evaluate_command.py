@@ -194,6 +194,11 @@ def test_reference_cache_is_written_then_read(scored_run, reference, tmp_path):
     (["{run}", "--out", "{fresh}", "--preset", "mar-z"], "--preset must be one of"),
     (["{run}", "--out", "{fresh}", "--num", "4", "--steps", "3"], "--steps: LlamaGen's sampler has no such option"),
     (["{run}", "--out", "{text}", "--num", "4"], "--out .* is a file"),
+    (["{run}", "--out", "{fresh}", "--num", "4", "--reference", "{small_npz}"],
+     r"holds 8x8 images but SOURCE's images \(data.resolution 32\) are 32x32"),
+    (["{run}", "--out", "{fresh}", "--num", "4", "--extractor", "pca-digits"],
+     r"`--extractor` pca-digits takes 8x8 images, but SOURCE's images \(data.resolution 32\) are 32x32"),
+    (["{samples}", "--extractor", "pca-digits"], "`--extractor` pca-digits takes 8x8 images, but the images of GENERATED"),
 ])
 def test_bad_arguments_are_refused_before_loading(scored_run, llamagen_run, reference, tmp_path, monkeypatch,
                                                   flags, words):
@@ -216,7 +221,7 @@ def test_bad_arguments_are_refused_before_loading(scored_run, llamagen_run, refe
     if "--reference" not in argv:
         argv += ["--reference", str(reference)]
     with pytest.raises(SystemExit, match=words):
-        evaluate.main([*argv, "--extractor", "tiny"])
+        evaluate.main(argv if "--extractor" in argv else [*argv, "--extractor", "tiny"])
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "partial" / "metrics.json").exists()
 
 
@@ -328,3 +333,7 @@ def test_eval_reference_problems_are_refused_before_building(train_data, tmp_pat
     with pytest.raises(ConfigError, match="holds 32x32 images but the images .*data.resolution. 16"):
         np.savez(tmp_path / "big.npz", np.zeros((4, 32, 32, 3), dtype=np.uint8))
         train.main(["tiny-vqgan", "--data.folder", "x", *base, "--eval.reference", str(tmp_path / "big.npz")])
+    with pytest.raises(ConfigError, match="`eval.extractor` pca-digits takes 8x8 images, but the images "
+                                          r"\(`data.resolution` 16\) are 16x16"):
+        train.main(["tiny-vqgan", "--data.folder", "x", *base, "--eval.extractor", "pca-digits",
+                    "--eval.reference", str(tmp_path / "big.npz")])

@@ -35,6 +35,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "MMGEN_INCEPTION_WEIGHTS"  # a local copy of the file, for machines without network
 INCEPTION_FEATURES, INCEPTION_CLASSES = 2048, 1008
 DIGITS_PCA_DIM = 20
+DIGITS_SIZE = 8  # sklearn's digits are 8x8
 
 FeaturesAndLogits = Tuple[Float[Tensor, "n d"], Optional[Float[Tensor, "n c"]]]
 
@@ -176,7 +177,7 @@ def digits_pca_extractor() -> PCAExtractor:
     """The 20-dim PCA (``random_state=0``) fitted on the training split of :func:`digits_split`, on pixel
     units 0..16: takes 8x8 uint8 images (greyscale repeated over the channels, 255 = 16 units)."""
     pca = sklearn_module("decomposition").PCA(n_components=DIGITS_PCA_DIM, random_state=0).fit(digits_split()[0])
-    return PCAExtractor(mean=pca.mean_, components=pca.components_, image_size=8, pixel_max=16.0,
+    return PCAExtractor(mean=pca.mean_, components=pca.components_, image_size=DIGITS_SIZE, pixel_max=16.0,
                         name=f"digits-pca{DIGITS_PCA_DIM}")
 
 
@@ -269,15 +270,22 @@ def _torch_fidelity_inception() -> type:
 TINY_FEATURES, TINY_CLASSES = 16, 10
 EXTRACTOR_FEATURES = {"inception": INCEPTION_FEATURES, "pca-digits": DIGITS_PCA_DIM, "tiny": TINY_FEATURES}
 EXTRACTORS = tuple(EXTRACTOR_FEATURES)
+EXTRACTOR_SIZES = {"pca-digits": DIGITS_SIZE}  # the only image size each takes (the others resize)
 
 
 def check_extractor_name(name: Any, *, inception_weights: Any = None, option: str = "extractor",
-                         weights_option: str = "inception_weights") -> str:
-    """``name`` must be one of :data:`EXTRACTORS`, and ``inception_weights`` (a path) goes only with
-    ``inception``; errors name ``option`` / ``weights_option``."""
+                         weights_option: str = "inception_weights", image_size: Optional[Tuple[int, int]] = None,
+                         images: str = "the images") -> str:
+    """``name`` must be one of :data:`EXTRACTORS`, ``inception_weights`` (a path) goes only with
+    ``inception``, and ``images`` of ``image_size`` ``(H, W)`` (when known) must be a size the extractor
+    takes (:data:`EXTRACTOR_SIZES`); errors name ``option`` / ``weights_option``."""
     check(name in EXTRACTORS, f"`{option}` must be one of {list(EXTRACTORS)}, got {name!r}")
     check(inception_weights is None or name == "inception",
           f"`{weights_option}` goes with the inception extractor, not with {name!r}")
+    side = EXTRACTOR_SIZES.get(name)
+    check(side is None or image_size is None or tuple(image_size) == (side, side),
+          f"`{option}` {name} takes {side}x{side} images, but {images} are "
+          f"{image_size[1] if image_size else 0}x{image_size[0] if image_size else 0}")
     return name
 
 

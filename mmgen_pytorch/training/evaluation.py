@@ -26,7 +26,7 @@ def check_eval(config: Config):
     """The ``eval`` section's files, checked before anything is built: the reference (and, for a
     tokenizer, that it holds images to reconstruct) and the Inception weights. Returns the reference
     (:class:`~mmgen_pytorch.evaluation.sources.Reference`), or None when ``eval.every`` is 0."""
-    from ..evaluation.features import EXTRACTOR_FEATURES
+    from ..evaluation.features import EXTRACTOR_FEATURES, check_extractor_name
     from ..evaluation.sources import open_reference
 
     spec, resolution = config.eval, config.data.resolution
@@ -35,6 +35,8 @@ def check_eval(config: Config):
     if spec.inception_weights is not None and not Path(spec.inception_weights).is_file():
         raise ConfigError(f"`eval.inception_weights` {spec.inception_weights!r} does not exist")
     try:
+        check_extractor_name(spec.extractor, option="eval.extractor", image_size=(resolution, resolution),
+                             images=f"the images (`data.resolution` {resolution})")
         reference = open_reference(spec.reference, num_features=EXTRACTOR_FEATURES[spec.extractor],
                                    name="`eval.reference`")
         reference.check_size((resolution, resolution), name=f"the images (`data.resolution` {resolution})")
