@@ -65,6 +65,10 @@ def with_key(section: str, key: str, value):
     ({"model": {"name": "VQVAE", "preset": "VQ-32"}, "data": {"folder": "x"}}, ["model.preset", "VQ-16"]),
     (with_key("tokenizer", "kind", "kl"), ["tokenizer.kind", "'vq'", "LlamaGen"]),
     ({"model": {"name": "MonoFormer"}, "data": {"cache": "x"}}, ["tokenizer.path", "MonoFormer", "scale_factor"]),
+    ({"model": {"name": "VQVAE"}, "data": {"folder": "x"}, "tokenizer": {"kind": "vq"},
+      "tokenizer_loss": {"random_lpips": True}}, ["`tokenizer.kind`", "VQVAE is the model being trained"]),
+    ({"model": {"name": "AutoencoderKL"}, "data": {"folder": "x", "captions": "c.jsonl"},
+      "tokenizer_loss": {"random_lpips": True}}, ["`data.captions`", "AutoencoderKL trains on images alone"]),
 ])
 def test_config_errors_name_the_key(raw, words):
     with pytest.raises(ConfigError) as info:

@@ -395,9 +395,10 @@ def _check_tokenizer_loss(config: Config) -> None:
                               f"(model.name one of {list(TOKENIZERS)}), not to {name}")
         return
     _require(config.data.cache is None, f"{name} trains on images: give `data.folder` or `data.hf`, not `data.cache`")
-    _require(config.tokenizer.path is None and config.tokenizer.from_official is None,
-             f"`tokenizer` is the frozen tokenizer of a generator; {name} is the model being trained: leave "
-             f"`tokenizer.path` / `tokenizer.from_official` unset")
+    given = [f"`tokenizer.{key}`" for key in ("path", "from_official", "kind") if getattr(config.tokenizer, key)]
+    _require(not given, f"`tokenizer` is the frozen tokenizer of a generator; {name} is the model being trained: "
+                        f"leave {', '.join(given)} unset")
+    _require(config.data.captions is None, f"{name} trains on images alone: leave `data.captions` unset")
     for key in ("reconstruction_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
         _require(getattr(spec, key) >= 0, f"`tokenizer_loss.{key}` must be >= 0, got {getattr(spec, key)}")
     _require(spec.disc_start >= 0, f"`tokenizer_loss.disc_start` must be >= 0, got {spec.disc_start}")
