@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from ._utils import eval_mode
 from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
 from .training.evaluation import build_evaluator, check_eval
@@ -462,12 +463,8 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
     accelerator = state.accelerator
     if accelerator.is_main_process:
         model = state.sampling_model()
-        training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             images = draw_samples(config, model, state.tokenizer, classes)
-        finally:
-            model.train(training)
         if images is None:
             accelerator.print(f"step {step}: no sample grid ({config.model.name} draws none, or needs a tokenizer / "
                               f"class labels to draw one)")

@@ -198,3 +198,21 @@ def test_two_processes_give_the_one_process_loss_curve(data, tmp_path):
     for key in one:
         scale = one[key].abs().max().clamp_min(1e-6)
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5 * float(scale))
+
+
+def test_sample_grid_draws_in_eval_mode_and_restores_the_mode(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mmgen_pytorch import train
+
+    model, modes = torch.nn.Linear(1, 1), []
+
+    def draw(config, drawn, tokenizer, classes):
+        modes.append(drawn.training)
+        raise RuntimeError("draw failed")
+    monkeypatch.setattr(train, "draw_samples", draw)
+    state = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), sampling_model=lambda: model,
+                            tokenizer=None)
+    with pytest.raises(RuntimeError, match="draw failed"):
+        train.sample_grid(None, state, tmp_path, 1, None)
+    assert modes == [False] and model.training
