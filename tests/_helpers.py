@@ -197,3 +197,24 @@ def assert_resumes_bit_identically(name: str, tmp_path, common) -> list:
     a, b = checkpoint_weights(tmp_path / "straight", 4), checkpoint_weights(tmp_path / "resumed", 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return straight
+
+
+def fake_llamagen_run(root, model: nn.Module, vq: nn.Module):
+    """``root/run``: a training output folder of the tiny-llamagen config as ``mmgen_pytorch.train`` leaves it
+    (config.yaml, a step-4 checkpoint whose EMA weights differ from the model's), its tokenizer in
+    ``root/vq``; returns the EMA wrapper."""
+    from ema_pytorch import EMA
+
+    from mmgen_pytorch import train
+    from mmgen_pytorch.checkpoint import save_training_state
+    from mmgen_pytorch.training.config import load_config
+
+    vq.save(root / "vq")
+    config = load_config("tiny-llamagen", ["--data.cache", str(root / "cache"), "--tokenizer.path", str(root / "vq"),
+                                           "--train.output_dir", str(root / "run")])
+    train.write_config(config, root / "run")
+    ema = EMA(model, beta=0.9, include_online_model=False)
+    perturbed(ema.ema_model, std=0.5)
+    save_training_state(train.checkpoint_dir(root / "run", 4), model=model,
+                        optimizer=torch.optim.AdamW(model.parameters()), step=4, ema=ema)
+    return ema

@@ -72,26 +72,14 @@ def reference(tmp_path_factory):
 def llamagen_run(tmp_path_factory):
     """A training output folder of a tiny c2i LlamaGen (4 classes) with EMA weights, its VQ tokenizer."""
     pytest.importorskip("ema_pytorch")
-    from ema_pytorch import EMA
-
-    from _helpers import perturbed
-    from mmgen_pytorch.checkpoint import save_training_state
-    from mmgen_pytorch.training.config import load_config
+    from _helpers import fake_llamagen_run
 
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     vq = VQVAE(VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2, 2, 2),
                         decoder_ch_mult=(1, 2, 2, 2), z_channels=16, num_res_blocks=1, usage_window=256))
     kwargs = yaml.safe_load((ROOT / "mmgen_pytorch" / "configs" / "tiny-llamagen.yaml").read_text())["model"]["kwargs"]
-    model = LlamaGen(**kwargs)
-    vq.save(root / "vq")
-    config = load_config("tiny-llamagen", ["--data.cache", str(root / "cache"), "--tokenizer.path", str(root / "vq"),
-                                           "--train.output_dir", str(root / "run")])
-    train.write_config(config, root / "run")
-    ema = EMA(model, beta=0.9, include_online_model=False)
-    perturbed(ema.ema_model, std=0.5)
-    save_training_state(train.checkpoint_dir(root / "run", 4), model=model,
-                        optimizer=torch.optim.AdamW(model.parameters()), step=4, ema=ema)
+    fake_llamagen_run(root, LlamaGen(**kwargs), vq)
     return root / "run"
 
 

@@ -257,23 +257,11 @@ def run_dir(llamagen, tmp_path_factory):
     """A training output folder as mmgen_pytorch.train leaves it (config.yaml, a checkpoint with EMA weights
     that differ from the model's), and the EMA model."""
     pytest.importorskip("ema_pytorch")
-    from ema_pytorch import EMA
-
-    from _helpers import perturbed
-    from mmgen_pytorch import train
-    from mmgen_pytorch.checkpoint import save_training_state
-    from mmgen_pytorch.training.config import load_config
+    from _helpers import fake_llamagen_run
 
     root = tmp_path_factory.mktemp("run")
     model, vq = llamagen
-    vq.save(root / "vq")
-    config = load_config("tiny-llamagen", ["--data.cache", str(root / "cache"), "--tokenizer.path", str(root / "vq"),
-                                           "--train.output_dir", str(root / "run")])
-    train.write_config(config, root / "run")
-    ema = EMA(model, beta=0.9, include_online_model=False)
-    perturbed(ema.ema_model, std=0.5)
-    save_training_state(train.checkpoint_dir(root / "run", 4), model=model,
-                        optimizer=torch.optim.AdamW(model.parameters()), step=4, ema=ema)
+    ema = fake_llamagen_run(root, model, vq)
     return root, ema.ema_model.eval()
 
 
