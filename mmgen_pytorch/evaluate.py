@@ -9,7 +9,8 @@ GENERATED is a folder written by ``python -m mmgen_pytorch.sample``, an ADM ``.n
 of images; or a training output folder / saved model folder, which is first sampled into ``--out`` with
 ``mmgen_pytorch.sample``'s flags (``--preset``, ``--num``, ``--cfg``, ...: the same checks, the same images,
 resumable; under torchrun the processes share the sampling and rank 0 scores). REF is a folder of real
-images (centre-cropped to the generated size; ``--reference-cache FILE`` keeps its statistics), an ADM
+images (resized and centre-cropped to the generated size, said in the output and recorded in ``metrics.json``;
+``--reference-cache FILE`` keeps its statistics for that size and folder only), an ADM
 reference ``.npz`` (images ``arr_0`` and / or precomputed ``mu`` / ``sigma``: FID only without images) or
 statistics saved by this library. ``metrics.json`` goes into ``--out`` (default: GENERATED's folder).
 Every argument is checked before the extractor or any model is loaded.
@@ -134,14 +135,28 @@ def score(plan: Plan, args: argparse.Namespace) -> Dict[str, Any]:
         plan.generated = open_generated(args.out, name="--out")
         plan.reference.check_size(plan.generated.size)
     generated = plan.generated
-    stats = plan.reference.stats(extractor, resolution=generated.size[0], batch_size=args.eval_batch_size,
+    resolution = generated.size[0]
+    resized = plan.reference.resize_notes(resolution)
+    for warning in (note for note in resized if note.startswith("WARNING")):  # seen before the feature pass too
+        print(warning, file=sys.stderr)
+    stats = plan.reference.stats(extractor, resolution=resolution, batch_size=args.eval_batch_size,
                                  cache=args.reference_cache)
     names, reasons = computable_metrics(extractor, stats, generated.count, is_splits=IS_SPLITS)
     scores = evaluate(generated.batches(args.eval_batch_size), stats, extractor, metrics=names, is_splits=IS_SPLITS)
     return dict(generated=str(generated.path), generated_kind=generated.kind, num_samples=generated.count,
                 reference=str(plan.reference.path), reference_kind=plan.reference.kind, extractor=extractor.identity,
+                **_reference_resolution(plan.reference, resolution),
                 metrics={key: value for key, value in scores.items() if key != "num_samples"},
-                notes=[*plan.reference.notes, *reasons])
+                notes=[*plan.reference.notes, *resized, *reasons])
+
+
+def _reference_resolution(reference: Any, resolution: int) -> Dict[str, Any]:
+    """An image folder's ``reference_resolution`` (the side it is resized to) and ``reference_resized_from``
+    (its first image's ``[H, W]`` when its short side is resized, else None)."""
+    if reference.first_size is None:
+        return {}
+    resized = min(reference.first_size) != resolution
+    return dict(reference_resolution=resolution, reference_resized_from=list(reference.first_size) if resized else None)
 
 
 def markdown_table(metrics: Dict[str, float]) -> str:

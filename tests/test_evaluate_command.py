@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,40 @@ def test_reference_cache_is_written_then_read(scored_run, reference, tmp_path):
                                 str(tmp_path)])
     assert first["metrics"] == from_stats["metrics"] == pytest.approx(report["metrics"], rel=1e-6)
     assert from_stats["reference_kind"] == sources.STATISTICS
+
+
+def test_a_reference_cache_of_another_resolution_or_an_old_one_is_refused_before_loading(reference, tmp_path,
+                                                                                        monkeypatch):
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("loaded the extractor before checking the reference cache")
+    large, small = write_images(tmp_path / "large", 6, seed=2), write_images(tmp_path / "small", 6, seed=3, size=16)
+    cache = tmp_path / "ref.npz"
+    base = ["--reference", str(reference), "--extractor", "tiny", "--reference-cache", str(cache)]
+    assert evaluate.main([str(large), *base, "--out", str(tmp_path / "a")])["reference_resolution"] == 32
+    monkeypatch.setattr("mmgen_pytorch.evaluation.features.build_extractor", not_loaded)
+    with pytest.raises(SystemExit, match=r"ref\.npz.*resized to 32x32, but 16x16 are asked"):
+        evaluate.main([str(small), *base, "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match=r"ref\.npz.*come from the reference folder .*, not from .*large"):
+        evaluate.main([str(large), *base[:1], str(large), *base[2:], "--out", str(tmp_path / "c")])
+    with np.load(cache) as data:  # as an older version wrote it: no resolution, no folder
+        np.savez(cache, **{key: data[key] for key in ("mu", "sigma", "count", "features", "extractor")})
+    with pytest.raises(SystemExit, match=r"ref\.npz.*do not record the resolution.*delete the file"):
+        evaluate.main([str(large), *base, "--out", str(tmp_path / "d")])
+    assert not any((tmp_path / name / "metrics.json").exists() for name in "bcd")
+
+
+@pytest.mark.parametrize("size, words", [
+    (48, r"the first: 48x48\) are resized down and centre-cropped to 32x32"),
+    (16, r"WARNING: .*the first: 16x16\) are UPSCALED to 32x32: FID against upscaled references is not comparable"),
+])
+def test_a_reference_folder_of_another_size_is_resized_and_said_so(tmp_path, capsys, size, words):
+    generated = write_images(tmp_path / "generated", 6, seed=2)
+    other = write_images(tmp_path / "reference", 6, seed=1, size=size)
+    report = evaluate.main([str(generated), "--reference", str(other), "--extractor", "tiny"])
+    assert report["reference_resolution"] == 32 and report["reference_resized_from"] == [size, size]
+    assert json.loads((generated / "metrics.json").read_text())["reference_resized_from"] == [size, size]
+    assert any(re.search(words, note) for note in report["notes"])
+    assert re.search(words, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -151,6 +151,25 @@ def test_reference_cache_round_trip_and_refusal_of_another_extractor(extractor, 
         reference_stats(never_iterated(), extractor, cache=tmp_path / "no-folder" / "ref.npz")
 
 
+def test_reference_cache_records_its_resolution_and_folder_and_refuses_others(extractor, tmp_path):
+    cache = tmp_path / "ref.npz"
+    made = reference_stats(as_batches(smooth_images(20)), extractor, cache=cache, resolution=16, source="/data/a")
+    loaded = reference_stats(never_iterated(), extractor, cache=cache, resolution=16, source="/data/a")
+    assert (made.resolution, made.source) == (loaded.resolution, loaded.source) == (16, "/data/a")
+    with pytest.raises(ValueError, match=r"ref\.npz.*resized to 16x16, but 32x32 are asked"):
+        reference_stats(never_iterated(), extractor, cache=cache, resolution=32, source="/data/a")
+    with pytest.raises(ValueError, match=r"ref\.npz.*folder '/data/a', not from '/data/b'"):
+        reference_stats(never_iterated(), extractor, cache=cache, resolution=16, source="/data/b")
+
+
+def test_a_cache_recording_no_resolution_is_refused_when_one_is_asked(extractor, tmp_path):
+    cache = tmp_path / "old.npz"
+    reference_stats(as_batches(smooth_images(20)), extractor, cache=cache)  # as an older version wrote it
+    assert FeatureStats.load(cache).resolution is None
+    with pytest.raises(ValueError, match=r"old\.npz.*do not record the resolution.*delete the file.*16x16"):
+        reference_stats(never_iterated(), extractor, cache=cache, resolution=16)
+
+
 def test_a_file_that_is_not_our_statistics_is_refused_by_name(tmp_path):
     path = tmp_path / "adm.npz"
     np.savez(path, mu=np.zeros(3), sigma=np.eye(3))

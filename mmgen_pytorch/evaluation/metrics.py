@@ -12,8 +12,9 @@
 
 Reference statistics (:class:`FeatureStats`: mean, covariance, count and a bounded uniform subsample of
 the features for precision / recall) come from any iterable of uint8 batches (for an image folder:
-:func:`image_folder_batches`) and are cached to an ``.npz`` with the extractor's identity; a cache from
-another extractor is refused (:func:`reference_stats`).
+:func:`image_folder_batches`) and are cached to an ``.npz`` with the extractor's identity, the resolution the
+images were resized to and their folder; a cache from another extractor, resolution or folder, or one recording no
+resolution, is refused (:func:`reference_stats`).
 
 sFID is not provided: it is the FID of Inception's spatial ``mixed_6/conv`` features (ADM keeps the first
 7 channels of that 17x17 map), which neither torchmetrics nor torch-fidelity's extractor returns (their
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -89,6 +90,8 @@ class FeatureStats:
         features: a uniform random subsample (M, D) of the features, float32, for precision / recall
             (M = 0 when none were kept).
         extractor: the extractor's :attr:`~.features.FeatureExtractor.identity`.
+        resolution: the side the images were resized / centre-cropped to (None: not recorded).
+        source: the resolved path of the images' folder (None: not recorded).
     """
 
     mu: Float[Tensor, "d"]
@@ -96,12 +99,29 @@ class FeatureStats:
     count: int
     features: Float[Tensor, "m d"]
     extractor: str
+    resolution: Optional[int] = None
+    source: Optional[str] = None
 
     def check_extractor(self, extractor: FeatureExtractor, *, source: str = "the reference statistics") -> None:
         """ValueError naming both identities when ``extractor`` is not the one these statistics come from."""
         check(extractor.identity == self.extractor,
               f"{source} were computed with the extractor {self.extractor!r}, not with the given one "
               f"{extractor.identity!r}: recompute them with the given extractor (or use the matching one)")
+
+    def check_origin(self, *, resolution: int, source: Optional[str] = None, required: bool = True,
+                     where: str = "the reference statistics") -> None:
+        """ValueError naming ``where`` and both values when these statistics come from images resized to
+        another ``resolution`` (or from another ``source`` folder); with ``required``, statistics recording
+        no resolution (written by an older version) are refused too."""
+        check(self.resolution is not None or not required,
+              f"{where} do not record the resolution their reference images were resized to (written by an older "
+              f"version): delete the file so that they are recomputed at {resolution}x{resolution}")
+        check(self.resolution in (None, resolution),
+              f"{where} come from reference images resized to {self.resolution}x{self.resolution}, but "
+              f"{resolution}x{resolution} are asked: use another cache file (or delete this one to recompute it)")
+        check(source is None or self.source in (None, source),
+              f"{where} come from the reference folder {self.source!r}, not from {source!r}: use another cache "
+              f"file (or delete this one to recompute it)")
 
     @classmethod
     def from_features(cls, features: Float[Tensor, "n d"], *, extractor: str, max_features: int = REFERENCE_FEATURES,
@@ -119,14 +139,18 @@ class FeatureStats:
         return collector.stats(extractor)
 
     def save(self, path: PathLike) -> None:
-        """Write an ``.npz`` (keys ``mu``, ``sigma``, ``count``, ``features``, ``extractor``), atomically."""
+        """Write an ``.npz`` (keys ``mu``, ``sigma``, ``count``, ``features``, ``extractor``, and ``resolution``
+        / ``source`` when recorded), atomically."""
         import numpy as np
 
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
+        recorded = {key: value for key, value in (("resolution", self.resolution), ("source", self.source))
+                    if value is not None}
         with open(partial, "wb") as file:
             np.savez(file, mu=self.mu.cpu().numpy(), sigma=self.sigma.cpu().numpy(), count=np.int64(self.count),
-                     features=self.features.cpu().numpy(), extractor=np.str_(self.extractor))
+                     features=self.features.cpu().numpy(), extractor=np.str_(self.extractor),
+                     **{key: np.array(value) for key, value in recorded.items()})
         os.replace(partial, path)
 
     @classmethod
@@ -148,11 +172,17 @@ class FeatureStats:
                                f"{list(STATS_KEYS)} written by FeatureStats.save")
             stats = cls(mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),
                         count=int(data["count"]), features=torch.from_numpy(data["features"]),
-                        extractor=str(data["extractor"]))
+                        extractor=str(data["extractor"]), **_recorded_origin(data))
         _check_stats_shapes(stats, str(path))
         if extractor is not None:
             stats.check_extractor(extractor, source=f"the statistics in {str(path)!r}")
         return stats
+
+
+def _recorded_origin(data: Any) -> Dict[str, Any]:
+    """The ``resolution`` / ``source`` an opened statistics archive records (absent keys: None)."""
+    return dict(resolution=int(data["resolution"]) if "resolution" in data.files else None,
+                source=str(data["source"]) if "source" in data.files else None)
 
 
 def _check_stats_shapes(stats: FeatureStats, where: str) -> None:
@@ -223,19 +253,27 @@ def check_cache_path(cache: PathLike, *, name: str = "cache") -> None:
 
 
 def reference_stats(batches: Iterable[Tensor], extractor: FeatureExtractor, *, cache: Optional[PathLike] = None,
-                    max_features: int = REFERENCE_FEATURES, seed: int = 0) -> FeatureStats:
+                    max_features: int = REFERENCE_FEATURES, seed: int = 0, resolution: Optional[int] = None,
+                    source: Optional[str] = None) -> FeatureStats:
     """:func:`feature_stats` of the reference images, read from ``cache`` when that file exists (then
     ``batches`` is not iterated: pass a lazy iterable such as a DataLoader) and written to it otherwise.
+    ``resolution`` (the side the images are resized to) and ``source`` (their folder) are recorded in the
+    statistics; a cache is then accepted only when it records the same ones (:meth:`FeatureStats.check_origin`).
 
     Raises:
-        ValueError: the cache was computed with another extractor (both identities named).
+        ValueError: the cache was computed with another extractor (both identities named), at another
+            resolution or from another folder (both named), or records no resolution when one is given.
         FileNotFoundError: ``cache``'s folder does not exist (checked before any image is read).
     """
     if cache is not None:
         check_cache_path(cache)
     if cache is not None and Path(cache).is_file():
-        return FeatureStats.load(cache, extractor)
-    stats = feature_stats(batches, extractor, max_features=max_features, seed=seed)
+        stats = FeatureStats.load(cache, extractor)
+        if resolution is not None:
+            stats.check_origin(resolution=resolution, source=source, where=f"the statistics in {str(cache)!r}")
+        return stats
+    stats = replace(feature_stats(batches, extractor, max_features=max_features, seed=seed), resolution=resolution,
+                    source=source)
     if cache is not None:
         stats.save(cache)
     return stats

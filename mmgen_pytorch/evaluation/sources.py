@@ -146,12 +146,20 @@ def _sample_folder_files(folder: Path, name: str) -> List[Path]:
 @dataclass(frozen=True)
 class Reference:
     """A reference, checked: ``kind``; its ``images`` (None for statistics or an ADM ``.npz`` holding
-    only ``mu`` / ``sigma``); ``moments``: the ``.npz`` holds ``mu`` / ``sigma`` of the extractor's size."""
+    only ``mu`` / ``sigma``); ``moments``: the ``.npz`` holds ``mu`` / ``sigma`` of the extractor's size;
+    for an image folder, its statistics ``cache`` and the ``first_size`` ``(H, W)`` of its first image."""
     kind: str
     path: Path
     images: Optional[ImageSet]
     moments: bool = False
     notes: Tuple[str, ...] = ()
+    cache: Optional[Path] = None
+    first_size: Optional[Tuple[int, int]] = None
+
+    @property
+    def source(self) -> str:
+        """The resolved path recorded in (and required of) an image folder's cached statistics."""
+        return str(self.path.resolve())
 
     def check_size(self, size: Tuple[int, int], *, name: str = "the generated images") -> None:
         """An ADM batch's images must be as large as the generated ones (a folder is cropped to them)."""
@@ -161,6 +169,30 @@ class Reference:
             check(tuple(self.images.size) == tuple(size),
                   f"the reference {str(self.path)!r} holds {self.images.size[1]}x{self.images.size[0]} images but "
                   f"{name} are {size[1]}x{size[0]}: compare images of one size")
+        self._check_saved_origin(size[0])
+
+    def _check_saved_origin(self, resolution: int) -> None:
+        """Saved statistics (an image folder's existing cache, or a statistics file given as the reference)
+        must come from images resized to ``resolution``; a cache must record it, and its folder."""
+        if self.kind == STATISTICS:
+            FeatureStats.load(self.path).check_origin(resolution=resolution, required=False,
+                                                      where=f"the statistics in {str(self.path)!r}")
+        elif self.cache is not None and self.cache.is_file():
+            FeatureStats.load(self.cache).check_origin(resolution=resolution, source=self.source,
+                                                       where=f"the reference cache {str(self.cache)!r}")
+
+    def resize_notes(self, resolution: int) -> Tuple[str, ...]:
+        """A note when an image folder's images are resized to ``resolution`` (judged by its first image),
+        a warning when they are upscaled."""
+        if self.first_size is None or min(self.first_size) == resolution:
+            return ()
+        height, width = self.first_size
+        if min(self.first_size) > resolution:
+            return (f"the reference images (the first: {width}x{height}) are resized down and centre-cropped to "
+                    f"{resolution}x{resolution} (ADM's crop)",)
+        return (f"WARNING: the reference images (the first: {width}x{height}) are UPSCALED to "
+                f"{resolution}x{resolution}: FID against upscaled references is not comparable with published "
+                f"numbers",)
 
     def stats(self, extractor: FeatureExtractor, *, resolution: int, batch_size: int,
               cache: Optional[PathLike] = None) -> FeatureStats:
@@ -170,7 +202,7 @@ class Reference:
             return FeatureStats.load(self.path, extractor)
         if self.kind == IMAGE_FOLDER:
             batches = self.images.batches(batch_size, resolution=resolution)
-            return reference_stats(batches, extractor, cache=cache)
+            return reference_stats(batches, extractor, cache=cache, resolution=resolution, source=self.source)
         moments = _read_moments(self.path) if self.moments else None
         if self.images is None:  # mu / sigma only: no features kept; the count is not in the file (FID needs none)
             mu, sigma = moments
@@ -193,8 +225,9 @@ def open_reference(path: PathLike, *, num_features: int, name: str = "--referenc
             check_cache_path(cache, name=cache_name)
         from ..data import ImageFolderDataset
 
-        count = len(ImageFolderDataset(path, resolution=1, random_flip=False))  # lists the files: none is read
-        return Reference(IMAGE_FOLDER, path, ImageSet(IMAGE_FOLDER, path, count, None))
+        samples = ImageFolderDataset(path, resolution=1, random_flip=False).samples  # lists the files: none is read
+        return Reference(IMAGE_FOLDER, path, ImageSet(IMAGE_FOLDER, path, len(samples), None),
+                         cache=None if cache is None else Path(cache), first_size=_image_size(samples[0][0]))
     check(path.suffix == ".npz", f"{name} {str(path)!r} must be an image folder or an .npz (ADM's reference batch, "
                                  f"or statistics written by FeatureStats.save)")
     from .adm_npz import IMAGES_KEY, check_adm_images, npz_members
