@@ -53,10 +53,16 @@ def guide_both_halves(doubled: Tensor, scale: float, *, features: int, feature_d
                       torch.cat((guided, _rest(uncond, features, feature_dim)), dim=feature_dim)))
 
 
+def check_cfg_schedule(schedule: str) -> str:
+    """``schedule`` if it is one of :data:`CFG_SCHEDULES`, else a :class:`ValueError` naming `cfg_schedule`."""
+    check(schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
 def scheduled_cfg_scale(cfg_scale: float, schedule: str, *, known: int, total: int) -> float:
     """The scale of a step at which ``known`` of ``total`` tokens are known: ``cfg_scale`` ("constant")
     or ``1 + (cfg_scale − 1) · known / total`` ("linear", MAR's schedule)."""
-    check(schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    check_cfg_schedule(schedule)
     return cfg_scale if schedule == "constant" else 1.0 + (cfg_scale - 1.0) * known / total
 
 

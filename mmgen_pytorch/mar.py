@@ -29,7 +29,7 @@ from ._utils import (GeneratorLike, as_generator, as_int, check, check_finite, c
 from .backbone import Transformer
 from .diffloss import DiffLoss
 from .objectives.gaussian import Spacing, check_chain_options
-from .guidance import CFG_SCHEDULES, check_cfg_scale, scheduled_cfg_scale
+from .guidance import check_cfg_scale, check_cfg_schedule, scheduled_cfg_scale
 from .pretrained import mar as pretrained_mar
 from .pretrained.mar import PRESETS
 from .saving import Checkpointable
@@ -196,7 +196,7 @@ class MAR(Checkpointable, nn.Module):
         """
         labels, batch = self._sampling_labels(class_labels, batch_size)
         check(isinstance(num_iter, int) and num_iter >= 1, f"`num_iter` must be an int >= 1, got {num_iter!r}")
-        check(cfg_schedule in CFG_SCHEDULES, f"`cfg_schedule` must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        check_cfg_schedule(cfg_schedule)
         check_chain_options(temperature=temperature, clip_denoised=clip_denoised)
         check_cfg_scale(cfg_scale)
         self.diffloss.sampling_diffusion(num_sampling_steps)  # a bad spacing fails here, before any step

@@ -11,7 +11,8 @@ checkpoint, its EMA weights when saved, the tokenizer of the config) or a model 
 ``save`` / ``save_pretrained`` (``config.json`` + ``model.safetensors``; ``ema.safetensors`` beside them
 is used too), whose tokenizer ``--tokenizer`` names (a folder saved by this library). ``--preset`` sets
 an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. Every
-flag is checked before the model is loaded. Rerunning the same command resumes: written images are kept.
+flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
+``sampling.json`` is written only once all checks passed. Rerunning the same command resumes: written images are kept.
 Under torchrun, spell ``--num`` as ``--num-images``: torchrun's parser reads ``--num`` as an ambiguous
 abbreviation of its own ``--numa-binding`` and stops.
 """
@@ -301,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> Optional[Path]:
     """Load the checked source and draw into ``args.out`` (this process's shard under torchrun); the
     ``.npz`` on rank 0, None on the other ranks."""
-    from .evaluation.sampling import sample_images
+    from .evaluation.sampling import IMAGES_DIR, checked_sampling, sample_images
 
     device = _device(args.device)
     started = _init_distributed()
@@ -309,7 +310,14 @@ def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> 
         model, tokenizer, weights = load_for_sampling(source, args, device)
         record = dict(source=str(source.model_dir.resolve()), weights=weights, tokenizer=_tokenizer_name(source, args),
                       preset=args.preset)
-        return sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)
+        try:  # the checks that need the model, as the flags' errors (sample_images repeats them)
+            checked_sampling(model, tokenizer, args.out, record=record, **settings)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"sample: {error}") from None
+        npz = sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)
+        if npz is not None:
+            print(f"sample: wrote {settings['num']} images to {Path(args.out) / IMAGES_DIR} and {npz}")
+        return npz
     finally:
         if started:
             import torch.distributed as dist

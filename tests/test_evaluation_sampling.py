@@ -196,6 +196,9 @@ def test_other_settings_into_a_sampled_folder_are_refused_before_drawing(llamage
     (dict(prompts=["a cat"], num_classes=4), ValueError, "give `prompts` or `num_classes`"),
     (dict(prompts=["a cat"]), ValueError, "`model`: a c2i LlamaGen takes class labels, not captions"),
     (dict(top_k=object()), TypeError, "sampler options must be JSON values"),
+    (dict(num_classes=10), ValueError, r"`num_classes` 10: the model has 4 classes"),
+    (dict(num_classes=0), ValueError, r"LlamaGen is class-conditional: it needs a class label .*`num_classes` 0"),
+    (dict(cfg_schedule="foo"), ValueError, r"`cfg_schedule` must be one of \('linear', 'constant'\), got 'foo'"),
 ])
 def test_bad_arguments_are_refused_before_drawing(llamagen, tmp_path, monkeypatch, kwargs, error, words):
     drawn = counting_draws(monkeypatch)
@@ -327,6 +330,38 @@ def test_bad_flags_are_refused_before_loading(run_dir, tmp_path, monkeypatch, fl
     argv = [source, "--num", "4", "--out", str(tmp_path / "out"), *flags]
     with pytest.raises(SystemExit, match=words):
         sample.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_the_model_refuses_exit_before_anything_is_written_and_the_corrected_rerun_runs(run_dir, tmp_path,
+                                                                                              capsys):
+    """--num-classes beyond the model's classes, or 0 for a class-conditional model: a clear exit right after
+    loading, no sampling.json left behind; the rerun with other settings draws and says where it wrote."""
+    from mmgen_pytorch.sample import main
+
+    out = tmp_path / "out"
+    argv = [str(run_dir[0] / "run"), "--num", "2", "--batch-size", "2", "--out", str(out), "--no-progress"]
+    for classes, words in (("10", "`num_classes` 10: the model has 4 classes"),
+                           ("0", "LlamaGen is class-conditional: it needs a class label for every image")):
+        with pytest.raises(SystemExit, match=f"^sample: .*{words}"):
+            main(argv + ["--num-classes", classes])
+        assert not out.exists()
+    npz = main(argv + ["--num-classes", "2"])
+    assert load_adm_npz(npz).labels.tolist() == [0, 1]
+    assert capsys.readouterr().out.strip() == f"sample: wrote 2 images to {out / 'images'} and {npz}"
+
+
+def test_a_bad_cfg_schedule_is_refused_before_loading(tmp_path, monkeypatch):
+    from _helpers import tiny_tokenizer
+
+    from mmgen_pytorch import sample
+
+    MAR(**tiny_kwargs("tiny-mar")).save(tmp_path / "mar")
+    tiny_tokenizer("kl").save(tmp_path / "kl")
+    monkeypatch.setattr(sample, "load_for_sampling", lambda *args: pytest.fail("loaded before checking the flags"))
+    with pytest.raises(SystemExit, match=r"sample: `cfg_schedule` must be one of .*got 'foo'"):
+        sample.main([str(tmp_path / "mar"), "--tokenizer", str(tmp_path / "kl"), "--num", "2", "--out",
+                     str(tmp_path / "out"), "--cfg-schedule", "foo"])
     assert not (tmp_path / "out").exists()
 
 

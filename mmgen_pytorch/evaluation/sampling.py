@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import as_int, check, check_finite_number, check_positive_int, describe, eval_mode
-from ..guidance import check_cfg_scale
+from ..guidance import check_cfg_scale, check_cfg_schedule
 from ..saving import write_atomically
 from ..data.images import unit_to_uint8
 from ..training.recipes import Batch, byte_tokenizer, class_count, generate_images, sampling_problem
@@ -167,8 +167,8 @@ def sampling_settings(*, num: int, batch_size: int, seed: int, num_classes: Opti
 
 
 def check_sampler_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """``cfg``, ``temperature`` and ``steps`` checked; the other options must be JSON values (they are
-    recorded) and not the ones :func:`sample_images` sets itself."""
+    """``cfg``, ``temperature``, ``steps`` and ``cfg_schedule`` checked; the other options must be JSON values
+    (they are recorded) and not the ones :func:`sample_images` sets itself."""
     reserved = sorted(set(options) & set(RESERVED_OPTIONS))
     check(not reserved, f"{', '.join(f'`{name}`' for name in reserved)}: set by sample_images per batch (from "
                         f"`seed`); do not pass it", error=TypeError)
@@ -176,6 +176,8 @@ def check_sampler_options(options: Mapping[str, Any]) -> Dict[str, Any]:
     check_finite_number("temperature", options.get("temperature", 1.0), minimum=0)
     if options.get("steps") is not None:
         check_positive_int("steps", options["steps"])
+    if "cfg_schedule" in options:
+        check_cfg_schedule(options["cfg_schedule"])
     return _as_json(dict(options), "sampler options")
 
 
@@ -245,20 +247,39 @@ def sample_images(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: Pat
     whether the model (with this tokenizer) can draw this conditioning.
     """
     rank, world_size = process_rank(rank, world_size)
-    options = dict(cfg=cfg, temperature=temperature, steps=steps, **sampler_options)
-    num_classes = class_count(model) if num_classes is None and prompts is None else num_classes
-    settings = sampling_settings(num=num, batch_size=batch_size, seed=seed, num_classes=num_classes, prompts=prompts,
-                                 max_caption_length=max_caption_length, options=options, record=record)
-    conditioning = Conditioning(num, num_classes=num_classes, prompts=prompts, max_caption_length=max_caption_length)
-    problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(num, batch_size))))
-    check(problem is None, f"`model`: {problem}")
-    check_settings(out_dir, settings)
+    settings, conditioning = checked_sampling(model, tokenizer, out_dir, num=num, batch_size=batch_size, seed=seed,
+                                              num_classes=num_classes, prompts=prompts,
+                                              max_caption_length=max_caption_length, record=record, cfg=cfg,
+                                              temperature=temperature, steps=steps, **sampler_options)
     write_settings(out_dir, settings, rank)
     _draw_shard(model, tokenizer, Path(out_dir), conditioning, settings, rank, world_size, progress)
     _barrier()
     if not gather or rank != 0:
         return None
     return gather_npz(out_dir)
+
+
+def checked_sampling(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: PathLike, *, num: int,
+                     batch_size: int, seed: int, num_classes: Optional[int], prompts: Optional[Sequence[str]],
+                     max_caption_length: int, record: Optional[Mapping[str, Any]] = None, cfg: float = 1.0,
+                     temperature: float = 1.0, steps: Optional[int] = None,
+                     **sampler_options) -> Tuple[Dict[str, Any], Conditioning]:
+    """``(settings, conditioning)`` of a :func:`sample_images` run (same arguments), every check passed and
+    nothing written: the arguments, ``num_classes`` against the model's classes, whether the model can draw
+    this conditioning, and the settings of a folder already sampled."""
+    options = dict(cfg=cfg, temperature=temperature, steps=steps, **sampler_options)
+    classes = class_count(model)
+    num_classes = classes if num_classes is None and prompts is None else num_classes
+    settings = sampling_settings(num=num, batch_size=batch_size, seed=seed, num_classes=num_classes, prompts=prompts,
+                                 max_caption_length=max_caption_length, options=options, record=record)
+    check(not num_classes or classes is None or num_classes <= classes,
+          f"`num_classes` {num_classes}: the model has {classes} classes; give at most {classes} (default: all)")
+    conditioning = Conditioning(num, num_classes=num_classes, prompts=prompts, max_caption_length=max_caption_length)
+    problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(num, batch_size))))
+    unconditional = " (`num_classes` 0 asks for unconditional images)" if num_classes == 0 else ""
+    check(problem is None, f"`model`: {problem}{unconditional}")
+    check_settings(out_dir, settings)
+    return settings, conditioning
 
 
 def _draw_shard(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: Path, conditioning: Conditioning,

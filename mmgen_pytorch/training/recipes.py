@@ -319,7 +319,8 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
             return f"{name} draws VQ / RQ codes: give the tokenizer that decodes them"
         if model.model_type == "c2i":
             return (f"a c2i {name} takes class labels, not captions" if captions else
-                    None if bool(labelled.all()) else f"a c2i {name} needs a class label for every image")
+                    None if bool(labelled.all()) else
+                    f"a c2i {name} is class-conditional: it needs a class label for every image")
         if not captions or model.caption_encoder is None:
             return (f"a t2i {name} needs captions" if not captions else
                     f"this t2i {name} has no `caption_encoder`: it cannot take caption text")
