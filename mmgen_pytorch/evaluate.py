@@ -124,7 +124,7 @@ def score(plan: Plan, args: argparse.Namespace) -> Dict[str, Any]:
     from .evaluation.features import build_extractor
     from .evaluation.metrics import computable_metrics, evaluate
 
-    device = sample._device(args.device)
+    device = sample.device_for(args.device)
     extractor = build_extractor(args.extractor, inception_weights=args.inception_weights, device=device)
     if plan.source is not None:  # sampled after the extractor loaded: a missing Inception fails first
         sample.draw(args, plan.source, plan.settings)

@@ -263,7 +263,8 @@ def _tokenizer_name(source: Source, args: argparse.Namespace) -> Optional[str]:
     return None if spec is None else spec.path or spec.from_official
 
 
-def _device(requested: Optional[str]) -> str:
+def device_for(requested: Optional[str]) -> str:
+    """The device a sampling process uses: ``requested`` when given, else as below (shared with evaluate)."""
     import torch
 
     if requested is not None:
@@ -304,7 +305,7 @@ def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> 
     ``.npz`` on rank 0, None on the other ranks."""
     from .evaluation.sampling import IMAGES_DIR, checked_sampling, sample_images
 
-    device = _device(args.device)
+    device = device_for(args.device)
     started = _init_distributed()
     try:
         model, tokenizer, weights = load_for_sampling(source, args, device)

@@ -383,3 +383,23 @@ def test_presets_are_data_with_their_sources():
     for preset in EVAL_PRESETS.values():
         assert preset.num == 50_000 and preset.notes
         assert all(preset.model in SAMPLER_FLAGS[name][2] for name in preset.options)
+
+
+def test_one_npz_reader_names_the_file_for_every_problem(tmp_path):
+    """ADM batches, saved statistics and ADM reference moments all go through adm_npz.read_npz."""
+    from mmgen_pytorch.evaluation.adm_npz import read_npz
+    from mmgen_pytorch.evaluation.metrics import FeatureStats
+
+    np.savez(tmp_path / "moments.npz", mu=np.zeros(3), sigma=np.eye(3))
+    arrays = read_npz(tmp_path / "moments.npz", required=["mu"], optional=["sigma", "absent"])
+    assert sorted(arrays) == ["mu", "sigma"] and np.array_equal(arrays["sigma"], np.eye(3))
+    with pytest.raises(ValueError, match=r"moments.npz.*lacks \['arr_0'\].*holds \['mu', 'sigma'\]"):
+        load_adm_npz(tmp_path / "moments.npz")
+    with pytest.raises(ValueError, match=r"statistics file .*moments.npz.*lacks .*FeatureStats.save"):
+        FeatureStats.load(tmp_path / "moments.npz")
+    with open(tmp_path / "single.npz", "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(ValueError, match=r"single.npz.* is not an .npz archive of arrays .*single array"):
+        read_npz(tmp_path / "single.npz", required=["mu"])
+    with pytest.raises(FileNotFoundError, match=r"missing.npz.* does not exist"):
+        read_npz(tmp_path / "missing.npz", required=["mu"])

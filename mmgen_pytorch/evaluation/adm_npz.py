@@ -98,17 +98,32 @@ def _write_member(archive: zipfile.ZipFile, name: str, shape: Tuple[int, ...], d
 # reading
 
 
+def read_npz(path: PathLike, *, required: Sequence[str], optional: Sequence[str] = (), what: str = "the file",
+             written_by: str = "np.savez") -> Dict[str, np.ndarray]:
+    """The arrays ``required`` (all of them) and ``optional`` (those present) of an ``.npz`` file, read without
+    pickles. Every error names the file: missing, not an archive of arrays, or lacking a required array."""
+    path = Path(path)
+    check(path.is_file(), f"{what} {str(path)!r} does not exist", error=FileNotFoundError)
+    not_archive = f"{what} {str(path)!r} is not an .npz archive of arrays ({written_by})"
+    try:
+        archive = np.load(path, allow_pickle=False)
+        check(hasattr(archive, "files"), f"{not_archive}: it holds a single array")
+        with archive:
+            keys = list(archive.files)
+            arrays = {key: archive[key] for key in (*required, *optional) if key in keys}
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{not_archive}: {error}") from None
+    except ValueError as error:
+        raise ValueError(str(error) if str(error).startswith(not_archive) else f"{not_archive}: {error}") from None
+    missing = [key for key in required if key not in arrays]
+    check(not missing, f"{what} {str(path)!r} lacks {missing} (written by {written_by}); it holds {keys}")
+    return arrays
+
+
 def load_adm_npz(path: PathLike) -> ADMBatch:
     """``(images uint8 [N, H, W, 3], labels int64 [N] or None)`` from an ADM ``.npz`` file, checked."""
+    arrays = read_npz(path, required=[IMAGES_KEY], optional=[LABELS_KEY], what="ADM batch")
     path = Path(path)
-    check(path.is_file(), f"ADM batch {str(path)!r} does not exist", error=FileNotFoundError)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files if key in (IMAGES_KEY, LABELS_KEY)}
-            keys = list(archive.files)
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{str(path)!r} is not an .npz archive of arrays (np.savez): {error}") from None
-    check(IMAGES_KEY in arrays, f"{str(path)!r} has no `{IMAGES_KEY}` (the images); it holds {keys}")
     images = arrays[IMAGES_KEY]
     check(images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3,
           f"`{IMAGES_KEY}` in {str(path)!r} must be uint8 [N, H, W, 3], got {_describe_array(images)}")

@@ -156,33 +156,27 @@ class FeatureStats:
     @classmethod
     def load(cls, path: PathLike, extractor: Optional[FeatureExtractor] = None) -> "FeatureStats":
         """Read :meth:`save`'s file (no pickles); with ``extractor``, refuse statistics of another one."""
-        import numpy as np
+        from .adm_npz import read_npz
 
         path = Path(path)
-        check(path.is_file(), f"the statistics file {str(path)!r} does not exist", error=FileNotFoundError)
-        not_stats = f"the statistics file {str(path)!r} is not an .npz archive written by FeatureStats.save"
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{not_stats} ({error})") from error
-        check(hasattr(archive, "files"), f"{not_stats} (it holds a single array)")
-        with archive as data:
-            missing = [key for key in STATS_KEYS if key not in data.files]
-            check(not missing, f"the statistics file {str(path)!r} lacks {missing}: expected the keys "
-                               f"{list(STATS_KEYS)} written by FeatureStats.save")
-            stats = cls(mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),
-                        count=int(data["count"]), features=torch.from_numpy(data["features"]),
-                        extractor=str(data["extractor"]), **_recorded_origin(data))
+        data = read_npz(path, required=STATS_KEYS, optional=ORIGIN_KEYS, what="the statistics file",
+                        written_by="FeatureStats.save")
+        stats = cls(mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),
+                    count=int(data["count"]), features=torch.from_numpy(data["features"]),
+                    extractor=str(data["extractor"]), **_recorded_origin(data))
         _check_stats_shapes(stats, str(path))
         if extractor is not None:
             stats.check_extractor(extractor, source=f"the statistics in {str(path)!r}")
         return stats
 
 
-def _recorded_origin(data: Any) -> Dict[str, Any]:
-    """The ``resolution`` / ``source`` an opened statistics archive records (absent keys: None)."""
-    return dict(resolution=int(data["resolution"]) if "resolution" in data.files else None,
-                source=str(data["source"]) if "source" in data.files else None)
+ORIGIN_KEYS = ("resolution", "source")  # recorded when known: the size the images were resized to, their folder
+
+
+def _recorded_origin(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``resolution`` / ``source`` a statistics file records (absent keys: None)."""
+    return dict(resolution=int(data["resolution"]) if "resolution" in data else None,
+                source=str(data["source"]) if "source" in data else None)
 
 
 def _check_stats_shapes(stats: FeatureStats, where: str) -> None:

@@ -274,8 +274,10 @@ def _check_moment_shapes(path: Path, members: dict, dimension: Tuple[int, ...]) 
 def _read_moments(path: Path) -> Tuple[Tensor, Tensor]:
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as archive:
-        mu, sigma = (torch.from_numpy(archive[key].astype(np.float64)) for key in MOMENT_KEYS)
+    from .adm_npz import read_npz
+
+    arrays = read_npz(path, required=MOMENT_KEYS, what="the reference")
+    mu, sigma = (torch.from_numpy(arrays[key].astype(np.float64)) for key in MOMENT_KEYS)
     check(bool(torch.isfinite(mu).all() and torch.isfinite(sigma).all()),
           f"{str(path)!r}: `mu` / `sigma` hold NaN or inf values")
     return mu, sigma
