@@ -9,6 +9,7 @@ from ema_pytorch import EMA
 from torch import nn, randint, randn
 
 from mmgen_pytorch import SelfMaskedRepTraining, Transfusion
+from mmgen_pytorch.saving import read_config
 from mmgen_pytorch.transfusion.enc_dec import from_blocks, to_blocks
 from mmgen_pytorch.transfusion.self_flow import capture_hidden, cosine_rep_loss
 
@@ -223,6 +224,26 @@ def test_prob_uncond_one_is_accepted_and_shape_rank_mismatch_rejected():
         tiny_zero_dim(prob_uncond=1.5)
     with pytest.raises(ValueError, match=r"`modality_default_shape` \(8,\) .* `modality_num_dim` says 2"):
         tiny_zero_dim(modality_default_shape=(8,), modality_num_dim=2)
+
+
+def test_modality_processing_is_accepted_ignored_and_checked(tmp_path):
+    """transfusion-pytorch's batching-strategy names are accepted (same loss: one packing path here) and kept
+    through save / load; an unknown name is refused naming the argument."""
+    torch.manual_seed(0)
+    plain = tiny_zero_dim()
+    torch.manual_seed(0)
+    flat = tiny_zero_dim(modality_processing="flat")
+    data = batch()
+    torch.manual_seed(1)
+    expected = plain(data)
+    torch.manual_seed(1)
+    assert torch.equal(flat(data), expected)
+    assert read_config(flat.save(tmp_path / "model"))["config"]["modality_processing"] == "flat"
+    reloaded = Transfusion.load(tmp_path / "model").train()
+    torch.manual_seed(1)
+    assert torch.equal(reloaded(data), expected)
+    with pytest.raises(ValueError, match=r"`modality_processing` must be one of .*got 'fastest'"):
+        tiny_zero_dim(modality_processing="fastest")
 
 
 def test_encoder_without_batch_dim():

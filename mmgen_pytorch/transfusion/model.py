@@ -44,6 +44,7 @@ from .sampler import (LengthBudget, ParsedPrompt, PromptParser, Sampler, forced_
 from .time_injection import PerBlockAdaLN, TimeInjection
 
 ModalityInput = Union[Tensor, Tuple[int, Tensor]]
+UPSTREAM_PROCESSING_STRATEGIES = ("auto", "naive", "grouped", "flat", "hybrid")  # transfusion-pytorch's, all ignored
 
 
 class LossBreakdown(NamedTuple):
@@ -90,6 +91,9 @@ class Transfusion(Checkpointable, nn.Module):
     ``reconstruction_loss_weight``: weight of the squared error between the one-step clean estimate and the
     clean latent, both through the modality's decoder if it has one. ``velocity_consistency_loss_weight``:
     weight of the velocity consistency loss, used when ``forward`` gets ``velocity_consistency_ema_model``.
+    ``modality_processing``: accepted for transfusion-pytorch's code and ignored: its names pick one of that
+    library's internal batching strategies (``"auto"``, ``"naive"``, ``"grouped"``, ``"flat"``, ``"hybrid"``),
+    while here one packing path serves every batch.
     """
 
     def __init__(self, *, num_text_tokens: int, transformer: Union[dict, Transformer],
@@ -109,8 +113,11 @@ class Transfusion(Checkpointable, nn.Module):
                  to_modality_shape_fn=None, fallback_to_default_shape_if_invalid: bool = False,
                  model_output_clean: Optional[bool] = None, reconstruction_loss_weight: float = 0.0,
                  velocity_consistency_loss_weight: float = 0.1, odeint_kwargs: Optional[dict] = None,
-                 eps: Optional[float] = None):
+                 eps: Optional[float] = None, modality_processing: str = "auto"):
         super().__init__()
+        check(modality_processing in UPSTREAM_PROCESSING_STRATEGIES,
+              f"`modality_processing` must be one of {UPSTREAM_PROCESSING_STRATEGIES} (transfusion-pytorch's names; "
+              f"ignored here: one packing path serves every batch), got {modality_processing!r}")
         for name, weight in (("reconstruction_loss_weight", reconstruction_loss_weight),
                              ("velocity_consistency_loss_weight", velocity_consistency_loss_weight)):
             check(isinstance(weight, (int, float)) and 0.0 <= weight < float("inf"),
