@@ -46,7 +46,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
 from .training.evaluation import build_evaluator, check_eval
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
-                               draw_samples, has_captions, load_tokenizer, save_grid)
+                               check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
@@ -122,6 +122,27 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
     found = sorted(path for path in (output_dir / CHECKPOINTS).glob("step-*") if (path / TRAINING_STATE_FILE).is_file())
     return found[-1] if found else None
+
+
+def saved_model_folder(path, *, name: str) -> Tuple[Path, bool]:
+    """``(folder, is_run)``: the folder a model loads from, given a training output folder (``config.yaml``:
+    its latest complete checkpoint, ``is_run`` True) or a folder saved with ``save`` / ``save_pretrained``
+    (``config.json``: itself). A FileNotFoundError naming ``name`` (the argument) otherwise."""
+    folder = Path(path)
+    if not folder.is_dir():
+        missing = "it does not exist" if not folder.exists() else "it is a file"
+        raise FileNotFoundError(f"{name} {str(path)!r} is not a folder: {missing} (give a training output folder "
+                                f"or a saved model folder)")
+    if (folder / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{name} {str(path)!r}: a training output folder without a complete checkpoint "
+                                    f"under {str(folder / CHECKPOINTS)!r}")
+        return checkpoint, True
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{name} {str(path)!r} holds neither config.yaml (a training output folder) nor "
+                                f"config.json (a model saved with save / save_pretrained)")
+    return folder, False
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -221,7 +242,7 @@ def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> 
                               f"{latest.name}): pass --resume to continue that run, or choose another train.output_dir")
         return None
     if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
+        raise ConfigError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
     saved = output_dir / "config.yaml"
     if saved.is_file():
         changed = config_changes(_yaml_load(saved), json.loads(json.dumps(config.to_dict())))
@@ -326,6 +347,7 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     loss = build_tokenizer_loss(config) if training_tokenizer else None  # reads the LPIPS files first
     model = build_model(config, tokenizer)
     check_conditions(config, model, dataset)
+    check_latent_fit(config, model, tokenizer, dataset)
     check_idle_blocks(config, model, accelerator.num_processes)
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
@@ -345,9 +367,27 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     return state
 
 
+@dataclass
+class Prepared:
+    """A run built and checked, ready for its first step."""
+    config: Config
+    state: State
+    loader: DataLoader
+    start: int
+    output_dir: Path
+    classes: Optional[int]
+    evaluator: Any
+
+
 def run(config: Config, *, resume_run: bool = False) -> List[float]:
     """Train as ``config`` says; returns the logged losses: every ``log_every`` steps, the mean over the
     micro-batches since the previous log and over the processes."""
+    return train_prepared(prepare(config, resume_run=resume_run))
+
+
+def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
+    """Everything before the first step: the checks (a :class:`ConfigError` for whatever the config gets
+    wrong), the tokenizer, data, model, optimizer, evaluator and the resumed state."""
     accelerator, tracker = make_accelerator(config)
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
@@ -355,6 +395,7 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     reference = check_eval(config)
     tokenizer = load_tokenizer(config)
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
+    check_dataset_length(config, len(dataset), micro_batch * accelerator.num_processes)
     state = build(config, accelerator, tokenizer, dataset)
     classes = num_classes(config, dataset)
     evaluator = None
@@ -384,10 +425,22 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     accelerator.print(f"{config.model.name}: {count / 1e6:.2f}M parameters, {len(dataset)} items, "
                       f"{accelerator.num_processes} process(es) x {micro_batch} x {config.train.grad_accum} "
                       f"accumulation per step on {accelerator.device}, tracker: {tracker}")
+    return Prepared(config, state, loader, start, output_dir, classes, evaluator)
+
+
+def train_prepared(prepared: Prepared) -> List[float]:
     try:
-        return train_loop(config, state, loader, start, output_dir, classes, evaluator)
+        return train_loop(prepared.config, prepared.state, prepared.loader, prepared.start, prepared.output_dir,
+                          prepared.classes, prepared.evaluator)
     finally:
-        accelerator.end_training()
+        prepared.state.accelerator.end_training()
+
+
+def check_dataset_length(config: Config, length: int, global_batch: int) -> None:
+    if length < global_batch:
+        source = next(f"data.{name}" for name in ("folder", "hf", "cache") if getattr(config.data, name) is not None)
+        raise ConfigError(f"`{source}` holds {length} items, fewer than one global micro-batch ({global_batch}: "
+                          f"`data.batch_size` / `train.grad_accum`): give more items or a smaller `data.batch_size`")
 
 
 def train_loop(config: Config, state: State, loader: DataLoader, start: int, output_dir: Path,
@@ -494,11 +547,16 @@ def flat_config(config: Config) -> dict:
 
 
 def write_config(config: Config, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds and ``--show`` prints)."""
     import yaml
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(config.to_dict()))  # tuples -> lists
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # command line
@@ -509,6 +567,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("config", nargs="?", help="a YAML / JSON file or a shipped config name")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    parser.add_argument("--show", action="store_true",
+                        help="print the resolved config (overrides applied) as YAML and exit without building anything")
     args, overrides = parser.parse_known_args(argv)
     if not args.list and args.config is None:
         parser.error("give a CONFIG (a file or one of: " + ", ".join(shipped_configs()) + ")")
@@ -522,9 +582,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[float]:
         return []
     try:
         config = load_config(args.config, overrides)
-    except ConfigError as error:
+        if args.show:
+            print(config_yaml(config), end="")
+            return []
+        prepared = prepare(config, resume_run=args.resume)
+    except ConfigError as error:  # whatever the config gets wrong, up to the first step: one line, no traceback
         raise SystemExit(f"config error: {error}") from None
-    return run(config, resume_run=args.resume)
+    return train_prepared(prepared)
 
 
 if __name__ == "__main__":
