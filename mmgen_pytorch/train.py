@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ._utils import eval_mode
+from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
 from .training.evaluation import build_evaluator, check_eval
@@ -284,7 +284,7 @@ def make_accelerator(config: Config):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
     except ImportError:
-        raise SystemExit("mmgen_pytorch.train needs Hugging Face Accelerate: pip install mmgen-pytorch[train]") from None
+        raise SystemExit(f"mmgen_pytorch.train needs Hugging Face Accelerate: {install_hint('train')}") from None
     tracker = config.train.tracker
     if tracker == "auto":
         from importlib.util import find_spec
