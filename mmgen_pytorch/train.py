@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Sampler
 from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
 from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
-from .training.evaluation import build_evaluator, check_eval
+from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
@@ -399,9 +399,10 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     state = build(config, accelerator, tokenizer, dataset)
     classes = num_classes(config, dataset)
     evaluator = None
-    if reference is not None and accelerator.is_main_process:
-        evaluator = build_evaluator(config, reference, state.sampling_model(), state.tokenizer, classes,
-                                    accelerator.device)
+    if reference is not None:  # checked on every process, built on the main one
+        conditioning = evaluation_conditioning(config, state.sampling_model(), state.tokenizer, classes)
+        evaluator = on_main_process(accelerator, lambda: build_evaluator(config, reference, conditioning,
+                                                                         accelerator.device), what="`eval`")
     start = 0
     if folder is not None:
         start = resume(state, folder)
@@ -434,6 +435,26 @@ def train_prepared(prepared: Prepared) -> List[float]:
                           prepared.classes, prepared.evaluator)
     finally:
         prepared.state.accelerator.end_training()
+
+
+def on_main_process(accelerator, build: Callable[[], Any], *, what: str) -> Any:
+    """``build()`` on the main process (None elsewhere); when it fails, every process raises (the main one its
+    error, the others a ConfigError carrying its message), so none waits for a process that stopped."""
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except Exception as error:  # told to the other processes, then raised
+            failure = error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"])[0]
+        if message is not None and failure is None:
+            raise ConfigError(f"{what}: the main process failed to build it: {message}")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def check_dataset_length(config: Config, length: int, global_batch: int) -> None:
