@@ -1,11 +1,16 @@
 """Train any of the five models on your own images: one entry point on Hugging Face Accelerate.
 
     python -m mmgen_pytorch.train CONFIG [--section.key value ...] [--resume]
+    python -m mmgen_pytorch.train CONFIG [--section.key value ...] --show   # the resolved config, nothing built
     accelerate launch -m mmgen_pytorch.train CONFIG                  # GPUs, as `accelerate config` chose
     torchrun --nproc_per_node 2 -m mmgen_pytorch.train CONFIG        # CPU (gloo) or GPUs
 
 CONFIG is a YAML / JSON file or a shipped config name (``python -m mmgen_pytorch.train --list``); see
-:mod:`mmgen_pytorch.training.config` for the keys. ``data.batch_size`` is the global batch per optimizer
+:mod:`mmgen_pytorch.training.config` for the keys. Whatever the config gets wrong is refused before the first
+step with one line, ``config error: ...`` naming the key (exit status 1): the keys themselves, then what the
+data, tokenizer and model make of them (a model's refusal of its kwargs, a tokenizer whose latent grid or
+channels do not fit the model's, data the model cannot take). ``tokenizer.path`` is a saved tokenizer or a
+tokenizer's training output folder (its latest checkpoint). ``data.batch_size`` is the global batch per optimizer
 step: each process takes ``batch_size / (grad_accum * processes)`` items per micro-step, the same items
 whatever the number of processes, so runs on 1 and N processes see the same batches.
 

@@ -284,6 +284,13 @@ def test_tokenizer_path_must_exist_and_hold_a_model(data, tmp_path, capsys):
     (tmp_path / "run" / "config.yaml").write_text("{}")
     message = refusal(capsys, [*common, "--tokenizer.path", str(tmp_path / "run")])
     assert "`tokenizer.path`" in message and "without a complete checkpoint" in message
+    import shutil
+
+    shutil.copytree(data / "vq", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    message = refusal(capsys, [*common, "--tokenizer.path", str(tmp_path / "truncated")])
+    assert "`tokenizer.path`" in message and "model.safetensors" in message
 
 
 def test_show_prints_the_resolved_config_and_builds_nothing(tmp_path, capsys, monkeypatch):

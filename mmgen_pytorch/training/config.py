@@ -49,7 +49,8 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None                # a folder saved by this library (save / save_pretrained)
+    path: Optional[str] = None                # a folder saved by this library (save / save_pretrained), or a
+                                              # tokenizer's training output folder (its latest checkpoint)
     from_official: Optional[str] = None       # an upstream checkpoint, with `kind`
     kind: Optional[Literal["kl", "vq", "rq"]] = None
     official_config: Optional[str] = None     # the preset name from_official takes (KL-16, VQ-16, ...)

@@ -29,6 +29,7 @@ from ..data import sample_latent
 from .._utils import check
 from ..data.cache import TOKENIZER_KINDS as CACHED_FIELDS, encode_images
 from ..data.images import images_to_unit, unit_to_uint8
+from ..files import CheckpointMismatchError
 from .config import GENERATORS, TOKENIZER_KINDS, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
@@ -55,7 +56,8 @@ def load_tokenizer(config: Config) -> Optional[nn.Module]:
             folder, _ = saved_model_folder(spec.path, name="`tokenizer.path`")
         except FileNotFoundError as error:
             raise ConfigError(str(error)) from None
-        tokenizer = load_model(folder)
+        with _naming("tokenizer.path", spec.path):  # a truncated or mismatched weights file
+            tokenizer = load_model(folder)
     elif spec.from_official is not None:
         tokenizer = TOKENIZER_CLASSES[spec.kind].from_official(spec.from_official, config=spec.official_config)
     else:
@@ -111,12 +113,13 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
 
 @contextmanager
 def _naming(key: str, value: Any):
-    """The data's refusals (a missing folder, no images, a bad captions file) as ConfigErrors naming ``key``."""
+    """Refusals of what ``key`` names (a missing folder, no images, a bad captions file, a tokenizer's bad
+    weights file) as ConfigErrors naming it."""
     try:
         yield
     except ConfigError:
         raise
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, CheckpointMismatchError) as error:
         raise ConfigError(f"`{key}` {value!r}: {error}") from error
 
 
@@ -242,13 +245,15 @@ def _kwargs(values: dict) -> str:
 
 
 def data_latents(config: Config, tokenizer: Optional[nn.Module], dataset) -> LatentGrid:
-    """What one image of the data is for the model: a cache's stored latents / codes (read from one item), the
+    """What one image of the data is for the model: a cache's stored latents / codes (their shape), the
     tokenizer's latents of a ``data.resolution`` image, or the image itself."""
     resolution = config.data.resolution
     if config.data.cache is not None:
+        from safetensors import safe_open
+
         field = dataset.manifest["field"]
-        with torch.random.fork_rng(devices=[]):  # the item's view is drawn: leave the training RNG as it was
-            shape = tuple(dataset[0][field].shape)
+        with safe_open(str(dataset.paths[0]), "pt") as handle:  # [items, views, *one item's]
+            shape = tuple(handle.get_slice(field).get_shape()[2:])
         channels = shape[0] // 2 if field == "moments" else None
         grid = shape[1:3] if field == "moments" else shape[:2]
         return LatentGrid(grid, channels, f"`data.cache` {config.data.cache!r} ({field} of "
