@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
-from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
+from .training.config import (TOKENIZERS, Config, ConfigError, check_config, check_world_size, load_config,
+                              shipped_configs)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
@@ -594,7 +595,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
     parser.add_argument("--show", action="store_true",
-                        help="print the resolved config (overrides applied) as YAML and exit without building anything")
+                        help="print the resolved config (overrides applied) as YAML, then any config error, and exit "
+                             "without building anything")
     args, overrides = parser.parse_known_args(argv)
     if not args.list and args.config is None:
         parser.error("give a CONFIG (a file or one of: " + ", ".join(shipped_configs()) + ")")
@@ -607,9 +609,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[float]:
         print("\n".join(shipped_configs()))
         return []
     try:
-        config = load_config(args.config, overrides)
-        if args.show:
-            print(config_yaml(config), end="")
+        config = load_config(args.config, overrides, check_values=not args.show)
+        if args.show:  # the config as resolved, then what it still lacks (e.g. the data of a shipped config)
+            print(config_yaml(config), end="", flush=True)
+            check_config(config)
             return []
         prepared = prepare(config, resume_run=args.resume)
     except ConfigError as error:  # whatever the config gets wrong, up to the first step: one line, no traceback

@@ -305,8 +305,11 @@ def test_show_prints_the_resolved_config_and_builds_nothing(tmp_path, capsys, mo
     assert shown == json.loads(json.dumps(load_config("tiny-mar", argv[1:]).to_dict()))
     assert shown["train"]["steps"] == 7 and shown["model"]["kwargs"]["vae_stride"] == 2
     assert not (tmp_path / "out").exists()
-    message = refusal(capsys, [*argv, "--train.stepz", "1", "--show"])
+    message = refusal(capsys, [*argv, "--train.stepz", "1", "--show"])  # an unknown key: nothing to show
     assert "train.stepz" in message
+    with pytest.raises(SystemExit, match="config error: give exactly one of `data.folder`, `data.hf`, `data.cache`"):
+        train.main(["tiny-mar", "--show"])  # a shipped config without its data: shown, then what it lacks
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["kwargs"]["vae_stride"] == 2
 
 
 # the eval section: every process checks what can fail, the main process builds

@@ -261,8 +261,8 @@ def data_latents(config: Config, tokenizer: Optional[nn.Module], dataset) -> Lat
     if tokenizer is None:
         return LatentGrid((resolution, resolution), 3, f"the images themselves (`data.resolution` {resolution}, "
                                                        f"3 channels, no tokenizer)")
-    stride, channels = tokenizer.downsample_factor, getattr(getattr(tokenizer, "config", None), "embed_dim", None)
-    channels = channels if isinstance(tokenizer, TOKENIZER_CLASSES["kl"]) else None
+    stride = tokenizer.downsample_factor
+    channels = tokenizer.config.embed_dim if isinstance(tokenizer, TOKENIZER_CLASSES["kl"]) else None  # codes: none
     if resolution % stride:
         raise ConfigError(f"`data.resolution` {resolution} is not a multiple of the tokenizer's stride {stride} "
                           f"({type(tokenizer).__name__} from `tokenizer`): use {resolution // stride * stride or stride}"
