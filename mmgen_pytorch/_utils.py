@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from pathlib import Path
 from typing import Any, Iterator, Optional, TypeVar, Union
 
 import torch
@@ -197,3 +198,13 @@ def recompile_limit_at_least(limit: int) -> Iterator[None]:
     shapes) before it gives up: the compiled kernels and steps of this library set their own."""
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, limit)):
         yield
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional dependencies ``extra`` (setup.py's extras_require): in a checkout
+    of the repository (setup.py beside the package, e.g. an editable install) ``pip install -e ".[extra]"`` run
+    there, else ``pip install "mmgen-pytorch[extra]"`` (quoted: shells such as zsh expand brackets)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "setup.py").is_file():
+        return f'pip install -e ".[{extra}]" (in {root})'
+    return f'pip install "mmgen-pytorch[{extra}]"'

@@ -20,11 +20,10 @@ from typing import Any, Dict, Optional, Type, Union
 
 import torch
 
-from ._utils import check
+from ._utils import check, install_hint
 from .saving import CONFIG_FILE, WEIGHTS_FILE, PathLike, encode_arguments
 
 LIBRARY_NAME = "mmgen-pytorch"
-INSTALL_HINT = "pip install mmgen-pytorch[hub]"
 # "name" or "namespace/name"; the Hub checks the finer rules itself
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
@@ -53,7 +52,7 @@ def huggingface_hub(purpose: str):
         import huggingface_hub as hub
     except ImportError as error:
         raise ImportError(f"{purpose} needs huggingface_hub, an optional dependency of mmgen-pytorch: "
-                          f"{INSTALL_HINT}") from error
+                          f"{install_hint('hub')}") from error
     return hub
 
 

@@ -102,23 +102,11 @@ class Source:
 
 def resolve_source(path: str) -> Source:
     from .saving import read_config
-    from .train import latest_checkpoint
+    from .train import saved_model_folder
     from .training.config import load_config
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SOURCE {path!r} is not a folder (a training output folder or a saved model folder)")
-    config = None
-    if (folder / "config.yaml").is_file():
-        config = load_config(folder / "config.yaml")
-        checkpoint = latest_checkpoint(folder)
-        if checkpoint is None:
-            raise FileNotFoundError(f"SOURCE {path!r}: a training output folder without a complete checkpoint "
-                                    f"under {str(folder / 'checkpoints')!r}")
-        folder = checkpoint
-    elif not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"SOURCE {path!r} holds neither config.yaml (a training output folder) nor "
-                                f"config.json (a model saved with save / save_pretrained)")
+    folder, from_run = saved_model_folder(path, name="SOURCE")
+    config = load_config(Path(path) / "config.yaml") if from_run else None
     record = read_config(folder)
     name = record["class"]
     if name not in GENERATORS:

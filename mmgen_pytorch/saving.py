@@ -194,6 +194,14 @@ class _NotJSON(Exception):
     """An argument config.json cannot hold; the message names the offending value's type."""
 
 
+def constructor_arguments(model) -> Dict[str, Any]:
+    """The arguments ``model`` was constructed with, by name, defaults included (a copy)."""
+    arguments = model.__dict__.get(_ARGUMENTS)
+    check(arguments is not None, f"{type(model).__name__} has no recorded constructor arguments (it was not "
+                                 f"built by calling its class)", error=TypeError)
+    return _copy_containers(arguments)
+
+
 def encode_arguments(model) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """(JSON config, {argument: type of what JSON cannot hold}) of a constructed model."""
     arguments = model.__dict__.get(_ARGUMENTS)

@@ -1,11 +1,16 @@
 """Train any of the five models on your own images: one entry point on Hugging Face Accelerate.
 
     python -m mmgen_pytorch.train CONFIG [--section.key value ...] [--resume]
+    python -m mmgen_pytorch.train CONFIG [--section.key value ...] --show   # the resolved config, nothing built
     accelerate launch -m mmgen_pytorch.train CONFIG                  # GPUs, as `accelerate config` chose
     torchrun --nproc_per_node 2 -m mmgen_pytorch.train CONFIG        # CPU (gloo) or GPUs
 
 CONFIG is a YAML / JSON file or a shipped config name (``python -m mmgen_pytorch.train --list``); see
-:mod:`mmgen_pytorch.training.config` for the keys. ``data.batch_size`` is the global batch per optimizer
+:mod:`mmgen_pytorch.training.config` for the keys. Whatever the config gets wrong is refused before the first
+step with one line, ``config error: ...`` naming the key (exit status 1): the keys themselves, then what the
+data, tokenizer and model make of them (a model's refusal of its kwargs, a tokenizer whose latent grid or
+channels do not fit the model's, data the model cannot take). ``tokenizer.path`` is a saved tokenizer or a
+tokenizer's training output folder (its latest checkpoint). ``data.batch_size`` is the global batch per optimizer
 step: each process takes ``batch_size / (grad_accum * processes)`` items per micro-step, the same items
 whatever the number of processes, so runs on 1 and N processes see the same batches.
 
@@ -46,18 +51,19 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ._utils import eval_mode
+from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
-from .training.config import TOKENIZERS, Config, ConfigError, check_world_size, load_config, shipped_configs
-from .training.evaluation import build_evaluator, check_eval
+from .training.config import (TOKENIZERS, Config, ConfigError, check_config, check_world_size, load_config,
+                              shipped_configs)
+from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
-                               draw_samples, has_captions, load_tokenizer, save_grid)
+                               check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
 CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
@@ -122,6 +128,27 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
     found = sorted(path for path in (output_dir / CHECKPOINTS).glob("step-*") if (path / TRAINING_STATE_FILE).is_file())
     return found[-1] if found else None
+
+
+def saved_model_folder(path, *, name: str) -> Tuple[Path, bool]:
+    """``(folder, is_run)``: the folder a model loads from, given a training output folder (``config.yaml``:
+    its latest complete checkpoint, ``is_run`` True) or a folder saved with ``save`` / ``save_pretrained``
+    (``config.json``: itself). A FileNotFoundError naming ``name`` (the argument) otherwise."""
+    folder = Path(path)
+    if not folder.is_dir():
+        missing = "it does not exist" if not folder.exists() else "it is a file"
+        raise FileNotFoundError(f"{name} {str(path)!r} is not a folder: {missing} (give a training output folder "
+                                f"or a saved model folder)")
+    if (folder / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{name} {str(path)!r}: a training output folder without a complete checkpoint "
+                                    f"under {str(folder / CHECKPOINTS)!r}")
+        return checkpoint, True
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{name} {str(path)!r} holds neither config.yaml (a training output folder) nor "
+                                f"config.json (a model saved with save / save_pretrained)")
+    return folder, False
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -221,7 +248,7 @@ def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> 
                               f"{latest.name}): pass --resume to continue that run, or choose another train.output_dir")
         return None
     if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
+        raise ConfigError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
     saved = output_dir / "config.yaml"
     if saved.is_file():
         changed = config_changes(_yaml_load(saved), json.loads(json.dumps(config.to_dict())))
@@ -263,7 +290,7 @@ def make_accelerator(config: Config):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
     except ImportError:
-        raise SystemExit("mmgen_pytorch.train needs Hugging Face Accelerate: pip install mmgen-pytorch[train]") from None
+        raise SystemExit(f"mmgen_pytorch.train needs Hugging Face Accelerate: {install_hint('train')}") from None
     tracker = config.train.tracker
     if tracker == "auto":
         from importlib.util import find_spec
@@ -326,6 +353,7 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     loss = build_tokenizer_loss(config) if training_tokenizer else None  # reads the LPIPS files first
     model = build_model(config, tokenizer)
     check_conditions(config, model, dataset)
+    check_latent_fit(config, model, tokenizer, dataset)
     check_idle_blocks(config, model, accelerator.num_processes)
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
@@ -345,9 +373,27 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     return state
 
 
+@dataclass
+class Prepared:
+    """A run built and checked, ready for its first step."""
+    config: Config
+    state: State
+    loader: DataLoader
+    start: int
+    output_dir: Path
+    classes: Optional[int]
+    evaluator: Any
+
+
 def run(config: Config, *, resume_run: bool = False) -> List[float]:
     """Train as ``config`` says; returns the logged losses: every ``log_every`` steps, the mean over the
     micro-batches since the previous log and over the processes."""
+    return train_prepared(prepare(config, resume_run=resume_run))
+
+
+def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
+    """Everything before the first step: the checks (a :class:`ConfigError` for whatever the config gets
+    wrong), the tokenizer, data, model, optimizer, evaluator and the resumed state."""
     accelerator, tracker = make_accelerator(config)
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
@@ -355,12 +401,14 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     reference = check_eval(config)
     tokenizer = load_tokenizer(config)
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
+    check_dataset_length(config, len(dataset), micro_batch * accelerator.num_processes)
     state = build(config, accelerator, tokenizer, dataset)
     classes = num_classes(config, dataset)
     evaluator = None
-    if reference is not None and accelerator.is_main_process:
-        evaluator = build_evaluator(config, reference, state.sampling_model(), state.tokenizer, classes,
-                                    accelerator.device)
+    if reference is not None:  # checked on every process, built on the main one
+        conditioning = evaluation_conditioning(config, state.sampling_model(), state.tokenizer, classes)
+        evaluator = on_main_process(accelerator, lambda: build_evaluator(config, reference, conditioning,
+                                                                         accelerator.device), what="`eval`")
     start = 0
     if folder is not None:
         start = resume(state, folder)
@@ -384,10 +432,42 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
     accelerator.print(f"{config.model.name}: {count / 1e6:.2f}M parameters, {len(dataset)} items, "
                       f"{accelerator.num_processes} process(es) x {micro_batch} x {config.train.grad_accum} "
                       f"accumulation per step on {accelerator.device}, tracker: {tracker}")
+    return Prepared(config, state, loader, start, output_dir, classes, evaluator)
+
+
+def train_prepared(prepared: Prepared) -> List[float]:
     try:
-        return train_loop(config, state, loader, start, output_dir, classes, evaluator)
+        return train_loop(prepared.config, prepared.state, prepared.loader, prepared.start, prepared.output_dir,
+                          prepared.classes, prepared.evaluator)
     finally:
-        accelerator.end_training()
+        prepared.state.accelerator.end_training()
+
+
+def on_main_process(accelerator, build: Callable[[], Any], *, what: str) -> Any:
+    """``build()`` on the main process (None elsewhere); when it fails, every process raises (the main one its
+    error, the others a ConfigError carrying its message), so none waits for a process that stopped."""
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except Exception as error:  # told to the other processes, then raised
+            failure = error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"])[0]
+        if message is not None and failure is None:
+            raise ConfigError(f"{what}: the main process failed to build it: {message}")
+    if failure is not None:
+        raise failure
+    return result
+
+
+def check_dataset_length(config: Config, length: int, global_batch: int) -> None:
+    if length < global_batch:
+        source = next(f"data.{name}" for name in ("folder", "hf", "cache") if getattr(config.data, name) is not None)
+        raise ConfigError(f"`{source}` holds {length} items, fewer than one global micro-batch ({global_batch}: "
+                          f"`data.batch_size` / `train.grad_accum`): give more items or a smaller `data.batch_size`")
 
 
 def train_loop(config: Config, state: State, loader: DataLoader, start: int, output_dir: Path,
@@ -494,11 +574,16 @@ def flat_config(config: Config) -> dict:
 
 
 def write_config(config: Config, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds and ``--show`` prints)."""
     import yaml
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(config.to_dict()))  # tuples -> lists
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # command line
@@ -509,6 +594,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("config", nargs="?", help="a YAML / JSON file or a shipped config name")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    parser.add_argument("--show", action="store_true",
+                        help="print the resolved config (overrides applied) as YAML, then any config error, and exit "
+                             "without building anything")
     args, overrides = parser.parse_known_args(argv)
     if not args.list and args.config is None:
         parser.error("give a CONFIG (a file or one of: " + ", ".join(shipped_configs()) + ")")
@@ -521,10 +609,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[float]:
         print("\n".join(shipped_configs()))
         return []
     try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
+        config = load_config(args.config, overrides, check_values=not args.show)
+        if args.show:  # the config as resolved, then what it still lacks (e.g. the data of a shipped config)
+            print(config_yaml(config), end="", flush=True)
+            check_config(config)
+            return []
+        prepared = prepare(config, resume_run=args.resume)
+    except ConfigError as error:  # whatever the config gets wrong, up to the first step: one line, no traceback
         raise SystemExit(f"config error: {error}") from None
-    return run(config, resume_run=args.resume)
+    return train_prepared(prepared)
 
 
 if __name__ == "__main__":

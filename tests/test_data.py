@@ -4,6 +4,7 @@ the flip, captions, and every refused input (the message names the argument or t
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmgen_pytorch._utils import install_hint
 from mmgen_pytorch.data import (NO_LABEL, CaptionTokenizer, HFImageDataset, ImageFolderDataset, adm_center_crop,
                                 random_horizontal_flip, to_tensor_image)
 
@@ -427,5 +429,5 @@ def test_hf_wrapper_errors():
 
 def test_missing_pillow_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(ImportError, match=r"pip install mmgen-pytorch\[data\]"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("data"))):
         to_tensor_image(None)

@@ -3,6 +3,7 @@ noise, FD against scipy's sqrtm, IS of synthetic logits, precision / recall of s
 (and against a brute-force numpy version), the reference-statistics cache, and the error paths (Inception
 itself cannot run here: torch-fidelity needs a torchvision that loads with this torch build)."""
 
+import re
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from mmgen_pytorch._utils import install_hint
 from mmgen_pytorch.evaluation import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, FeatureStats, PCAExtractor,
                                       TinyConvExtractor, evaluate, feature_stats, frechet_distance,
                                       image_folder_batches, inception_score, inception_v3, precision_recall,
@@ -269,13 +271,13 @@ def test_missing_torch_fidelity_names_the_package_and_extra(tmp_path, monkeypatc
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, weights)
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match=r"torch-fidelity.*mmgen-pytorch\[inception\]"):
+    with pytest.raises(ImportError, match="torch-fidelity.*" + re.escape(install_hint("inception"))):
         inception_v3(weights)
 
 
 def test_missing_torchmetrics_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)
-    with pytest.raises(ImportError, match=r"torchmetrics.*mmgen-pytorch\[eval\]"):
+    with pytest.raises(ImportError, match="torchmetrics.*" + re.escape(install_hint("eval"))):
         FeatureStats.from_features(torch.randn(4, 2), extractor="x")
 
 

@@ -67,3 +67,20 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
               "print(*(re.match(r'[A-Za-z0-9_.-]+', r)[0] for r in requires('mmgen-pytorch') if 'extra ==' not in r))")
     install_requires = run(python, "-c", script, cwd=tmp_path).split()
     assert sorted(install_requires) == sorted(DEPENDENCIES)
+
+
+def test_install_hints_name_extras_that_exist(tmp_path, monkeypatch):
+    """Every error message's install hint comes from ``install_hint`` and names an extra of setup.py; from a
+    checkout it is an editable install of the checkout (the package need not be published), else the
+    quoted requirement (shells such as zsh expand unquoted brackets)."""
+    from mmgen_pytorch import _utils
+
+    setup = (ROOT / "setup.py").read_text(encoding="utf-8")
+    extras = set(re.findall(r'^\s+"([a-z]+)": ', setup[setup.index("extras_require"):], flags=re.M))
+    sources = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "mmgen_pytorch").rglob("*.py"))
+    named = set(re.findall(r"install_hint\('([a-z]+)'\)", sources))
+    assert {"data", "eval", "hub", "inception", "train"} <= named <= extras, (named, extras)
+    assert "pip install mmgen-pytorch[" not in sources.replace("``pip install mmgen-pytorch[", "")  # docstrings aside
+    assert _utils.install_hint("eval") == f'pip install -e ".[eval]" (in {ROOT})'
+    monkeypatch.setattr(_utils, "__file__", str(tmp_path / "site-packages" / "mmgen_pytorch" / "_utils.py"))
+    assert _utils.install_hint("eval") == 'pip install "mmgen-pytorch[eval]"'

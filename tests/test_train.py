@@ -89,7 +89,7 @@ def test_overrides_and_shipped_configs(tmp_path):
     names = shipped_configs()
     assert {"mar-b", "mar-l", "mar-h", "llamagen-gpt-b-c2i", "llamagen-gpt-l-t2i", "dnd", "monoformer",
             "transfusion", "tiny-mar", "tiny-llamagen", "tiny-dnd", "tiny-transfusion", "tiny-monoformer",
-            "llamagen-vq-16", "mar-kl-16", "dnd-rqvae", "tiny-vqgan"} <= set(names)
+            "llamagen-vq-16", "mar-kl-16", "dnd-rqvae", "tiny-vqgan", "tiny-kl", "tiny-rqvae"} <= set(names)
     lpips = ["--tokenizer_loss.vgg16_path", "v", "--tokenizer_loss.lpips_path", "l"]
     for name in names:  # every shipped config passes the schema (data given as a cache, with its tokenizer;
         raw = read_config_file(name)  # tokenizers train on images)
@@ -150,11 +150,27 @@ T2I = ["--model.kwargs.model_type", "t2i", "--model.kwargs.cls_token_num", "16",
                        "--model.kwargs.caption_encoder.num_tokens", "8"],
      ["model.kwargs.caption_encoder.num_tokens", "is 8", "at least 257"]),
     ("tiny-mar", ["--data.cache", "cache-kl", "--model.kwargs.num_classes", "2"], ["model.kwargs.num_classes", "is 2"]),
+    # the latents / codes the data becomes against the grid and channels the model takes
+    ("tiny-llamagen", ["--data.cache", "cache-vq", "--model.kwargs.grid_size", "8"],
+     ["`model.kwargs.grid_size` 8", "gives 4x4", "`data.cache`", "what would fit: `model.kwargs.grid_size` 4"]),
+    ("tiny-llamagen", ["--data.folder", "images", "--tokenizer.path", "vq", "--data.resolution", "16"],
+     ["`model.kwargs.grid_size` 4", "gives 2x2", "`data.resolution` 16", "stride 8", "`model.kwargs.grid_size` 2",
+      "or `data.resolution` 32"]),
+    ("tiny-llamagen", ["--data.folder", "images", "--tokenizer.path", "vq", "--data.resolution", "36"],
+     ["`data.resolution` 36", "stride 8", "use 32 or 40"]),
+    ("tiny-llamagen", ["--data.folder", "images", "--tokenizer.path", "vq", "--model.kwargs.vocab_size", "32"],
+     ["codebook of 16 codes", "`vocab_size` is 32"]),
+    ("tiny-mar", ["--data.folder", "images", "--tokenizer.path", "kl", "--model.kwargs.vae_embed_dim", "8"],
+     ["8 latent channels (`model.kwargs.vae_embed_dim`)", "gives 4", "`model.kwargs.vae_embed_dim` 4"]),
+    ("tiny-mar", ["--data.folder", "images", "--tokenizer.path", "kl", "--model.kwargs.vae_stride", "4",
+                  "--model.kwargs.patch_size", "2"],
+     ["8x8 grid (`model.kwargs.img_size` 32, `model.kwargs.vae_stride` 4)", "gives 16x16", "stride 2",
+      "`model.kwargs.img_size` 32, `model.kwargs.vae_stride` 2", "or `data.resolution` 16"]),
 ])
 def test_data_the_model_cannot_take_is_refused_before_training(data, tmp_path, name, options, words):
     """Refused with the key to change before any step (these failed inside the first one); DnD,
     Transfusion and MonoFormer: tests/test_train_models.py."""
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SystemExit, match="^config error: ") as info:
         run(name, tmp_path, *under(data, options))
     assert all(word in str(info.value) for word in words), str(info.value)
     assert not (tmp_path / train.LOG_FILE).exists()
@@ -165,7 +181,7 @@ def test_sharded_accelerate_setups_are_refused_before_anything_is_built(data, tm
     """FSDP / DeepSpeed shard the weights, which the loop's checkpoints and EMA need whole; on CPU Accelerate
     would ignore the flag and run DDP, so asking is refused too. What Accelerate chose is checked as well."""
     monkeypatch.setenv(flag, "true")
-    with pytest.raises(ConfigError, match=f"not Accelerate's {flag[len('ACCELERATE_USE_'):]}.*accelerate config"):
+    with pytest.raises(SystemExit, match=f"not Accelerate's {flag[len('ACCELERATE_USE_'):]}.*accelerate config"):
         run("tiny-llamagen", tmp_path / "out", "--data.cache", str(data / "cache-vq"))
     assert not (tmp_path / "out" / "config.yaml").exists()
     with pytest.raises(ConfigError, match="not Accelerate's FSDP"):
@@ -216,3 +232,138 @@ def test_sample_grid_draws_in_eval_mode_and_restores_the_mode(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="draw failed"):
         train.sample_grid(None, state, tmp_path, 1, None)
     assert modes == [False] and model.training
+
+
+# refused before any step: one line on stderr, no traceback
+
+
+def refusal(capsys, argv) -> str:
+    """``main(argv)``'s exit message, checked to be one ``config error:`` line with no traceback."""
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    message = str(info.value)
+    assert message.startswith("config error: ") and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+def test_refusals_while_building_are_one_config_error_line(data, tmp_path, capsys):
+    base = ["--train.output_dir", str(tmp_path / "out"), "--train.tracker", "none"]
+    vq = ["--data.folder", str(data / "images"), "--tokenizer.path", str(data / "vq")]
+    message = refusal(capsys, ["tiny-llamagen", *base, *vq, "--model.kwargs.grid_size", "0"])  # the constructor's
+    assert "`model` (LlamaGen" in message and "grid_size" in message
+    message = refusal(capsys, ["tiny-llamagen", *base, "--data.folder", str(tmp_path / "none"), "--tokenizer.path",
+                               str(data / "vq")])
+    assert "`data.folder`" in message and "does not exist" in message
+    message = refusal(capsys, ["tiny-llamagen", *base, *vq, "--data.batch_size", "48"])
+    assert "`data.folder`" in message and "24 items" in message and "`data.batch_size`" in message
+    message = refusal(capsys, ["tiny-llamagen", *base, *vq, "--resume"])
+    assert "--resume: no checkpoint" in message
+    assert not (tmp_path / "out" / train.LOG_FILE).exists()
+
+
+def test_a_tokenizer_whose_grid_does_not_fit_is_refused_before_any_step(data, tmp_path, capsys):
+    """tiny-vqgan's tokenizer (stride 4) under tiny-llamagen at 32x32 (a 4x4 grid needs stride 8)."""
+    from mmgen_pytorch.tokenizers import VQVAE, VQConfig
+
+    VQVAE(VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
+                   z_channels=16, num_res_blocks=1)).save(tmp_path / "vq4")
+    message = refusal(capsys, ["tiny-llamagen", "--data.folder", str(data / "images"), "--tokenizer.path",
+                               str(tmp_path / "vq4"), "--train.output_dir", str(tmp_path / "out")])
+    for words in ("LlamaGen takes a 4x4 grid (`model.kwargs.grid_size` 4)", "gives 8x8", "`data.resolution` 32",
+                  "stride 4", "what would fit: `model.kwargs.grid_size` 8; or `data.resolution` 16"):
+        assert words in message, message
+    assert not (tmp_path / "out" / train.LOG_FILE).exists()
+
+
+def test_tokenizer_path_must_exist_and_hold_a_model(data, tmp_path, capsys):
+    common = ["tiny-llamagen", "--data.folder", str(data / "images"), "--train.output_dir", str(tmp_path / "out")]
+    message = refusal(capsys, [*common, "--tokenizer.path", str(tmp_path / "none")])
+    assert "`tokenizer.path`" in message and "does not exist" in message and "config.json" not in message
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    message = refusal(capsys, [*common, "--tokenizer.path", str(tmp_path / "run")])
+    assert "`tokenizer.path`" in message and "without a complete checkpoint" in message
+    import shutil
+
+    shutil.copytree(data / "vq", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    message = refusal(capsys, [*common, "--tokenizer.path", str(tmp_path / "truncated")])
+    assert "`tokenizer.path`" in message and "model.safetensors" in message
+
+
+def test_show_prints_the_resolved_config_and_builds_nothing(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("--show built the run")
+    monkeypatch.setattr(train, "prepare", not_built)
+    argv = ["tiny-mar", "--data.cache", "c", "--train.steps", "7", "--train.output_dir", str(tmp_path / "out")]
+    assert train.main([*argv, "--show"]) == []
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == json.loads(json.dumps(load_config("tiny-mar", argv[1:]).to_dict()))
+    assert shown["train"]["steps"] == 7 and shown["model"]["kwargs"]["vae_stride"] == 2
+    assert not (tmp_path / "out").exists()
+    message = refusal(capsys, [*argv, "--train.stepz", "1", "--show"])  # an unknown key: nothing to show
+    assert "train.stepz" in message
+    with pytest.raises(SystemExit, match="config error: give exactly one of `data.folder`, `data.hf`, `data.cache`"):
+        train.main(["tiny-mar", "--show"])  # a shipped config without its data: shown, then what it lacks
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["kwargs"]["vae_stride"] == 2
+
+
+# the eval section: every process checks what can fail, the main process builds
+
+
+class NotMainProcess:
+    """An accelerator seen from a process other than the main one (one process really runs)."""
+
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+
+    is_main_process = False
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def test_eval_checks_run_on_every_process(data, tmp_path, monkeypatch):
+    make_accelerator = train.make_accelerator
+    monkeypatch.setattr(train, "make_accelerator", lambda config: (NotMainProcess(make_accelerator(config)[0]),
+                                                                   "none"))
+
+    def refuse(*args):
+        raise ConfigError("`eval`: checked")
+    monkeypatch.setattr(train, "evaluation_conditioning", refuse)
+    monkeypatch.setattr(train, "build_evaluator", lambda *args: pytest.fail("built on a process other than the main"))
+    eval_options = ["--eval.every", "1", "--eval.extractor", "tiny", "--eval.reference", str(data / "images"),
+                    "--eval.num_samples", "2"]
+    with pytest.raises(SystemExit, match="config error: `eval`: checked"):
+        run("tiny-mar", tmp_path, "--data.cache", str(data / "cache-kl"), "--tokenizer.path", str(data / "kl"),
+            *eval_options)
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # the extractor's package: before building
+    with pytest.raises(SystemExit, match="config error: `eval.extractor` pca-digits: .*scikit-learn"):
+        run("tiny-mar", tmp_path, "--data.cache", str(data / "cache-kl"), "--eval.every", "1", "--eval.extractor",
+            "pca-digits", "--eval.reference", str(data / "images"), "--data.resolution", "8")
+
+
+def test_a_failure_on_the_main_process_is_raised_on_every_process(monkeypatch):
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    told = []
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: told.append(objects[0]) or
+                        ["OSError: 'ref/3.png' is not an image"])
+    other = SimpleNamespace(is_main_process=False, num_processes=2)
+    with pytest.raises(ConfigError, match=r"`eval`: the main process failed to build it: OSError: 'ref/3.png'"):
+        train.on_main_process(other, lambda: pytest.fail("built on another process"), what="`eval`")
+    assert told == [None]
+
+    def fail():
+        raise OSError("'ref/3.png' is not an image")
+    main = SimpleNamespace(is_main_process=True, num_processes=2)
+    with pytest.raises(OSError, match="is not an image"):
+        train.on_main_process(main, fail, what="`eval`")
+    assert told[-1] == "OSError: 'ref/3.png' is not an image"
+    assert train.on_main_process(SimpleNamespace(is_main_process=True, num_processes=1), lambda: 5, what="x") == 5

@@ -113,10 +113,22 @@ def flat_folder(data):
      ["model.kwargs.num_text_tokens", "class labels", "at least 3"]),
     ("tiny-monoformer", ["--data.folder", "images", "--tokenizer.path", "kl", "--data.captions", "captions.jsonl"],
      ["model.kwargs.num_text_tokens", "is 8", "caption ids", "at least 257"]),
+    # the latents / codes the data becomes against the grid, channels and code depth the model takes
+    ("tiny-monoformer", ["--data.cache", "cache-kl", "--tokenizer.path", "kl", "--model.kwargs.latent_size", "8"],
+     ["`model.kwargs.latent_size` 8", "gives 16x16", "`data.cache`", "what would fit: `model.kwargs.latent_size` 16"]),
+    ("tiny-monoformer", ["--data.folder", "images", "--tokenizer.path", "kl", "--model.kwargs.latent_channels", "3"],
+     ["3 latent channels (`model.kwargs.latent_channels`)", "gives 4", "`model.kwargs.latent_channels` 4"]),
+    ("tiny-transfusion", ["--data.folder", "images", "--tokenizer.path", "kl", "--data.resolution", "16"],
+     ["`model.kwargs.modality_default_shape` [16, 16]", "gives 8x8", "`data.resolution` 16", "stride 2",
+      "`model.kwargs.modality_default_shape` [8, 8]; or `data.resolution` 32"]),
+    ("tiny-dnd", ["--data.folder", "images", "--tokenizer.path", "rq", "--model.kwargs.grid_size", "2"],
+     ["`model.kwargs.grid_size` 2", "gives 4x4", "stride 8", "`model.kwargs.grid_size` 4; or `data.resolution` 16"]),
+    ("tiny-dnd", ["--data.cache", "cache-rq", "--tokenizer.path", "rq", "--model.kwargs.head_positions", "[1]"],
+     ["quantizes 2 depths", "predicts 1 codes", "head_positions"]),
 ])
 def test_data_the_model_cannot_take_is_refused_before_training(data, flat_folder, tmp_path, name, options, words):
     """Refused with the key to change before the model is trained (these failed inside the first step)."""
-    with pytest.raises(train.ConfigError) as info:
+    with pytest.raises(SystemExit, match="^config error: ") as info:
         train_run(name, tmp_path, *under(data, options))
     assert all(word in str(info.value) for word in words), str(info.value)
     assert not (tmp_path / train.LOG_FILE).exists()
@@ -137,3 +149,35 @@ def test_dnd_blocks_after_the_last_head_need_find_unused_parameters_under_ddp(da
     check_idle_blocks(allowed, model, processes=2)
     shipped = load_config("tiny-dnd", ["--data.cache", "x"])  # heads [0, 1] of 2 blocks
     check_idle_blocks(shipped, build_model(shipped, None), processes=2)
+
+
+# the tiny tokenizer configs: each trains, and its run folder is the tokenizer of its tiny generators
+
+
+@pytest.mark.parametrize("tokenizer, generators, extra", [
+    ("tiny-kl", ["tiny-mar", "tiny-transfusion", "tiny-monoformer"], []),
+    ("tiny-rqvae", ["tiny-dnd"], []),
+    ("tiny-vqgan", ["tiny-llamagen"], ["--data.resolution", "16"]),  # tiny-vqgan: 16x16 images as 4x4 codes
+])
+def test_tiny_tokenizer_configs_train_their_generators(data, tmp_path, tokenizer, generators, extra):
+    """2 steps of the tokenizer, then 2 steps of each generator from the images through the tokenizer's
+    training run folder (``--tokenizer.path`` a run: its latest checkpoint's model), with a sample grid."""
+    from safetensors.torch import load_file
+
+    from mmgen_pytorch.training.recipes import load_tokenizer
+
+    images = ["--data.folder", str(data / "images")]
+    losses = train_run(tokenizer, tmp_path / "tokenizer", *images, "--train.steps", "2", "--train.tracker", "none")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    reset_accelerate_state()
+    run_folder = ["--tokenizer.path", str(tmp_path / "tokenizer")]
+    trained = load_file(train.checkpoint_dir(tmp_path / "tokenizer", 2) / "model.safetensors")
+    loaded = load_tokenizer(load_config(generators[0], [*images, *run_folder])).state_dict()
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    for name in generators:
+        out = tmp_path / name
+        losses = train_run(name, out, *images, *run_folder, *extra, "--data.cache", "null", "--train.steps", "2",
+                           "--sample.num", "2", "--train.tracker", "none")
+        reset_accelerate_state()
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), name
+        assert (out / "samples" / "step-0000002.png").is_file(), name

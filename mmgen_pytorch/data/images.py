@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .._utils import (GeneratorLike, as_generator, as_int, check, check_finite_number, check_flag, check_positive_int,
-                      describe)
+                      describe, install_hint)
 from .captions import CaptionsSource, caption_tokenizer, read_captions
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -31,8 +31,8 @@ def pil_image_module():
     try:
         from PIL import Image
     except ImportError as error:
-        raise ImportError("mmgen_pytorch.data needs Pillow to read images: pip install mmgen-pytorch[data] "
-                          "(or pip install pillow)") from error
+        raise ImportError(f"mmgen_pytorch.data needs Pillow to read images: {install_hint('data')} "
+                          f"(or pip install pillow)") from error
     return Image
 
 

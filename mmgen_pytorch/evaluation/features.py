@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, UInt8
 from torch import Tensor, nn
 
-from .._utils import check, check_positive_int, describe, eval_mode
+from .._utils import check, check_positive_int, describe, eval_mode, install_hint
 from ..data.cache import weights_fingerprint
 from ..data.images import images_to_unit, uint8_to_images, unit_to_uint8
 
@@ -161,8 +161,8 @@ def sklearn_module(name: str):
     try:
         return importlib.import_module(f"sklearn.{name}")
     except ImportError as error:
-        raise ImportError("the digits extractor needs scikit-learn: pip install scikit-learn "
-                          "(or pip install mmgen-pytorch[examples])") from error
+        raise ImportError(f"the digits extractor needs scikit-learn: pip install scikit-learn "
+                          f"(or {install_hint('examples')})") from error
 
 
 def digits_split():
@@ -260,8 +260,8 @@ def _torch_fidelity_inception() -> type:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:
-        raise ImportError("the Inception extractor needs torch-fidelity (which needs torchvision): "
-                          "pip install mmgen-pytorch[inception] (or pip install torch-fidelity)") from error
+        raise ImportError(f"the Inception extractor needs torch-fidelity (which needs torchvision): "
+                          f"{install_hint('inception')} (or pip install torch-fidelity)") from error
     return FeatureExtractorInceptionV3
 
 

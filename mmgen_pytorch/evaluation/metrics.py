@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._utils import check, check_positive_int, describe, eval_mode, typechecked
+from .._utils import check, check_positive_int, describe, eval_mode, install_hint, typechecked
 from ..tokenizers import AutoencoderKL
 from .features import FeatureExtractor, check_uint8_images, images_to_uint8, module_device, uint8_to_images
 
@@ -56,8 +56,8 @@ def _torchmetrics(metric: str) -> type:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.inception import InceptionScore
     except ImportError as error:
-        raise ImportError("mmgen_pytorch.evaluation's metrics need torchmetrics: pip install mmgen-pytorch[eval] "
-                          "(or pip install 'torchmetrics>=1.4')") from error
+        raise ImportError(f"mmgen_pytorch.evaluation's metrics need torchmetrics: {install_hint('eval')} "
+                          f"(or pip install 'torchmetrics>=1.4')") from error
     return {"fid": FrechetInceptionDistance, "is": InceptionScore}[metric]
 
 

@@ -49,7 +49,8 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None                # a folder saved by this library (save / save_pretrained)
+    path: Optional[str] = None                # a folder saved by this library (save / save_pretrained), or a
+                                              # tokenizer's training output folder (its latest checkpoint)
     from_official: Optional[str] = None       # an upstream checkpoint, with `kind`
     kind: Optional[Literal["kl", "vq", "rq"]] = None
     official_config: Optional[str] = None     # the preset name from_official takes (KL-16, VQ-16, ...)
@@ -216,18 +217,26 @@ def check_pairs(overrides: Sequence[str]) -> None:
         raise ConfigError(f"overrides must come as `--section.key value` pairs, got {list(overrides)}")
 
 
-def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:
-    return parse_config(apply_overrides(read_config_file(path), overrides))
+def load_config(path: Union[str, Path], overrides: Sequence[str] = (), *, check_values: bool = True) -> Config:
+    """The config of ``path`` with ``overrides``; ``check_values=False``: keys and types checked, the values'
+    ranges and agreement left to :func:`check_config` (``--show`` prints a config that is not complete yet)."""
+    return parse_config(apply_overrides(read_config_file(path), overrides), check_values=check_values)
 
 
 # checking
 
 
-def parse_config(raw: Mapping[str, Any]) -> Config:
+def parse_config(raw: Mapping[str, Any], *, check_values: bool = True) -> Config:
     """A checked :class:`Config` from plain data; :class:`ConfigError` naming the first bad key."""
     config = _build(Config, raw, "")
-    _check_values(config)
+    if check_values:
+        check_config(config)
     return config
+
+
+def check_config(config: Config) -> None:
+    """Every value in range and the sections agreeing with each other; ConfigError naming the first bad key."""
+    _check_values(config)
 
 
 def _build(cls: type, raw: Any, prefix: str):

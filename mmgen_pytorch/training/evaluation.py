@@ -23,8 +23,9 @@ PREFIX = "eval/"
 
 
 def check_eval(config: Config):
-    """The ``eval`` section's files, checked before anything is built: the reference (and, for a
-    tokenizer, that it holds images to reconstruct) and the Inception weights. Returns the reference
+    """The ``eval`` section's files and packages, checked on every process before anything is built (so under
+    DDP every process raises the same error): the reference (and, for a tokenizer, that it holds images to
+    reconstruct), the Inception weights and the extractor's package. Returns the reference
     (:class:`~mmgen_pytorch.evaluation.sources.Reference`), or None when ``eval.every`` is 0."""
     from ..evaluation.features import EXTRACTOR_FEATURES, check_extractor_name
     from ..evaluation.sources import open_reference
@@ -42,10 +43,41 @@ def check_eval(config: Config):
         reference.check_size((resolution, resolution), name=f"the images (`data.resolution` {resolution})")
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
+    check_extractor_installed(spec.extractor)
     if config.model.name in TOKENIZERS and reference.images is None:
         raise ConfigError(f"`eval.reference` {spec.reference!r}: a tokenizer is scored by the rFID of its "
                           f"reconstructions, so the reference must hold images (a folder, or an ADM .npz with arr_0)")
     return reference
+
+
+def check_extractor_installed(name: str) -> None:
+    """A ConfigError naming ``eval.extractor`` when the package its extractor needs cannot be imported."""
+    from ..evaluation.features import _torch_fidelity_inception, sklearn_module
+
+    imports = {"inception": _torch_fidelity_inception, "pca-digits": lambda: sklearn_module("decomposition")}
+    try:
+        imports.get(name, lambda: None)()
+    except ImportError as error:
+        raise ConfigError(f"`eval.extractor` {name}: {error}") from None
+
+
+def evaluation_conditioning(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],
+                            num_classes: Optional[int]):
+    """The class-balanced conditioning a generator is scored on (None for a tokenizer), checked to be one
+    ``model`` (+ ``tokenizer``) can draw: a ConfigError naming ``eval`` otherwise. Cheap: called on every
+    process, before the main process builds the evaluator."""
+    from ..evaluation.sampling import Conditioning
+    from .recipes import sampling_problem
+
+    spec = config.eval
+    if config.model.name in TOKENIZERS:
+        return None
+    conditioning = Conditioning(spec.num_samples, num_classes=num_classes, prompts=None,
+                                max_caption_length=config.data.max_caption_length)
+    problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(spec.num_samples, spec.batch_size))))
+    if problem is not None:
+        raise ConfigError(f"`eval`: the model cannot draw the evaluation images: {problem}")
+    return conditioning
 
 
 class TrainingEvaluator:
@@ -85,24 +117,16 @@ class TrainingEvaluator:
         return {"rfid": reconstruction_fid(held_out, tokenizer, self.extractor)}
 
 
-def build_evaluator(config: Config, reference: Any, model: nn.Module, tokenizer: Optional[nn.Module],
-                    num_classes: Optional[int], device: torch.device) -> TrainingEvaluator:
-    """The extractor on ``device``; for a generator, also the reference statistics and a check that
-    ``model`` (+ ``tokenizer``) can draw the class-balanced conditioning (ConfigError naming ``eval``)."""
+def build_evaluator(config: Config, reference: Any, conditioning: Any, device: torch.device) -> TrainingEvaluator:
+    """The extractor on ``device``; for a generator (``conditioning`` from :func:`evaluation_conditioning`),
+    also the reference statistics. Run on the main process, after the checks every process ran."""
     from ..evaluation.features import build_extractor
     from ..evaluation.metrics import computable_metrics
-    from ..evaluation.sampling import Conditioning
-    from .recipes import sampling_problem
 
     spec = config.eval
     extractor = build_extractor(spec.extractor, inception_weights=spec.inception_weights, device=device)
-    if config.model.name in TOKENIZERS:
+    if conditioning is None:
         return TrainingEvaluator(config=config, reference=reference, extractor=extractor)
-    conditioning = Conditioning(spec.num_samples, num_classes=num_classes, prompts=None,
-                                max_caption_length=config.data.max_caption_length)
-    problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(spec.num_samples, spec.batch_size))))
-    if problem is not None:
-        raise ConfigError(f"`eval`: the model cannot draw the evaluation images: {problem}")
     stats = reference.stats(extractor, resolution=config.data.resolution, batch_size=spec.batch_size)
     metrics, reasons = computable_metrics(extractor, stats, spec.num_samples)
     for reason in (*reference.notes, *reasons):

@@ -17,8 +17,10 @@ image dataset, ``moments`` (KL) or ``codes`` (VQ / RQ) from a cache, ``label`` (
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ from ..data import sample_latent
 from .._utils import check
 from ..data.cache import TOKENIZER_KINDS as CACHED_FIELDS, encode_images
 from ..data.images import images_to_unit, unit_to_uint8
+from ..files import CheckpointMismatchError
 from .config import GENERATORS, TOKENIZER_KINDS, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
@@ -42,12 +45,19 @@ def byte_tokenizer(text: str) -> List[int]:
 
 
 def load_tokenizer(config: Config) -> Optional[nn.Module]:
-    """The frozen tokenizer of ``config.tokenizer`` (None when none is given), in eval mode."""
+    """The frozen tokenizer of ``config.tokenizer`` (None when none is given), in eval mode. ``tokenizer.path``:
+    a saved model folder, or a tokenizer's training output folder (its latest checkpoint's model weights)."""
     from ..saving import load_model
+    from ..train import saved_model_folder
 
     spec = config.tokenizer
     if spec.path is not None:
-        tokenizer = load_model(spec.path)
+        try:
+            folder, _ = saved_model_folder(spec.path, name="`tokenizer.path`")
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
+        with _naming("tokenizer.path", spec.path):  # a truncated or mismatched weights file
+            tokenizer = load_model(folder)
     elif spec.from_official is not None:
         tokenizer = TOKENIZER_CLASSES[spec.kind].from_official(spec.from_official, config=spec.official_config)
     else:
@@ -88,14 +98,29 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
 
     data = config.data
     if data.cache is not None:
-        check_cache_kind(config, read_manifest(Path(data.cache)))  # before the tokenizer's fingerprint is compared
-        return CachedDataset(data.cache, tokenizer=tokenizer, flip=data.random_flip)
+        with _naming("data.cache", data.cache):
+            check_cache_kind(config, read_manifest(Path(data.cache)))  # before the tokenizer's fingerprint is compared
+            return CachedDataset(data.cache, tokenizer=tokenizer, flip=data.random_flip)
     captions = dict(tokenizer=byte_tokenizer, max_caption_length=data.max_caption_length) if data.captions else {}
     if data.folder is not None:
-        return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
-                                  captions=data.captions, **captions)
-    return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
-                          random_flip=data.random_flip)
+        with _naming("data.folder", data.folder):
+            return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
+                                      captions=data.captions, **captions)
+    with _naming("data.hf", data.hf):
+        return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
+                              random_flip=data.random_flip)
+
+
+@contextmanager
+def _naming(key: str, value: Any):
+    """Refusals of what ``key`` names (a missing folder, no images, a bad captions file, a tokenizer's bad
+    weights file) as ConfigErrors naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, CheckpointMismatchError) as error:
+        raise ConfigError(f"`{key}` {value!r}: {error}") from error
 
 
 def check_cache_kind(config: Config, manifest: dict) -> None:
@@ -165,6 +190,119 @@ def _check_labels(name: str, model: nn.Module, labels: Tensor) -> None:
             raise ConfigError(f"{name} (c2i) trains on class labels, but the data has none (a flat folder): give "
                               f"a folder of class sub-folders")
         _check_bound(labels, model.prefix_embed.num_classes, "model.kwargs.num_classes", "class labels")
+
+
+# what one image becomes (the tokenizer's latents or codes, or the image itself), against what the model takes
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """What one image is for a generator: ``grid`` positions ``(h, w)``, ``channels`` (KL latents, pixels; None
+    for codes), and where it comes from (for messages)."""
+    grid: Tuple[int, int]
+    channels: Optional[int]
+    origin: str
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Which ``model.kwargs`` set the grid and channels a generator takes, how they give the grid, and the
+    values of those keys that would take a given grid (``fit(arguments, grid, tokenizer stride or None)``)."""
+    grid_keys: Tuple[str, ...]
+    grid: Callable[[dict], Any]            # constructor arguments -> an int, an (h, w) pair or None (any)
+    fit: Callable[[dict, Tuple[int, int], Optional[int]], dict]
+    channels_key: Optional[str] = None
+
+
+def _pair(value) -> Optional[Tuple[int, int]]:
+    if value is None:
+        return None
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _fit_mar(arguments: dict, grid: Tuple[int, int], stride: Optional[int]) -> dict:
+    vae_stride = stride or arguments["vae_stride"]
+    return dict(img_size=grid[0] * vae_stride, vae_stride=vae_stride)
+
+
+def _fit_side(key: str) -> Callable[[dict, Tuple[int, int], Optional[int]], dict]:
+    return lambda arguments, grid, stride: {key: grid[0] if grid[0] == grid[1] else list(grid)}
+
+
+MODEL_GRIDS: Dict[str, ModelGrid] = {
+    "MAR": ModelGrid(("img_size", "vae_stride"), lambda a: a["img_size"] // a["vae_stride"], _fit_mar,
+                     "vae_embed_dim"),
+    "LlamaGen": ModelGrid(("grid_size",), lambda a: a["grid_size"], _fit_side("grid_size")),
+    "DnDTransformer": ModelGrid(("grid_size",), lambda a: a["grid_size"], _fit_side("grid_size")),
+    "MonoFormer": ModelGrid(("latent_size",), lambda a: a["latent_size"], _fit_side("latent_size"), "latent_channels"),
+    "Transfusion": ModelGrid(("modality_default_shape",), lambda a: a["modality_default_shape"],
+                             lambda a, grid, stride: dict(modality_default_shape=list(grid)), "dim_latent"),
+}
+
+
+def _kwargs(values: dict) -> str:
+    return ", ".join(f"`model.kwargs.{key}` {value}" for key, value in values.items())
+
+
+def data_latents(config: Config, tokenizer: Optional[nn.Module], dataset) -> LatentGrid:
+    """What one image of the data is for the model: a cache's stored latents / codes (their shape), the
+    tokenizer's latents of a ``data.resolution`` image, or the image itself."""
+    resolution = config.data.resolution
+    if config.data.cache is not None:
+        from safetensors import safe_open
+
+        field = dataset.manifest["field"]
+        with safe_open(str(dataset.paths[0]), "pt") as handle:  # [items, views, *one item's]
+            shape = tuple(handle.get_slice(field).get_shape()[2:])
+        channels = shape[0] // 2 if field == "moments" else None
+        grid = shape[1:3] if field == "moments" else shape[:2]
+        return LatentGrid(grid, channels, f"`data.cache` {config.data.cache!r} ({field} of "
+                                          f"{'x'.join(map(str, grid))}{f' x {channels} channels' if channels else ''})")
+    if tokenizer is None:
+        return LatentGrid((resolution, resolution), 3, f"the images themselves (`data.resolution` {resolution}, "
+                                                       f"3 channels, no tokenizer)")
+    stride = tokenizer.downsample_factor
+    channels = tokenizer.config.embed_dim if isinstance(tokenizer, TOKENIZER_CLASSES["kl"]) else None  # codes: none
+    if resolution % stride:
+        raise ConfigError(f"`data.resolution` {resolution} is not a multiple of the tokenizer's stride {stride} "
+                          f"({type(tokenizer).__name__} from `tokenizer`): use {resolution // stride * stride or stride}"
+                          f" or {(resolution // stride + 1) * stride}")
+    size = resolution // stride
+    what = f"{size}x{size}" + (f" x {channels} channels" if channels else " codes")
+    return LatentGrid((size, size), channels, f"`data.resolution` {resolution} through the tokenizer's stride "
+                                              f"{stride} ({type(tokenizer).__name__}: {what})")
+
+
+def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Module], dataset) -> None:
+    """The grid and channels of what the data becomes (:func:`data_latents`) against those the model's
+    ``model.kwargs`` set (:data:`MODEL_GRIDS`), and a code model's vocabulary / code depth against the
+    tokenizer's codebook: a ConfigError naming the keys and what would fit, before any step."""
+    from ..saving import constructor_arguments
+
+    name = config.model.name
+    if name not in MODEL_GRIDS:
+        return
+    spec, arguments = MODEL_GRIDS[name], constructor_arguments(model)
+    data = data_latents(config, tokenizer, dataset)
+    stride = getattr(tokenizer, "downsample_factor", None) if config.data.cache is None else None
+    grid = _pair(spec.grid(arguments))
+    if grid is not None and grid != data.grid:
+        given = _kwargs({key: arguments[key] for key in spec.grid_keys})
+        also = f"; or `data.resolution` {grid[0] * stride}" if stride and grid[0] == grid[1] else ""
+        raise ConfigError(f"{name} takes a {grid[0]}x{grid[1]} grid ({given}), but the data gives "
+                          f"{data.grid[0]}x{data.grid[1]}: {data.origin}; what would fit: "
+                          f"{_kwargs(spec.fit(arguments, data.grid, stride))}{also}")
+    channels = arguments.get(spec.channels_key) if spec.channels_key else None
+    if isinstance(channels, int) and data.channels is not None and channels != data.channels:
+        raise ConfigError(f"{name} takes {channels} latent channels (`model.kwargs.{spec.channels_key}`), but the "
+                          f"data gives {data.channels}: {data.origin}; what would fit: "
+                          f"{_kwargs({spec.channels_key: data.channels})}")
+    heads = getattr(model, "code_heads", None)
+    if heads is not None and tokenizer is not None:
+        try:
+            heads.check_tokenizer(tokenizer)
+        except ValueError as error:
+            raise ConfigError(f"`model.kwargs` against `tokenizer`: {error}") from None
 
 
 def check_idle_blocks(config: Config, model: nn.Module, processes: int) -> None:
