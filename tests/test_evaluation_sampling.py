@@ -184,6 +184,26 @@ def test_other_settings_into_a_sampled_folder_are_refused_before_drawing(llamage
     assert drawn == []
 
 
+def test_a_run_that_failed_before_its_first_image_does_not_bind_the_rerun(llamagen, straight, tmp_path, monkeypatch):
+    """The model fails in the first batch: sampling.json is left without images, and a rerun with other settings
+    replaces it; once an image is written, other settings are refused again."""
+    counting_draws(monkeypatch, fail_after=0)
+    with pytest.raises(Interrupt):
+        draw(llamagen, tmp_path, cfg=3.0)
+    assert json.loads((tmp_path / "sampling.json").read_text())["options"]["cfg"] == 3.0
+    assert png_bytes(tmp_path) == {}
+    counting_draws(monkeypatch, fail_after=1)
+    with pytest.raises(Interrupt):
+        draw(llamagen, tmp_path)  # cfg 2.0 now: allowed, and recorded
+    assert json.loads((tmp_path / "sampling.json").read_text())["options"]["cfg"] == 2.0
+    assert sorted(png_bytes(tmp_path)) == ["000000.png", "000001.png"]
+    with pytest.raises(ValueError, match=r"other settings .*'cfg': 2\.0.*'cfg': 3\.0"):
+        draw(llamagen, tmp_path, cfg=3.0)
+    counting_draws(monkeypatch)
+    draw(llamagen, tmp_path)
+    assert png_bytes(tmp_path) == png_bytes(straight[0])
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(num=0), ValueError, "`num` must be a positive int, got 0"),
     (dict(batch_size=True), TypeError, "`batch_size` must be a positive int"),

@@ -7,7 +7,8 @@ The images are cut into global batches ``[k * batch_size, (k + 1) * batch_size)`
 one process or several and whether it was interrupted and resumed (on one kind of device: GPU kernels may
 differ between cards). A batch whose PNGs all exist is skipped; each PNG appears under its name only once
 written in full. The settings of a run are kept in ``sampling.json``; a run into a folder written with other
-settings is refused before any image is drawn.
+settings is refused before any image is drawn (a ``sampling.json`` left by a run that failed before its first
+image is replaced).
 
 Layout of the output folder::
 
@@ -190,30 +191,46 @@ def _as_json(value: Dict[str, Any], name: str) -> Dict[str, Any]:
 
 def check_settings(out_dir: PathLike, settings: Mapping[str, Any]) -> None:
     """A folder with images must have been written with ``settings``: a :class:`ValueError` naming the
-    settings that differ (or the images without a ``sampling.json``)."""
+    settings that differ (or the images without a ``sampling.json``). A ``sampling.json`` without any image
+    (a run that failed before its first image) binds nothing: :func:`write_settings` replaces it."""
     folder = Path(out_dir)
     check(not folder.exists() or folder.is_dir(), f"`out_dir` {str(folder)!r} is a file, not a folder",
           error=NotADirectoryError)
     file = folder / SETTINGS_FILE
+    image = first_image(folder)
     if not file.is_file():
-        images = sorted((folder / IMAGES_DIR).glob("*.png"))[:1]
-        check(not images, f"`out_dir` {str(folder)!r} holds images ({images[0].name if images else ''}, ...) but no "
-                          f"{SETTINGS_FILE}: not a folder written by sample_images; choose another")
+        check(image is None, f"`out_dir` {str(folder)!r} holds images ({image.name if image else ''}, ...) but no "
+                             f"{SETTINGS_FILE}: not a folder written by sample_images; choose another")
         return
+    changed = changed_settings(file, settings)
+    check(not changed or image is None,
+          f"`out_dir` {str(folder)!r} was sampled with other settings ({str(file)!r}): "
+          + "; ".join(f"{key}: {there!r} there, {now!r} now" for key, (there, now) in changed.items())
+          + f". Resume with the same settings, or choose another `out_dir` (or delete its {IMAGES_DIR}/ and "
+            f"{SETTINGS_FILE} to start over)")
+
+
+def first_image(folder: Path) -> Optional[Path]:
+    """A PNG written in full under ``folder/images`` (partial writes end in ``.tmp``), or None."""
+    return next((folder / IMAGES_DIR).glob("*.png"), None)
+
+
+def changed_settings(file: Path, settings: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (in file, in settings)}`` for each setting that differs."""
     from ..files import read_json_file
 
     saved = read_json_file(file)
-    changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
-    check(not changed, f"`out_dir` {str(folder)!r} was sampled with other settings ({str(file)!r}): "
-                       + "; ".join(f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
-                       + ". Resume with the same settings, or choose another `out_dir`")
+    return {key: (saved.get(key), settings.get(key)) for key in sorted(set(saved) | set(settings))
+            if saved.get(key) != settings.get(key)}
 
 
 def write_settings(out_dir: PathLike, settings: Mapping[str, Any], rank: int) -> None:
+    """``sampling.json``, unless it holds ``settings`` already (:func:`check_settings` allowed any other
+    only in a folder without images)."""
     folder = Path(out_dir)
     (folder / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     file = folder / SETTINGS_FILE
-    if not file.is_file():  # processes may race here: each through its own temporary file, same content
+    if not file.is_file() or changed_settings(file, settings):  # processes may race: each its own temporary
         text = json.dumps(settings, indent=2) + "\n"
         write_atomically(file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), tmp_suffix=f".{rank}.tmp")
 
