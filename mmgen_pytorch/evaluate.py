@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Sequence
 from . import sample
 
 METRICS_FILE = "metrics.json"
+DEFAULT_EXTRACTOR = "inception"
 IS_SPLITS = 10
 LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall"}
 
@@ -37,14 +38,15 @@ LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.features import EXTRACTORS
+    from .evaluation.features import EXTRACTOR_USES, EXTRACTORS
 
     parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("generated", help="a sample folder, an ADM .npz, an image folder, or a run / model folder")
     parser.add_argument("--reference", required=True,
                         help="an image folder, an ADM reference .npz (arr_0 and / or mu, sigma) or saved statistics")
-    parser.add_argument("--extractor", default="inception", choices=EXTRACTORS,
-                        help="the feature space: inception (published numbers), pca-digits, tiny (tests only)")
+    parser.add_argument("--extractor", choices=EXTRACTORS,
+                        help="the feature space (default: inception): " + ", ".join(f"{name} ({use})" for name, use
+                                                                                  in EXTRACTOR_USES.items()))
     parser.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception weights file")
     parser.add_argument("--reference-cache", help="an image-folder reference's statistics: read from this .npz "
                                                   "when it exists, else computed and written there")
@@ -78,9 +80,11 @@ def is_model_folder(path: Path) -> bool:
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     """Every argument checked, nothing loaded but configs and file headers."""
     from ._utils import check, check_positive_int
-    from .evaluation.features import EXTRACTOR_FEATURES, check_extractor_name
+    from .evaluation.features import EXTRACTOR_FEATURES, check_extractor_installed, check_extractor_name
     from .evaluation.sources import open_generated, open_reference
 
+    by_default, args.extractor = args.extractor is None, args.extractor or DEFAULT_EXTRACTOR
+    check_extractor_installed(args.extractor, option="--extractor", by_default=by_default)  # before reading images
     check_extractor_name(args.extractor, inception_weights=args.inception_weights, option="--extractor",
                          weights_option="--inception-weights")
     if args.inception_weights is not None:
@@ -192,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = parser.parse_args(argv)
     try:
         plan = check_arguments(args, parser)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
         raise SystemExit(f"evaluate: {error}") from None
     report = score(plan, args)
     if not report:

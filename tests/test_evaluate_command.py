@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,25 @@ def test_bad_arguments_are_refused_before_loading(scored_run, llamagen_run, refe
     with pytest.raises(SystemExit, match=words):
         evaluate.main(argv if "--extractor" in argv else [*argv, "--extractor", "tiny"])
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "partial" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flags, module, words", [
+    ([], "torch_fidelity", r"^evaluate: `--extractor` inception \(the default\): the Inception extractor needs "
+                           r"torch-fidelity.*mmgen-pytorch\[inception\].*; or choose `--extractor` pca-digits .*tiny"),
+    (["--extractor", "pca-digits"], "sklearn.decomposition",
+     r"^evaluate: `--extractor` pca-digits: the digits extractor needs scikit-learn.*; or choose `--extractor` "
+     r"inception .*tiny"),
+])
+def test_a_missing_extractor_package_is_one_line_before_any_image_is_read(scored_run, reference, monkeypatch,
+                                                                          flags, module, words):
+    def not_read(*args, **kwargs):
+        raise AssertionError("read images before checking the extractor's packages")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as when not installed
+    monkeypatch.setattr(sources, "open_generated", not_read)
+    monkeypatch.setattr(sources, "open_reference", not_read)
+    with pytest.raises(SystemExit, match=words) as raised:
+        evaluate.main([str(scored_run[0]), "--reference", str(reference), *flags])
+    assert "\n" not in str(raised.value)
 
 
 # metrics during training
