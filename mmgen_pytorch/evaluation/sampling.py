@@ -37,7 +37,8 @@ from .._utils import as_int, check, check_finite_number, check_positive_int, des
 from ..guidance import check_cfg_scale, check_cfg_schedule
 from ..saving import write_atomically
 from ..data.images import unit_to_uint8
-from ..training.recipes import Batch, byte_tokenizer, class_count, generate_images, sampling_problem
+from ..training.recipes import (TEXT_MODELS, Batch, byte_tokenizer, class_count, generate_images, model_name,
+                                sampling_problem)
 from .adm_npz import save_adm_npz_from_pngs
 
 PathLike = Union[str, os.PathLike]
@@ -291,12 +292,21 @@ def checked_sampling(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: 
                                  max_caption_length=max_caption_length, options=options, record=record)
     check(not num_classes or classes is None or num_classes <= classes,
           f"`num_classes` {num_classes}: the model has {classes} classes; give at most {classes} (default: all)")
+    tokens = text_tokens(model)
+    check(not num_classes or tokens is None or num_classes <= tokens,
+          f"`num_classes` {num_classes}: {model_name(model)} takes a class label as a one-token text, and its texts "
+          f"have {tokens} tokens; give at most {tokens}")
     conditioning = Conditioning(num, num_classes=num_classes, prompts=prompts, max_caption_length=max_caption_length)
     problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(num, batch_size))))
     unconditional = " (`num_classes` 0 asks for unconditional images)" if num_classes == 0 else ""
     check(problem is None, f"`model`: {problem}{unconditional}")
     check_settings(out_dir, settings)
     return settings, conditioning
+
+
+def text_tokens(model: nn.Module) -> Optional[int]:
+    """The text vocabulary of a Transfusion / MonoFormer (its class labels are text ids); None for the others."""
+    return model.vocab.num_text_tokens if model_name(model) in TEXT_MODELS else None
 
 
 def _draw_shard(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: Path, conditioning: Conditioning,
