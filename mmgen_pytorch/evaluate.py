@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import sample
 
@@ -101,23 +101,40 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                                     "into (rerunning resumes it)")
         args.source = args.generated
         source, settings = sample.check_flags(args)
-        if source.config is not None:  # a run folder: its images' size is known before sampling
-            size = (source.config.data.resolution,) * 2
-            drawn = f"SOURCE's images (data.resolution {size[0]})"
-            reference.check_size(size, name=drawn)
-            check_extractor_name(args.extractor, option="--extractor", image_size=size, images=drawn)
+        if source.config is not None:  # a run folder: its images' size is known before loading (a saved model
+            size = (source.config.data.resolution,) * 2  # folder's once loaded: score checks it before drawing)
+            check_image_size(args, reference, size, f"SOURCE's images (data.resolution {size[0]})")
         return Plan(reference, Path(args.out) / METRICS_FILE, source=source, settings=settings)
     given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
              if dest not in SCORING_DESTS and value != parser.get_default(dest)]
     check(not given, f"{', '.join(given)}: sampling flags, but GENERATED {args.generated!r} holds images already "
                      f"(they apply to a run / model folder)")
     generated = open_generated(generated_path)
-    reference.check_size(generated.size)
-    check_extractor_name(args.extractor, option="--extractor", image_size=generated.size,
-                         images=f"the images of GENERATED {args.generated!r}")
+    check_image_size(args, reference, generated.size, f"the images of GENERATED {args.generated!r}")
     folder = Path(args.out) if args.out is not None else (generated.path.parent if generated.path.is_file()
                                                           else generated.path)
     return Plan(reference, folder / METRICS_FILE, generated=generated)
+
+
+def check_image_size(args: argparse.Namespace, reference: Any, size: Tuple[int, int], images: str) -> None:
+    """``images`` of ``size`` ``(H, W)`` must suit the reference and the extractor (errors name ``images``)."""
+    from .evaluation.features import check_extractor_name
+
+    reference.check_size(size, name=images)
+    check_extractor_name(args.extractor, option="--extractor", image_size=size, images=images)
+
+
+def size_check_before_drawing(args: argparse.Namespace, plan: Plan) -> Callable[[Optional[Tuple[int, int]]], None]:
+    """What ``sample.draw`` calls with the size the loaded model draws, before its first image: a one-line
+    ``evaluate: ...`` exit when the reference or the extractor does not take it."""
+    def check_drawn(size: Optional[Tuple[int, int]]) -> None:
+        if size is None:  # the model fixes no size: checked once drawn
+            return
+        try:
+            check_image_size(args, plan.reference, size, f"SOURCE's images (the model draws {size[1]}x{size[0]})")
+        except ValueError as error:
+            raise SystemExit(f"evaluate: {error}") from None
+    return check_drawn
 
 
 # scoring
@@ -131,13 +148,13 @@ def score(plan: Plan, args: argparse.Namespace) -> Dict[str, Any]:
     device = sample.device_for(args.device)
     extractor = build_extractor(args.extractor, inception_weights=args.inception_weights, device=device)
     if plan.source is not None:  # sampled after the extractor loaded: a missing Inception fails first
-        sample.draw(args, plan.source, plan.settings)
+        sample.draw(args, plan.source, plan.settings, check_size=size_check_before_drawing(args, plan))
         if int(os.environ.get("RANK", "0")) != 0:
             return {}
         from .evaluation.sources import open_generated
 
         plan.generated = open_generated(args.out, name="--out")
-        plan.reference.check_size(plan.generated.size)
+        plan.reference.check_size(plan.generated.size)  # what was drawn (a model that fixes no size: first here)
     generated = plan.generated
     resolution = generated.size[0]
     resized = plan.reference.resize_notes(resolution)

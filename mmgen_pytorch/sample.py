@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .training.config import GENERATORS, NEEDS_TOKENIZER, Config
 
@@ -262,8 +262,8 @@ def _say_settings(chosen: Dict[str, Tuple[Any, str]], conditioning: str) -> None
     """One line on stderr (rank 0): each sampler option set and where it comes from, and the conditioning."""
     if int(os.environ.get("RANK", "0")) == 0:
         options = [f"{name} {value} ({origin})" for name, (value, origin) in chosen.items()]
-        print(f"sample: {', '.join(options + ['the other sampler options their defaults'])}; conditioning: "
-              f"{conditioning}", file=sys.stderr)
+        print(f"sample: sampler options {', '.join(options) or 'none set'} (the others: the sampler's defaults); "
+              f"conditioning: {conditioning}", file=sys.stderr)
 
 
 def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
@@ -362,10 +362,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     return draw(args, source, settings)
 
 
-def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> Optional[Path]:
+def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any],
+         check_size: Optional[Callable[[Optional[Tuple[int, int]]], None]] = None) -> Optional[Path]:
     """Load the checked source and draw into ``args.out`` (this process's shard under torchrun); the
-    ``.npz`` on rank 0, None on the other ranks."""
-    from .evaluation.sampling import IMAGES_DIR, checked_sampling, sample_images
+    ``.npz`` on rank 0, None on the other ranks. ``check_size``: called with the ``(H, W)`` the model will
+    draw (None when it fixes none) once loaded, before any image is drawn."""
+    from .evaluation.sampling import IMAGES_DIR, checked_sampling, drawn_size, sample_images
 
     device = device_for(args.device)
     started = _init_distributed()
@@ -377,6 +379,8 @@ def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> 
             checked_sampling(model, tokenizer, args.out, record=record, **settings)
         except (ValueError, TypeError) as error:
             raise SystemExit(f"sample: {error}") from None
+        if check_size is not None:
+            check_size(drawn_size(model, tokenizer))
         npz = sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)
         if npz is not None:
             print(f"sample: wrote {settings['num']} images to {Path(args.out) / IMAGES_DIR} and {npz}")

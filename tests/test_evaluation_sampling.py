@@ -249,6 +249,26 @@ def test_mar_and_transfusion_draw_class_balanced_images(tmp_path):
     assert not (tmp_path / "too-many").exists()
 
 
+@pytest.mark.parametrize("name, kind", [("tiny-mar", "kl"), ("tiny-llamagen", "vq"), ("tiny-dnd", "rq"),
+                                        ("tiny-transfusion", "kl"), ("tiny-monoformer", "kl"), ("pixels", None)])
+def test_drawn_size_is_the_size_of_a_drawn_image(name, kind):
+    """What evaluate checks against the reference before drawing: the size one drawn image has."""
+    import mmgen_pytorch
+    from _helpers import tiny_tokenizer
+
+    torch.manual_seed(0)
+    if name == "pixels":
+        model = Transfusion(num_text_tokens=257, dim_latent=3, modality_default_shape=(4, 6),
+                            transformer=dict(dim=32, depth=1, heads=2)).eval()
+    else:
+        config = yaml.safe_load((ROOT / "mmgen_pytorch" / "configs" / f"{name}.yaml").read_text())["model"]
+        model = getattr(mmgen_pytorch, config["name"])(**config["kwargs"]).eval()
+    tokenizer = tiny_tokenizer(kind) if kind else None
+    steps = {} if name in ("tiny-llamagen", "tiny-dnd") else dict(steps=1)
+    image = GENERATE_IMAGES(model, tokenizer, {"label": torch.tensor([0])}, generator=0, **steps)
+    assert sampling.drawn_size(model, tokenizer) == tuple(image.shape[-2:])
+
+
 def test_prompts_from_text_and_json_lines(tmp_path):
     (tmp_path / "p.txt").write_text("a red square\n\n  a blue circle  \n")
     assert sampling.read_prompts(tmp_path / "p.txt") == ["a red square", "  a blue circle  "]

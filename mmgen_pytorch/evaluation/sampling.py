@@ -304,6 +304,25 @@ def checked_sampling(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: 
     return settings, conditioning
 
 
+def drawn_size(model: nn.Module, tokenizer: Optional[nn.Module]) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of the images :func:`generate_images` draws with ``model`` and ``tokenizer``, from their
+    configuration (nothing is drawn); None where the model fixes none (a Transfusion without a default shape)."""
+    name = model_name(model)
+    if name == "MAR":
+        return (model.img_size,) * 2
+    factor = tokenizer.downsample_factor if tokenizer is not None else 1
+    if name in ("LlamaGen", "DnDTransformer"):
+        grid = (model.grid_size,) * 2
+    elif name == "MonoFormer":
+        grid = tuple(model.latent_shape[1:])
+    else:  # Transfusion: latents [h, w, c]; an encoder / decoder wrapper keeps the latent shape as `inner`'s
+        spec = model.modalities[0]
+        grid = getattr(spec, "inner", spec).default_shape
+        if grid is None or len(grid) != 2:
+            return None
+    return grid[0] * factor, grid[1] * factor
+
+
 def text_tokens(model: nn.Module) -> Optional[int]:
     """The text vocabulary of a Transfusion / MonoFormer (its class labels are text ids); None for the others."""
     return model.vocab.num_text_tokens if model_name(model) in TEXT_MODELS else None
