@@ -249,8 +249,11 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise ValueError(f"--num-classes: the run trained {source.model_name} on {where}, which cannot be read "
                          f"now to count its classes ({error}); give --num-classes C (0: unconditional)") from None
+    if has_captions(dataset):
+        return None, f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw from " \
+                     f"captions)"
     count = num_classes(source.config, dataset)
-    if count is None and not has_captions(dataset):
+    if count is None:
         labels = dataset_labels(dataset)
         count = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else None
     if count:

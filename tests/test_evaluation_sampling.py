@@ -353,14 +353,16 @@ def test_command_takes_the_runs_sample_section_unless_a_flag_is_given(run_dir, l
 
 @pytest.fixture(scope="module")
 def transfusion_runs(tmp_path_factory):
-    """Tiny Transfusion runs (untrained) on the 3 class folders of coloured squares and on the flat folder of
-    one of them, and the model (the same weights in both)."""
+    """Tiny Transfusion runs (untrained) on the 3 class folders of coloured squares, on the flat folder of one
+    of them and on the captions of the squares, and the model (the same weights in all)."""
     from _helpers import fake_run, write_colour_folder
 
     root = tmp_path_factory.mktemp("transfusion")
     images = write_colour_folder(root / "data")
     model = fake_run(root / "classes", "tiny-transfusion", "--data.folder", str(images))
     fake_run(root / "flat", "tiny-transfusion", "--data.folder", str(images / "class0"))
+    fake_run(root / "captions", "tiny-transfusion", "--data.folder", str(images), "--data.captions",
+             str(root / "data" / "captions.jsonl"))
     return root, model
 
 
@@ -385,6 +387,9 @@ def test_a_transfusion_run_on_class_folders_samples_class_balanced_by_default(tr
     main([str(root / "flat" / "run"), *argv, str(tmp_path / "flat")])
     assert json.loads((tmp_path / "flat" / "sampling.json").read_text())["conditioning"] == "none"
     assert "unconditional (the run's data.folder" in capsys.readouterr().err
+    main([str(root / "captions" / "run"), *argv, str(tmp_path / "captions")])
+    assert json.loads((tmp_path / "captions" / "sampling.json").read_text())["conditioning"] == "none"
+    assert "unconditional (the run trained on the captions of data.folder" in capsys.readouterr().err
 
 
 def test_a_transfusion_run_whose_data_is_gone_asks_for_num_classes_before_loading(transfusion_runs, tmp_path,
