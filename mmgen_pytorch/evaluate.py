@@ -13,7 +13,8 @@ images (resized and centre-cropped to the generated size, said in the output and
 ``--reference-cache FILE`` keeps its statistics for that size and folder only), an ADM
 reference ``.npz`` (images ``arr_0`` and / or precomputed ``mu`` / ``sigma``: FID only without images) or
 statistics saved by this library. ``metrics.json`` goes into ``--out`` (default: GENERATED's folder).
-Every argument is checked before the extractor or any model is loaded.
+Every argument is checked before the extractor or any model is loaded (the extractor's packages first; a saved
+model folder's image size once the model is loaded, before any image is drawn).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ is used too), whose tokenizer ``--tokenizer`` names (a folder saved by this libr
 an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. A run's
 ``sample:`` section gives ``--cfg`` / ``--temperature`` / ``--steps`` where neither does. Class-conditional
 models draw class-balanced images over their classes; a Transfusion / MonoFormer run over its data's classes
-(fed to it as one-token texts), unconditionally when its data had none. stderr says where each setting came from. Every
-flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
-``sampling.json`` is written only once all checks passed. Rerunning the same command resumes: written images are kept.
+(fed to it as one-token texts), unconditionally when its data had none; stderr says where each setting came
+from. Every flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
+``sampling.json`` is written only once all checks passed. Rerunning the same command resumes: written images are kept;
+a run that failed before its first image may be rerun with other settings.
 Under torchrun, spell ``--num`` as ``--num-images``: torchrun's parser reads ``--num`` as an ambiguous
 abbreviation of its own ``--numa-binding`` and stops.
 """
@@ -250,8 +251,8 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
         raise ValueError(f"--num-classes: the run trained {source.model_name} on {where}, which cannot be read "
                          f"now to count its classes ({error}); give --num-classes C (0: unconditional)") from None
     if has_captions(dataset):
-        return None, f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw from " \
-                     f"captions)"
+        return None, (f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw "
+                      f"from captions)")
     count = num_classes(source.config, dataset)
     if count is None:
         labels = dataset_labels(dataset)
