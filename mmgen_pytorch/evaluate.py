@@ -13,7 +13,8 @@ images (resized and centre-cropped to the generated size, said in the output and
 ``--reference-cache FILE`` keeps its statistics for that size and folder only), an ADM
 reference ``.npz`` (images ``arr_0`` and / or precomputed ``mu`` / ``sigma``: FID only without images) or
 statistics saved by this library. ``metrics.json`` goes into ``--out`` (default: GENERATED's folder).
-Every argument is checked before the extractor or any model is loaded.
+Every argument is checked before the extractor or any model is loaded (the extractor's packages first; a saved
+model folder's image size once the model is loaded, before any image is drawn).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import sample
 
 METRICS_FILE = "metrics.json"
+DEFAULT_EXTRACTOR = "inception"
 IS_SPLITS = 10
 LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall"}
 
@@ -37,14 +39,15 @@ LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.features import EXTRACTORS
+    from .evaluation.features import EXTRACTOR_USES, EXTRACTORS
 
     parser = argparse.ArgumentParser(prog="python -m mmgen_pytorch.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("generated", help="a sample folder, an ADM .npz, an image folder, or a run / model folder")
     parser.add_argument("--reference", required=True,
                         help="an image folder, an ADM reference .npz (arr_0 and / or mu, sigma) or saved statistics")
-    parser.add_argument("--extractor", default="inception", choices=EXTRACTORS,
-                        help="the feature space: inception (published numbers), pca-digits, tiny (tests only)")
+    parser.add_argument("--extractor", choices=EXTRACTORS,
+                        help="the feature space (default: inception): " + ", ".join(f"{name} ({use})" for name, use
+                                                                                  in EXTRACTOR_USES.items()))
     parser.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception weights file")
     parser.add_argument("--reference-cache", help="an image-folder reference's statistics: read from this .npz "
                                                   "when it exists, else computed and written there")
@@ -78,9 +81,11 @@ def is_model_folder(path: Path) -> bool:
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     """Every argument checked, nothing loaded but configs and file headers."""
     from ._utils import check, check_positive_int
-    from .evaluation.features import EXTRACTOR_FEATURES, check_extractor_name
+    from .evaluation.features import EXTRACTOR_FEATURES, check_extractor_installed, check_extractor_name
     from .evaluation.sources import open_generated, open_reference
 
+    by_default, args.extractor = args.extractor is None, args.extractor or DEFAULT_EXTRACTOR
+    check_extractor_installed(args.extractor, option="--extractor", by_default=by_default)  # before reading images
     check_extractor_name(args.extractor, inception_weights=args.inception_weights, option="--extractor",
                          weights_option="--inception-weights")
     if args.inception_weights is not None:
@@ -97,23 +102,40 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                                     "into (rerunning resumes it)")
         args.source = args.generated
         source, settings = sample.check_flags(args)
-        if source.config is not None:  # a run folder: its images' size is known before sampling
-            size = (source.config.data.resolution,) * 2
-            drawn = f"SOURCE's images (data.resolution {size[0]})"
-            reference.check_size(size, name=drawn)
-            check_extractor_name(args.extractor, option="--extractor", image_size=size, images=drawn)
+        if source.config is not None:  # a run folder: its images' size is known before loading (a saved model
+            size = (source.config.data.resolution,) * 2  # folder's once loaded: score checks it before drawing)
+            check_image_size(args, reference, size, f"SOURCE's images (data.resolution {size[0]})")
         return Plan(reference, Path(args.out) / METRICS_FILE, source=source, settings=settings)
     given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
              if dest not in SCORING_DESTS and value != parser.get_default(dest)]
     check(not given, f"{', '.join(given)}: sampling flags, but GENERATED {args.generated!r} holds images already "
                      f"(they apply to a run / model folder)")
     generated = open_generated(generated_path)
-    reference.check_size(generated.size)
-    check_extractor_name(args.extractor, option="--extractor", image_size=generated.size,
-                         images=f"the images of GENERATED {args.generated!r}")
+    check_image_size(args, reference, generated.size, f"the images of GENERATED {args.generated!r}")
     folder = Path(args.out) if args.out is not None else (generated.path.parent if generated.path.is_file()
                                                           else generated.path)
     return Plan(reference, folder / METRICS_FILE, generated=generated)
+
+
+def check_image_size(args: argparse.Namespace, reference: Any, size: Tuple[int, int], images: str) -> None:
+    """``images`` of ``size`` ``(H, W)`` must suit the reference and the extractor (errors name ``images``)."""
+    from .evaluation.features import check_extractor_name
+
+    reference.check_size(size, name=images)
+    check_extractor_name(args.extractor, option="--extractor", image_size=size, images=images)
+
+
+def size_check_before_drawing(args: argparse.Namespace, plan: Plan) -> Callable[[Optional[Tuple[int, int]]], None]:
+    """What ``sample.draw`` calls with the size the loaded model draws, before its first image: a one-line
+    ``evaluate: ...`` exit when the reference or the extractor does not take it."""
+    def check_drawn(size: Optional[Tuple[int, int]]) -> None:
+        if size is None:  # the model fixes no size: checked once drawn
+            return
+        try:
+            check_image_size(args, plan.reference, size, f"SOURCE's images (the model draws {size[1]}x{size[0]})")
+        except ValueError as error:
+            raise SystemExit(f"evaluate: {error}") from None
+    return check_drawn
 
 
 # scoring
@@ -127,13 +149,13 @@ def score(plan: Plan, args: argparse.Namespace) -> Dict[str, Any]:
     device = sample.device_for(args.device)
     extractor = build_extractor(args.extractor, inception_weights=args.inception_weights, device=device)
     if plan.source is not None:  # sampled after the extractor loaded: a missing Inception fails first
-        sample.draw(args, plan.source, plan.settings)
+        sample.draw(args, plan.source, plan.settings, check_size=size_check_before_drawing(args, plan))
         if int(os.environ.get("RANK", "0")) != 0:
             return {}
         from .evaluation.sources import open_generated
 
         plan.generated = open_generated(args.out, name="--out")
-        plan.reference.check_size(plan.generated.size)
+        plan.reference.check_size(plan.generated.size)  # what was drawn (a model that fixes no size: first here)
     generated = plan.generated
     resolution = generated.size[0]
     resized = plan.reference.resize_notes(resolution)
@@ -192,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = parser.parse_args(argv)
     try:
         plan = check_arguments(args, parser)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
         raise SystemExit(f"evaluate: {error}") from None
     report = score(plan, args)
     if not report:

@@ -10,9 +10,13 @@ SOURCE is a training output folder (``config.yaml`` + ``checkpoints/step-*``: th
 checkpoint, its EMA weights when saved, the tokenizer of the config) or a model folder written by
 ``save`` / ``save_pretrained`` (``config.json`` + ``model.safetensors``; ``ema.safetensors`` beside them
 is used too), whose tokenizer ``--tokenizer`` names (a folder saved by this library). ``--preset`` sets
-an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. Every
-flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
-``sampling.json`` is written only once all checks passed. Rerunning the same command resumes: written images are kept.
+an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. A run's
+``sample:`` section gives ``--cfg`` / ``--temperature`` / ``--steps`` where neither does. Class-conditional
+models draw class-balanced images over their classes; a Transfusion / MonoFormer run over its data's classes
+(fed to it as one-token texts), unconditionally when its data had none; stderr says where each setting came
+from. Every flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
+``sampling.json`` is written only once all checks passed. Rerunning the same command resumes: written images are kept;
+a run that failed before its first image may be rerun with other settings.
 Under torchrun, spell ``--num`` as ``--num-images``: torchrun's parser reads ``--num`` as an ambiguous
 abbreviation of its own ``--numa-binding`` and stops.
 """
@@ -26,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .training.config import GENERATORS, NEEDS_TOKENIZER, Config
 
@@ -126,11 +130,13 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", help="captions: a text file, one per line, or JSON Lines")
     parser.add_argument("--num-classes", type=int,
-                        help="class-balanced labels over this many classes (default: the model's; 0: unconditional)")
+                        help="class-balanced labels over this many classes (default: the model's; a Transfusion / "
+                             "MonoFormer run: its data's; 0: unconditional)")
     parser.add_argument("--tokenizer", help="the tokenizer folder (saved by this library) that decodes the samples")
     parser.add_argument("--preset", help="an upstream evaluation setting: " + ", ".join(EVAL_PRESETS))
     for name, (text, kind, models) in SAMPLER_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} [{', '.join(models)}]")
+        run = f"; default: the preset's, else the run's sample.{name}" if name in RUN_SAMPLE_KEYS else ""
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} [{', '.join(models)}]{run}")
     parser.add_argument("--device", help="default: cuda (this process's local rank) when available, else cpu")
     parser.add_argument("--no-ema", action="store_true", help="the model's weights even when EMA weights exist")
     parser.add_argument("--no-progress", action="store_true")
@@ -148,8 +154,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Any]:
-    """The preset's options, then the flags given; each must be one the model's sampler takes."""
+# the run config's `sample:` keys that mean here what they mean for the training grid (its `num`, `labels` and
+# `seed` lay out the grid: no meaning here)
+RUN_SAMPLE_KEYS = ("cfg", "temperature", "steps")
+
+
+def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Tuple[Any, str]]:
+    """Each sampler option and where it comes from: a flag given, else the preset's, else the run's ``sample:``
+    section (cfg, temperature, steps, for the models whose sampler takes them); each must be one the model's
+    sampler takes."""
     preset = EVAL_PRESETS[args.preset] if args.preset else None
     if preset is not None and preset.model != source.model_name:
         raise ValueError(f"--preset {args.preset} is for {preset.model}, but SOURCE holds a {source.model_name}")
@@ -158,11 +171,17 @@ def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Any]:
         if source.model_name not in SAMPLER_FLAGS[name][2]:
             raise ValueError(f"--{name.replace('_', '-')}: {source.model_name}'s sampler has no such option "
                              f"(it is for {', '.join(SAMPLER_FLAGS[name][2])})")
-    return {**(preset.options if preset else {}), **given}
+    spec = source.config.sample if source.config is not None else None
+    run = {name: getattr(spec, name) for name in RUN_SAMPLE_KEYS if spec is not None
+           and source.model_name in SAMPLER_FLAGS[name][2] and getattr(spec, name) is not None}
+    return {**{name: (value, f"the run's sample.{name}") for name, value in run.items()},
+            **{name: (value, f"--preset {args.preset}") for name, value in (preset.options if preset else {}).items()},
+            **{name: (value, f"--{name.replace('_', '-')}") for name, value in given.items()}}
 
 
 def check_flags(args: argparse.Namespace) -> Tuple[Source, Dict[str, Any]]:
-    """Every flag checked, nothing loaded but config files: the source, the settings sample_images records."""
+    """Every flag checked, nothing loaded but config files (and, for a Transfusion / MonoFormer run, its data's
+    labels): the source, the settings sample_images records. Says on stderr where each setting comes from."""
     from .evaluation.sampling import read_prompts, sampling_settings
 
     if args.preset is not None and args.preset not in EVAL_PRESETS:
@@ -171,7 +190,7 @@ def check_flags(args: argparse.Namespace) -> Tuple[Source, Dict[str, Any]]:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file, not a folder")
     source = resolve_source(args.source)
-    options = sampler_options(args, source)
+    chosen = sampler_options(args, source)
     num = args.num if args.num is not None else (EVAL_PRESETS[args.preset].num if args.preset else None)
     if num is None:
         raise ValueError("--num: give the number of images (or a --preset that sets it)")
@@ -186,10 +205,57 @@ def check_flags(args: argparse.Namespace) -> Tuple[Source, Dict[str, Any]]:
             torch.device(args.device)
         except RuntimeError as error:
             raise ValueError(f"--device {args.device!r}: {error}") from None
-    kwargs = dict(num=num, batch_size=args.batch_size, seed=args.seed, num_classes=args.num_classes, prompts=prompts,
+    num_classes, conditioning = run_classes(source) if args.num_classes is None and prompts is None else (
+        args.num_classes, "captions (--prompts)" if prompts else f"--num-classes {args.num_classes}")
+    options = {name: value for name, (value, _) in chosen.items()}
+    kwargs = dict(num=num, batch_size=args.batch_size, seed=args.seed, num_classes=num_classes, prompts=prompts,
                   max_caption_length=_max_caption_length(source))
     sampling_settings(**kwargs, options=options)  # raises naming the argument
+    _say_settings(chosen, conditioning)
     return source, dict(kwargs, **options)
+
+
+def run_classes(source: Source) -> Tuple[Optional[int], str]:
+    """``(num_classes, what that draws and why)`` when no ``--num-classes`` is given: None (the model's own
+    classes, or unconditional for a model without) except for a Transfusion / MonoFormer run, which trained on
+    its data's class labels as one-token texts: the classes its training grid cycles through (as ``train``
+    counts them), else those of its data's labels; unconditional for a run on captions or unlabelled data."""
+    from .training.recipes import TEXT_MODELS
+
+    if source.model_name not in TEXT_MODELS:
+        return None, "the model's classes, balanced, when it has classes"
+    if source.config is None:
+        return None, ("unconditional (a saved model folder does not say which classes it was trained on: give "
+                      "--num-classes C for class-balanced images)")
+    from .train import num_classes
+    from .training.recipes import build_dataset, dataset_labels, has_captions
+
+    data = source.config.data
+    where = " ".join(f"data.{key} {value!r}" for key, value in (("folder", data.folder), ("cache", data.cache),
+                                                                ("hf", data.hf)) if value is not None)
+    try:
+        dataset = build_dataset(source.config, None)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        raise ValueError(f"--num-classes: the run trained {source.model_name} on {where}, which cannot be read "
+                         f"now to count its classes ({error}); give --num-classes C (0: unconditional)") from None
+    if has_captions(dataset):
+        return None, (f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw "
+                      f"from captions)")
+    count = num_classes(source.config, dataset)
+    if count is None:
+        labels = dataset_labels(dataset)
+        count = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else None
+    if count:
+        return count, f"{count} classes, balanced (the class labels of the run's {where})"
+    return None, f"unconditional (the run's {where} has no class labels)"
+
+
+def _say_settings(chosen: Dict[str, Tuple[Any, str]], conditioning: str) -> None:
+    """One line on stderr (rank 0): each sampler option set and where it comes from, and the conditioning."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        options = [f"{name} {value} ({origin})" for name, (value, origin) in chosen.items()]
+        print(f"sample: sampler options {', '.join(options) or 'none set'} (the others: the sampler's defaults); "
+              f"conditioning: {conditioning}", file=sys.stderr)
 
 
 def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
@@ -288,10 +354,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     return draw(args, source, settings)
 
 
-def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> Optional[Path]:
+def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any],
+         check_size: Optional[Callable[[Optional[Tuple[int, int]]], None]] = None) -> Optional[Path]:
     """Load the checked source and draw into ``args.out`` (this process's shard under torchrun); the
-    ``.npz`` on rank 0, None on the other ranks."""
-    from .evaluation.sampling import IMAGES_DIR, checked_sampling, sample_images
+    ``.npz`` on rank 0, None on the other ranks. ``check_size``: called with the ``(H, W)`` the model will
+    draw (None when it fixes none) once loaded, before any image is drawn."""
+    from .evaluation.sampling import IMAGES_DIR, checked_sampling, drawn_size, sample_images
 
     device = device_for(args.device)
     started = _init_distributed()
@@ -303,6 +371,8 @@ def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any]) -> 
             checked_sampling(model, tokenizer, args.out, record=record, **settings)
         except (ValueError, TypeError) as error:
             raise SystemExit(f"sample: {error}") from None
+        if check_size is not None:
+            check_size(drawn_size(model, tokenizer))
         npz = sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)
         if npz is not None:
             print(f"sample: wrote {settings['num']} images to {Path(args.out) / IMAGES_DIR} and {npz}")

@@ -218,3 +218,24 @@ def fake_llamagen_run(root, model: nn.Module, vq: nn.Module):
     save_training_state(train.checkpoint_dir(root / "run", 4), model=model,
                         optimizer=torch.optim.AdamW(model.parameters()), step=4, ema=ema)
     return ema
+
+
+def fake_run(root, name: str, *overrides: str, tokenizer_kind: str = "kl") -> nn.Module:
+    """``root/run``: a training output folder of config ``name`` (with ``overrides``) as ``mmgen_pytorch.train``
+    leaves it, without training: config.yaml and a step-1 checkpoint of the model built from seed 0 (no EMA),
+    its tiny tokenizer in ``root/<tokenizer_kind>``. Returns the model, in eval mode."""
+    from mmgen_pytorch import train
+    from mmgen_pytorch.checkpoint import save_training_state
+    from mmgen_pytorch.training.config import load_config
+    from mmgen_pytorch.training.recipes import build_model
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(tokenizer_kind)
+    tokenizer.save(root / tokenizer_kind)
+    config = load_config(name, ["--tokenizer.path", str(root / tokenizer_kind), "--train.output_dir",
+                                str(root / "run"), *overrides])
+    train.write_config(config, root / "run")
+    model = build_model(config, tokenizer)
+    save_training_state(train.checkpoint_dir(root / "run", 1), model=model,
+                        optimizer=torch.optim.AdamW(model.parameters()), step=1)
+    return model.eval()

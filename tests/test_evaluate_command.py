@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_a_reference_folder_of_another_size_is_resized_and_said_so(tmp_path, cap
     (["{samples}", "--reference", "{text}"], "must be an image folder or an .npz"),
     (["{samples}", "--reference", "{other_npz}"], r"holds \['x'\]: expected ADM's reference batch"),
     (["{samples}", "--reference", "{inception_npz}"], "statistics of 2048 features, but the extractor gives 16"),
-    (["{samples}", "--reference", "{small_npz}"], "holds 8x8 images but the generated images are 32x32"),
+    (["{samples}", "--reference", "{small_npz}"], "holds 8x8 images but the images of GENERATED .* are 32x32"),
     (["{samples}", "--reference-cache", "{missing}/stats.npz"], "--reference-cache.* must be a statistics file"),
     (["{samples}", "--reference", "{inception_npz}", "--reference-cache", "{text}"],
      "--reference-cache goes with an image-folder reference"),
@@ -246,6 +247,52 @@ def test_bad_arguments_are_refused_before_loading(scored_run, llamagen_run, refe
     with pytest.raises(SystemExit, match=words):
         evaluate.main(argv if "--extractor" in argv else [*argv, "--extractor", "tiny"])
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "partial" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flags, module, words", [
+    ([], "torch_fidelity", r"^evaluate: `--extractor` inception \(the default\): the Inception extractor needs "
+                           r"torch-fidelity.*mmgen-pytorch\[inception\].*; or choose `--extractor` pca-digits .*tiny"),
+    (["--extractor", "pca-digits"], "sklearn.decomposition",
+     r"^evaluate: `--extractor` pca-digits: the digits extractor needs scikit-learn.*; or choose `--extractor` "
+     r"inception .*tiny"),
+])
+def test_a_missing_extractor_package_is_one_line_before_any_image_is_read(scored_run, reference, monkeypatch,
+                                                                          flags, module, words):
+    def not_read(*args, **kwargs):
+        raise AssertionError("read images before checking the extractor's packages")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as when not installed
+    monkeypatch.setattr(sources, "open_generated", not_read)
+    monkeypatch.setattr(sources, "open_reference", not_read)
+    with pytest.raises(SystemExit, match=words) as raised:
+        evaluate.main([str(scored_run[0]), "--reference", str(reference), *flags])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--reference", "{small_npz}"], r"holds 8x8 images but SOURCE's images \(the model draws 32x32\) are 32x32"),
+    (["--extractor", "pca-digits"], r"`--extractor` pca-digits takes 8x8 images, but SOURCE's images \(the model "
+                                    r"draws 32x32\) are 32x32"),
+])
+def test_a_saved_model_folder_of_the_wrong_size_is_refused_before_drawing(reference, tmp_path, monkeypatch, flags,
+                                                                          words):
+    """A save_pretrained folder's image size is known once loaded: checked then, as a run folder's is before."""
+    from mmgen_pytorch.evaluation import sampling
+
+    torch.manual_seed(0)
+    vq = VQVAE(VQConfig(codebook_size=16, codebook_dim=4, ch=32, encoder_ch_mult=(1, 2, 2, 2),
+                        decoder_ch_mult=(1, 2, 2, 2), z_channels=16, num_res_blocks=1, usage_window=256))
+    kwargs = yaml.safe_load((ROOT / "mmgen_pytorch" / "configs" / "tiny-llamagen.yaml").read_text())["model"]["kwargs"]
+    LlamaGen(**kwargs).save_pretrained(tmp_path / "model")
+    vq.save(tmp_path / "vq")
+    np.savez(tmp_path / "small.npz", np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(sampling, "generate_images", lambda *args, **kwargs: pytest.fail("drew an image"))
+    argv = [str(tmp_path / "model"), "--tokenizer", str(tmp_path / "vq"), "--num", "2", "--out", str(tmp_path / "out"),
+            *[flag.format(small_npz=tmp_path / "small.npz") for flag in flags]]
+    argv += [] if "--reference" in argv else ["--reference", str(reference)]
+    argv += [] if "--extractor" in argv else ["--extractor", "tiny"]
+    with pytest.raises(SystemExit, match="^evaluate: .*" + words):
+        evaluate.main(argv)
+    assert not (tmp_path / "out").exists()
 
 
 # metrics during training

@@ -184,6 +184,26 @@ def test_other_settings_into_a_sampled_folder_are_refused_before_drawing(llamage
     assert drawn == []
 
 
+def test_a_run_that_failed_before_its_first_image_does_not_bind_the_rerun(llamagen, straight, tmp_path, monkeypatch):
+    """The model fails in the first batch: sampling.json is left without images, and a rerun with other settings
+    replaces it; once an image is written, other settings are refused again."""
+    counting_draws(monkeypatch, fail_after=0)
+    with pytest.raises(Interrupt):
+        draw(llamagen, tmp_path, cfg=3.0)
+    assert json.loads((tmp_path / "sampling.json").read_text())["options"]["cfg"] == 3.0
+    assert png_bytes(tmp_path) == {}
+    counting_draws(monkeypatch, fail_after=1)
+    with pytest.raises(Interrupt):
+        draw(llamagen, tmp_path)  # cfg 2.0 now: allowed, and recorded
+    assert json.loads((tmp_path / "sampling.json").read_text())["options"]["cfg"] == 2.0
+    assert sorted(png_bytes(tmp_path)) == ["000000.png", "000001.png"]
+    with pytest.raises(ValueError, match=r"other settings .*'cfg': 2\.0.*'cfg': 3\.0"):
+        draw(llamagen, tmp_path, cfg=3.0)
+    counting_draws(monkeypatch)
+    draw(llamagen, tmp_path)
+    assert png_bytes(tmp_path) == png_bytes(straight[0])
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(num=0), ValueError, "`num` must be a positive int, got 0"),
     (dict(batch_size=True), TypeError, "`batch_size` must be a positive int"),
@@ -223,6 +243,30 @@ def test_mar_and_transfusion_draw_class_balanced_images(tmp_path):
                         progress=False)
     batch = load_adm_npz(npz)
     assert batch.images.shape == (2, 4, 4, 3) and batch.labels.tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"`num_classes` 258: Transfusion takes a class label as a one-token text, "
+                                         r"and its texts have 257 tokens; give at most 257"):
+        sample_images(transfusion, None, tmp_path / "too-many", num=2, num_classes=258, progress=False)
+    assert not (tmp_path / "too-many").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("tiny-mar", "kl"), ("tiny-llamagen", "vq"), ("tiny-dnd", "rq"),
+                                        ("tiny-transfusion", "kl"), ("tiny-monoformer", "kl"), ("pixels", None)])
+def test_drawn_size_is_the_size_of_a_drawn_image(name, kind):
+    """What evaluate checks against the reference before drawing: the size one drawn image has."""
+    import mmgen_pytorch
+    from _helpers import tiny_tokenizer
+
+    torch.manual_seed(0)
+    if name == "pixels":
+        model = Transfusion(num_text_tokens=257, dim_latent=3, modality_default_shape=(4, 6),
+                            transformer=dict(dim=32, depth=1, heads=2)).eval()
+    else:
+        config = yaml.safe_load((ROOT / "mmgen_pytorch" / "configs" / f"{name}.yaml").read_text())["model"]
+        model = getattr(mmgen_pytorch, config["name"])(**config["kwargs"]).eval()
+    tokenizer = tiny_tokenizer(kind) if kind else None
+    steps = {} if name in ("tiny-llamagen", "tiny-dnd") else dict(steps=1)
+    image = GENERATE_IMAGES(model, tokenizer, {"label": torch.tensor([0])}, generator=0, **steps)
+    assert sampling.drawn_size(model, tokenizer) == tuple(image.shape[-2:])
 
 
 def test_prompts_from_text_and_json_lines(tmp_path):
@@ -280,6 +324,90 @@ def test_command_samples_a_run_with_its_ema_weights(run_dir, llamagen, tmp_path)
     assert np.array_equal(load_adm_npz(npz).labels, load_adm_npz(expected).labels)
     settings = json.loads((tmp_path / "cli" / "sampling.json").read_text())
     assert settings["weights"] == "ema" and settings["source"].endswith("step-0000004")
+
+
+def test_command_takes_the_runs_sample_section_unless_a_flag_is_given(run_dir, llamagen, tmp_path, capsys):
+    """cfg / temperature of the run's `sample:` section are the defaults; a flag given wins; stderr says which."""
+    import shutil
+
+    from mmgen_pytorch.sample import main
+
+    root, ema_model = run_dir
+    shutil.copytree(root / "run", tmp_path / "run")
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config["sample"].update(cfg=3.0, temperature=0.5)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    argv = [str(tmp_path / "run"), "--num", "2", "--batch-size", "2", "--no-progress"]
+    main(argv + ["--out", str(tmp_path / "cli")])
+    assert json.loads((tmp_path / "cli" / "sampling.json").read_text())["options"] == dict(
+        cfg=3.0, temperature=0.5, steps=None)
+    said = capsys.readouterr().err
+    assert "cfg 3.0 (the run's sample.cfg), temperature 0.5 (the run's sample.temperature)" in said
+    sample_images(ema_model, llamagen[1], tmp_path / "direct", num=2, batch_size=2, cfg=3.0, temperature=0.5,
+                  progress=False)
+    assert png_bytes(tmp_path / "cli") == png_bytes(tmp_path / "direct")
+    main(argv + ["--out", str(tmp_path / "given"), "--cfg", "1.5"])
+    assert json.loads((tmp_path / "given" / "sampling.json").read_text())["options"]["cfg"] == 1.5
+    assert "cfg 1.5 (--cfg)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def transfusion_runs(tmp_path_factory):
+    """Tiny Transfusion runs (untrained) on the 3 class folders of coloured squares, on the flat folder of one
+    of them and on the captions of the squares, and the model (the same weights in all)."""
+    from _helpers import fake_run, write_colour_folder
+
+    root = tmp_path_factory.mktemp("transfusion")
+    images = write_colour_folder(root / "data")
+    model = fake_run(root / "classes", "tiny-transfusion", "--data.folder", str(images))
+    fake_run(root / "flat", "tiny-transfusion", "--data.folder", str(images / "class0"))
+    fake_run(root / "captions", "tiny-transfusion", "--data.folder", str(images), "--data.captions",
+             str(root / "data" / "captions.jsonl"))
+    return root, model
+
+
+def test_a_transfusion_run_on_class_folders_samples_class_balanced_by_default(transfusion_runs, tmp_path, capsys):
+    from mmgen_pytorch.sample import main
+
+    root, model = transfusion_runs
+    argv = ["--num", "3", "--batch-size", "3", "--steps", "2", "--no-progress", "--out"]
+    npz = main([str(root / "classes" / "run"), *argv, str(tmp_path / "classes")])
+    assert load_adm_npz(npz).labels.tolist() == [0, 1, 2]
+    settings = json.loads((tmp_path / "classes" / "sampling.json").read_text())
+    assert settings["conditioning"] == "classes" and settings["num_classes"] == 3
+    assert "conditioning: 3 classes, balanced (the class labels of the run's data.folder" in capsys.readouterr().err
+    from _helpers import tiny_tokenizer
+
+    torch.manual_seed(0)
+    kl = tiny_tokenizer("kl")
+    sample_images(model, kl, tmp_path / "direct", num=3, batch_size=3, num_classes=3, steps=2, progress=False)
+    assert png_bytes(tmp_path / "classes") == png_bytes(tmp_path / "direct")
+    main([str(root / "classes" / "run"), *argv, str(tmp_path / "asked"), "--num-classes", "0"])
+    assert json.loads((tmp_path / "asked" / "sampling.json").read_text())["conditioning"] == "none"
+    main([str(root / "flat" / "run"), *argv, str(tmp_path / "flat")])
+    assert json.loads((tmp_path / "flat" / "sampling.json").read_text())["conditioning"] == "none"
+    assert "unconditional (the run's data.folder" in capsys.readouterr().err
+    main([str(root / "captions" / "run"), *argv, str(tmp_path / "captions")])
+    assert json.loads((tmp_path / "captions" / "sampling.json").read_text())["conditioning"] == "none"
+    assert "unconditional (the run trained on the captions of data.folder" in capsys.readouterr().err
+
+
+def test_a_transfusion_run_whose_data_is_gone_asks_for_num_classes_before_loading(transfusion_runs, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+
+    from mmgen_pytorch import sample
+
+    root, _ = transfusion_runs
+    shutil.copytree(root / "classes" / "run", tmp_path / "run")
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config["data"]["folder"] = str(tmp_path / "gone")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sample, "load_for_sampling", lambda *args: pytest.fail("loaded before checking the flags"))
+    with pytest.raises(SystemExit, match=r"^sample: --num-classes: the run trained Transfusion on data.folder .*gone"
+                                         r".*give --num-classes C \(0: unconditional\)"):
+        sample.main([str(tmp_path / "run"), "--num", "2", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_samples_a_saved_model_folder(llamagen, tmp_path):

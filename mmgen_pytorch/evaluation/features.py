@@ -270,6 +270,8 @@ def _torch_fidelity_inception() -> type:
 TINY_FEATURES, TINY_CLASSES = 16, 10
 EXTRACTOR_FEATURES = {"inception": INCEPTION_FEATURES, "pca-digits": DIGITS_PCA_DIM, "tiny": TINY_FEATURES}
 EXTRACTORS = tuple(EXTRACTOR_FEATURES)
+EXTRACTOR_USES = {"inception": "the published numbers", "pca-digits": "8x8 digits only",
+                  "tiny": "tests and smoke runs only"}
 EXTRACTOR_SIZES = {"pca-digits": DIGITS_SIZE}  # the only image size each takes (the others resize)
 
 
@@ -287,6 +289,20 @@ def check_extractor_name(name: Any, *, inception_weights: Any = None, option: st
           f"`{option}` {name} takes {side}x{side} images, but {images} are "
           f"{image_size[1] if image_size else 0}x{image_size[0] if image_size else 0}")
     return name
+
+
+def check_extractor_installed(name: str, *, option: str = "extractor", by_default: bool = False) -> None:
+    """The packages extractor ``name`` needs import (nothing is built or downloaded): an :class:`ImportError`
+    naming ``option`` (``by_default``: not given, ``name`` is its default), what to install and the other
+    extractors otherwise."""
+    need = {"inception": _torch_fidelity_inception, "pca-digits": lambda: sklearn_module("decomposition")}.get(name)
+    try:
+        if need is not None:
+            need()
+    except ImportError as error:
+        others = " / ".join(f"{other} ({EXTRACTOR_USES[other]})" for other in EXTRACTORS if other != name)
+        default = " (the default)" if by_default else ""
+        raise ImportError(f"`{option}` {name}{default}: {error}; or choose `{option}` {others}") from None
 
 
 def build_extractor(name: str, *, inception_weights: Union[str, os.PathLike, None] = None,

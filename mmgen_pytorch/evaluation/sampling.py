@@ -7,7 +7,8 @@ The images are cut into global batches ``[k * batch_size, (k + 1) * batch_size)`
 one process or several and whether it was interrupted and resumed (on one kind of device: GPU kernels may
 differ between cards). A batch whose PNGs all exist is skipped; each PNG appears under its name only once
 written in full. The settings of a run are kept in ``sampling.json``; a run into a folder written with other
-settings is refused before any image is drawn.
+settings is refused before any image is drawn (a ``sampling.json`` left by a run that failed before its first
+image is replaced).
 
 Layout of the output folder::
 
@@ -36,7 +37,8 @@ from .._utils import as_int, check, check_finite_number, check_positive_int, des
 from ..guidance import check_cfg_scale, check_cfg_schedule
 from ..saving import write_atomically
 from ..data.images import unit_to_uint8
-from ..training.recipes import Batch, byte_tokenizer, class_count, generate_images, sampling_problem
+from ..training.recipes import (TEXT_MODELS, Batch, byte_tokenizer, class_count, generate_images, model_name,
+                                sampling_problem)
 from .adm_npz import save_adm_npz_from_pngs
 
 PathLike = Union[str, os.PathLike]
@@ -190,30 +192,46 @@ def _as_json(value: Dict[str, Any], name: str) -> Dict[str, Any]:
 
 def check_settings(out_dir: PathLike, settings: Mapping[str, Any]) -> None:
     """A folder with images must have been written with ``settings``: a :class:`ValueError` naming the
-    settings that differ (or the images without a ``sampling.json``)."""
+    settings that differ (or the images without a ``sampling.json``). A ``sampling.json`` without any image
+    (a run that failed before its first image) binds nothing: :func:`write_settings` replaces it."""
     folder = Path(out_dir)
     check(not folder.exists() or folder.is_dir(), f"`out_dir` {str(folder)!r} is a file, not a folder",
           error=NotADirectoryError)
     file = folder / SETTINGS_FILE
+    image = first_image(folder)
     if not file.is_file():
-        images = sorted((folder / IMAGES_DIR).glob("*.png"))[:1]
-        check(not images, f"`out_dir` {str(folder)!r} holds images ({images[0].name if images else ''}, ...) but no "
-                          f"{SETTINGS_FILE}: not a folder written by sample_images; choose another")
+        check(image is None, f"`out_dir` {str(folder)!r} holds images ({image.name if image else ''}, ...) but no "
+                             f"{SETTINGS_FILE}: not a folder written by sample_images; choose another")
         return
+    changed = changed_settings(file, settings)
+    check(not changed or image is None,
+          f"`out_dir` {str(folder)!r} was sampled with other settings ({str(file)!r}): "
+          + "; ".join(f"{key}: {there!r} there, {now!r} now" for key, (there, now) in changed.items())
+          + f". Resume with the same settings, or choose another `out_dir` (or delete its {IMAGES_DIR}/ and "
+            f"{SETTINGS_FILE} to start over)")
+
+
+def first_image(folder: Path) -> Optional[Path]:
+    """A PNG written in full under ``folder/images`` (partial writes end in ``.tmp``), or None."""
+    return next((folder / IMAGES_DIR).glob("*.png"), None)
+
+
+def changed_settings(file: Path, settings: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (in file, in settings)}`` for each setting that differs."""
     from ..files import read_json_file
 
     saved = read_json_file(file)
-    changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
-    check(not changed, f"`out_dir` {str(folder)!r} was sampled with other settings ({str(file)!r}): "
-                       + "; ".join(f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
-                       + ". Resume with the same settings, or choose another `out_dir`")
+    return {key: (saved.get(key), settings.get(key)) for key in sorted(set(saved) | set(settings))
+            if saved.get(key) != settings.get(key)}
 
 
 def write_settings(out_dir: PathLike, settings: Mapping[str, Any], rank: int) -> None:
+    """``sampling.json``, unless it holds ``settings`` already (:func:`check_settings` allowed any other
+    only in a folder without images)."""
     folder = Path(out_dir)
     (folder / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     file = folder / SETTINGS_FILE
-    if not file.is_file():  # processes may race here: each through its own temporary file, same content
+    if not file.is_file() or changed_settings(file, settings):  # processes may race: each its own temporary
         text = json.dumps(settings, indent=2) + "\n"
         write_atomically(file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), tmp_suffix=f".{rank}.tmp")
 
@@ -274,12 +292,40 @@ def checked_sampling(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: 
                                  max_caption_length=max_caption_length, options=options, record=record)
     check(not num_classes or classes is None or num_classes <= classes,
           f"`num_classes` {num_classes}: the model has {classes} classes; give at most {classes} (default: all)")
+    tokens = text_tokens(model)
+    check(not num_classes or tokens is None or num_classes <= tokens,
+          f"`num_classes` {num_classes}: {model_name(model)} takes a class label as a one-token text, and its texts "
+          f"have {tokens} tokens; give at most {tokens}")
     conditioning = Conditioning(num, num_classes=num_classes, prompts=prompts, max_caption_length=max_caption_length)
     problem = sampling_problem(model, tokenizer, conditioning.batch(range(min(num, batch_size))))
     unconditional = " (`num_classes` 0 asks for unconditional images)" if num_classes == 0 else ""
     check(problem is None, f"`model`: {problem}{unconditional}")
     check_settings(out_dir, settings)
     return settings, conditioning
+
+
+def drawn_size(model: nn.Module, tokenizer: Optional[nn.Module]) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of the images :func:`generate_images` draws with ``model`` and ``tokenizer``, from their
+    configuration (nothing is drawn); None where the model fixes none (a Transfusion without a default shape)."""
+    name = model_name(model)
+    if name == "MAR":
+        return (model.img_size,) * 2
+    factor = tokenizer.downsample_factor if tokenizer is not None else 1
+    if name in ("LlamaGen", "DnDTransformer"):
+        grid = (model.grid_size,) * 2
+    elif name == "MonoFormer":
+        grid = tuple(model.latent_shape[1:])
+    else:  # Transfusion: latents [h, w, c]; an encoder / decoder wrapper keeps the latent shape as `inner`'s
+        spec = model.modalities[0]
+        grid = getattr(spec, "inner", spec).default_shape
+        if grid is None or len(grid) != 2:
+            return None
+    return grid[0] * factor, grid[1] * factor
+
+
+def text_tokens(model: nn.Module) -> Optional[int]:
+    """The text vocabulary of a Transfusion / MonoFormer (its class labels are text ids); None for the others."""
+    return model.vocab.num_text_tokens if model_name(model) in TEXT_MODELS else None
 
 
 def _draw_shard(model: nn.Module, tokenizer: Optional[nn.Module], out_dir: Path, conditioning: Conditioning,
