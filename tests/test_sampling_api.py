@@ -242,6 +242,20 @@ def test_keep_structure_tokens():
     assert all((part < N).all() for part in clean[3:] if not isinstance(part, tuple))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_clean_text_after_the_last_modality_is_kept_even_when_empty(seed):
+    """What the model writes after its last modality is one text item in both forms; in the clean form it
+    holds the text ids of the kept form's item (empty when the model wrote structure ids only, e.g. a
+    [meta] header cut off by max_length)."""
+    torch.manual_seed(seed)
+    model = Transfusion(num_text_tokens=N, dim_latent=8, modality_default_shape=(4,), transformer=dict(dim=16, depth=1))
+    prime = [torch.tensor([model.som_ids[0]])]
+    options = dict(max_length=16, cfg_scale=2.5, progress=False, init_modality_noise=torch.randn(4, 8))
+    kept, clean = (model.sample(prime, keep_structure_tokens=keep, generator=seed, **options) for keep in (True, False))
+    assert len(clean) == len(kept) == 3 and torch.equal(clean[1][1], kept[1][1])
+    assert clean[2].tolist() == [i for i in kept[2].tolist() if i < N]
+
+
 # token ids and modality records
 
 

@@ -690,7 +690,8 @@ class Transfusion(Checkpointable, nn.Module):
         prompt that already fills it warns and gets nothing more) or ``"generated"`` (transfusion-pytorch:
         a budget of tokens after the prompt; a modality the model starts is always finished). Under both, a
         modality the prompt or ``force_modality_at_start`` asks for is always generated, even past the cap. ``keep_structure_tokens``: False (default) returns the prompt as given plus the
-        generated text ids and modalities; True returns transfusion-pytorch's form: the whole sequence,
+        generated text ids and modalities (what the model wrote after its last item is returned even when it
+        held structure ids only, as an empty tensor, so the items line up with transfusion-pytorch's); True returns transfusion-pytorch's form: the whole sequence,
         ``[sos]``, ``[meta]`` shape, ``[som]``, ``[eom]`` (and ``[eos]``) ids kept, adjacent text joined.
         ``force_modality_at_start`` (``m`` or ``(m, shape)``) starts every sample with that modality; it
         wins over a modality start that ends a prompt (whose ids stay in the sequence, as upstream).

@@ -125,10 +125,12 @@ class Row:
     generated: int = 0                               # text tokens chosen and modality tokens generated
     done: bool = False
 
-    def flush_text(self, num_text_tokens: Optional[int]) -> None:
-        """Move the chosen ids into ``items``: the text ids only, or every id when ``num_text_tokens`` is None."""
+    def flush_text(self, num_text_tokens: Optional[int], *, last: bool = False) -> None:
+        """Move the chosen ids into ``items``: the text ids only, or every id when ``num_text_tokens`` is None.
+        The ``last`` segment is kept even when it held structure ids only (an empty text): the model did write
+        after its last item, and the items line up with transfusion-pytorch's."""
         text = [t for t in self.text if num_text_tokens is None or t < num_text_tokens]
-        if text:
+        if text or (last and self.text):
             self.items.append(torch.tensor(text, dtype=torch.long))
         self.text = []
 
@@ -191,7 +193,7 @@ class Sampler:
                 break
         bar.close()
         for row in rows:
-            row.flush_text(self.kept_text_below)
+            row.flush_text(self.kept_text_below, last=True)
         return [r.items for r in rows]
 
     @property
