@@ -106,7 +106,7 @@ class Source:
 
 def resolve_source(path: str) -> Source:
     from .saving import read_config
-    from .train import saved_model_folder
+    from .training.runs import saved_model_folder
     from .training.config import load_config
 
     folder, from_run = saved_model_folder(path, name="SOURCE")
@@ -132,7 +132,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int,
                         help="class-balanced labels over this many classes (default: the model's; a Transfusion / "
                              "MonoFormer run: its data's; 0: unconditional)")
-    parser.add_argument("--tokenizer", help="the tokenizer folder (saved by this library) that decodes the samples")
+    parser.add_argument("--tokenizer", help="the tokenizer that decodes the samples: a folder saved by this library "
+                                            "or a tokenizer's training output folder")
     parser.add_argument("--preset", help="an upstream evaluation setting: " + ", ".join(EVAL_PRESETS))
     for name, (text, kind, models) in SAMPLER_FLAGS.items():
         run = f"; default: the preset's, else the run's sample.{name}" if name in RUN_SAMPLE_KEYS else ""
@@ -265,7 +266,9 @@ def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
         from .training.config import TOKENIZER_KINDS
         from .training.recipes import TOKENIZER_CLASSES
 
-        held = read_config(args.tokenizer)["class"]  # a saved model folder, or a FileNotFoundError naming it
+        from .training.runs import saved_model_folder
+
+        held = read_config(saved_model_folder(args.tokenizer, name="--tokenizer")[0])["class"]  # a run / model folder
         needed = TOKENIZER_CLASSES[TOKENIZER_KINDS[source.model_name]].__name__
         if held != needed:
             raise ValueError(f"--tokenizer {args.tokenizer!r} holds a {held}, but {source.model_name} decodes "

@@ -64,9 +64,10 @@ from .training.config import (TOKENIZERS, Config, ConfigError, check_config, che
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
+from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint, saved_model_folder  # noqa: F401
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
-CHECKPOINTS, SAMPLES, LOG_FILE = "checkpoints", "samples", "log.jsonl"
+SAMPLES, LOG_FILE = "samples", "log.jsonl"
 
 
 # the data stream: global batches in a seeded order, each process its slice, resumable at any step
@@ -117,38 +118,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool) -> List[
 
 
 # checkpoints
-
-
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / CHECKPOINTS / f"step-{step:07d}"
-
-
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    from .checkpoint import TRAINING_STATE_FILE
-
-    found = sorted(path for path in (output_dir / CHECKPOINTS).glob("step-*") if (path / TRAINING_STATE_FILE).is_file())
-    return found[-1] if found else None
-
-
-def saved_model_folder(path, *, name: str) -> Tuple[Path, bool]:
-    """``(folder, is_run)``: the folder a model loads from, given a training output folder (``config.yaml``:
-    its latest complete checkpoint, ``is_run`` True) or a folder saved with ``save`` / ``save_pretrained``
-    (``config.json``: itself). A FileNotFoundError naming ``name`` (the argument) otherwise."""
-    folder = Path(path)
-    if not folder.is_dir():
-        missing = "it does not exist" if not folder.exists() else "it is a file"
-        raise FileNotFoundError(f"{name} {str(path)!r} is not a folder: {missing} (give a training output folder "
-                                f"or a saved model folder)")
-    if (folder / "config.yaml").is_file():
-        checkpoint = latest_checkpoint(folder)
-        if checkpoint is None:
-            raise FileNotFoundError(f"{name} {str(path)!r}: a training output folder without a complete checkpoint "
-                                    f"under {str(folder / CHECKPOINTS)!r}")
-        return checkpoint, True
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{name} {str(path)!r} holds neither config.yaml (a training output folder) nor "
-                                f"config.json (a model saved with save / save_pretrained)")
-    return folder, False
 
 
 def rng_file(folder: Path, rank: int) -> Path:

@@ -422,6 +422,26 @@ def test_command_samples_a_saved_model_folder(llamagen, tmp_path):
     assert json.loads((tmp_path / "out" / "sampling.json").read_text())["weights"] == "model"
 
 
+def test_tokenizer_may_be_a_tokenizer_training_run(llamagen, tmp_path):
+    """``--tokenizer`` takes a tokenizer's training output folder (its latest checkpoint's model), as
+    ``tokenizer.path`` of a training config does: the same images as from the saved tokenizer."""
+    from mmgen_pytorch import train
+    from mmgen_pytorch.checkpoint import save_training_state
+    from mmgen_pytorch.sample import main
+
+    model, vq = llamagen
+    model.save_pretrained(tmp_path / "model")
+    vq.save(tmp_path / "vq")
+    (tmp_path / "vq-run").mkdir()
+    (tmp_path / "vq-run" / "config.yaml").write_text("model: {name: VQVAE}\n")
+    save_training_state(train.checkpoint_dir(tmp_path / "vq-run", 3), model=vq,
+                        optimizer=torch.optim.AdamW(vq.parameters()), step=3)
+    drawn = [load_adm_npz(main([str(tmp_path / "model"), "--tokenizer", str(tmp_path / tokenizer), "--num-images", "2",
+                                "--out", str(tmp_path / f"out-{tokenizer}"), "--batch-size", "2", "--no-progress"]))
+             for tokenizer in ("vq", "vq-run")]
+    assert np.array_equal(drawn[0].images, drawn[1].images)
+
+
 @pytest.mark.parametrize("flags, words", [
     (["{missing}"], "SOURCE .* is not a folder"),
     (["--preset", "mar-z"], "--preset must be one of mar-b"),
@@ -434,7 +454,7 @@ def test_command_samples_a_saved_model_folder(llamagen, tmp_path):
     (["--temperature", "-1"], "`temperature` must be a finite number >= 0"),
     (["--prompts", "{missing}"], "prompts file .* does not exist"),
     (["--prompts", "{prompts}", "--num-classes", "4"], "give `prompts` or `num_classes`"),
-    (["--tokenizer", "{missing}"], "has no config.json"),
+    (["--tokenizer", "{missing}"], "--tokenizer .* is not a folder: it does not exist"),
     (["--tokenizer", "{kl}"], "--tokenizer .* holds a AutoencoderKL, but LlamaGen decodes through a VQVAE"),
     (["--out", "{file}"], "--out .* is a file"),
     (["--device", "gpu7"], "--device 'gpu7'"),

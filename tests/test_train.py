@@ -345,6 +345,9 @@ def test_eval_checks_run_on_every_process(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="config error: `eval.extractor` pca-digits: .*scikit-learn"):
         run("tiny-mar", tmp_path, "--data.cache", str(data / "cache-kl"), "--eval.every", "1", "--eval.extractor",
             "pca-digits", "--eval.reference", str(data / "images"), "--data.resolution", "8")
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # the metrics' package, for every extractor
+    with pytest.raises(SystemExit, match="config error: mmgen_pytorch.evaluation's metrics need torchmetrics"):
+        run("tiny-mar", tmp_path, "--data.cache", str(data / "cache-kl"), *eval_options)
 
 
 def test_a_failure_on_the_main_process_is_raised_on_every_process(monkeypatch):

@@ -49,6 +49,11 @@ STATS_KEYS = ("mu", "sigma", "count", "features", "extractor")
 PathLike = Union[str, os.PathLike]
 
 
+def check_metrics_installed() -> None:
+    """ImportError naming the ``eval`` extra unless torchmetrics imports (nothing is built)."""
+    _torchmetrics("fid")
+
+
 def _torchmetrics(metric: str) -> type:
     """torchmetrics' ``FrechetInceptionDistance`` or ``InceptionScore`` (from their modules: the package
     exports them only with torch-fidelity), imported on first use; ImportError naming the extra otherwise."""

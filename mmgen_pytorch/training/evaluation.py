@@ -43,22 +43,23 @@ def check_eval(config: Config):
         reference.check_size((resolution, resolution), name=f"the images (`data.resolution` {resolution})")
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
-    check_extractor_installed(spec.extractor)
+    check_packages_installed(spec.extractor)
     if config.model.name in TOKENIZERS and reference.images is None:
         raise ConfigError(f"`eval.reference` {spec.reference!r}: a tokenizer is scored by the rFID of its "
                           f"reconstructions, so the reference must hold images (a folder, or an ADM .npz with arr_0)")
     return reference
 
 
-def check_extractor_installed(name: str) -> None:
-    """A ConfigError naming ``eval.extractor`` when the package its extractor needs cannot be imported."""
-    from ..evaluation.features import _torch_fidelity_inception, sklearn_module
+def check_packages_installed(extractor: str) -> None:
+    """A ConfigError naming ``eval.extractor`` unless torchmetrics and the package ``extractor`` needs import."""
+    from ..evaluation.features import check_extractor_installed
+    from ..evaluation.metrics import check_metrics_installed
 
-    imports = {"inception": _torch_fidelity_inception, "pca-digits": lambda: sklearn_module("decomposition")}
     try:
-        imports.get(name, lambda: None)()
+        check_metrics_installed()
+        check_extractor_installed(extractor, option="eval.extractor")
     except ImportError as error:
-        raise ConfigError(f"`eval.extractor` {name}: {error}") from None
+        raise ConfigError(str(error)) from None
 
 
 def evaluation_conditioning(config: Config, model: nn.Module, tokenizer: Optional[nn.Module],

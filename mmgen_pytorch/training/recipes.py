@@ -48,7 +48,7 @@ def load_tokenizer(config: Config) -> Optional[nn.Module]:
     """The frozen tokenizer of ``config.tokenizer`` (None when none is given), in eval mode. ``tokenizer.path``:
     a saved model folder, or a tokenizer's training output folder (its latest checkpoint's model weights)."""
     from ..saving import load_model
-    from ..train import saved_model_folder
+    from .runs import saved_model_folder
 
     spec = config.tokenizer
     if spec.path is not None:
