@@ -251,7 +251,7 @@ def test_bad_arguments_are_refused_before_loading(scored_run, llamagen_run, refe
 
 @pytest.mark.parametrize("flags, module, words", [
     ([], "torch_fidelity", r"^evaluate: `--extractor` inception \(the default\): the Inception extractor needs "
-                           r"torch-fidelity.*mmgen-pytorch\[inception\].*; or choose `--extractor` pca-digits .*tiny"),
+                           r"torch-fidelity.*\[inception\].*; or choose `--extractor` pca-digits .*tiny"),
     (["--extractor", "pca-digits"], "sklearn.decomposition",
      r"^evaluate: `--extractor` pca-digits: the digits extractor needs scikit-learn.*; or choose `--extractor` "
      r"inception .*tiny"),
