@@ -325,6 +325,26 @@ def test_folder_layout_errors(classes_root):
         ImageFolderDataset(classes_root, resolution=8)
 
 
+def test_in_memory_items_equal_items_decoded_when_read(classes_root):
+    """``in_memory`` decodes and crops once; its items (images, labels, the seeded flips) equal those decoded
+    per read, and an unreadable file is named at construction."""
+    save_images(classes_root, ["cat/c.png", "dog/d.png"], size=(13, 9))
+    lazy, eager = (ImageFolderDataset(classes_root, resolution=6, in_memory=flag, progress=False)
+                   for flag in (False, True))
+    assert eager.pixels.shape == (4, 3, 6, 6) and eager.pixels.dtype == torch.uint8
+    for index in range(len(lazy)):
+        torch.manual_seed(index)
+        expected = lazy[index]
+        torch.manual_seed(index)
+        got = eager[index]
+        assert torch.equal(got["image"], expected["image"]) and torch.equal(got["label"], expected["label"])
+    (classes_root / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(OSError, match="cannot read the image .*cat/broken.png"):
+        ImageFolderDataset(classes_root, resolution=6, in_memory=True, progress=False)
+    with pytest.raises(TypeError, match="`in_memory`"):
+        ImageFolderDataset(classes_root, resolution=6, in_memory="yes")
+
+
 def test_unreadable_image_is_named_when_read(classes_root):
     (classes_root / "cat" / "broken.png").write_bytes(b"not a png")
     dataset = ImageFolderDataset(classes_root, resolution=8)

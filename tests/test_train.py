@@ -54,6 +54,7 @@ def with_key(section: str, key: str, value):
     ({**VALID, "trainer": {}}, ["trainer", "model"]),
     ({**VALID, "data": {"cache": "x", "folder": "y"}}, ["data.folder", "data.cache"]),
     ({**VALID, "data": {"folder": "y"}}, ["tokenizer.path", "LlamaGen"]),
+    ({**VALID, "data": {"cache": "x", "in_memory": True}}, ["data.in_memory", "data.folder"]),
     (with_key("tokenizer", "from_official", "x.ckpt"), ["tokenizer.kind"]),
     (with_key("tokenizer_loss", "disc_start", 5), ["tokenizer_loss.disc_start", "tokenizer training", "LlamaGen"]),
     ({"model": {"name": "VQVAE"}, "data": {"cache": "x"}}, ["VQVAE", "data.cache", "data.folder"]),

@@ -64,6 +64,14 @@ def test_tiny_config_trains(data, tmp_path, name, kind, where):
         assert image.size == (2 * 32, 2 * 32)
 
 
+def test_in_memory_folder_trains_as_the_folder_decoded_per_item(data, tmp_path):
+    """`data.in_memory` changes where images are decoded, not what a run sees: the same losses, flips included."""
+    folder = source(data, "kl", "folder")
+    per_item = train_run("tiny-monoformer", tmp_path / "per-item", *folder)
+    reset_accelerate_state()
+    assert train_run("tiny-monoformer", tmp_path / "in-memory", *folder, "--data.in_memory", "true") == per_item
+
+
 def test_transfusion_on_captions_resumes_bit_identically(data, tmp_path):
     """Text + image from an image folder with a captions file, images encoded by the frozen KL tokenizer
     and flipped at random: the resumed run repeats the uninterrupted one bit for bit."""

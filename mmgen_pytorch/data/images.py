@@ -62,10 +62,15 @@ def to_tensor_image(image) -> Tensor:
     upstream ToTensor + Normalize(0.5, 0.5)); a non-RGB image is converted to RGB first."""
     Image = pil_image_module()
     check(isinstance(image, Image.Image), f"`image` must be a PIL image, got {describe(image)}", error=TypeError)
+    return uint8_to_images(to_uint8_pixels(image))
+
+
+def to_uint8_pixels(image) -> Tensor:
+    """A PIL image as uint8 pixels ``[3, H, W]`` (RGB; a non-RGB image is converted first)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return uint8_to_images(pixels.permute(2, 0, 1).contiguous())
+    return pixels.permute(2, 0, 1).contiguous()
 
 
 # the one place pixels and float images convert (datasets, sample grids, sampled PNGs, metrics)
@@ -128,9 +133,14 @@ class _ImageDataset(Dataset):
               error=IndexError)
         return position % len(self)
 
-    def make_item(self, image, label: int, caption: Optional[str]) -> Dict[str, Tensor]:
-        pixels = to_tensor_image(adm_center_crop(image, self.resolution))
-        item = {"image": random_horizontal_flip(pixels) if self.random_flip else pixels,
+    def crop(self, image) -> Tensor:
+        """A decoded PIL image as the item's uint8 pixels ``[3, resolution, resolution]`` (ADM's centre crop)."""
+        return to_uint8_pixels(adm_center_crop(image, self.resolution))
+
+    def make_item(self, pixels: Tensor, label: int, caption: Optional[str]) -> Dict[str, Tensor]:
+        """An item from its cropped uint8 pixels: the image in [-1, 1], mirrored at random with ``random_flip``."""
+        image = uint8_to_images(pixels)
+        item = {"image": random_horizontal_flip(image) if self.random_flip else image,
                 "label": torch.tensor(label, dtype=torch.long)}
         if self.caption_tokenizer is not None:
             item["caption_ids"], item["caption_mask"] = self.caption_tokenizer(caption)
@@ -204,14 +214,20 @@ class ImageFolderDataset(_ImageDataset):
         max_caption_length: with captions: ids are truncated or padded (with ``pad_id``) to this length.
         pad_id: the id of padding positions (their mask is False).
         extensions: the image file suffixes to use.
+        in_memory: decode and crop every image once, here, and keep the uint8 crops in memory
+            (``len * 3 * resolution**2`` bytes: for datasets that fit, such as CIFAR or the digits, where
+            decoding each item at every step would cost more than the model's step); items then only
+            convert and flip. ``progress``: a progress bar while they are decoded.
 
-    Images are decoded when an item is read; an unreadable file raises OSError naming it then.
+    Images are decoded when an item is read (or, ``in_memory``, at construction); an unreadable file raises
+    OSError naming it then.
     """
 
     def __init__(self, root: Any, *, resolution: int, random_flip: bool = True,
                  captions: Optional[CaptionsSource] = None, tokenizer: Any = None,
                  max_caption_length: Optional[int] = None, pad_id: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, in_memory: bool = False, progress: bool = True):
+        check_flag("in_memory", in_memory)
         super().__init__(resolution=resolution, random_flip=random_flip, captions_given=captions is not None,
                          captions_name="captions", tokenizer=tokenizer, max_caption_length=max_caption_length,
                          pad_id=pad_id)
@@ -225,6 +241,16 @@ class ImageFolderDataset(_ImageDataset):
         self.class_to_index = {name: index for index, name in enumerate(self.classes)}
         self.captions = None if captions is None else self.match_captions(read_captions(captions))
         self.probe_tokenizer(None if self.captions is None else self.captions[0])
+        self.pixels = self.decode_all(progress) if in_memory else None
+
+    def decode_all(self, progress: bool) -> Tensor:
+        """Every image's uint8 crop ``[len, 3, resolution, resolution]``, in sample order."""
+        from tqdm.auto import tqdm
+
+        pixels = torch.empty(len(self.samples), 3, self.resolution, self.resolution, dtype=torch.uint8)
+        for position, (path, _) in enumerate(tqdm(self.samples, desc="decoding images", disable=not progress)):
+            pixels[position] = self.crop(_open_rgb(path, str(path)))
+        return pixels
 
     def relative_path(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -250,7 +276,8 @@ class ImageFolderDataset(_ImageDataset):
         position = self.check_index(index)
         path, label = self.samples[position]
         caption = None if self.captions is None else self.captions[position]
-        return self.make_item(_open_rgb(path, str(path)), label, caption)
+        pixels = self.pixels[position] if self.pixels is not None else self.crop(_open_rgb(path, str(path)))
+        return self.make_item(pixels, label, caption)
 
 
 def _row_image(value: Any, where: str):
@@ -367,4 +394,4 @@ class HFImageDataset(_ImageDataset):
                                         f"at index {position}", error=TypeError)
         where = f"`hf_dataset` row {position}, `image_key` {self.image_key!r}"
         image = _row_image(_cell(row, self.image_key, "image_key", position), where)
-        return self.make_item(image, self.row_label(row, position), self.row_caption(row, position))
+        return self.make_item(self.crop(image), self.row_label(row, position), self.row_caption(row, position))

@@ -45,6 +45,7 @@ class DataConfig:
     batch_size: int = 256                     # global, per optimizer step (all processes, all accumulation)
     num_workers: int = 0
     random_flip: bool = True
+    in_memory: bool = False                   # data.folder decoded once into memory (small datasets: digits, CIFAR)
 
 
 @dataclass
@@ -337,6 +338,8 @@ def _check_data(config: Config) -> None:
     _require(len(sources) == 1, f"give exactly one of `data.folder`, `data.hf`, `data.cache`, got "
                                 f"{[f'data.{s}' for s in sources] or 'none'}")
     _require(data.captions is None or data.folder is not None, "`data.captions` goes with `data.folder`")
+    _require(not data.in_memory or data.folder is not None, "`data.in_memory` goes with `data.folder` (a cache is "
+                                                              "memory-mapped already)")
     for name in ("resolution", "batch_size"):
         _require(getattr(data, name) >= 1, f"`data.{name}` must be >= 1, got {getattr(data, name)}")
     _require(data.num_workers >= 0, f"`data.num_workers` must be >= 0, got {data.num_workers}")

@@ -105,7 +105,8 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
     if data.folder is not None:
         with _naming("data.folder", data.folder):
             return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
-                                      captions=data.captions, **captions)
+                                      captions=data.captions, in_memory=data.in_memory,
+                                      progress=config.train.progress, **captions)
     with _naming("data.hf", data.hf):
         return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
                               random_flip=data.random_flip)
