@@ -112,6 +112,14 @@ def load_line(wall: float, load_before: float) -> str:
             f"{os.getloadavg()[0]:.2f} after (above the thread count means other processes competed for the CPU)")
 
 
+def report(lines: List[str], markdown: Optional[str]) -> None:
+    """Print a results table's lines and write them to the ``markdown`` file when one is given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if markdown:
+        Path(markdown).write_text(text)
+
+
 # the generation benchmarks
 
 def generation_parser(description: str, *, quick: str) -> argparse.ArgumentParser:

@@ -141,7 +141,7 @@ def main() -> None:
         parser.error(f"--steps must be at least --warmup + 2 ({args.warmup + 2}), got {args.steps}")
 
     import torch
-    from _common import load_line, machine_lines
+    from _common import load_line, machine_lines, report
 
     started, load_before = time.time(), os.getloadavg()[0]
     per_step = {loop: [] for loop in LOOPS}
@@ -164,10 +164,7 @@ def main() -> None:
         lines.append(f"| {name} | {step * 1e3:.1f} | {1 / step:.2f} | {base / step:.2f} | {runs} |")
     lines += ["", "- vs the digits loop: its time per step / this loop's (above 1: the entry point is faster)", "",
               load_line(time.time() - started, load_before)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    report(lines, args.markdown)
 
 
 if __name__ == "__main__":

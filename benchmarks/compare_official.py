@@ -77,7 +77,7 @@ def main() -> None:
         raise SystemExit(f"compare_official: no LlamaGen checkout at {args.upstream / 'LlamaGen'} (see the docstring)")
     torch.set_num_threads(args.threads)
 
-    from _common import load_line, machine_lines
+    from _common import load_line, machine_lines, report
     from mmgen_pytorch import LlamaGen
 
     started, load_before = time.time(), os.getloadavg()[0]
@@ -118,10 +118,7 @@ def main() -> None:
              f"| `LlamaGen.generate` | {ours_s:.2f} | {ours_s - floor:.2f} | {official_s / ours_s:.2f} |", "",
              f"- identical codes: {'yes' if same else f'no ({agree:.1%} of positions agree)'}",
              load_line(time.time() - started, load_before)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    report(lines, args.markdown)
 
 
 if __name__ == "__main__":
