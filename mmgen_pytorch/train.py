@@ -51,7 +51,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ from .training.config import (TOKENIZERS, Config, ConfigError, check_config, che
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
-from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint, saved_model_folder  # noqa: F401
+from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
 SAMPLES, LOG_FILE = "samples", "log.jsonl"
