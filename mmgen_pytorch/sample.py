@@ -235,7 +235,8 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
     where = " ".join(f"data.{key} {value!r}" for key, value in (("folder", data.folder), ("cache", data.cache),
                                                                 ("hf", data.hf)) if value is not None)
     try:
-        dataset = build_dataset(source.config, None)
+        counting = dataclasses.replace(source.config, data=dataclasses.replace(data, in_memory=False))  # no decoding
+        dataset = build_dataset(counting, None)
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise ValueError(f"--num-classes: the run trained {source.model_name} on {where}, which cannot be read "
                          f"now to count its classes ({error}); give --num-classes C (0: unconditional)") from None
