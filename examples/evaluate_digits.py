@@ -8,6 +8,8 @@
   training split, with the floor given by two disjoint sets of real digits of the same sizes; computed by
   `mmgen_pytorch.evaluation` (torchmetrics' FID on `digits_pca_extractor()`), which takes uint8 images:
   samples are rounded to 0..255 first (at most 1/510 of the range, 0.03 pixel units);
+- a tokenizer's rFID (`tokenizer_rfid`, LlamaGen's and DnD's recipes): the same Fréchet distance between the
+  held-out digits and their reconstructions through the tokenizer (`mmgen_pytorch.evaluation.reconstruction_fid`);
 - memorisation: the median Euclidean distance (pixel units 0..16) from a sample to its nearest
   training digit, beside the same figure for held-out real digits (about 17). A generator that
   recites its training set scores far below the real figure while its FD stays near the floor.
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from sklearn.svm import SVC
 
-from mmgen_pytorch.evaluation import FeatureStats, digits_pca_extractor, digits_split, feature_stats, frechet_distance
+from mmgen_pytorch.evaluation import (FeatureStats, digits_pca_extractor, digits_split, feature_stats, frechet_distance,
+                                      reconstruction_fid)
 
 
 @lru_cache(maxsize=1)
@@ -76,6 +79,16 @@ def nearest_train_distance(pixels: np.ndarray) -> float:
     x_train = split()[0]
     squared = (pixels ** 2).sum(1)[:, None] - 2 * pixels @ x_train.T + (x_train ** 2).sum(1)[None]
     return float(np.median(np.sqrt(np.clip(squared.min(1), 0.0, None))))
+
+
+def tokenizer_rfid(tokenizer: torch.nn.Module) -> float:
+    """rFID in the PCA space: the held-out digits against their reconstructions through ``tokenizer``, which
+    takes and returns one-channel 8x8 images in [-1, 1] (the digits recipes' VQVAE / RQVAE)."""
+    def reconstruct(images: torch.Tensor) -> torch.Tensor:  # RGB -> the tokenizer's grey channel -> RGB
+        with torch.no_grad():
+            return tokenizer(images[:, :1]).recon.expand(-1, 3, -1, -1)
+
+    return reconstruction_fid([as_uint8_images(split()[1])], reconstruct, fitted()[1])
 
 
 def evaluate(images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:

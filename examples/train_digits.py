@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_digits import evaluate, split  # noqa: E402
+from evaluate_digits import evaluate, split, tokenizer_rfid  # noqa: E402
 
 from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, RectifiedFlow, Transfusion,  # noqa: E402
                            load_training_state, save_training_state)
@@ -279,6 +279,9 @@ class LlamaGenRecipe:
 
     def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
         return self.model(codes, class_labels=labels)
+
+    def extra_metrics(self, model, generator: torch.Generator) -> Dict[str, float]:
+        return {"tokenizer_rfid": tokenizer_rfid(self.tokenizer.eval())}
 
     @torch.no_grad()
     def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:

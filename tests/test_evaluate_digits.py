@@ -64,3 +64,23 @@ def test_frechet_distance_equals_scipy_sqrtm_on_the_same_pca_features(data):
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
     scores = evaluate_digits.evaluate(samples, labels[:300])
     assert scores["frechet_distance"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_tokenizer_rfid_is_zero_for_a_perfect_tokenizer_and_grows_with_its_error():
+    """rFID of the held-out digits through a tokenizer: 0 when the reconstruction is the input, larger as
+    the reconstruction's error grows (PCA features, the recipes' one-channel 8x8 images)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    class Noisy(torch.nn.Module):
+        def __init__(self, std):
+            super().__init__()
+            self.std = std
+
+        def forward(self, images):
+            noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * self.std
+            return SimpleNamespace(recon=(images + noise).clamp(-1, 1))
+
+    scores = [evaluate_digits.tokenizer_rfid(Noisy(std)) for std in (0.0, 0.1, 0.3)]
+    assert abs(scores[0]) < 1e-6 * max(1.0, scores[1]) and 0 < scores[1] < scores[2]

@@ -37,6 +37,8 @@ def test_train_digits_smoke(model, tmp_path):
     for key in ("conditional_accuracy", "frechet_distance", "frechet_floor_real", "nearest_train_distance",
                 "nearest_train_distance_real", "train_minutes", "sampling_seconds"):
         assert key in saved and key in metrics
+    if model in ("llamagen", "dnd"):  # the tokenizer's rFID on the held-out digits (PCA features)
+        assert saved["tokenizer_rfid"] > 0
     assert (out / "checkpoint" / "model.safetensors").exists()
 
     resumed = train_digits.parse_args(argv[:-1] + ["--resume", "--steps", "3", "--no-progress"])
