@@ -229,7 +229,7 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
         return None, ("unconditional (a saved model folder does not say which classes it was trained on: give "
                       "--num-classes C for class-balanced images)")
     from .train import num_classes
-    from .training.recipes import build_dataset, dataset_labels, has_captions
+    from .training.recipes import build_dataset, has_captions
 
     data = source.config.data
     where = " ".join(f"data.{key} {value!r}" for key, value in (("folder", data.folder), ("cache", data.cache),
@@ -244,9 +244,6 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
         return None, (f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw "
                       f"from captions)")
     count = num_classes(source.config, dataset)
-    if count is None:
-        labels = dataset_labels(dataset)
-        count = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else None
     if count:
         return count, f"{count} classes, balanced (the class labels of the run's {where})"
     return None, f"unconditional (the run's {where} has no class labels)"

@@ -63,7 +63,8 @@ from .training.config import (TOKENIZERS, Config, ConfigError, check_config, che
                               shipped_configs)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
-                               check_latent_fit, draw_samples, has_captions, load_tokenizer, save_grid)
+                               check_latent_fit, dataset_labels, draw_samples, has_captions, load_tokenizer,
+                               save_grid)
 from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
@@ -525,11 +526,17 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
 
 
 def num_classes(config: Config, dataset) -> Optional[int]:
-    """The classes the grid cycles through; None for a text model trained on captions (a class id is no caption)."""
+    """The classes the grid, evaluation and ``sample`` cycle through: the folder's classes, else the model's
+    ``num_classes``, else (a text model on a labelled cache) the data's labels; None for a text model trained on
+    captions (a class id is no caption) or on unlabelled data."""
     if config.model.name in TEXT_MODELS and has_captions(dataset):
         return None
     classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else config.model.kwargs.get("num_classes")
+    count = len(classes) if classes else config.model.kwargs.get("num_classes")
+    if count is None and config.model.name in TEXT_MODELS:
+        labels = dataset_labels(dataset)
+        count = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else None
+    return count
 
 
 def flat_config(config: Config) -> dict:

@@ -72,6 +72,17 @@ def test_in_memory_folder_trains_as_the_folder_decoded_per_item(data, tmp_path):
     assert train_run("tiny-monoformer", tmp_path / "in-memory", *folder, "--data.in_memory", "true") == per_item
 
 
+@pytest.mark.parametrize("where", ["cache", "folder"])
+def test_a_text_model_counts_the_classes_of_its_labelled_data(data, where):
+    """A Transfusion trained on class labels (one-token texts) draws its grid, evaluation and `sample` images
+    over its data's classes, from a folder and from a cache (which holds labels, not class names)."""
+    from mmgen_pytorch.data import ImageFolderDataset
+
+    config = load_config("tiny-transfusion", source(data, "kl", where))
+    classes = len(ImageFolderDataset(data / "images", resolution=32).classes)
+    assert classes > 1 and train.num_classes(config, build_dataset(config, None)) == classes
+
+
 def test_transfusion_on_captions_resumes_bit_identically(data, tmp_path):
     """Text + image from an image folder with a captions file, images encoded by the frozen KL tokenizer
     and flipped at random: the resumed run repeats the uninterrupted one bit for bit."""
