@@ -274,6 +274,9 @@ def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
         return
     spec = source.config.tokenizer if source.config is not None else None
     has_one = spec is not None and (spec.path is not None or spec.from_official is not None)
+    if spec is not None and spec.path is not None and not Path(spec.path).is_dir():
+        raise ValueError(f"--tokenizer: the run's tokenizer.path {spec.path!r} (from its config.yaml) is not a folder "
+                         f"from here ({Path.cwd()}); give the tokenizer's folder with --tokenizer DIR")
     if source.model_name in NEEDS_TOKENIZER and not has_one:
         kind = NEEDS_TOKENIZER[source.model_name].upper()
         raise ValueError(f"--tokenizer: {source.model_name} draws {kind} latents / codes; give the folder of the "

@@ -59,8 +59,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
-from .training.config import (TOKENIZERS, Config, ConfigError, check_config, check_world_size, load_config,
-                              shipped_configs)
+from .training.config import (TOKENIZERS, Config, ConfigError, absolute_paths, check_config, check_world_size,
+                              load_config, shipped_configs, with_absolute_paths)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, dataset_labels, draw_samples, has_captions, load_tokenizer,
@@ -220,8 +220,8 @@ def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> 
     if latest is None:
         raise ConfigError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
     saved = output_dir / "config.yaml"
-    if saved.is_file():
-        changed = config_changes(_yaml_load(saved), json.loads(json.dumps(config.to_dict())))
+    if saved.is_file():  # paths compared as absolute (an earlier version wrote them as given)
+        changed = config_changes(absolute_paths(_yaml_load(saved)), json.loads(json.dumps(config.to_dict())))
         if changed:
             raise ConfigError(f"--resume: the config differs from the one {str(saved)!r} was saved with in "
                               f"{', '.join(changed)}; a resumed run must keep it (only "
@@ -363,7 +363,9 @@ def run(config: Config, *, resume_run: bool = False) -> List[float]:
 
 def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     """Everything before the first step: the checks (a :class:`ConfigError` for whatever the config gets
-    wrong), the tokenizer, data, model, optimizer, evaluator and the resumed state."""
+    wrong), the tokenizer, data, model, optimizer, evaluator and the resumed state. Paths in the config that
+    exist are made absolute first, so the run's ``config.yaml`` reads the same from any folder."""
+    config = with_absolute_paths(config)
     accelerator, tracker = make_accelerator(config)
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)

@@ -422,6 +422,23 @@ def test_command_samples_a_saved_model_folder(llamagen, tmp_path):
     assert json.loads((tmp_path / "out" / "sampling.json").read_text())["weights"] == "model"
 
 
+def test_a_runs_tokenizer_path_missing_from_here_is_one_line_naming_the_flag(llamagen, tmp_path, monkeypatch):
+    """A run whose config.yaml names its tokenizer relative to another folder: `sample` says so and asks for
+    --tokenizer, before anything loads (no traceback)."""
+    from _helpers import fake_llamagen_run
+    from mmgen_pytorch import sample
+
+    model, vq = llamagen
+    fake_llamagen_run(tmp_path, model, vq)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config["tokenizer"]["path"] = "vq"  # relative to tmp_path, which is not the working folder
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sample, "load_for_sampling", lambda *args: pytest.fail("loaded before checking the flags"))
+    with pytest.raises(SystemExit, match=r"^sample: --tokenizer: the run's tokenizer.path 'vq' .*give the tokenizer's "
+                                         r"folder with --tokenizer DIR"):
+        sample.main([str(tmp_path / "run"), "--num", "2", "--out", str(tmp_path / "out")])
+
+
 def test_tokenizer_may_be_a_tokenizer_training_run(llamagen, tmp_path):
     """``--tokenizer`` takes a tokenizer's training output folder (its latest checkpoint's model), as
     ``tokenizer.path`` of a training config does: the same images as from the saved tokenizer."""

@@ -141,6 +141,23 @@ def test_train_resume_bit_identical_and_sample(data, tmp_path, name, kind):
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4] and logged[0]["lr"] == pytest.approx(5e-4)
 
 
+def test_relative_paths_are_saved_absolute_and_resume_from_any_folder(data, tmp_path, monkeypatch):
+    """Paths given relative to the working folder are written absolute into config.yaml (so `sample` reads the
+    run from any folder); a run saved by an earlier version with them relative still resumes from its folder."""
+    import yaml
+
+    monkeypatch.chdir(data)
+    common = ["--data.cache", "cache-kl", "--tokenizer.path", "kl", "--train.steps", "2", "--train.checkpoint_every",
+              "1", "--train.sample_every", "0"]
+    run("tiny-mar", tmp_path / "run", *common, "--train.steps", "1")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["tokenizer"]["path"], saved["data"]["cache"]) == (str(data / "kl"), str(data / "cache-kl"))
+    saved["tokenizer"]["path"], saved["data"]["cache"] = "kl", "cache-kl"  # as an earlier version wrote them
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    reset_accelerate_state()
+    assert len(run("tiny-mar", tmp_path / "run", *common, "--resume")) == 1
+
+
 T2I = ["--model.kwargs.model_type", "t2i", "--model.kwargs.cls_token_num", "16", "--data.max_caption_length", "16",
        "--model.kwargs.caption_encoder", "{num_tokens: 257, dim: 32, depth: 1, heads: 2, max_seq_len: 16}"]
 

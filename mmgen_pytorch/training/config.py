@@ -224,6 +224,29 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = (), *, check_
     return parse_config(apply_overrides(read_config_file(path), overrides), check_values=check_values)
 
 
+# file paths: made absolute when a run starts, so that its config.yaml means the same from any folder
+
+PATH_KEYS = {"data": ("folder", "cache", "captions"), "tokenizer": ("path", "from_official"),
+             "tokenizer_loss": ("vgg16_path", "lpips_path"), "eval": ("reference", "inception_weights")}
+
+
+def absolute_paths(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """``raw`` (a config as plain data) with each :data:`PATH_KEYS` value that names an existing file or folder
+    made absolute (relative to the working folder); other values, missing paths included, as they are."""
+    resolved = {section: dict(values) if isinstance(values, Mapping) else values for section, values in raw.items()}
+    for section, keys in PATH_KEYS.items():
+        values = resolved.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            if isinstance(values.get(key), str) and Path(values[key]).exists():
+                values[key] = str(Path(values[key]).resolve())
+    return resolved
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """``config`` with its existing file and folder paths absolute (:func:`absolute_paths`)."""
+    return parse_config(absolute_paths(json.loads(json.dumps(config.to_dict()))))  # tuples as the files give them
+
+
 # checking
 
 
