@@ -217,15 +217,16 @@ def check_flags(args: argparse.Namespace) -> Tuple[Source, Dict[str, Any]]:
 
 
 def run_classes(source: Source) -> Tuple[Optional[int], str]:
-    """``(num_classes, what that draws and why)`` when no ``--num-classes`` is given: None (the model's own
-    classes, or unconditional for a model without) except for a Transfusion / MonoFormer run, which trained on
-    its data's class labels as one-token texts: the classes its training grid cycles through (as ``train``
-    counts them), else those of its data's labels; unconditional for a run on captions or unlabelled data."""
+    """``(num_classes, what that draws and why)`` when no ``--num-classes`` is given. A training run draws over
+    the classes its data had (as ``train`` counts them for its grid: a Transfusion / MonoFormer trained on class
+    labels as one-token texts, a MAR on a folder of fewer classes than its ``num_classes``), unconditionally
+    when its data had none or it trained on captions; a saved model folder draws over the model's own classes
+    (None), a Transfusion / MonoFormer one unconditionally (it does not say which classes it was trained on)."""
     from .training.recipes import TEXT_MODELS
 
-    if source.model_name not in TEXT_MODELS:
-        return None, "the model's classes, balanced, when it has classes"
     if source.config is None:
+        if source.model_name not in TEXT_MODELS:
+            return None, "the model's classes, balanced, when it has classes"
         return None, ("unconditional (a saved model folder does not say which classes it was trained on: give "
                       "--num-classes C for class-balanced images)")
     from .train import num_classes
@@ -238,15 +239,17 @@ def run_classes(source: Source) -> Tuple[Optional[int], str]:
         counting = dataclasses.replace(source.config, data=dataclasses.replace(data, in_memory=False))  # no decoding
         dataset = build_dataset(counting, None)
     except (OSError, ValueError, TypeError, ImportError) as error:
+        if source.model_name not in TEXT_MODELS:  # the model's own classes still say what it can draw
+            return None, f"the model's classes, balanced (the run's {where} cannot be read now to count its own)"
         raise ValueError(f"--num-classes: the run trained {source.model_name} on {where}, which cannot be read "
                          f"now to count its classes ({error}); give --num-classes C (0: unconditional)") from None
-    if has_captions(dataset):
+    if has_captions(dataset) and source.model_name in TEXT_MODELS:
         return None, (f"unconditional (the run trained on the captions of {where}: give --prompts FILE to draw "
                       f"from captions)")
     count = num_classes(source.config, dataset)
     if count:
         return count, f"{count} classes, balanced (the class labels of the run's {where})"
-    return None, f"unconditional (the run's {where} has no class labels)"
+    return 0, f"unconditional (the run's {where} has no class labels)"
 
 
 def _say_settings(chosen: Dict[str, Tuple[Any, str]], conditioning: str) -> None:

@@ -528,17 +528,19 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
 
 
 def num_classes(config: Config, dataset) -> Optional[int]:
-    """The classes the grid, evaluation and ``sample`` cycle through: the folder's classes, else the model's
-    ``num_classes``, else (a text model on a labelled cache) the data's labels; None for a text model trained on
-    captions (a class id is no caption) or on unlabelled data."""
+    """The classes the grid, evaluation and ``sample`` cycle through: the data's (a folder's class folders, else
+    its labels), or the model's ``num_classes`` where the labels are not at hand (rows of a Hugging Face
+    dataset); None, unconditional, for data without labels and for a text model trained on captions (a class id
+    is no caption)."""
     if config.model.name in TEXT_MODELS and has_captions(dataset):
         return None
     classes = getattr(dataset, "classes", None)
-    count = len(classes) if classes else config.model.kwargs.get("num_classes")
-    if count is None and config.model.name in TEXT_MODELS:
-        labels = dataset_labels(dataset)
-        count = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else None
-    return count
+    if classes:
+        return len(classes)
+    labels = dataset_labels(dataset)  # a flat folder (all -1) or a cache
+    if labels is not None:
+        return int(labels.max()) + 1 if bool((labels >= 0).any()) else None
+    return config.model.kwargs.get("num_classes")
 
 
 def flat_config(config: Config) -> dict:

@@ -439,6 +439,29 @@ def test_a_runs_tokenizer_path_missing_from_here_is_one_line_naming_the_flag(lla
         sample.main([str(tmp_path / "run"), "--num", "2", "--out", str(tmp_path / "out")])
 
 
+def test_a_mar_run_draws_over_its_datas_classes_or_unconditionally(tmp_path):
+    """A MAR run (num_classes 4 in tiny-mar) draws over the classes its folder had, and unconditionally when
+    it trained on a flat folder (no labels): its training grid and `sample` agree (train.num_classes)."""
+    import shutil
+
+    from _helpers import TRAIN_COLOURS, fake_run, write_colour_folder
+    from mmgen_pytorch import sample, train
+    from mmgen_pytorch.training.recipes import build_dataset
+
+    images = write_colour_folder(tmp_path / "data", per_class=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, path in enumerate(sorted(images.rglob("*.png"))):
+        shutil.copy(path, flat / f"{index}.png")
+    for folder, expected in ((images, len(TRAIN_COLOURS)), (flat, 0)):
+        root = tmp_path / folder.name
+        fake_run(root, "tiny-mar", "--data.folder", str(folder))
+        source = sample.resolve_source(str(root / "run"))
+        count, why = sample.run_classes(source)
+        assert count == expected and ("unconditional" in why) == (expected == 0)
+        assert (train.num_classes(source.config, build_dataset(source.config, None)) or 0) == expected
+
+
 def test_tokenizer_may_be_a_tokenizer_training_run(llamagen, tmp_path):
     """``--tokenizer`` takes a tokenizer's training output folder (its latest checkpoint's model), as
     ``tokenizer.path`` of a training config does: the same images as from the saved tokenizer."""
