@@ -197,7 +197,20 @@ def resume(state: State, folder: Path) -> int:
                                scheduler=state.scheduler, grad_scaler=state.accelerator.scaler, restore_rng=False,
                                parts=state.parts())
     set_rng_states(read_tensor_file(rng_file(folder, state.accelerator.process_index), expected="torch"))
+    schedulers = [state.scheduler] + ([state.adversary.scheduler] if state.adversary is not None else [])
+    for scheduler in schedulers:
+        follow_schedule(scheduler)
     return step
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the learning rates of a restored LambdaLR's optimizer from its schedule at its restored step. The
+    saved rates follow the schedule the run was saved with; with another ``train.steps`` (which a resume may
+    change) a cosine schedule differs, and the saved rate would be used for one step (0 at the old end).
+    Unchanged, the rates are the same floats."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
 
 
 # what a run continues: checked before anything is loaded or built

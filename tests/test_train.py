@@ -158,6 +158,21 @@ def test_relative_paths_are_saved_absolute_and_resume_from_any_folder(data, tmp_
     assert len(run("tiny-mar", tmp_path / "run", *common, "--resume")) == 1
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(data, tmp_path):
+    """A resumed run given more `train.steps` continues on the cosine schedule of its new length from its
+    first step (before: one step at the old schedule's final rate, 0)."""
+    common = ["--data.cache", str(data / "cache-kl"), "--tokenizer.path", str(data / "kl"), "--train.sample_every", "0"]
+    run("tiny-mar", tmp_path, *common)
+    reset_accelerate_state()
+    run("tiny-mar", tmp_path, *common, "--resume", "--train.steps", "6")
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    config = load_config("tiny-mar", ["--data.cache", "x"])
+    expected = [config.optim.lr * train.learning_rate_factor(step, warmup=config.optim.warmup_steps, total=6,
+                                                             schedule="cosine") for step in (4, 5)]
+    assert [entry["step"] for entry in logged[-2:]] == [5, 6] and expected[0] > 0
+    assert [entry["lr"] for entry in logged[-2:]] == pytest.approx(expected, rel=1e-12)
+
+
 T2I = ["--model.kwargs.model_type", "t2i", "--model.kwargs.cls_token_num", "16", "--data.max_caption_length", "16",
        "--model.kwargs.caption_encoder", "{num_tokens: 257, dim: 32, depth: 1, heads: 2, max_seq_len: 16}"]
 
