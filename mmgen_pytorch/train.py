@@ -397,7 +397,9 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     start = 0
     if folder is not None:
         start = resume(state, folder)
-        accelerator.print(f"resumed from {folder} at step {start}")
+        accelerator.print(f"resumed from {folder} at step {start}" + (
+            f": nothing to train, the run is at its `train.steps` {config.train.steps} (raise it to train on)"
+            if start >= config.train.steps else ""))
     else:
         torch.manual_seed(config.train.seed + accelerator.process_index)  # each process its own draws
     if accelerator.is_main_process:
@@ -530,9 +532,12 @@ def sample_grid(config: Config, state: State, output_dir: Path, step: int, class
         model = state.sampling_model()
         with eval_mode(model):
             images = draw_samples(config, model, state.tokenizer, classes)
-        if images is None:
-            accelerator.print(f"step {step}: no sample grid ({config.model.name} draws none, or needs a tokenizer / "
-                              f"class labels to draw one)")
+        if images is None and config.model.name in TOKENIZERS:
+            accelerator.print(f"step {step}: no sample grid (a tokenizer draws none; the `eval` section scores its "
+                              f"reconstructions by rFID)")
+        elif images is None:
+            accelerator.print(f"step {step}: no sample grid ({config.model.name} needs a tokenizer / class labels to "
+                              f"draw one)")
         else:
             path = output_dir / SAMPLES / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

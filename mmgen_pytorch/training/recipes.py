@@ -64,7 +64,8 @@ def load_tokenizer(config: Config) -> Optional[nn.Module]:
         return None
     needed = TOKENIZER_CLASSES[TOKENIZER_KINDS[config.model.name]]
     if not isinstance(tokenizer, needed):
-        raise ConfigError(f"`tokenizer`: {config.model.name} needs a {needed.__name__}, got {type(tokenizer).__name__}")
+        raise ConfigError(f"`tokenizer`: {config.model.name} takes a tokenizer of class {needed.__name__}, got a "
+                          f"{type(tokenizer).__name__}")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -287,17 +288,23 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
     data = data_latents(config, tokenizer, dataset)
     stride = getattr(tokenizer, "downsample_factor", None) if config.data.cache is None else None
     grid = _pair(spec.grid(arguments))
-    if grid is not None and grid != data.grid:
-        given = _kwargs({key: arguments[key] for key in spec.grid_keys})
-        also = f"; or `data.resolution` {grid[0] * stride}" if stride and grid[0] == grid[1] else ""
-        raise ConfigError(f"{name} takes a {grid[0]}x{grid[1]} grid ({given}), but the data gives "
-                          f"{data.grid[0]}x{data.grid[1]}: {data.origin}; what would fit: "
-                          f"{_kwargs(spec.fit(arguments, data.grid, stride))}{also}")
     channels = arguments.get(spec.channels_key) if spec.channels_key else None
-    if isinstance(channels, int) and data.channels is not None and channels != data.channels:
-        raise ConfigError(f"{name} takes {channels} latent channels (`model.kwargs.{spec.channels_key}`), but the "
-                          f"data gives {data.channels}: {data.origin}; what would fit: "
-                          f"{_kwargs({spec.channels_key: data.channels})}")
+    wrong_grid = grid is not None and grid != data.grid
+    wrong_channels = isinstance(channels, int) and data.channels is not None and channels != data.channels
+    if wrong_grid or wrong_channels:  # both in one message, each with what would fit
+        takes, gives, fits = [], [], {}
+        if wrong_grid:
+            takes.append(f"a {grid[0]}x{grid[1]} grid ({_kwargs({key: arguments[key] for key in spec.grid_keys})})")
+            gives.append(f"{data.grid[0]}x{data.grid[1]}")
+            fits.update(spec.fit(arguments, data.grid, stride))
+        if wrong_channels:
+            takes.append(f"{channels} latent channels (`model.kwargs.{spec.channels_key}`)")
+            gives.append(f"{data.channels} channels")
+            fits[spec.channels_key] = data.channels
+        also = (f"; or `data.resolution` {grid[0] * stride}" if wrong_grid and not wrong_channels and stride
+                and grid[0] == grid[1] else "")
+        raise ConfigError(f"{name} takes {' and '.join(takes)}, but the data gives {' and '.join(gives)}: "
+                          f"{data.origin}; what would fit: {_kwargs(fits)}{also}")
     heads = getattr(model, "code_heads", None)
     if heads is not None and tokenizer is not None:
         try:
