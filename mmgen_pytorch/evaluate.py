@@ -215,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     try:
         plan = check_arguments(args, parser)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as error:
-        raise SystemExit(f"evaluate: {error}") from None
+        raise SystemExit(f"evaluate: {sample.as_flags(error)}") from None
     report = score(plan, args)
     if not report:
         return None

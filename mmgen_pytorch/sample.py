@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -158,6 +159,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # the run config's `sample:` keys that mean here what they mean for the training grid (its `num`, `labels` and
 # `seed` lay out the grid: no meaning here)
 RUN_SAMPLE_KEYS = ("cfg", "temperature", "steps")
+
+# sample_images' argument names, as this command's flags, in the refusals of the checks the two share
+ARGUMENT_FLAGS = ("num", "batch_size", "seed", "num_classes", "prompts", *SAMPLER_FLAGS)
+
+
+def as_flags(error: Exception) -> str:
+    """``error``'s message with each backquoted argument name of :func:`sample_images` as its flag:
+    "`num_classes` 10: ..." -> "--num-classes 10: ..."."""
+    return re.sub(r"`(\w+)`", lambda match: "--" + match[1].replace("_", "-") if match[1] in ARGUMENT_FLAGS
+                  else match[0], str(error))
 
 
 def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Tuple[Any, str]]:
@@ -357,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     try:
         source, settings = check_flags(args)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
-        raise SystemExit(f"sample: {error}") from None
+        raise SystemExit(f"sample: {as_flags(error)}") from None
     return draw(args, source, settings)
 
 
@@ -377,7 +388,7 @@ def draw(args: argparse.Namespace, source: Source, settings: Dict[str, Any],
         try:  # the checks that need the model, as the flags' errors (sample_images repeats them)
             checked_sampling(model, tokenizer, args.out, record=record, **settings)
         except (ValueError, TypeError) as error:
-            raise SystemExit(f"sample: {error}") from None
+            raise SystemExit(f"sample: {as_flags(error)}") from None
         if check_size is not None:
             check_size(drawn_size(model, tokenizer))
         npz = sample_images(model, tokenizer, args.out, progress=not args.no_progress, record=record, **settings)

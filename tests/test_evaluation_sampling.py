@@ -488,12 +488,12 @@ def test_tokenizer_may_be_a_tokenizer_training_run(llamagen, tmp_path):
     (["--preset", "mar-b"], "--preset mar-b is for MAR, but SOURCE holds a LlamaGen"),
     (["--steps", "8"], "--steps: LlamaGen's sampler has no such option"),
     (["--cfg-schedule", "linear"], "--cfg-schedule: LlamaGen's sampler has no such option"),
-    (["--num", "0"], "`num` must be a positive int"),
-    (["--batch-size", "-2"], "`batch_size` must be a positive int"),
-    (["--cfg", "nan"], "`cfg` must be a finite number"),
-    (["--temperature", "-1"], "`temperature` must be a finite number >= 0"),
+    (["--num", "0"], "--num must be a positive int"),
+    (["--batch-size", "-2"], "--batch-size must be a positive int"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--prompts", "{missing}"], "prompts file .* does not exist"),
-    (["--prompts", "{prompts}", "--num-classes", "4"], "give `prompts` or `num_classes`"),
+    (["--prompts", "{prompts}", "--num-classes", "4"], "give --prompts or --num-classes"),
     (["--tokenizer", "{missing}"], "--tokenizer .* is not a folder: it does not exist"),
     (["--tokenizer", "{kl}"], "--tokenizer .* holds a AutoencoderKL, but LlamaGen decodes through a VQVAE"),
     (["--out", "{file}"], "--out .* is a file"),
@@ -529,7 +529,7 @@ def test_flags_the_model_refuses_exit_before_anything_is_written_and_the_correct
 
     out = tmp_path / "out"
     argv = [str(run_dir[0] / "run"), "--num", "2", "--batch-size", "2", "--out", str(out), "--no-progress"]
-    for classes, words in (("10", "`num_classes` 10: the model has 4 classes"),
+    for classes, words in (("10", "--num-classes 10: the model has 4 classes"),
                            ("0", "LlamaGen is class-conditional: it needs a class label for every image")):
         with pytest.raises(SystemExit, match=f"^sample: .*{words}"):
             main(argv + ["--num-classes", classes])
@@ -547,7 +547,7 @@ def test_a_bad_cfg_schedule_is_refused_before_loading(tmp_path, monkeypatch):
     MAR(**tiny_kwargs("tiny-mar")).save(tmp_path / "mar")
     tiny_tokenizer("kl").save(tmp_path / "kl")
     monkeypatch.setattr(sample, "load_for_sampling", lambda *args: pytest.fail("loaded before checking the flags"))
-    with pytest.raises(SystemExit, match=r"sample: `cfg_schedule` must be one of .*got 'foo'"):
+    with pytest.raises(SystemExit, match=r"sample: --cfg-schedule must be one of .*got 'foo'"):
         sample.main([str(tmp_path / "mar"), "--tokenizer", str(tmp_path / "kl"), "--num", "2", "--out",
                      str(tmp_path / "out"), "--cfg-schedule", "foo"])
     assert not (tmp_path / "out").exists()
