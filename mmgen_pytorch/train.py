@@ -234,7 +234,7 @@ def checkpoint_to_resume(config: Config, output_dir: Path, resume_run: bool) -> 
         raise ConfigError(f"--resume: no checkpoint under {str(output_dir / CHECKPOINTS)!r}")
     saved = output_dir / "config.yaml"
     if saved.is_file():  # paths compared as absolute (an earlier version wrote them as given)
-        changed = config_changes(absolute_paths(_yaml_load(saved)), json.loads(json.dumps(config.to_dict())))
+        changed = config_changes(config_sections(absolute_paths(_yaml_load(saved))), config_sections(config.to_dict()))
         if changed:
             raise ConfigError(f"--resume: the config differs from the one {str(saved)!r} was saved with in "
                               f"{', '.join(changed)}; a resumed run must keep it (only "
@@ -382,12 +382,13 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     accelerator, tracker = make_accelerator(config)
     micro_batch = check_world_size(config, accelerator.num_processes)
     output_dir = Path(config.train.output_dir)
-    folder = checkpoint_to_resume(config, output_dir, resume_run)
     reference = check_eval(config)
     tokenizer = load_tokenizer(config)
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
     check_dataset_length(config, len(dataset), micro_batch * accelerator.num_processes)
     state = build(config, accelerator, tokenizer, dataset)
+    # after what the config asks of the data and model, so that a rerun of a mended config is told its own errors
+    folder = checkpoint_to_resume(config, output_dir, resume_run)
     classes = num_classes(config, dataset)
     evaluator = None
     if reference is not None:  # checked on every process, built on the main one
@@ -580,8 +581,16 @@ def config_yaml(config: Config) -> str:
     """The resolved config as YAML (what ``config.yaml`` holds and ``--show`` prints)."""
     import yaml
 
-    data = json.loads(json.dumps(config.to_dict()))  # tuples -> lists
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(config_sections(config.to_dict()), sort_keys=False)
+
+
+def config_sections(config: dict) -> dict:
+    """The sections of a config dict that its model uses, with tuples as lists: a generator's has no
+    ``tokenizer_loss`` (that trains tokenizers; the checks refuse it set for a generator)."""
+    data = json.loads(json.dumps(config))
+    if data.get("model", {}).get("name") not in TOKENIZERS:
+        data.pop("tokenizer_loss", None)
+    return data
 
 
 # command line

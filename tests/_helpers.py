@@ -177,7 +177,7 @@ def assert_resumes_bit_identically(name: str, tmp_path, common) -> list:
     """4 steps straight == 2 steps, then ``--resume`` from the step-2 checkpoint for 2 more: the same losses
     and the same model and EMA weights, bit for bit (``common``: the options of both runs, which must save a
     checkpoint at step 2). A fresh run into the resumed folder and a resume with a changed config are
-    refused first. Returns the straight run's losses."""
+    refused first, and a fresh run whose config is wrong is told that first. Returns the straight run's losses."""
     import shutil
 
     import pytest
@@ -190,6 +190,8 @@ def assert_resumes_bit_identically(name: str, tmp_path, common) -> list:
     shutil.copy(tmp_path / "straight" / "config.yaml", tmp_path / "resumed" / "config.yaml")
     with pytest.raises(SystemExit, match="^config error: .*already holds checkpoints"):  # a fresh run into it
         train_run(name, tmp_path / "resumed", *common)
+    with pytest.raises(SystemExit, match="^config error: .*fewer than one global micro-batch"):  # its own error first
+        train_run(name, tmp_path / "resumed", *common, "--data.batch_size", "100000")
     with pytest.raises(SystemExit, match="^config error: .*config differs .* in optim.lr"):
         train_run(name, tmp_path / "resumed", *common, "--resume", "--optim.lr", "0.5")
     resumed = train_run(name, tmp_path / "resumed", *common, "--resume")

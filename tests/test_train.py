@@ -143,7 +143,8 @@ def test_train_resume_bit_identical_and_sample(data, tmp_path, name, kind):
 
 def test_relative_paths_are_saved_absolute_and_resume_from_any_folder(data, tmp_path, monkeypatch):
     """Paths given relative to the working folder are written absolute into config.yaml (so `sample` reads the
-    run from any folder); a run saved by an earlier version with them relative still resumes from its folder."""
+    run from any folder); a run saved by an earlier version with them relative (and with the generator's unused
+    `tokenizer_loss` section written out) still resumes from its folder."""
     import yaml
 
     monkeypatch.chdir(data)
@@ -152,7 +153,9 @@ def test_relative_paths_are_saved_absolute_and_resume_from_any_folder(data, tmp_
     run("tiny-mar", tmp_path / "run", *common, "--train.steps", "1")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["tokenizer"]["path"], saved["data"]["cache"]) == (str(data / "kl"), str(data / "cache-kl"))
+    assert "tokenizer_loss" not in saved
     saved["tokenizer"]["path"], saved["data"]["cache"] = "kl", "cache-kl"  # as an earlier version wrote them
+    saved["tokenizer_loss"] = json.loads(json.dumps(load_config("tiny-kl", check_values=False).to_dict()["tokenizer_loss"]))
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
     reset_accelerate_state()
     assert len(run("tiny-mar", tmp_path / "run", *common, "--resume")) == 1
@@ -338,7 +341,10 @@ def test_show_prints_the_resolved_config_and_builds_nothing(tmp_path, capsys, mo
     argv = ["tiny-mar", "--data.cache", "c", "--train.steps", "7", "--train.output_dir", str(tmp_path / "out")]
     assert train.main([*argv, "--show"]) == []
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown == json.loads(json.dumps(load_config("tiny-mar", argv[1:]).to_dict()))
+    resolved = json.loads(json.dumps(load_config("tiny-mar", argv[1:]).to_dict()))
+    assert shown == {key: value for key, value in resolved.items() if key != "tokenizer_loss"}  # a generator's
+    train.main(["tiny-kl", "--data.folder", "x", "--show"])
+    assert "tokenizer_loss" in yaml.safe_load(capsys.readouterr().out)  # a tokenizer's
     assert shown["train"]["steps"] == 7 and shown["model"]["kwargs"]["vae_stride"] == 2
     assert not (tmp_path / "out").exists()
     message = refusal(capsys, [*argv, "--train.stepz", "1", "--show"])  # an unknown key: nothing to show
