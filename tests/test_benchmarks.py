@@ -55,3 +55,14 @@ def test_bad_flags_are_refused(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.parse_args(["--dry-run", *argv])
     assert exit_info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_the_mar_head_benchmark_runs_and_writes_its_table(tmp_path):
+    """``bench_mar_head.py`` at a tiny size: its table, with one row per row count, printed and written."""
+    out = tmp_path / "head.md"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_mar_head.py"), "--rows", "4", "8", "--width", "32",
+                           "--depth", "1", "--repeats", "1", "--markdown", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2 and out.read_text() in done.stdout
