@@ -291,8 +291,10 @@ def _check_tokenizer(args: argparse.Namespace, source: Source) -> None:
     if spec is not None and spec.path is not None and not Path(spec.path).is_dir():
         raise ValueError(f"--tokenizer: the run's tokenizer.path {spec.path!r} (from its config.yaml) is not a folder "
                          f"from here ({Path.cwd()}); give the tokenizer's folder with --tokenizer DIR")
-    if source.model_name in NEEDS_TOKENIZER and not has_one:
-        kind = NEEDS_TOKENIZER[source.model_name].upper()
+    # a MAR trained on cached KL moments draws latents; one trained on images without a tokenizer, pixels
+    on_cache = source.model_name == "MAR" and spec is not None and source.config.data.cache is not None
+    if (source.model_name in NEEDS_TOKENIZER or on_cache) and not has_one:
+        kind = NEEDS_TOKENIZER.get(source.model_name, "kl").upper()
         raise ValueError(f"--tokenizer: {source.model_name} draws {kind} latents / codes; give the folder of the "
                          f"{kind} tokenizer that decodes them")
 

@@ -200,3 +200,41 @@ def test_tiny_tokenizer_configs_train_their_generators(data, tmp_path, tokenizer
         reset_accelerate_state()
         assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), name
         assert (out / "samples" / "step-0000002.png").is_file(), name
+
+
+# MAR on the images themselves: no tokenizer, RGB patches as its tokens
+
+PIXEL_MAR = ["--model.kwargs.vae_stride", "1", "--model.kwargs.vae_embed_dim", "3", "--model.kwargs.patch_size", "8",
+             "--model.kwargs.num_classes", "3"]
+
+
+def test_a_pixel_mar_trains_on_the_folder_without_a_tokenizer_and_samples_from_its_run(data, tmp_path):
+    """`vae_stride` 1 and `vae_embed_dim` 3: the 32x32 RGB images themselves (vae_scale 1) as 4x4 tokens of
+    8x8 pixels; losses fall, the grid is drawn, and `sample` draws from the run with no `--tokenizer`,
+    the images those of the model's own sampler decoded as pixels."""
+    from PIL import Image
+
+    from mmgen_pytorch.sample import main as sample_main
+    from mmgen_pytorch.saving import load_model
+
+    losses = train_run("tiny-mar", tmp_path / "run", "--data.folder", str(data / "images"), *PIXEL_MAR,
+                       "--train.steps", "6")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    model = load_model(train.checkpoint_dir(tmp_path / "run", 6))
+    assert (model.vae_scale, model.token_dim) == (1.0, 3 * 8 * 8)
+    with Image.open(tmp_path / "run" / "samples" / "step-0000006.png") as image:
+        assert image.size == (2 * 32, 2 * 32)
+    npz = sample_main([str(tmp_path / "run"), "--num", "2", "--batch-size", "2", "--out", str(tmp_path / "drawn"),
+                       "--no-progress"])
+    with Image.open(tmp_path / "drawn" / "images" / "000000.png") as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    assert npz.is_file()
+
+
+def test_a_latent_sized_mar_without_a_tokenizer_is_told_what_would_fit(data, tmp_path):
+    with pytest.raises(SystemExit, match="^config error: ") as info:
+        train_run("tiny-mar", tmp_path, "--data.folder", str(data / "images"))
+    message = str(info.value)
+    assert all(word in message for word in ("the images themselves", "gives 32x32 and 3 channels",
+                                             "`model.kwargs.vae_stride` 1", "`model.kwargs.vae_embed_dim` 3")), message
+    assert not (tmp_path / train.LOG_FILE).exists()

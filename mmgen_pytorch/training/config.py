@@ -17,8 +17,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 TOKENIZERS = ("VQVAE", "AutoencoderKL", "RQVAE")  # trained on images with TokenizerLoss (`tokenizer_loss`)
 GENERATORS = ("MAR", "LlamaGen", "DnDTransformer", "Transfusion", "MonoFormer")  # they draw images
 MODELS = (*GENERATORS, *TOKENIZERS)
-NEEDS_TOKENIZER = {"MAR": "kl", "LlamaGen": "vq", "DnDTransformer": "rq"}  # what their images go through
-TOKENIZER_KINDS = {**NEEDS_TOKENIZER, "Transfusion": "kl", "MonoFormer": "kl"}  # the one kind each model takes
+NEEDS_TOKENIZER = {"LlamaGen": "vq", "DnDTransformer": "rq"}  # what their images go through, always
+# the one kind each model takes; MAR, Transfusion and MonoFormer also train on the images themselves
+TOKENIZER_KINDS = {**NEEDS_TOKENIZER, "MAR": "kl", "Transfusion": "kl", "MonoFormer": "kl"}
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -382,7 +383,7 @@ def _check_data(config: Config) -> None:
              f"`data.folder` / `data.hf` give `tokenizer.path` or `tokenizer.from_official` (or train on a "
              f"`data.cache`)" if needed else "")
     # the latents of a cache are scaled by the tokenizer's scale_factor (MAR has its own vae_scale)
-    _require(needed is not None or data.cache is None or has_tokenizer,
+    _require(config.model.name == "MAR" or needed is not None or data.cache is None or has_tokenizer,
              f"{config.model.name} on a `data.cache` trains on KL latents scaled by the tokenizer's scale_factor "
              f"(and decodes its sample grids with it): give `tokenizer.path` or `tokenizer.from_official`")
 

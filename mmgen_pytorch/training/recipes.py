@@ -6,7 +6,9 @@ image dataset, ``moments`` (KL) or ``codes`` (VQ / RQ) from a cache, ``label`` (
 ``caption_ids`` / ``caption_mask``.
 
 - MAR: KL latents ``sample_latent(moments) * vae_scale`` (cached moments, or the frozen tokenizer's
-  posterior of the images), class labels (unconditional when every label is -1).
+  posterior of the images) or, without a tokenizer, the images themselves times ``vae_scale`` (1 unless
+  given: a pixel MAR, ``vae_stride`` 1 and ``vae_embed_dim`` 3); class labels (unconditional when every
+  label is -1).
 - LlamaGen / DnDTransformer: VQ codes ``[b, h, w]`` / RQ codes ``[b, h, w, D]`` (cached, or encoded by the
   frozen tokenizer); class labels (c2i) or caption ids through the model's ``caption_encoder`` (t2i).
 - Transfusion / MonoFormer: one sample per image, ``[text, latent]``: the text is the caption ids (their
@@ -78,8 +80,8 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if isinstance(kwargs.get("caption_encoder"), dict):
         kwargs["caption_encoder"] = mmgen_pytorch.CaptionEncoder(**kwargs["caption_encoder"])
-    if spec.name == "MAR" and tokenizer is not None:
-        kwargs.setdefault("vae_scale", tokenizer.scale_factor)
+    if spec.name == "MAR" and (tokenizer is not None or config.data.cache is None):  # pixels: unscaled
+        kwargs.setdefault("vae_scale", tokenizer.scale_factor if tokenizer is not None else 1.0)
     try:
         if spec.name in TOKENIZERS:  # a config dataclass (preset) with field overrides; lists -> tuples
             overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
@@ -286,7 +288,7 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
         return
     spec, arguments = MODEL_GRIDS[name], constructor_arguments(model)
     data = data_latents(config, tokenizer, dataset)
-    stride = getattr(tokenizer, "downsample_factor", None) if config.data.cache is None else None
+    stride = None if config.data.cache is not None else getattr(tokenizer, "downsample_factor", 1)  # pixels: 1
     grid = _pair(spec.grid(arguments))
     channels = arguments.get(spec.channels_key) if spec.channels_key else None
     wrong_grid = grid is not None and grid != data.grid
@@ -364,6 +366,8 @@ def codes(batch: Batch, tokenizer: Optional[nn.Module]) -> Tensor:
 
 
 def mar_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
+    if "moments" not in batch and tokenizer is None:  # a pixel MAR
+        return model(batch["image"] * inner.vae_scale, _labels(batch))
     return model(kl_latents(batch, tokenizer, inner.vae_scale), _labels(batch))
 
 
@@ -457,7 +461,7 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
     name, captions = model_name(model), "caption_ids" in condition
     labelled = None if captions else (condition["label"] >= 0)
     if name == "MAR":
-        if tokenizer is None and model.vae is None:
+        if tokenizer is None and model.vae is None and not draws_pixels(model):
             return "MAR draws KL latents: give the KL tokenizer that decodes them"
         return "MAR is class-conditional: it takes no captions" if captions else _all_or_none(labelled, name)
     if name in ("LlamaGen", "DnDTransformer"):
@@ -475,6 +479,11 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
     if tokenizer is None and channels != 3:
         return f"{name} draws {channels}-channel latents: give the KL tokenizer that decodes them"
     return None if captions else _all_or_none(labelled, name)
+
+
+def draws_pixels(mar: nn.Module) -> bool:
+    """Whether a MAR's tokens are patches of RGB pixels (``vae_stride`` 1, ``vae_embed_dim`` 3), not latents."""
+    return mar.vae_stride == 1 and mar.vae_embed_dim == 3
 
 
 def _all_or_none(labelled: Tensor, name: str) -> Optional[str]:
@@ -501,7 +510,8 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
         out = model.sample(labels, batch_size=None if labels is not None else len(condition["label"]),
                            num_iter=steps or 64, cfg_scale=cfg, temperature=temperature, **common)
         decoder = tokenizer if tokenizer is not None else model.vae
-        return images_to_unit(decoder.decode(out.latents.to(device) / model.vae_scale))
+        latents = out.latents.to(device) / model.vae_scale
+        return images_to_unit(latents if decoder is None else decoder.decode(latents))
     if name in ("LlamaGen", "DnDTransformer"):
         check(steps is None, f"`steps`: {name} draws one position per step, all of them; give no `steps`")
         generated = model.generate(condition.get("caption_ids", condition.get("label")), cfg_scale=cfg,
