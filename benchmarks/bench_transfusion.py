@@ -311,7 +311,7 @@ def measure_work(model, side: str, fn: Callable) -> dict:
     if side == "ours":
         flow = model.objective
         original = flow.integrate
-        flow.integrate = lambda velocity, noise, steps: original(counting(velocity), noise, steps)
+        flow.integrate = lambda velocity, noise, steps, **kw: original(counting(velocity), noise, steps, **kw)
     else:
         original = model.odeint_fn
         model.odeint_fn = lambda f, y0, t, **kw: original(counting(f), y0, t, **kw)
@@ -440,8 +440,13 @@ def machine_description(threads: int) -> List[str]:
     from importlib.metadata import PackageNotFoundError, version
     try:
         upstream = version("transfusion-pytorch")
-    except PackageNotFoundError:
-        upstream = "?"
+    except PackageNotFoundError:  # imported from a checkout on PYTHONPATH: its pyproject.toml says
+        import re
+
+        import transfusion_pytorch
+        pyproject = Path(transfusion_pytorch.__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        upstream = f"{found[1]} (a checkout)" if found else "? (not installed)"
     import mmgen_pytorch
     lines = machine_lines(torch.__version__, threads)
     lines[-1] += f"; transfusion-pytorch {upstream}, mmgen_pytorch {mmgen_pytorch.__version__}; fp32"
