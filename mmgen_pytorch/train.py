@@ -64,7 +64,7 @@ from .training.config import (TOKENIZERS, Config, ConfigError, absolute_paths, c
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
                                check_latent_fit, dataset_labels, draw_samples, has_captions, load_tokenizer,
-                               save_grid)
+                               loss_options, save_grid)
 from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
@@ -165,7 +165,7 @@ class State:
 def model_step(config: Config, state: State, batch: dict, step: int) -> Dict[str, torch.Tensor]:
     """One micro-step of a generator: its loss backward and (on the last micro-step) the optimizer step."""
     accelerator = state.accelerator
-    loss = LOSSES[config.model.name](state.model, state.inner, batch, state.tokenizer)
+    loss = LOSSES[config.model.name](state.model, state.inner, batch, state.tokenizer, **loss_options(config))
     accelerator.backward(loss)
     if accelerator.sync_gradients and config.optim.grad_clip is not None:
         accelerator.clip_grad_norm_(state.model.parameters(), config.optim.grad_clip)

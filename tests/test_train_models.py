@@ -112,6 +112,33 @@ def test_captions_are_the_text_before_each_image(data):
     assert train.num_classes(on_labels, build_dataset(on_labels, None)) == 3
 
 
+def test_image_first_lays_out_that_share_of_transfusion_samples_image_then_caption(data, tmp_path):
+    """`data.image_first`: 0 keeps every sample [caption, image] and draws nothing from the RNG; 1 gives
+    [image, caption]; 0.5 a seeded mix of both, the same items in either order; a run with it trains and
+    resumes bit-identically; other models and values outside [0, 1] are refused naming the key."""
+    config = load_config("tiny-transfusion", [*source(data, "kl", "folder"), "--data.captions",
+                                              str(data / "captions.jsonl"), "--data.random_flip", "false"])
+    batch = StackFields()([build_dataset(config, None)[i] for i in range(16)])
+    state = torch.get_rng_state()
+    kept = multimodal_samples(batch, None, channel_last=True, image_first=0.0)
+    assert torch.equal(torch.get_rng_state(), state) and all(sample[0].dtype == torch.long for sample in kept)
+    flipped = multimodal_samples(batch, None, channel_last=True, image_first=1.0)
+    assert all(torch.equal(a[0], b[1]) and torch.equal(a[1], b[0]) for a, b in zip(kept, flipped))
+    torch.manual_seed(0)
+    mixed = multimodal_samples(batch, None, channel_last=True, image_first=0.5)
+    firsts = [sample[0].is_floating_point() for sample in mixed]
+    assert 0 < sum(firsts) < len(firsts)
+    assert all(torch.equal(m[0], (f if first else k)[0]) for m, k, f, first in zip(mixed, kept, flipped, firsts))
+    common = [*source(data, "kl", "folder"), "--data.captions", str(data / "captions.jsonl"), "--data.image_first",
+              "0.5", "--train.checkpoint_every", "2", "--train.sample_every", "0"]
+    assert_resumes_bit_identically("tiny-transfusion", tmp_path, common)
+    for name, value, words in (("tiny-monoformer", "0.5", "takes its text before the image"),
+                               ("tiny-transfusion", "1.5", "must be in [0, 1]")):
+        with pytest.raises(SystemExit, match="^config error: `data.image_first`") as info:
+            train_run(name, tmp_path / "refused", *source(data, "kl", "folder"), "--data.image_first", value)
+        assert words in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def flat_folder(data):
     flat = data / "flat"

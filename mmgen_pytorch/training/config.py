@@ -47,6 +47,8 @@ class DataConfig:
     num_workers: int = 0
     random_flip: bool = True
     in_memory: bool = False                   # data.folder decoded once into memory (small datasets: digits, CIFAR)
+    image_first: float = 0.0                  # Transfusion: the share of samples laid out [image, text] (trains
+                                              # captioning / classification); the rest are [text, image]
 
 
 @dataclass
@@ -367,6 +369,10 @@ def _check_data(config: Config) -> None:
     for name in ("resolution", "batch_size"):
         _require(getattr(data, name) >= 1, f"`data.{name}` must be >= 1, got {getattr(data, name)}")
     _require(data.num_workers >= 0, f"`data.num_workers` must be >= 0, got {data.num_workers}")
+    _require(0 <= data.image_first <= 1, f"`data.image_first` must be in [0, 1], got {data.image_first}")
+    _require(data.image_first == 0 or config.model.name == "Transfusion",
+             f"`data.image_first` lays out Transfusion's samples [image, text]; {config.model.name or 'this model'} "
+             f"takes its text before the image: leave it 0")
     if config.model.name in TOKENIZERS:
         return  # it is the model being trained: its data rules are in _check_tokenizer_loss
     _require(tokenizer.path is None or tokenizer.from_official is None,

@@ -390,14 +390,19 @@ def image_latents(batch: Batch, tokenizer: Optional[nn.Module]) -> Tensor:
     return batch["image"]
 
 
-def multimodal_samples(batch: Batch, tokenizer, channel_last: bool) -> List[list]:
+def multimodal_samples(batch: Batch, tokenizer, channel_last: bool, image_first: float = 0.0) -> List[list]:
+    """One sample per item: ``[text, latent]`` or, for a share ``image_first`` of them (drawn from torch's
+    global RNG, only when it is above 0), ``[latent, text]``; ``[latent]`` where there is no text."""
     latents = image_latents(batch, tokenizer)
     latents = latents.permute(0, 2, 3, 1) if channel_last else latents
-    return [[latent] if text is None else [text, latent] for text, latent in zip(_texts(batch), latents)]
+    texts = _texts(batch)
+    flipped = (torch.rand(len(texts)) < image_first).tolist() if image_first > 0 else [False] * len(texts)
+    return [[latent] if text is None else [latent, text] if after else [text, latent]
+            for text, latent, after in zip(texts, latents, flipped)]
 
 
-def transfusion_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
-    return model(multimodal_samples(batch, tokenizer, channel_last=True))
+def transfusion_loss(model, inner, batch: Batch, tokenizer, *, image_first: float = 0.0) -> Tensor:
+    return model(multimodal_samples(batch, tokenizer, channel_last=True, image_first=image_first))
 
 
 def monoformer_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
@@ -406,6 +411,11 @@ def monoformer_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
 
 LOSSES: Dict[str, Callable[..., Tensor]] = dict(MAR=mar_loss, LlamaGen=code_loss, DnDTransformer=code_loss,
                                                Transfusion=transfusion_loss, MonoFormer=monoformer_loss)
+
+
+def loss_options(config: Config) -> Dict[str, Any]:
+    """The keyword arguments ``LOSSES[config.model.name]`` takes from the config."""
+    return dict(image_first=config.data.image_first) if config.model.name == "Transfusion" else {}
 
 
 # sample grids and sampling at scale (mmgen_pytorch.evaluation.sampling): one way to draw images
