@@ -63,8 +63,8 @@ from .training.config import (TOKENIZERS, Config, ConfigError, absolute_paths, c
                               load_config, shipped_configs, with_absolute_paths)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
-                               check_latent_fit, dataset_labels, draw_samples, has_captions, load_tokenizer,
-                               loss_options, save_grid)
+                               check_image_channels, check_latent_fit, dataset_labels, draw_samples, has_captions,
+                               load_tokenizer, loss_options, save_grid)
 from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
@@ -336,6 +336,7 @@ def build(config: Config, accelerator, tokenizer: Optional[nn.Module], dataset) 
     loss = build_tokenizer_loss(config) if training_tokenizer else None  # reads the LPIPS files first
     model = build_model(config, tokenizer)
     check_conditions(config, model, dataset)
+    check_image_channels(config, model, tokenizer)
     check_latent_fit(config, model, tokenizer, dataset)
     check_idle_blocks(config, model, accelerator.num_processes)
     if tokenizer is not None:

@@ -451,3 +451,24 @@ def test_missing_pillow_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match=re.escape(install_hint("data"))):
         to_tensor_image(None)
+
+
+def test_greyscale_items_are_the_luma_of_the_rgb_crop(classes_root):
+    """``channels=1``: items ``[1, R, R]``, each Pillow's luma of the RGB item (decoded per read, in memory, or
+    from rows), a greyscale source unchanged; any other channel count is refused naming it."""
+    from mmgen_pytorch.data.images import luma_pixels, to_uint8_pixels, uint8_to_images
+
+    save_images(classes_root, ["cat/grey.png"], size=(11, 7))
+    rgb = ImageFolderDataset(classes_root, resolution=6, random_flip=False)
+    for in_memory in (False, True):
+        grey = ImageFolderDataset(classes_root, resolution=6, random_flip=False, channels=1, in_memory=in_memory,
+                                  progress=False)
+        for index in range(len(rgb)):
+            pixels = to_uint8_pixels(adm_center_crop(Image.open(rgb.samples[index][0]).convert("RGB"), 6))
+            assert grey[index]["image"].shape == (1, 6, 6)
+            assert torch.equal(grey[index]["image"], uint8_to_images(luma_pixels(pixels)))
+    image = noise_image(8, 8, seed=5, mode="L")
+    row = HFImageDataset([{"image": image, "label": 0}], resolution=8, random_flip=False, channels=1)[0]["image"]
+    assert torch.equal(row, uint8_to_images(torch.from_numpy(np.array(image))[None]))  # greyscale stays as it is
+    with pytest.raises(ValueError, match="`channels` must be 3 \\(RGB\\) or 1 \\(greyscale\\), got 2"):
+        ImageFolderDataset(classes_root, resolution=6, channels=2)

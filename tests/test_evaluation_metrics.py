@@ -204,6 +204,27 @@ def test_reconstruction_fid_is_zero_for_a_perfect_tokenizer_and_grows_with_its_e
     assert 0 < blurred < more
 
 
+def test_a_greyscale_tokenizer_reconstructs_the_luma_and_is_scored_against_it(extractor):
+    """A tokenizer whose ``config.in_channels`` is 1 gets the originals' luma ``[n, 1, h, w]``; returning it
+    unchanged scores 0 (both sides greyscale), and a blur of it more."""
+    from types import SimpleNamespace
+
+    class GreyTokenizer(torch.nn.Module):
+        config = SimpleNamespace(in_channels=1)
+
+        def __init__(self, blur: int = 0):
+            super().__init__()
+            self.blur = blur
+
+        def forward(self, images):
+            assert images.shape[1] == 1
+            return F.avg_pool2d(images, 2 * self.blur + 1, 1, self.blur) if self.blur else images
+
+    batches = as_batches(smooth_images(128))
+    assert abs(reconstruction_fid(batches, GreyTokenizer(), extractor)) < 1e-9
+    assert reconstruction_fid(batches, GreyTokenizer(blur=1), extractor) > 0
+
+
 def test_reconstruction_fid_runs_a_tokenizer_in_eval_mode():
     from mmgen_pytorch.tokenizers import AutoencoderKL
     from mmgen_pytorch.tokenizers.kl import KLConfig

@@ -265,3 +265,50 @@ def test_a_latent_sized_mar_without_a_tokenizer_is_told_what_would_fit(data, tmp
     assert all(word in message for word in ("the images themselves", "gives 32x32 and 3 channels",
                                              "`model.kwargs.vae_stride` 1", "`model.kwargs.vae_embed_dim` 3")), message
     assert not (tmp_path / train.LOG_FILE).exists()
+
+
+# greyscale images: `data.channels: 1`
+
+def test_greyscale_runs_train_a_tokenizer_its_generator_and_a_pixel_mar(data, tmp_path):
+    """`data.channels 1`: a one-channel KL tokenizer trains (its discriminator and LPIPS on greyscale), a
+    MonoFormer trains through it, and a MAR on the greyscale pixels themselves; every grid and `sample`'s
+    PNGs are RGB images of three equal channels."""
+    import numpy as np
+    from PIL import Image
+
+    from mmgen_pytorch.sample import main as sample_main
+    from mmgen_pytorch.saving import load_model
+
+    grey = ["--data.folder", str(data / "images"), "--data.channels", "1"]
+    kl = train_run("tiny-kl", tmp_path / "kl", *grey, "--model.kwargs.in_channels", "1")
+    assert len(kl) == 4 and all(torch.isfinite(torch.tensor(kl)))
+    assert load_model(train.checkpoint_dir(tmp_path / "kl", 4)).config.in_channels == 1
+    reset_accelerate_state()
+    losses = train_run("tiny-monoformer", tmp_path / "mono", *grey, "--tokenizer.path", str(tmp_path / "kl"))
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    reset_accelerate_state()
+    pixel_mar = [*PIXEL_MAR[:2], "--model.kwargs.vae_embed_dim", "1", *PIXEL_MAR[4:]]
+    losses = train_run("tiny-mar", tmp_path / "mar", *grey, *pixel_mar)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert load_model(train.checkpoint_dir(tmp_path / "mar", 4)).token_dim == 1 * 8 * 8
+    for run in ("mono", "mar"):
+        with Image.open(tmp_path / run / "samples" / "step-0000004.png") as image:
+            pixels = np.asarray(image.convert("RGB"))
+            assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    sample_main([str(tmp_path / "mar"), "--num", "2", "--batch-size", "2", "--out", str(tmp_path / "drawn"),
+                 "--no-progress"])
+    with Image.open(tmp_path / "drawn" / "images" / "000000.png") as image:
+        assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("tiny-kl", ["--data.channels", "1"], ["`data.channels` is 1", "AutoencoderKL (`model.kwargs.in_channels`) takes "
+                                           "3-channel", "`model.kwargs.in_channels` 1"]),
+    ("tiny-mar", ["--data.channels", "1", "--tokenizer.path", "kl"], ["`data.channels` is 1", "(`tokenizer`) takes 3"]),
+    ("tiny-mar", ["--data.channels", "2"], ["`data.channels` must be 3 (RGB) or 1 (greyscale), got 2"]),
+])
+def test_channels_the_tokenizer_cannot_take_are_refused_before_training(data, tmp_path, name, options, words):
+    with pytest.raises(SystemExit, match="^config error: ") as info:
+        train_run(name, tmp_path, "--data.folder", str(data / "images"), *under(data, options))
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert not (tmp_path / train.LOG_FILE).exists()

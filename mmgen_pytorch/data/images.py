@@ -4,7 +4,8 @@ and ADM: the ADM centre crop to a square resolution, a random horizontal flip, p
 Pillow decodes and resizes (the ``data`` extra: ``pip install mmgen-pytorch[data]``); it is imported on
 first use, as ``datasets`` is never imported at all (the wrapper takes any sequence of dict rows).
 Every image is converted to RGB when read (greyscale is repeated over the channels, an alpha channel is
-dropped, a palette is expanded), as the upstream loaders do.
+dropped, a palette is expanded), as the upstream loaders do; with ``channels=1`` the crop is then turned
+into one luma channel (Pillow's ``L``: ``(299 R + 587 G + 114 B) / 1000``, exact for a greyscale image).
 """
 
 from __future__ import annotations
@@ -65,12 +66,29 @@ def to_tensor_image(image) -> Tensor:
     return uint8_to_images(to_uint8_pixels(image))
 
 
-def to_uint8_pixels(image) -> Tensor:
-    """A PIL image as uint8 pixels ``[3, H, W]`` (RGB; a non-RGB image is converted first)."""
-    image = image if image.mode == "RGB" else image.convert("RGB")
+IMAGE_CHANNELS = {3: "RGB", 1: "L"}  # the channels an item may have -> the Pillow mode that gives them
+
+
+def to_uint8_pixels(image, channels: int = 3) -> Tensor:
+    """A PIL image as uint8 pixels ``[channels, H, W]``: RGB (3) or luma (1); another mode is converted first."""
+    mode = IMAGE_CHANNELS[channels]
+    image = image if image.mode == mode else image.convert(mode)
     width, height = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, channels)
     return pixels.permute(2, 0, 1).contiguous()
+
+
+def luma_pixels(pixels: Tensor) -> Tensor:
+    """uint8 RGB pixels ``[..., 3, H, W]`` as their luma ``[..., 1, H, W]``, exactly as Pillow's ``L``
+    conversion computes it (``(19595 R + 38470 G + 7471 B + 2^15) >> 16``)."""
+    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=pixels.device).view(3, 1, 1)
+    total = (pixels.to(torch.int32) * weights).sum(dim=-3, keepdim=True)
+    return ((total + 0x8000) >> 16).to(torch.uint8)
+
+
+def check_image_channels(channels: Any) -> int:
+    check(as_int(channels) in IMAGE_CHANNELS, f"`channels` must be 3 (RGB) or 1 (greyscale), got {channels!r}")
+    return int(channels)
 
 
 # the one place pixels and float images convert (datasets, sample grids, sampled PNGs, metrics)
@@ -119,8 +137,9 @@ class _ImageDataset(Dataset):
     """What both datasets share: the options, and image + label + caption -> an item."""
 
     def __init__(self, *, resolution: Any, random_flip: Any, captions_given: bool, captions_name: str,
-                 tokenizer: Any, max_caption_length: Any, pad_id: Any):
+                 tokenizer: Any, max_caption_length: Any, pad_id: Any, channels: Any = 3):
         self.resolution = check_positive_int("resolution", resolution)
+        self.channels = check_image_channels(channels)
         check_flag("random_flip", random_flip)
         self.random_flip = random_flip
         self.caption_tokenizer = caption_tokenizer(captions_given, tokenizer, max_caption_length, pad_id,
@@ -134,8 +153,9 @@ class _ImageDataset(Dataset):
         return position % len(self)
 
     def crop(self, image) -> Tensor:
-        """A decoded PIL image as the item's uint8 pixels ``[3, resolution, resolution]`` (ADM's centre crop)."""
-        return to_uint8_pixels(adm_center_crop(image, self.resolution))
+        """A decoded PIL image as the item's uint8 pixels ``[channels, resolution, resolution]`` (ADM's centre
+        crop)."""
+        return to_uint8_pixels(adm_center_crop(image, self.resolution), self.channels)
 
     def make_item(self, pixels: Tensor, label: int, caption: Optional[str]) -> Dict[str, Tensor]:
         """An item from its cropped uint8 pixels: the image in [-1, 1], mirrored at random with ``random_flip``."""
@@ -195,7 +215,8 @@ def scan_image_folder(root: Path, extensions: Tuple[str, ...]) -> Tuple[List[str
 
 
 class ImageFolderDataset(_ImageDataset):
-    """Images from a folder as items ``{"image": [3, resolution, resolution] float in [-1, 1], "label": long}``,
+    """Images from a folder as items ``{"image": [channels, resolution, resolution] float in [-1, 1], "label":
+    long}``,
     plus ``"caption_ids"`` / ``"caption_mask"`` (``[max_caption_length]`` long / bool) with captions.
 
     Layout: class sub-folders ``root/<class>/**/<image>`` give labels ``0..C-1`` in sorted folder-name order
@@ -214,6 +235,7 @@ class ImageFolderDataset(_ImageDataset):
         max_caption_length: with captions: ids are truncated or padded (with ``pad_id``) to this length.
         pad_id: the id of padding positions (their mask is False).
         extensions: the image file suffixes to use.
+        channels: 3 (RGB, the default) or 1 (greyscale: the luma of the RGB crop).
         in_memory: decode and crop every image once, here, and keep the uint8 crops in memory
             (``len * 3 * resolution**2`` bytes: for datasets that fit, such as CIFAR or the digits, where
             decoding each item at every step would cost more than the model's step); items then only
@@ -226,11 +248,12 @@ class ImageFolderDataset(_ImageDataset):
     def __init__(self, root: Any, *, resolution: int, random_flip: bool = True,
                  captions: Optional[CaptionsSource] = None, tokenizer: Any = None,
                  max_caption_length: Optional[int] = None, pad_id: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, in_memory: bool = False, progress: bool = True):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, in_memory: bool = False, progress: bool = True,
+                 channels: int = 3):
         check_flag("in_memory", in_memory)
         super().__init__(resolution=resolution, random_flip=random_flip, captions_given=captions is not None,
                          captions_name="captions", tokenizer=tokenizer, max_caption_length=max_caption_length,
-                         pad_id=pad_id)
+                         pad_id=pad_id, channels=channels)
         check(isinstance(root, (str, os.PathLike)), f"`root` must be a folder path, got {describe(root)}",
               error=TypeError)
         self.root = Path(root)
@@ -244,10 +267,10 @@ class ImageFolderDataset(_ImageDataset):
         self.pixels = self.decode_all(progress) if in_memory else None
 
     def decode_all(self, progress: bool) -> Tensor:
-        """Every image's uint8 crop ``[len, 3, resolution, resolution]``, in sample order."""
+        """Every image's uint8 crop ``[len, channels, resolution, resolution]``, in sample order."""
         from tqdm.auto import tqdm
 
-        pixels = torch.empty(len(self.samples), 3, self.resolution, self.resolution, dtype=torch.uint8)
+        pixels = torch.empty(len(self.samples), self.channels, self.resolution, self.resolution, dtype=torch.uint8)
         for position, (path, _) in enumerate(tqdm(self.samples, desc="decoding images", disable=not progress)):
             pixels[position] = self.crop(_open_rgb(path, str(path)))
         return pixels
@@ -322,10 +345,11 @@ class HFImageDataset(_ImageDataset):
 
     def __init__(self, hf_dataset: Any, *, resolution: int, image_key: str = "image",
                  label_key: Optional[str] = "label", caption_key: Optional[str] = None, tokenizer: Any = None,
-                 max_caption_length: Optional[int] = None, pad_id: int = 0, random_flip: bool = True):
+                 max_caption_length: Optional[int] = None, pad_id: int = 0, random_flip: bool = True,
+                 channels: int = 3):
         super().__init__(resolution=resolution, random_flip=random_flip, captions_given=caption_key is not None,
                          captions_name="caption_key", tokenizer=tokenizer, max_caption_length=max_caption_length,
-                         pad_id=pad_id)
+                         pad_id=pad_id, channels=channels)
         if isinstance(hf_dataset, Mapping):
             raise TypeError(f"`hf_dataset` is a mapping (a DatasetDict of splits?) with keys {list(hf_dataset)[:5]}: "
                             f"pass one split, e.g. dataset['train']")

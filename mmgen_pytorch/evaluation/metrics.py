@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._utils import check, check_positive_int, describe, eval_mode, install_hint, typechecked
+from ..data.images import luma_pixels
 from ..tokenizers import AutoencoderKL
 from .features import FeatureExtractor, check_uint8_images, images_to_uint8, module_device, uint8_to_images
 
@@ -433,7 +434,8 @@ def evaluate(generated_batches: Iterable[Tensor], reference: FeatureStats, extra
 
 def reconstruction_fid(batches: Iterable[Tensor], reconstruct: Union[nn.Module, Callable[[Tensor], Tensor]],
                        extractor: FeatureExtractor) -> float:
-    """rFID: the FID of a tokenizer's reconstructions against the originals (uint8 ``(N, 3, H, W)`` batches).
+    """rFID: the FID of a tokenizer's reconstructions against the originals (uint8 ``(N, 3, H, W)`` batches;
+    a greyscale tokenizer, ``config.in_channels`` 1, reconstructs their luma, and both are scored as greyscale).
 
     ``reconstruct`` is one of this library's tokenizers (VQVAE, RQVAE: their reconstruction;
     AutoencoderKL: decoded from the posterior mode), run in eval mode without gradients on its device, or
@@ -444,10 +446,17 @@ def reconstruction_fid(batches: Iterable[Tensor], reconstruct: Union[nn.Module, 
           error=TypeError)
     dim, device = extractor.num_features, module_device(extractor)
     originals, reconstructions = (_Collector(dim, device, keep=0, seed=0, logits=False) for _ in range(2))
+    greyscale = getattr(getattr(reconstruct, "config", None), "in_channels", 3) == 1
     for position, batch in enumerate(batches):
         check_uint8_images(f"batches[{position}]", batch, extractor.image_size)
-        originals.add(extractor.extract(batch)[0])
-        reconstructions.add(extractor.extract(images_to_uint8(_reconstructed(reconstruct, batch)))[0])
+        if greyscale:  # a greyscale tokenizer: the originals' luma in, both scored as three equal channels
+            batch = luma_pixels(batch)
+            originals.add(extractor.extract(batch.expand(-1, 3, -1, -1))[0])
+            recon = images_to_uint8(_reconstructed(reconstruct, batch).expand(-1, 3, -1, -1))
+        else:
+            originals.add(extractor.extract(batch)[0])
+            recon = images_to_uint8(_reconstructed(reconstruct, batch))
+        reconstructions.add(extractor.extract(recon)[0])
     check(originals.count >= 2, f"`batches` gave {originals.count} images; the statistics need at least 2")
     return frechet_distance(originals.stats(extractor.identity), reconstructions.stats(extractor.identity))
 

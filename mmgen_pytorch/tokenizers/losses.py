@@ -130,10 +130,13 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)  # a fixed metric: its dropout stays off
 
-    def forward(self, x: Float[Tensor, "b 3 h w"], y: Float[Tensor, "b 3 h w"]) -> Float[Tensor, "b"]:
+    def forward(self, x: Float[Tensor, "b c h w"], y: Float[Tensor, "b c h w"]) -> Float[Tensor, "b"]:
+        """The distance of each pair; greyscale batches (c = 1) are compared as RGB images of equal channels."""
         check(isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.ndim == 4
-              and x.shape[1] == 3, f"LPIPS compares two [b, 3, h, w] image batches of one shape, got "
-                                   f"{describe(x)} and {describe(y)}")
+              and x.shape[1] in (1, 3), f"LPIPS compares two [b, 3, h, w] (or greyscale [b, 1, h, w]) image batches "
+                                        f"of one shape, got {describe(x)} and {describe(y)}")
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         features = self.net(torch.cat([x, y]).sub(self.shift).div(self.scale))
         distance = x.new_zeros(x.shape[0])
         for layer, feature in zip(self.linear_layers(), features):

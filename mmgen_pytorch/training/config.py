@@ -43,6 +43,7 @@ class DataConfig:
     captions: Optional[str] = None            # a captions file for `folder` (.jsonl / .csv), UTF-8 byte ids
     max_caption_length: int = 120
     resolution: int = 256
+    channels: int = 3                         # 3: RGB; 1: greyscale (the luma of each image)
     batch_size: int = 256                     # global, per optimizer step (all processes, all accumulation)
     num_workers: int = 0
     random_flip: bool = True
@@ -370,6 +371,9 @@ def _check_data(config: Config) -> None:
         _require(getattr(data, name) >= 1, f"`data.{name}` must be >= 1, got {getattr(data, name)}")
     _require(data.num_workers >= 0, f"`data.num_workers` must be >= 0, got {data.num_workers}")
     _require(0 <= data.image_first <= 1, f"`data.image_first` must be in [0, 1], got {data.image_first}")
+    _require(data.channels in (1, 3), f"`data.channels` must be 3 (RGB) or 1 (greyscale), got {data.channels}")
+    _require(data.channels == 3 or data.cache is None, "`data.channels` is for images (`data.folder` / `data.hf`); "
+                                                       "a cache holds what its tokenizer made of them")
     _require(data.image_first == 0 or config.model.name == "Transfusion",
              f"`data.image_first` lays out Transfusion's samples [image, text]; {config.model.name or 'this model'} "
              f"takes its text before the image: leave it 0")

@@ -108,11 +108,11 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
     if data.folder is not None:
         with _naming("data.folder", data.folder):
             return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
-                                      captions=data.captions, in_memory=data.in_memory,
+                                      captions=data.captions, in_memory=data.in_memory, channels=data.channels,
                                       progress=config.train.progress, **captions)
     with _naming("data.hf", data.hf):
         return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
-                              random_flip=data.random_flip)
+                              random_flip=data.random_flip, channels=data.channels)
 
 
 @contextmanager
@@ -263,8 +263,9 @@ def data_latents(config: Config, tokenizer: Optional[nn.Module], dataset) -> Lat
         return LatentGrid(grid, channels, f"`data.cache` {config.data.cache!r} ({field} of "
                                           f"{'x'.join(map(str, grid))}{f' x {channels} channels' if channels else ''})")
     if tokenizer is None:
-        return LatentGrid((resolution, resolution), 3, f"the images themselves (`data.resolution` {resolution}, "
-                                                       f"3 channels, no tokenizer)")
+        channels = config.data.channels
+        return LatentGrid((resolution, resolution), channels, f"the images themselves (`data.resolution` "
+                                                              f"{resolution}, `data.channels` {channels}, no tokenizer)")
     stride = tokenizer.downsample_factor
     channels = tokenizer.config.embed_dim if isinstance(tokenizer, TOKENIZER_CLASSES["kl"]) else None  # codes: none
     if resolution % stride:
@@ -313,6 +314,21 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
             heads.check_tokenizer(tokenizer)
         except ValueError as error:
             raise ConfigError(f"`model.kwargs` against `tokenizer`: {error}") from None
+
+
+def check_image_channels(config: Config, model: nn.Module, tokenizer: Optional[nn.Module]) -> None:
+    """The images' ``data.channels`` against those the tokenizer takes: the one being trained, or the frozen
+    one that encodes them (a cache was encoded already)."""
+    training = config.model.name in TOKENIZERS
+    encoder = model if training else tokenizer
+    if config.data.cache is not None or encoder is None:
+        return
+    takes, given = encoder.config.in_channels, config.data.channels
+    if takes != given:
+        source = "`model.kwargs.in_channels`" if training else "`tokenizer`"
+        raise ConfigError(f"`data.channels` is {given}, but the {type(encoder).__name__} ({source}) takes {takes}-channel "
+                          f"images: set `data.channels` {takes}" + (f" or `model.kwargs.in_channels` {given}"
+                                                                    if training else ""))
 
 
 def check_idle_blocks(config: Config, model: nn.Module, processes: int) -> None:
@@ -486,14 +502,17 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
                     f"this t2i {name} has no `caption_encoder`: it cannot take caption text")
         return None
     channels = model.latent_shape[0] if name == "MonoFormer" else model.modalities[0].dim_latent
-    if tokenizer is None and channels != 3:
+    if tokenizer is None and channels not in PIXEL_CHANNELS:
         return f"{name} draws {channels}-channel latents: give the KL tokenizer that decodes them"
     return None if captions else _all_or_none(labelled, name)
 
 
+PIXEL_CHANNELS = (1, 3)  # a model drawing this many channels without a tokenizer draws greyscale / RGB pixels
+
+
 def draws_pixels(mar: nn.Module) -> bool:
-    """Whether a MAR's tokens are patches of RGB pixels (``vae_stride`` 1, ``vae_embed_dim`` 3), not latents."""
-    return mar.vae_stride == 1 and mar.vae_embed_dim == 3
+    """Whether a MAR's tokens are patches of pixels (``vae_stride`` 1, ``vae_embed_dim`` 3 or 1), not latents."""
+    return mar.vae_stride == 1 and mar.vae_embed_dim in PIXEL_CHANNELS
 
 
 def _all_or_none(labelled: Tensor, name: str) -> Optional[str]:
@@ -505,7 +524,8 @@ def _all_or_none(labelled: Tensor, name: str) -> Optional[str]:
 def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition: Batch, *, generator: Any,
                     cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0, progress: bool = False,
                     **options) -> Tensor:
-    """``[n, 3, H, W]`` in [0, 1]: one image per row of ``condition`` (see :func:`sampling_problem`), drawn by
+    """``[n, 3, H, W]`` in [0, 1] (greyscale images as three equal channels): one image per row of
+    ``condition`` (see :func:`sampling_problem`), drawn by
     the model's own sampler with ``generator`` (an int seed or a ``torch.Generator``). ``cfg``, ``temperature``
     and ``steps`` (MAR ``num_iter``, default 64; MonoFormer DDPM steps, default 20; Transfusion ODE steps,
     default 16; LlamaGen / DnD: none) are named alike for every model; ``options`` go to the sampler as
@@ -521,12 +541,12 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
                            num_iter=steps or 64, cfg_scale=cfg, temperature=temperature, **common)
         decoder = tokenizer if tokenizer is not None else model.vae
         latents = out.latents.to(device) / model.vae_scale
-        return images_to_unit(latents if decoder is None else decoder.decode(latents))
+        return as_rgb(images_to_unit(latents if decoder is None else decoder.decode(latents)))
     if name in ("LlamaGen", "DnDTransformer"):
         check(steps is None, f"`steps`: {name} draws one position per step, all of them; give no `steps`")
         generated = model.generate(condition.get("caption_ids", condition.get("label")), cfg_scale=cfg,
                                    temperature=temperature, **common)
-        return images_to_unit(tokenizer.decode_code(generated))
+        return as_rgb(images_to_unit(tokenizer.decode_code(generated)))
     texts = _texts(condition)
     if name == "MonoFormer":
         prompts = [text if text is not None else torch.zeros(0, dtype=torch.long, device=device) for text in texts]
@@ -545,8 +565,13 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
 
 def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Tensor:
     if tokenizer is not None:
-        return images_to_unit(tokenizer.decode(latents / tokenizer.scale_factor))
-    return images_to_unit(latents)
+        return as_rgb(images_to_unit(tokenizer.decode(latents / tokenizer.scale_factor)))
+    return as_rgb(images_to_unit(latents))
+
+
+def as_rgb(images: Tensor) -> Tensor:
+    """``[n, 3, H, W]``: greyscale ``[n, 1, H, W]`` images as three equal channels, RGB ones as they are."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def save_grid(images: Tensor, path, *, per_row: Optional[int] = None) -> None:

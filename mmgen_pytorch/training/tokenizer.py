@@ -24,7 +24,8 @@ def build_tokenizer_loss(config: Config) -> TokenizerLoss:
     perceptual = None
     if spec.perceptual_weight > 0:
         perceptual = LPIPS.random() if spec.random_lpips else LPIPS.from_files(spec.vgg16_path, spec.lpips_path)
-    discriminator = NLayerDiscriminator(channels=spec.disc_channels, layers=spec.disc_layers)
+    discriminator = NLayerDiscriminator(in_channels=config.data.channels, channels=spec.disc_channels,
+                                        layers=spec.disc_layers)
     return TokenizerLoss(discriminator=discriminator, perceptual=perceptual, perceptual_weight=spec.perceptual_weight,
                          reconstruction=spec.reconstruction, reduction=spec.reduction,
                          reconstruction_weight=spec.reconstruction_weight, disc_start=spec.disc_start,
