@@ -315,9 +315,11 @@ def make_ema(config: Config, model: nn.Module):
         return None
     from ema_pytorch import EMA
 
-    # a constant beta from `ema_start` on (upstream MAR, DiT, MonoFormer): no warm-up ramp
+    # by default a constant beta from `ema_start` on (upstream MAR, DiT, MonoFormer); `ema_warmup`: ema-pytorch's
+    # own ramp (inv_gamma 1, power 2/3), the decay growing towards the beta
+    ramp = dict(inv_gamma=1.0, power=2 / 3) if config.optim.ema_warmup else dict(inv_gamma=1e-12)
     return EMA(model, beta=config.optim.ema_beta, update_after_step=config.optim.ema_start, update_every=1,
-               inv_gamma=1e-12, include_online_model=False)
+               include_online_model=False, **ramp)
 
 
 def make_optimizer(config: Config, model: nn.Module):

@@ -412,3 +412,20 @@ def test_a_failure_on_the_main_process_is_raised_on_every_process(monkeypatch):
         train.on_main_process(main, fail, what="`eval`")
     assert told[-1] == "OSError: 'ref/3.png' is not an image"
     assert train.on_main_process(SimpleNamespace(is_main_process=True, num_processes=1), lambda: 5, what="x") == 5
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_decay_is_constant_from_ema_start_or_ramps_with_ema_warmup(warmup):
+    """Default: the EMA copies the model for `ema_start` steps, then decays at `ema_beta`. `ema_warmup`:
+    ema-pytorch's ramp 1 - (1 + t)^(-2/3) after `ema_start`, capped at `ema_beta` (transfusion-pytorch's
+    create_ema, the digits loop)."""
+    config = load_config("tiny-mar", ["--data.cache", "c", "--optim.ema_beta", "0.995", "--optim.ema_start", "3",
+                                      "--optim.ema_warmup", str(warmup).lower()])
+    ema = train.make_ema(config, torch.nn.Linear(2, 2))
+    decays = []
+    for _ in range(40):
+        ema.update()
+        decays.append(ema.get_current_decay())
+    ramp = [min(0.995, 1 - (1 + t) ** (-2 / 3)) for t in range(1, 37)]
+    assert decays[:4] == [0.0] * 4
+    assert decays[4:] == pytest.approx(ramp if warmup else [0.995] * 36, rel=1e-6)

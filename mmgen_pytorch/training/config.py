@@ -72,6 +72,8 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
     ema_beta: Optional[float] = 0.9999        # None: no EMA
     ema_start: int = 0                        # the EMA copies the model until this step
+    ema_warmup: bool = False                  # ema-pytorch's ramp (decay 1 - (1 + t)^(-2/3), up to ema_beta), as
+                                              # transfusion-pytorch's create_ema; False: ema_beta from ema_start on
 
 
 @dataclass
