@@ -312,3 +312,48 @@ def test_channels_the_tokenizer_cannot_take_are_refused_before_training(data, tm
         train_run(name, tmp_path, "--data.folder", str(data / "images"), *under(data, options))
     assert all(word in str(info.value) for word in words), str(info.value)
     assert not (tmp_path / train.LOG_FILE).exists()
+
+
+# Transfusion on pixels in patches: `model.kwargs.modalities`
+
+PATCHED = ["--model.kwargs.dim_latent", "null", "--model.kwargs.modality_default_shape", "null"]
+
+
+def patched_modality(channels: int = 3, size: int = 32, patch: int = 8) -> list:
+    return ["--model.kwargs.modalities", f"[{{latent_channels: {channels}, latent_size: {size}, patch_size: {patch}}}]"]
+
+
+def test_a_transfusion_on_pixels_in_patches_trains_draws_and_samples(data, tmp_path):
+    """`model.kwargs.modalities: [{latent_channels: 3, latent_size: 32, patch_size: 8}]`: the 32x32 images
+    themselves, channel-first, as 4x4 tokens of 192 features; its grid and `sample` draw 32x32 images."""
+    from PIL import Image
+
+    from mmgen_pytorch.sample import main as sample_main
+    from mmgen_pytorch.saving import load_model
+
+    losses = train_run("tiny-transfusion", tmp_path / "run", "--data.folder", str(data / "images"), *PATCHED,
+                       *patched_modality())
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = load_model(train.checkpoint_dir(tmp_path / "run", 4))
+    assert (model.modalities[0].default_shape, model.modalities[0].dim_latent) == ((4, 4), 192)
+    with Image.open(tmp_path / "run" / "samples" / "step-0000004.png") as image:
+        assert image.size == (2 * 32, 2 * 32)
+    sample_main([str(tmp_path / "run"), "--num", "2", "--batch-size", "2", "--out", str(tmp_path / "drawn"),
+                 "--no-progress"])
+    with Image.open(tmp_path / "drawn" / "images" / "000001.png") as image:
+        assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize("modality, words", [
+    (patched_modality(size=16, patch=4), ["a 16x16 grid (`model.kwargs.modalities[0].latent_size` [16, 16])",
+                                          "what would fit: `model.kwargs.modalities[0].latent_size` [32, 32]"]),
+    (patched_modality(channels=1), ["1 latent channels (`model.kwargs.modalities[0].latent_channels`)",
+                                    "`model.kwargs.modalities[0].latent_channels` 3"]),
+    (["--model.kwargs.modalities", "[{latent_channels: 3, patch_size: 8}]"],
+     ["`model.kwargs.modalities` entries must be {latent_channels, latent_size, patch_size}"]),
+])
+def test_a_patched_transfusion_that_does_not_fit_the_images_is_refused(data, tmp_path, modality, words):
+    with pytest.raises(SystemExit, match="^config error: ") as info:
+        train_run("tiny-transfusion", tmp_path, "--data.folder", str(data / "images"), *PATCHED, *modality)
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert not (tmp_path / train.LOG_FILE).exists()

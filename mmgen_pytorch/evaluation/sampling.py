@@ -37,8 +37,9 @@ from .._utils import as_int, check, check_finite_number, check_positive_int, des
 from ..guidance import check_cfg_scale, check_cfg_schedule
 from ..saving import write_atomically
 from ..data.images import unit_to_uint8
-from ..training.recipes import (TEXT_MODELS, Batch, byte_tokenizer, class_count, generate_images, model_name,
-                                sampling_problem)
+from ..training.recipes import (TEXT_MODELS, Batch, byte_tokenizer, class_count, generate_images, image_modality,
+                                model_name, sampling_problem)
+from ..transfusion.patches import PatchedLatents
 from .adm_npz import save_adm_npz_from_pngs
 
 PathLike = Union[str, os.PathLike]
@@ -315,9 +316,9 @@ def drawn_size(model: nn.Module, tokenizer: Optional[nn.Module]) -> Optional[Tup
         grid = (model.grid_size,) * 2
     elif name == "MonoFormer":
         grid = tuple(model.latent_shape[1:])
-    else:  # Transfusion: latents [h, w, c]; an encoder / decoder wrapper keeps the latent shape as `inner`'s
-        spec = model.modalities[0]
-        grid = getattr(spec, "inner", spec).default_shape
+    else:  # Transfusion: latents [h, w, c] (or [c, h, w] in patches); a wrapper keeps its `inner`'s shape
+        spec = image_modality(model)
+        grid = spec.latent_size if isinstance(spec, PatchedLatents) else spec.default_shape
         if grid is None or len(grid) != 2:
             return None
     return grid[0] * factor, grid[1] * factor

@@ -14,7 +14,8 @@ image dataset, ``moments`` (KL) or ``codes`` (VQ / RQ) from a cache, ``label`` (
 - Transfusion / MonoFormer: one sample per image, ``[text, latent]``: the text is the caption ids (their
   valid part) or, without captions, the class label as a one-token text (none when -1); the latent is the
   KL tokenizer's (scaled by its ``scale_factor``) or the image itself, channel-last for Transfusion and
-  channel-first for MonoFormer.
+  channel-first where the model cuts it into patches (MonoFormer, or a Transfusion built with
+  ``model.kwargs.modalities: [{latent_channels, latent_size, patch_size}]``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .._utils import check
 from ..data.cache import TOKENIZER_KINDS as CACHED_FIELDS, encode_images
 from ..data.images import images_to_unit, unit_to_uint8
 from ..files import CheckpointMismatchError
+from ..transfusion.patches import PatchedLatents
 from .config import GENERATORS, TOKENIZER_KINDS, TOKENIZERS, Config, ConfigError, model_presets
 
 Batch = Dict[str, Tensor]
@@ -83,6 +85,8 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
     if spec.name == "MAR" and (tokenizer is not None or config.data.cache is None):  # pixels: unscaled
         kwargs.setdefault("vae_scale", tokenizer.scale_factor if tokenizer is not None else 1.0)
     try:
+        if spec.name == "Transfusion" and isinstance(kwargs.get("modalities"), list):
+            kwargs["modalities"] = [patched_latents(entry) for entry in kwargs["modalities"]]
         if spec.name in TOKENIZERS:  # a config dataclass (preset) with field overrides; lists -> tuples
             overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
             return cls(spec.preset, **overrides) if spec.preset is not None else cls(**overrides)
@@ -113,6 +117,34 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
     with _naming("data.hf", data.hf):
         return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
                               random_flip=data.random_flip, channels=data.channels)
+
+
+def patched_latents(entry: Any) -> PatchedLatents:
+    """A ``model.kwargs.modalities`` entry of a Transfusion: image latents (or pixels) ``[C, H, W]`` cut into
+    ``patch_size`` patches, ``{latent_channels, latent_size (an int or [H, W]), patch_size}``."""
+    keys = {"latent_channels", "latent_size", "patch_size"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise TypeError(f"`model.kwargs.modalities` entries must be {{{', '.join(sorted(keys))}}}, got {entry!r}")
+    size = entry["latent_size"]
+    return PatchedLatents(latent_channels=entry["latent_channels"], patch_size=entry["patch_size"],
+                          latent_size=(size, size) if isinstance(size, int) else tuple(size))
+
+
+def image_modality(model: nn.Module) -> Any:
+    """A Transfusion's (or MonoFormer's) image record: its first modality, inside an encoder / decoder wrapper."""
+    spec = model.modalities[0]
+    return getattr(spec, "inner", spec)
+
+
+def patched(model: nn.Module) -> bool:
+    """Whether a Transfusion / MonoFormer takes its images ``[C, H, W]`` in patches (else ``[H, W, C]``)."""
+    return isinstance(image_modality(model), PatchedLatents)
+
+
+def image_channels(model: nn.Module) -> int:
+    """The channels of the images (or latents) a Transfusion / MonoFormer takes and draws."""
+    spec = image_modality(model)
+    return spec.latent_channels if isinstance(spec, PatchedLatents) else spec.dim_latent
 
 
 @contextmanager
@@ -291,19 +323,26 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
     data = data_latents(config, tokenizer, dataset)
     stride = None if config.data.cache is not None else getattr(tokenizer, "downsample_factor", 1)  # pixels: 1
     grid = _pair(spec.grid(arguments))
-    channels = arguments.get(spec.channels_key) if spec.channels_key else None
+    channels_key = spec.channels_key
+    channels = arguments.get(channels_key) if channels_key else None
+    grid_keys = {key: arguments[key] for key in spec.grid_keys}
+    if name == "Transfusion" and patched(model):  # `model.kwargs.modalities`: the image record holds both
+        record = image_modality(model)
+        grid, channels, channels_key = record.latent_size, record.latent_channels, "modalities[0].latent_channels"
+        grid_keys = {"modalities[0].latent_size": list(grid)}
     wrong_grid = grid is not None and grid != data.grid
     wrong_channels = isinstance(channels, int) and data.channels is not None and channels != data.channels
     if wrong_grid or wrong_channels:  # both in one message, each with what would fit
         takes, gives, fits = [], [], {}
         if wrong_grid:
-            takes.append(f"a {grid[0]}x{grid[1]} grid ({_kwargs({key: arguments[key] for key in spec.grid_keys})})")
+            takes.append(f"a {grid[0]}x{grid[1]} grid ({_kwargs(grid_keys)})")
             gives.append(f"{data.grid[0]}x{data.grid[1]}")
-            fits.update(spec.fit(arguments, data.grid, stride))
+            fits.update(spec.fit(arguments, data.grid, stride) if "modalities[0].latent_size" not in grid_keys
+                        else {"modalities[0].latent_size": list(data.grid)})
         if wrong_channels:
-            takes.append(f"{channels} latent channels (`model.kwargs.{spec.channels_key}`)")
+            takes.append(f"{channels} latent channels (`model.kwargs.{channels_key}`)")
             gives.append(f"{data.channels} channels")
-            fits[spec.channels_key] = data.channels
+            fits[channels_key] = data.channels
         also = (f"; or `data.resolution` {grid[0] * stride}" if wrong_grid and not wrong_channels and stride
                 and grid[0] == grid[1] else "")
         raise ConfigError(f"{name} takes {' and '.join(takes)}, but the data gives {' and '.join(gives)}: "
@@ -418,7 +457,7 @@ def multimodal_samples(batch: Batch, tokenizer, channel_last: bool, image_first:
 
 
 def transfusion_loss(model, inner, batch: Batch, tokenizer, *, image_first: float = 0.0) -> Tensor:
-    return model(multimodal_samples(batch, tokenizer, channel_last=True, image_first=image_first))
+    return model(multimodal_samples(batch, tokenizer, channel_last=not patched(inner), image_first=image_first))
 
 
 def monoformer_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
@@ -501,7 +540,7 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
             return (f"a t2i {name} needs captions" if not captions else
                     f"this t2i {name} has no `caption_encoder`: it cannot take caption text")
         return None
-    channels = model.latent_shape[0] if name == "MonoFormer" else model.modalities[0].dim_latent
+    channels = image_channels(model)
     if tokenizer is None and channels not in PIXEL_CHANNELS:
         return f"{name} draws {channels}-channel latents: give the KL tokenizer that decodes them"
     return None if captions else _all_or_none(labelled, name)
@@ -560,7 +599,7 @@ def generate_images(model: nn.Module, tokenizer: Optional[nn.Module], condition:
                                cfg_scale=cfg, modality_steps=steps or 16, force_modality_at_start=0,
                                max_modalities=1, **common)
         latents = torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
-    return _decoded(latents.permute(0, 3, 1, 2), tokenizer)
+    return _decoded(latents if patched(model) else latents.permute(0, 3, 1, 2), tokenizer)
 
 
 def _decoded(latents: Tensor, tokenizer: Optional[nn.Module]) -> Tensor:
