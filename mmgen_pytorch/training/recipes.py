@@ -87,6 +87,8 @@ def build_model(config: Config, tokenizer: Optional[nn.Module]) -> nn.Module:
     try:
         if spec.name == "Transfusion" and isinstance(kwargs.get("modalities"), list):
             kwargs["modalities"] = [patched_latents(entry) for entry in kwargs["modalities"]]
+        if spec.name == "Transfusion" and isinstance(kwargs.get("objective"), dict):  # RectifiedFlow's options
+            kwargs["objective"] = mmgen_pytorch.RectifiedFlow(**kwargs["objective"])
         if spec.name in TOKENIZERS:  # a config dataclass (preset) with field overrides; lists -> tuples
             overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
             return cls(spec.preset, **overrides) if spec.preset is not None else cls(**overrides)
