@@ -90,12 +90,16 @@ def test_overrides_and_shipped_configs(tmp_path):
     names = shipped_configs()
     assert {"mar-b", "mar-l", "mar-h", "llamagen-gpt-b-c2i", "llamagen-gpt-l-t2i", "dnd", "monoformer",
             "transfusion", "tiny-mar", "tiny-llamagen", "tiny-dnd", "tiny-transfusion", "tiny-monoformer",
-            "llamagen-vq-16", "mar-kl-16", "dnd-rqvae", "tiny-vqgan", "tiny-kl", "tiny-rqvae"} <= set(names)
+            "llamagen-vq-16", "mar-kl-16", "dnd-rqvae", "tiny-vqgan", "tiny-kl", "tiny-rqvae",
+            *(f"digits-{name}" for name in ("transfusion", "monoformer", "mar", "llamagen", "dnd", "vqvae", "rqvae"))
+            } <= set(names)
     lpips = ["--tokenizer_loss.vgg16_path", "v", "--tokenizer_loss.lpips_path", "l"]
     for name in names:  # every shipped config passes the schema (data given as a cache, with its tokenizer;
         raw = read_config_file(name)  # tokenizers train on images)
         if raw["model"]["name"] in TOKENIZERS:
             data = ["--data.folder", "x"] + ([] if raw["tokenizer_loss"].get("random_lpips") else lpips)
+        elif raw["data"].get("in_memory") or raw["data"].get("channels", 3) != 3:  # settings of image folders
+            data = ["--data.folder", "x", "--tokenizer.path", "x"]
         else:
             data = ["--data.cache", "x", "--data.folder", "null", "--tokenizer.path", "x"]
         assert load_config(name, data).model.name

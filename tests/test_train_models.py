@@ -132,7 +132,7 @@ def test_image_first_lays_out_that_share_of_transfusion_samples_image_then_capti
     common = [*source(data, "kl", "folder"), "--data.captions", str(data / "captions.jsonl"), "--data.image_first",
               "0.5", "--train.checkpoint_every", "2", "--train.sample_every", "0"]
     assert_resumes_bit_identically("tiny-transfusion", tmp_path, common)
-    for name, value, words in (("tiny-monoformer", "0.5", "takes its text before the image"),
+    for name, value, words in (("tiny-monoformer", "0.5", "does not apply to MonoFormer"),
                                ("tiny-transfusion", "1.5", "must be in [0, 1]")):
         with pytest.raises(SystemExit, match="^config error: `data.image_first`") as info:
             train_run(name, tmp_path / "refused", *source(data, "kl", "folder"), "--data.image_first", value)
@@ -256,6 +256,10 @@ def test_a_pixel_mar_trains_on_the_folder_without_a_tokenizer_and_samples_from_i
     with Image.open(tmp_path / "drawn" / "images" / "000000.png") as image:
         assert image.size == (32, 32) and image.mode == "RGB"
     assert npz.is_file()
+    with pytest.raises(SystemExit, match="^sample: .*this MAR draws pixels .*takes no tokenizer"):  # one line
+        sample_main([str(tmp_path / "run"), "--tokenizer", str(data / "kl"), "--num", "2", "--out",
+                     str(tmp_path / "refused"), "--no-progress"])
+    assert not (tmp_path / "refused" / "sampling.json").exists()
 
 
 def test_a_latent_sized_mar_without_a_tokenizer_is_told_what_would_fit(data, tmp_path):
@@ -302,6 +306,13 @@ def test_greyscale_runs_train_a_tokenizer_its_generator_and_a_pixel_mar(data, tm
 
 
 @pytest.mark.parametrize("name, options, words", [
+    ("tiny-kl", ["--data.channels", "1", "--model.kwargs.in_channels", "2"],
+     ["`data.channels` is 1 (images have 1 or 3)", "takes 2-channel images: set `model.kwargs.in_channels` 1"]),
+    ("tiny-mar", ["--data.resolution", "16", "--model.kwargs.vae_embed_dim", "3", "--model.kwargs.patch_size", "8"],
+     ["MAR without a tokenizer trains on the pixels themselves", "`model.kwargs.vae_stride` 1 (got 2)",
+      "`model.kwargs.img_size` 16"]),
+    ("tiny-transfusion", ["--model.kwargs.modality_default_shape", "32,32", "--model.kwargs.dim_latent", "3"],
+     ["`model.kwargs.modality_default_shape` 32,32 must be an int or a list of two ints", "'[32,32]'"]),
     ("tiny-kl", ["--data.channels", "1"], ["`data.channels` is 1", "AutoencoderKL (`model.kwargs.in_channels`) takes "
                                            "3-channel", "`model.kwargs.in_channels` 1"]),
     ("tiny-mar", ["--data.channels", "1", "--tokenizer.path", "kl"], ["`data.channels` is 1", "(`tokenizer`) takes 3"]),
@@ -357,3 +368,52 @@ def test_a_patched_transfusion_that_does_not_fit_the_images_is_refused(data, tmp
         train_run("tiny-transfusion", tmp_path, "--data.folder", str(data / "images"), *PATCHED, *modality)
     assert all(word in str(info.value) for word in words), str(info.value)
     assert not (tmp_path / train.LOG_FILE).exists()
+
+
+# the digits recipes as entry-point configs
+
+def test_the_digits_folder_holds_the_split_with_name_captions(tmp_path):
+    """`mmgen_pytorch.data.digits`: the training split as greyscale 8x8 PNGs in class folders named by the
+    digit, pixels 0..16 as round(255 v / 16), each captioned with its digit's name."""
+    from PIL import Image
+
+    from mmgen_pytorch.data.digits import DIGIT_NAMES, write_digits_folder
+    from mmgen_pytorch.evaluation.features import digits_split
+
+    folder = write_digits_folder(tmp_path, split="test")
+    _, x_test, _, y_test = digits_split()
+    captions = [json.loads(line) for line in (tmp_path / "test-captions.jsonl").read_text().splitlines()]
+    assert len(captions) == len(y_test) == 540
+    for index in (0, 17, 539):
+        entry = captions[index]
+        assert entry == {"file": f"{y_test[index]}/{index:04d}.png", "caption": DIGIT_NAMES[y_test[index]]}
+        with Image.open(folder / entry["file"]) as image:
+            assert image.mode == "L" and image.size == (8, 8)
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            assert (pixels == (torch.tensor(x_test[index]) * 255 / 16).round()).all()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from mmgen_pytorch.data.digits import write_digits_folder
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_folder(root, split="train")
+    return root
+
+
+def test_every_digits_config_trains_on_the_digits_folder(digits, tmp_path):
+    """The seven digits-* configs (five generators, two tokenizers) run two steps each on the digits, the
+    code models through the tokenizer the tokenizer config just trained; every generator draws its grid."""
+    short = ["--data.folder", str(digits / "train"), "--data.batch_size", "8", "--train.steps", "2",
+             "--train.log_every", "1", "--train.progress", "false"]
+    captions = ["--data.captions", str(digits / "train-captions.jsonl")]
+    runs = [("digits-transfusion", captions), ("digits-monoformer", captions), ("digits-mar", []),
+            ("digits-vqvae", []), ("digits-llamagen", ["--tokenizer.path", str(tmp_path / "digits-vqvae")]),
+            ("digits-rqvae", []), ("digits-dnd", ["--tokenizer.path", str(tmp_path / "digits-rqvae")])]
+    for name, extra in runs:
+        losses = train_run(name, tmp_path / name, *short, *extra)
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), name
+        reset_accelerate_state()
+        if "vae" not in name:
+            assert (tmp_path / name / "samples" / "step-0000002.png").is_file(), name

@@ -377,8 +377,8 @@ def _check_data(config: Config) -> None:
     _require(data.channels == 3 or data.cache is None, "`data.channels` is for images (`data.folder` / `data.hf`); "
                                                        "a cache holds what its tokenizer made of them")
     _require(data.image_first == 0 or config.model.name == "Transfusion",
-             f"`data.image_first` lays out Transfusion's samples [image, text]; {config.model.name or 'this model'} "
-             f"takes its text before the image: leave it 0")
+             f"`data.image_first` lays out Transfusion's samples [image, text]; it does not apply to "
+             f"{config.model.name or 'this model'}: leave it 0")
     if config.model.name in TOKENIZERS:
         return  # it is the model being trained: its data rules are in _check_tokenizer_loss
     _require(tokenizer.path is None or tokenizer.from_official is None,

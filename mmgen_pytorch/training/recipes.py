@@ -252,10 +252,15 @@ class ModelGrid:
     channels_key: Optional[str] = None
 
 
-def _pair(value) -> Optional[Tuple[int, int]]:
+def _pair(value, key: str = "the grid") -> Optional[Tuple[int, int]]:
     if value is None:
         return None
-    return (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        return value, value
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise ConfigError(f"{key} must be an int or a list of two ints ([32, 32]; on the command line "
+                          f"'[32,32]'), got {value!r}")
+    return tuple(value)
 
 
 def _fit_mar(arguments: dict, grid: Tuple[int, int], stride: Optional[int]) -> dict:
@@ -324,7 +329,7 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
     spec, arguments = MODEL_GRIDS[name], constructor_arguments(model)
     data = data_latents(config, tokenizer, dataset)
     stride = None if config.data.cache is not None else getattr(tokenizer, "downsample_factor", 1)  # pixels: 1
-    grid = _pair(spec.grid(arguments))
+    grid = _pair(spec.grid(arguments), _kwargs({key: arguments[key] for key in spec.grid_keys}))
     channels_key = spec.channels_key
     channels = arguments.get(channels_key) if channels_key else None
     grid_keys = {key: arguments[key] for key in spec.grid_keys}
@@ -343,12 +348,17 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
                         else {"modalities[0].latent_size": list(data.grid)})
         if wrong_channels:
             takes.append(f"{channels} latent channels (`model.kwargs.{channels_key}`)")
-            gives.append(f"{data.channels} channels")
+            gives.append(f"{data.channels} channel{'s' if data.channels != 1 else ''}")
             fits[channels_key] = data.channels
+        pixel_mar = name == "MAR" and tokenizer is None and config.data.cache is None  # its stride must be 1
         also = (f"; or `data.resolution` {grid[0] * stride}" if wrong_grid and not wrong_channels and stride
-                and grid[0] == grid[1] else "")
+                and grid[0] == grid[1] and not pixel_mar else "")
         raise ConfigError(f"{name} takes {' and '.join(takes)}, but the data gives {' and '.join(gives)}: "
                           f"{data.origin}; what would fit: {_kwargs(fits)}{also}")
+    if name == "MAR" and tokenizer is None and config.data.cache is None and not draws_pixels(model):
+        raise ConfigError(f"MAR without a tokenizer trains on the pixels themselves: give `model.kwargs.vae_stride` 1 "
+                          f"(got {model.vae_stride}) and `model.kwargs.img_size` {config.data.resolution}, or a KL "
+                          f"`tokenizer.path`")
     heads = getattr(model, "code_heads", None)
     if heads is not None and tokenizer is not None:
         try:
@@ -367,9 +377,10 @@ def check_image_channels(config: Config, model: nn.Module, tokenizer: Optional[n
     takes, given = encoder.config.in_channels, config.data.channels
     if takes != given:
         source = "`model.kwargs.in_channels`" if training else "`tokenizer`"
-        raise ConfigError(f"`data.channels` is {given}, but the {type(encoder).__name__} ({source}) takes {takes}-channel "
-                          f"images: set `data.channels` {takes}" + (f" or `model.kwargs.in_channels` {given}"
-                                                                    if training else ""))
+        fixes = ([f"`data.channels` {takes}"] if takes in (1, 3) else []) + (
+            [f"`model.kwargs.in_channels` {given}"] if training else [])
+        raise ConfigError(f"`data.channels` is {given} (images have 1 or 3), but the {type(encoder).__name__} ({source}) "
+                          f"takes {takes}-channel images: set {' or '.join(fixes) or 'another tokenizer'}")
 
 
 def check_idle_blocks(config: Config, model: nn.Module, processes: int) -> None:
@@ -453,7 +464,8 @@ def multimodal_samples(batch: Batch, tokenizer, channel_last: bool, image_first:
     latents = image_latents(batch, tokenizer)
     latents = latents.permute(0, 2, 3, 1) if channel_last else latents
     texts = _texts(batch)
-    flipped = (torch.rand(len(texts)) < image_first).tolist() if image_first > 0 else [False] * len(texts)
+    texted = any(text is not None for text in texts)
+    flipped = (torch.rand(len(texts)) < image_first).tolist() if image_first > 0 and texted else [False] * len(texts)
     return [[latent] if text is None else [latent, text] if after else [text, latent]
             for text, latent, after in zip(texts, latents, flipped)]
 
@@ -530,6 +542,8 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
     if name == "MAR":
         if tokenizer is None and model.vae is None and not draws_pixels(model):
             return "MAR draws KL latents: give the KL tokenizer that decodes them"
+        if tokenizer is not None and draws_pixels(model):
+            return "this MAR draws pixels (`vae_stride` 1): it takes no tokenizer; leave it out"
         return "MAR is class-conditional: it takes no captions" if captions else _all_or_none(labelled, name)
     if name in ("LlamaGen", "DnDTransformer"):
         if tokenizer is None:
@@ -545,6 +559,10 @@ def sampling_problem(model: nn.Module, tokenizer: Optional[nn.Module], condition
     channels = image_channels(model)
     if tokenizer is None and channels not in PIXEL_CHANNELS:
         return f"{name} draws {channels}-channel latents: give the KL tokenizer that decodes them"
+    if tokenizer is not None and channels != tokenizer.config.embed_dim:
+        return (f"{name} draws {channels}-channel latents, but the tokenizer ({type(tokenizer).__name__}) decodes "
+                f"{tokenizer.config.embed_dim}-channel ones" + ("; pixels need no tokenizer: leave it out"
+                                                               if channels in PIXEL_CHANNELS else ""))
     return None if captions else _all_or_none(labelled, name)
 
 
