@@ -417,3 +417,16 @@ def test_every_digits_config_trains_on_the_digits_folder(digits, tmp_path):
         reset_accelerate_state()
         if "vae" not in name:
             assert (tmp_path / name / "samples" / "step-0000002.png").is_file(), name
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import score_digits_run
+
+    for name in ("digits-transfusion", "digits-llamagen"):  # scored as the digits job scores its recipes
+        report = score_digits_run.score(str(tmp_path / name), seeds=(0, 1), num=20, captions=4)
+        assert set(report["seeds"]) == {"0", "1"} and 0 <= report["mean"]["conditional_accuracy"] <= 1
+        assert report["weights"] == "ema" and report["mean"]["frechet_distance"] > 0
+    assert "caption_accuracy" in score_digits_run.score(str(tmp_path / "digits-transfusion"), seeds=(0,), num=10,
+                                                        captions=4)
+    assert report["tokenizer_rfid"] > 0  # LlamaGen's VQVAE
