@@ -314,9 +314,7 @@ def drawn_size(model: nn.Module, tokenizer: Optional[nn.Module]) -> Optional[Tup
     factor = tokenizer.downsample_factor if tokenizer is not None else 1
     if name in ("LlamaGen", "DnDTransformer"):
         grid = (model.grid_size,) * 2
-    elif name == "MonoFormer":
-        grid = tuple(model.latent_shape[1:])
-    else:  # Transfusion: latents [h, w, c] (or [c, h, w] in patches); a wrapper keeps its `inner`'s shape
+    else:  # Transfusion / MonoFormer: latents [h, w, c] (or [c, h, w] in patches); a wrapper keeps `inner`'s shape
         spec = image_modality(model)
         grid = spec.latent_size if isinstance(spec, PatchedLatents) else spec.default_shape
         if grid is None or len(grid) != 2:

@@ -329,10 +329,10 @@ def check_latent_fit(config: Config, model: nn.Module, tokenizer: Optional[nn.Mo
     spec, arguments = MODEL_GRIDS[name], constructor_arguments(model)
     data = data_latents(config, tokenizer, dataset)
     stride = None if config.data.cache is not None else getattr(tokenizer, "downsample_factor", 1)  # pixels: 1
-    grid = _pair(spec.grid(arguments), _kwargs({key: arguments[key] for key in spec.grid_keys}))
+    grid_keys = {key: arguments[key] for key in spec.grid_keys}
+    grid = _pair(spec.grid(arguments), _kwargs(grid_keys))
     channels_key = spec.channels_key
     channels = arguments.get(channels_key) if channels_key else None
-    grid_keys = {key: arguments[key] for key in spec.grid_keys}
     if name == "Transfusion" and patched(model):  # `model.kwargs.modalities`: the image record holds both
         record = image_modality(model)
         grid, channels, channels_key = record.latent_size, record.latent_channels, "modalities[0].latent_channels"
@@ -471,15 +471,12 @@ def multimodal_samples(batch: Batch, tokenizer, channel_last: bool, image_first:
 
 
 def transfusion_loss(model, inner, batch: Batch, tokenizer, *, image_first: float = 0.0) -> Tensor:
+    """Transfusion's and MonoFormer's (patched latents, channel-first) loss on the batch's samples."""
     return model(multimodal_samples(batch, tokenizer, channel_last=not patched(inner), image_first=image_first))
 
 
-def monoformer_loss(model, inner, batch: Batch, tokenizer) -> Tensor:
-    return model(multimodal_samples(batch, tokenizer, channel_last=False))
-
-
 LOSSES: Dict[str, Callable[..., Tensor]] = dict(MAR=mar_loss, LlamaGen=code_loss, DnDTransformer=code_loss,
-                                               Transfusion=transfusion_loss, MonoFormer=monoformer_loss)
+                                               Transfusion=transfusion_loss, MonoFormer=transfusion_loss)
 
 
 def loss_options(config: Config) -> Dict[str, Any]:
