@@ -14,15 +14,15 @@ def read_version() -> str:
     return match.group(1)
 
 
-# what examples/ imports beside the library (ema-pytorch: the digits job's EMA; the library itself only
-# saves an EMA it is given); the tests run the examples, the notebook extra adds a Jupyter to run the quick start
-EXAMPLES = ["ema-pytorch", "numpy", "Pillow", "scikit-learn", "scipy", "torchmetrics>=1.4"]
 HUB = ["huggingface_hub>=0.26"]  # save_pretrained / from_pretrained / push_to_hub (imported on first use)
 # python -m mmgen_pytorch.train: Accelerate runs the loop, YAML configs, ema-pytorch's EMA, Pillow's images / grids
 TRAIN = ["accelerate", "pyyaml", "ema-pytorch", "Pillow"]
 # mmgen_pytorch.evaluation: torchmetrics computes FID / IS, numpy writes the statistics caches (imported on first use);
 # the standard FID Inception is torch-fidelity's (which needs torchvision)
 EVAL = ["torchmetrics>=1.4", "numpy"]
+# what examples/ needs beside the library: the digits job trains through the entry point (TRAIN) and scores with
+# scikit-learn / SciPy; the tests run the examples, the notebook extra adds a Jupyter
+EXAMPLES = [*TRAIN, *EVAL, "scikit-learn", "scipy"]
 INCEPTION = [*EVAL, "torch-fidelity"]
 
 readme = HERE / "README.md"
@@ -50,7 +50,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": [*EXAMPLES, *HUB, *TRAIN, *EVAL, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
+        "test": [*EXAMPLES, *HUB, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
         "hub": HUB,

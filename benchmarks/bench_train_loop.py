@@ -1,5 +1,6 @@
-"""Throughput of the training entry point (``python -m mmgen_pytorch.train``) against the digits loop
-(``examples/train_digits.py``), the same model on the same data.
+"""Throughput of the training entry point (``python -m mmgen_pytorch.train``) against the loop the digits job
+ran before it moved onto the entry point (a plain loop over tensors, kept here as the baseline), the same
+model on the same data.
 
 The model is the MonoFormer digits recipe's (dim 128, depth 4, 2x2 patches of an 8x8 image, the class as a
 one-token text), but with 3 latent channels, since the entry point reads images as RGB: the digits are
@@ -33,24 +34,20 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BATCH, LR, EMA_BETA = 64, 1e-3, 0.995
-LOOPS = {"digits": "examples/train_digits.py", "entry": "python -m mmgen_pytorch.train, images decoded per item",
+LOOPS = {"digits": "the former digits loop", "entry": "python -m mmgen_pytorch.train, images decoded per item",
          "entry-memory": "python -m mmgen_pytorch.train, `data.in_memory: true`"}
 TRANSFORMER = dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32, attn_backend="sdpa")
 MODEL = dict(num_text_tokens=128, latent_channels=3, latent_size=8, patch_size=2, schedule="cosine",
              max_prompt_length=8, transformer=TRANSFORMER)
 
 
-def write_digits_folder(folder: Path) -> None:
-    """The digits' training split as 8x8 greyscale PNGs in class folders ``0`` .. ``9``."""
-    import numpy as np
-    from PIL import Image
-    from train_digits import training_data
+def training_data():
+    """The digits' training split: images ``[N, 8, 8]`` in [0, 1] and labels."""
+    import torch
+    from mmgen_pytorch.evaluation.features import digits_split
 
-    images, labels = training_data()
-    for index, (image, label) in enumerate(zip(images, labels.tolist())):
-        (folder / str(label)).mkdir(parents=True, exist_ok=True)
-        pixels = (image.numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(folder / str(label) / f"{index:04d}.png")
+    x_train, _, y_train, _ = digits_split()
+    return torch.tensor(x_train, dtype=torch.float32).view(-1, 8, 8) / 16, torch.tensor(y_train)
 
 
 def stamping(model, stamps: list):
@@ -97,11 +94,31 @@ class DigitsMonoFormer:
 
 
 def run_digits_loop(steps: int, out: str, *, stamps: list) -> None:
-    from train_digits import train
+    """The former digits loop: random batches with replacement, AdamW with warm-up and cosine decay, clipping,
+    an EMA updated every step (after 100), a final checkpoint."""
+    import math
 
-    args = argparse.Namespace(ema_beta=EMA_BETA, resume=False, out=out, steps=steps, progress=False,
-                              model="monoformer", checkpoint_every=10**9)
-    train(DigitsMonoFormer(stamps), args)
+    import torch
+    from ema_pytorch import EMA
+    from mmgen_pytorch import save_training_state
+
+    recipe = DigitsMonoFormer(stamps)
+    model, (images, labels) = recipe.model, training_data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    ema = EMA(model, beta=EMA_BETA, update_after_step=100, update_every=1)
+    model.train()
+    for step in range(steps):
+        warm = (step + 1) / 100 if step < 100 else 0.5 * (1 + math.cos(math.pi * (step - 100) / max(1, steps - 100)))
+        for group in optimizer.param_groups:
+            group["lr"] = LR * warm
+        index = torch.randint(0, len(images), (BATCH,))
+        loss = recipe.loss(images[index], labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update()
+    save_training_state(Path(out) / "checkpoint", model=model, optimizer=optimizer, ema=ema, step=steps)
 
 
 def child(args) -> None:
@@ -145,12 +162,14 @@ def main() -> None:
 
     started, load_before = time.time(), os.getloadavg()[0]
     per_step = {loop: [] for loop in LOOPS}
+    from mmgen_pytorch.data.digits import write_digits_folder
+
     with tempfile.TemporaryDirectory() as folder:
-        write_digits_folder(Path(folder))
+        folder = str(write_digits_folder(Path(folder)))
         for _ in range(args.repeats):
             for loop in LOOPS:
                 per_step[loop].append(measure(loop, args, folder))
-    lines = ["# Training loop throughput: the entry point against the digits loop (CPU)", "",
+    lines = ["# Training loop throughput: the entry point against the former digits loop (CPU)", "",
              "`python benchmarks/bench_train_loop.py --markdown benchmarks/results_train_loop.md`", "",
              *machine_lines(torch.__version__, args.threads),
              f"- MonoFormer digits model with 3 latent channels, batch {BATCH}, {args.steps} steps a run; one step = "

@@ -3,356 +3,180 @@
     python examples/train_digits.py --model transfusion      # default
     python examples/train_digits.py --model transfusion --steps 200 --out /tmp/quick
 
-The data (1,797 real digits, 10 classes) ships with scikit-learn: nothing is downloaded. The split is
-the one `evaluate_digits.py` uses; only the training split is trained on. Outputs in `--out`
-(default `results/<model>/`): `samples.png` (one row per class), `samples.npz` (`images` float32
-(N, 8, 8) in [0, 1], `labels` int64 (N,)), `metrics.json`, and `checkpoint/` (safetensors weights,
-optimizer and EMA state, `config.json` naming the model) that `--resume` continues from. LlamaGen and DnD
-first train a tokenizer into `<out>/tokenizer/` and reuse it on later runs (`--retrain-tokenizer` replaces it).
+Each recipe is a config of the training entry point (``mmgen_pytorch/configs/digits-<model>.yaml``; LlamaGen
+and DnD first train their tokenizer with ``digits-vqvae`` / ``digits-rqvae``), run here on the digits written
+as a greyscale image folder (:mod:`mmgen_pytorch.data.digits`; nothing is downloaded). The split is the one
+``evaluate_digits.py`` uses; only the training split is trained on. Outputs in ``--out`` (default
+``results/<model>/``): ``samples.png`` (one row per class), ``samples.npz`` (``images`` float32 (N, 8, 8) in
+[0, 1], ``labels`` int64 (N,)), ``metrics.json``, ``run/`` (the entry point's run: ``config.yaml``,
+``log.jsonl``, ``checkpoints/``, sample grids) that ``--resume`` continues, ``data/`` (the digits as PNGs) and,
+for LlamaGen and DnD, ``tokenizer/`` (the tokenizer's run, reused by later runs unless ``--retrain-tokenizer``).
 
-Every flag, and what `--resume` or a kept tokenizer would continue from, is checked before any data is
-loaded or any training starts.
+Every flag is checked before any data is written or any training starts; what the entry point checks (a
+``--resume`` without a checkpoint, a kept tokenizer of the wrong kind) is refused before its first step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from ema_pytorch import EMA
 from PIL import Image
-from torch import Tensor
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_digits import evaluate, split, tokenizer_rfid  # noqa: E402
 
-from mmgen_pytorch import (MAR, RQVAE, VQVAE, DnDTransformer, LlamaGen, MonoFormer, RectifiedFlow, Transfusion,  # noqa: E402
-                           load_training_state, save_training_state)
+from mmgen_pytorch import train as entry_point  # noqa: E402
 from mmgen_pytorch._utils import check, check_finite_number  # noqa: E402
-from mmgen_pytorch.checkpoint import TRAINING_STATE_FILE  # noqa: E402
-from mmgen_pytorch.files import CheckpointMismatchError, read_tensor_file  # noqa: E402
+from mmgen_pytorch.data.digits import DIGIT_NAMES, write_digits_folder  # noqa: E402
 from mmgen_pytorch.guidance import check_cfg_scale  # noqa: E402
+from mmgen_pytorch.sample import load_for_sampling, resolve_source  # noqa: E402
 from mmgen_pytorch.sampling import check_sampling_options  # noqa: E402
-from mmgen_pytorch.saving import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config  # noqa: E402
-
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def default(value, fallback):
-    return fallback if value is None else value
-
-
-# data
-
-def training_data() -> tuple:
-    x_train, _, y_train, _ = split()
-    images = torch.tensor(x_train, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
-    return images, torch.tensor(y_train, dtype=torch.long)
-
-
-def heldout_data() -> tuple:
-    _, x_test, _, y_test = split()
-    return torch.tensor(x_test, dtype=torch.float32).reshape(-1, 8, 8) / 16.0, torch.tensor(y_test, dtype=torch.long)
-
-
-def patchify(images: Tensor, patch: int = 2) -> Tensor:
-    """(N, 8, 8) in [0, 1] -> (N, 8/p, 8/p, p*p) latents in [-1, 1]."""
-    n, h, w = images.shape
-    x = images * 2 - 1
-    return x.reshape(n, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4).reshape(n, h // patch, w // patch, patch * patch)
-
-
-def unpatchify(latents: Tensor, patch: int = 2) -> Tensor:
-    n, gh, gw, _ = latents.shape
-    x = latents.reshape(n, gh, gw, patch, patch).permute(0, 1, 3, 2, 4).reshape(n, gh * patch, gw * patch)
-    return ((x + 1) / 2).clamp(0, 1)
-
-
-def caption_ids(label: int) -> Tensor:
-    return torch.tensor(list(NAMES[label].encode()), dtype=torch.long)
-
-
-def read_caption(ids: Tensor) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 128).decode(errors="replace")
-
-
-# recipes: one per model
+from mmgen_pytorch.saving import read_config  # noqa: E402
+from mmgen_pytorch.training.config import load_config  # noqa: E402
+from mmgen_pytorch.training.recipes import byte_tokenizer, generate_images  # noqa: E402
+from mmgen_pytorch.training.runs import latest_checkpoint  # noqa: E402
 
 HELDOUT_DIGITS = 540  # the evaluation split holds out 30 % of the 1,797 digits
 DDPM_STEPS = 1000  # MonoFormer's and MAR's training chains; they sample 3 x --modality-steps respaced steps
 
-class TransfusionRecipe:
-    """Caption <-> image both ways in ONE model: `[caption, image]` and `[image, caption]` samples."""
 
-    # 2200 steps fit the 10-minute budget on 2 cores; at that length lr 2e-3 beats 1e-3 (99.2 % / FD 28.8 /
-    # captions 95.9 % against 98.4 % / 31.9 / 96.1 %). An image-first sample trains the image WITHOUT its
-    # caption, so half of them left half the flow training unconditional: with three in four caption-first,
-    # sampling seeds 0-2 give 99.5 % / FD 25.9 / captions 96.3 % (half: 99.3 % / 29.5 / 95.9 %)
-    default_steps, batch_size, lr, cfg = 2200, 64, 2e-3, 1.5
-    caption_first = 0.75  # the share of [caption, image] samples; the rest are [image, caption]
-    model_class = Transfusion
-
-    def __init__(self, args):
-        self.args = args
-        self.model = Transfusion(num_text_tokens=128, dim_latent=4, modality_default_shape=(4, 4),
-                                 prob_uncond=0.1, objective=RectifiedFlow(time_sampling="logit_normal"),
-                                 transformer=dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32,
-                                                  attn_backend="sdpa"))
-
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        latents = patchify(images)
-        batch = []
-        for latent, label in zip(latents, labels.tolist()):
-            caption = caption_ids(label)
-            batch.append([caption, latent] if random.random() < self.caption_first else [latent, caption])
-        return self.model(batch)
-
-    @torch.no_grad()
-    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        prompts = [[caption_ids(label)] for label in labels.tolist()]
-        samples = model.sample(prompts, max_length=32, cfg_scale=self.args.cfg, modality_steps=self.args.modality_steps,
-                               force_modality_at_start=(0, (4, 4)), max_modalities=1, generator=generator,
-                               progress=self.args.progress)
-        latents = torch.stack([next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples])
-        return unpatchify(latents)
-
-    @torch.no_grad()
-    def extra_metrics(self, model, generator: torch.Generator) -> Dict[str, float]:
-        images, labels = heldout_data()
-        images, labels = images[:self.args.caption_samples], labels[:self.args.caption_samples]
-        prompts = [[(0, latent)] for latent in patchify(images)]
-        samples = model.sample(prompts, max_length=40, cfg_scale=1.0, text_temperature=0.0, max_modalities=0,
-                               generator=generator, progress=self.args.progress)
-        captions = [read_caption(torch.cat([i for i in s[1:] if isinstance(i, Tensor)] or [torch.zeros(0)]))
-                    for s in samples]
-        correct = [caption == NAMES[label] for caption, label in zip(captions, labels.tolist())]
-        return {"caption_accuracy": float(np.mean(correct)), "caption_examples": captions[:10]}
+# recipes: the entry point's config of each model, and how its samples are drawn
 
 
-class MARRecipe:
-    """Class-conditional MAR directly on 2x2 pixel patches (a 4x4 grid of 4-channel tokens)."""
-
-    # mask ratios from 0.1 (upstream: 0.7): with 16 tokens, 0.7 never trains the late sampling steps,
-    # where most tokens are known (FD 29.3 from 0.1, 37.6 from 0.3, 43.7 from 0.7 at the same steps).
-    # Two encoder + two decoder blocks and 4 noise draws per token for the head (was 3 + 3 and 2) cost
-    # the same per step and score better: FD 27.9 vs 32.3 over sampling seeds 0-2 (lr 2e-3: FD 45.6).
-    # Sampled one token per step (--mar-iters 16): over sampling seeds 0-7, 99.1 % / FD 28.9 against
-    # 98.8 % / 28.9 with 8 steps, which looked better on seeds 0-2 alone (99.1 % / 27.9, seeds 3-7: 98.6 %)
-    # 3400 steps (was 3000): 99.2 % / FD 27.9 (25.8-30.0) over sampling seeds 0-2, every seed in the goal,
-    # against 99.5 % / 29.6 with one seed at 30.3; a slower EMA does not help (0.998: FD 31.4, 0.999: 40.4)
-    default_steps, batch_size, lr, cfg = 3400, 64, 1e-3, 1.5
-    model_class, max_modality_steps = MAR, DDPM_STEPS // 3
-
-    def __init__(self, args):
-        self.args = args
-        self.model = MAR(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_dim=128, encoder_depth=2,
-                         encoder_heads=4, num_classes=10, buffer_size=4, attn_dropout=0.0, proj_dropout=0.0,
-                         mask_ratio_min=0.1, diffloss_depth=2, diffloss_width=192, num_sampling_steps="50",
-                         diffusion_batch_mul=4)
-
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.model(patchify(images).permute(0, 3, 1, 2), labels)
-
-    @torch.no_grad()
-    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        samples = model.sample(labels, num_iter=self.args.mar_iters, cfg_scale=self.args.cfg, generator=generator,
-                               temperature=self.args.temperature,
-                               num_sampling_steps=str(self.args.modality_steps * 3), clip_denoised=1.0,
-                               progress=self.args.progress)
-        return unpatchify(samples.latents.permute(0, 2, 3, 1))
+@dataclass(frozen=True)
+class Recipe:
+    """``config``: the generator's entry-point config; ``tokenizer``: its tokenizer's (LlamaGen, DnD);
+    ``captions``: trained on the digits' names (else their classes); ``sampling``: the sampler options from
+    the flags; ``cfg`` / ``top_p``: the sampling defaults the recipe was measured with."""
+    config: str
+    sampling: Callable[[argparse.Namespace], Dict[str, Any]]
+    cfg: float
+    top_p: float = 1.0
+    tokenizer: Optional[str] = None
+    captions: bool = False
+    ddpm: bool = False  # samples 3 x --modality-steps steps of a DDPM chain
+    notes: List[str] = field(default_factory=list)
 
 
-class MonoFormerRecipe:
-    """The class name as a text prompt -> a [1, 8, 8] image in [-1, 1], DDPM in the same causal LLaMA
-    (2x2 patches: 16 image tokens), the whole prompt dropped 10% of the time for CFG."""
-
-    # CFG 1.25: at 1.5 the samples of a class grow alike (FD 33.6 vs 26.3, accuracy 99.6 vs 99.4 %)
-    default_steps, batch_size, lr, cfg = 3000, 64, 1e-3, 1.25
-    model_class, max_modality_steps = MonoFormer, DDPM_STEPS // 3
-
-    def __init__(self, args):
-        self.args = args
-        self.model = MonoFormer(num_text_tokens=128, latent_channels=1, latent_size=8, patch_size=2,
-                                schedule="cosine", max_prompt_length=8,
-                                transformer=dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32,
-                                                 attn_backend="sdpa"))
-
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.model([[caption_ids(label), image[None] * 2 - 1] for image, label in zip(images, labels.tolist())])
-
-    @torch.no_grad()
-    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        latents = model.generate_images([caption_ids(label) for label in labels.tolist()], cfg_scale=self.args.cfg,
-                                        steps=self.args.modality_steps * 3, clip_denoised=1.0, generator=generator,
-                                        progress=self.args.progress)
-        return ((latents[:, 0] + 1) / 2).clamp(0, 1)
+RECIPES = {
+    # 2200 steps fit the 10-minute budget on 2 cores; one sample in four image-first trains captioning
+    "transfusion": Recipe("digits-transfusion", lambda a: dict(steps=a.modality_steps), cfg=1.5, captions=True),
+    # CFG 1.25: at 1.5 the samples of a class grow alike
+    "monoformer": Recipe("digits-monoformer", lambda a: dict(steps=3 * a.modality_steps, clip_denoised=1.0),
+                         cfg=1.25, captions=True, ddpm=True),
+    # one token of the 4x4 grid per AR step (--mar-iters 16), 3 x 16 diffusion-head steps
+    "mar": Recipe("digits-mar", lambda a: dict(steps=a.mar_iters, temperature=a.temperature,
+                                               num_sampling_steps=str(3 * a.modality_steps), clip_denoised=1.0),
+                  cfg=1.5, ddpm=True),
+    "llamagen": Recipe("digits-llamagen", lambda a: dict(temperature=a.temperature, top_p=a.top_p), cfg=1.1,
+                       tokenizer="digits-vqvae"),
+    "dnd": Recipe("digits-dnd", lambda a: dict(temperature=a.temperature, top_p=a.top_p), cfg=1.25, top_p=0.95,
+                  tokenizer="digits-rqvae"),
+}
 
 
-# tokenizer-first recipes: the tokenizer is trained once, kept in <out>/tokenizer and reused
+def trained_by() -> Dict[str, str]:
+    """The ``--model`` whose recipe trains each model class (e.g. "DnDTransformer" -> "dnd")."""
+    return {load_config(recipe.config, check_values=False).model.name: name for name, recipe in RECIPES.items()}
 
-def tokenizer_folder(args) -> Path:
-    return Path(args.out) / "tokenizer"
+
+def sampling_options(args) -> Dict[str, Any]:
+    """The keyword arguments of ``generate_images`` that the flags ``args`` ask for (CFG and the recipe's)."""
+    return dict(cfg=args.cfg, **RECIPES[args.model].sampling(args))
 
 
-def fit_tokenizer(tokenizer, args, *, steps: int, lr: float = 2e-3, batch_size: int = 64):
-    """Train ``tokenizer`` (its forward returns ``.loss``) on the training digits and save it (config.json
-    naming its class + model.safetensors) in ``<out>/tokenizer``, or reuse the one an earlier run left
-    there (its kind already checked by `validate`) unless ``--retrain-tokenizer``. Returns it in eval mode."""
-    folder = tokenizer_folder(args)
-    if (folder / WEIGHTS_FILE).exists() and not args.retrain_tokenizer:
-        return reuse_tokenizer(tokenizer, folder, args)
+def condition(recipe: Recipe, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """What the samples are drawn from: the digits' names as captions, or their labels."""
+    if not recipe.captions:
+        return {"label": labels}
+    ids = [byte_tokenizer(DIGIT_NAMES[label]) for label in labels.tolist()]
+    width = max(map(len, ids))
+    caption_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    return {"caption_ids": caption_ids, "caption_mask": caption_ids > 0}
+
+
+# training: the entry point, on the digits folder
+
+
+def data_folder(args) -> Path:
+    """``<out>/data`` with the digits written once."""
+    root = Path(args.out) / "data"
+    if not (root / "train-captions.jsonl").is_file():
+        write_digits_folder(root, split="train")
+    return root
+
+
+def run_entry_point(config: str, output_dir: Path, options: List[str], *, resume: bool) -> float:
+    """``python -m mmgen_pytorch.train config --train.output_dir output_dir options [--resume]``; its minutes."""
+    from accelerate.state import AcceleratorState, GradientState
+
     started = time.time()
-    images = training_data()[0].unsqueeze(1) * 2 - 1
-    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=lr)
-    tokenizer.train()
-    bar = tqdm(range(steps), desc=f"training {type(tokenizer).__name__}", disable=not args.progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr)
-        output = tokenizer(images[torch.randint(0, len(images), (batch_size,))])
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        bar.set_postfix(recon=f"{output.recon_loss.item():.4f}")
-    tokenizer.save(folder)
-    args.tokenizer_minutes = (time.time() - started) / 60
-    (folder / "train_minutes.json").write_text(json.dumps({"minutes": args.tokenizer_minutes, "steps": steps}))
-    return tokenizer.eval().requires_grad_(False)
+    entry_point.main([config, "--train.output_dir", str(output_dir), *options, *(["--resume"] if resume else [])])
+    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate's singletons, for the next run here
+    GradientState._reset_state()
+    return (time.time() - started) / 60
 
 
-def reuse_tokenizer(tokenizer, folder: Path, args):
-    try:
-        load_weights(tokenizer, folder / WEIGHTS_FILE)
-    except CheckpointMismatchError as error:  # a folder without config.json, from an older version of this script
-        raise SystemExit(f"error: {folder} does not hold the {type(tokenizer).__name__} --model {args.model} needs "
-                         f"({error}); pass --retrain-tokenizer to replace it") from None
-    timing = folder / "train_minutes.json"
-    earlier = json.loads(timing.read_text()) if timing.exists() else {}
-    args.tokenizer_minutes = earlier.get("minutes", 0.0)
-    print(f"reusing the {type(tokenizer).__name__} tokenizer trained earlier in {folder} "
-          f"({earlier.get('steps', 'unknown')} steps, {args.tokenizer_minutes:.1f} min, counted in train_minutes); "
-          f"--tokenizer-steps is ignored: pass --retrain-tokenizer to train a new one")
-    return tokenizer.eval().requires_grad_(False)
+def train_tokenizer(recipe: Recipe, args, data: Path) -> float:
+    """The recipe's tokenizer in ``<out>/tokenizer``, trained unless a finished one is kept there; minutes."""
+    folder = Path(args.out) / "tokenizer"
+    if args.retrain_tokenizer and folder.exists():
+        shutil.rmtree(folder)
+    if latest_checkpoint(folder) is not None:
+        print(f"reusing the tokenizer trained earlier in {folder}; --tokenizer-steps is ignored: pass "
+              f"--retrain-tokenizer to train a new one")
+        return 0.0
+    options = ["--data.folder", str(data / "train"), "--train.seed", str(args.seed), "--train.progress",
+               str(args.progress).lower()] + (["--train.steps", str(args.tokenizer_steps)] if args.tokenizer_steps else [])
+    return run_entry_point(recipe.tokenizer, folder, options, resume=False)
 
 
-TOKENIZER_CONV = dict(in_channels=1, ch=32, num_res_blocks=1, attn_levels=(), z_channels=64)
+def train_model(recipe: Recipe, args, data: Path) -> float:
+    """The generator in ``<out>/run`` (continued with ``--resume``; replaced without it, saying so); minutes."""
+    run = Path(args.out) / "run"
+    if not args.resume and latest_checkpoint(run) is not None:
+        print(f"note: starting fresh; the run in {run} is replaced (--resume continues it)")
+        shutil.rmtree(run)
+    options = ["--data.folder", str(data / "train"), "--train.seed", str(training_seed(args)),
+               "--train.checkpoint_every", str(args.checkpoint_every), "--train.progress", str(args.progress).lower(),
+               "--optim.ema_beta", str(args.ema_beta)]
+    options += ["--train.steps", str(args.steps)] if args.steps else []
+    options += ["--data.captions", str(data / "train-captions.jsonl")] if recipe.captions else []
+    options += ["--tokenizer.path", str(Path(args.out) / "tokenizer")] if recipe.tokenizer else []
+    return run_entry_point(recipe.config, run, options, resume=args.resume)
 
 
-class LlamaGenRecipe:
-    """A VQVAE (8x8 -> 4x4 codes) trained first, then the class-conditional LlamaGen GPT over its codes."""
-
-    # unregularised, the GPT recites its 1257 training digits (median distance 2.1 to the nearest one);
-    # dropout alone stops that but draws poorly (69 %). With 30 % of the input positions corrupted it
-    # generalises and draws well with little guidance. 4000 steps (3500: FD 31.3); over sampling seeds 0-2,
-    # CFG 1.1 without top-p gives 99.3 % / FD 27.5, every seed in the goal (seeds 3-7: 99.3 % / 26.7);
-    # no CFG with top-p 0.9 gives 99.0 % / 27.1 (one seed 98.2 %), CFG 1.2 99.6 % / 30.5
-    default_steps, batch_size, lr, cfg, top_p, tokenizer_steps = 4000, 64, 1e-3, 1.1, 1.0, 2000
-    model_class, tokenizer_class = LlamaGen, VQVAE
-    gpt = dict(dim=128, grid_size=4, num_classes=10, class_dropout_prob=0.1, ff_multiple_of=32,
-               attn_dropout=0.1, resid_dropout=0.2, ff_dropout=0.2)
-
-    def __init__(self, args):
-        self.args = args
-        vq = VQVAE(None, codebook_size=256, codebook_dim=8, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                   **TOKENIZER_CONV)
-        self.tokenizer = fit_tokenizer(vq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
-        self.model = LlamaGen(depth=4, heads=4, vocab_size=vq.codebook_size, input_corruption=0.3,
-                              tokenizer=self.tokenizer, **self.gpt)
-
-    def codes(self, images: Tensor) -> Tensor:
-        return self.tokenizer.encode_to_indices(images.unsqueeze(1) * 2 - 1)
-
-    @torch.no_grad()
-    def prepare(self, images: Tensor) -> Tensor:
-        """The frozen tokenizer's codes of every training image, computed once."""
-        return torch.cat([self.codes(chunk) for chunk in images.split(256)])
-
-    def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
-        return self.model(codes, class_labels=labels)
-
-    def extra_metrics(self, model, generator: torch.Generator) -> Dict[str, float]:
-        return {"tokenizer_rfid": tokenizer_rfid(self.tokenizer.eval())}
-
-    @torch.no_grad()
-    def sample(self, model, labels: Tensor, generator: torch.Generator) -> Tensor:
-        return model.sample(labels, cfg_scale=self.args.cfg, temperature=self.args.temperature, top_p=self.args.top_p,
-                            generator=generator,
-                            progress=self.args.progress)[:, 0]
+def training_seed(args) -> int:
+    """``--seed``, or for ``--resume`` the seed the run was started with (``--seed`` then seeds sampling only)."""
+    saved = Path(args.out) / "run" / "config.yaml"
+    if args.resume and saved.is_file():
+        return load_config(saved, check_values=False).train.seed
+    return args.seed
 
 
-class DnDRecipe(LlamaGenRecipe):
-    """An RQ-VAE with depth 2 (8x8 -> 4x4x2 codes, 16 shared codes) trained first, then the DnD GPT with
-    one head per depth."""
-
-    # the same regularisation as LlamaGen, at 10 % input corruption: 95.6 % -> 100 % (dropout alone) at
-    # the same steps. 16 shared codes (256 pairs a position) beat 64 (97.4 % against 94.0 % at 1500 steps).
-    # 3600 steps (was 3000) gave the FD its margin: 99.3 % / 23.4 (23.0-23.9) against 99.3 % / 28.2 (23.7-30.8)
-    default_steps, cfg, top_p = 3600, 1.25, 0.95
-    model_class, tokenizer_class = DnDTransformer, RQVAE
-
-    def __init__(self, args):
-        self.args = args
-        rq = RQVAE(None, n_embed=16, embed_dim=16, depth=2, ch_mult=(1, 2), **TOKENIZER_CONV)
-        self.tokenizer = fit_tokenizer(rq, args, steps=default(args.tokenizer_steps, self.tokenizer_steps))
-        self.model = DnDTransformer(depth=5, heads=4, head_positions=(3, 4), vocab_size=rq.config.n_embed,
-                                    input_corruption=0.1, tokenizer=self.tokenizer, **self.gpt)
-
-    def codes(self, images: Tensor) -> Tensor:
-        return self.tokenizer.encode_to_codes(images.unsqueeze(1) * 2 - 1)
+def train(recipe: Recipe, args) -> Dict[str, float]:
+    """Tokenizer (if any), then the model; minutes of this call and of earlier calls (``train_minutes.json``)."""
+    timing = Path(args.out) / "train_minutes.json"
+    spent = json.loads(timing.read_text()) if timing.is_file() else {"tokenizer": 0.0, "model": 0.0}
+    data = data_folder(args)
+    if recipe.tokenizer is not None:
+        spent["tokenizer"] += train_tokenizer(recipe, args, data)
+    spent["model"] += train_model(recipe, args, data)
+    timing.write_text(json.dumps(spent))
+    return spent
 
 
-RECIPES = {"transfusion": TransfusionRecipe, "monoformer": MonoFormerRecipe, "mar": MARRecipe,
-           "llamagen": LlamaGenRecipe, "dnd": DnDRecipe}
-
-
-# training loop shared by every recipe
-
-def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train(recipe, args) -> float:
-    """Train (or continue) the recipe's model; returns the minutes spent training, earlier runs included."""
-    model = recipe.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    ema = EMA(model, beta=args.ema_beta, update_after_step=100, update_every=1)
-    checkpoint = Path(args.out) / "checkpoint"  # `validate` made sure --resume has one of this model to resume
-    start = load_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema) if args.resume else 0
-    timing = checkpoint / "train_minutes.json"
-    earlier = json.loads(timing.read_text())["minutes"] if args.resume and timing.exists() else 0.0
-    started = time.time()
-    images, labels = training_data()
-    inputs = recipe.prepare(images) if hasattr(recipe, "prepare") else images  # e.g. tokenizer codes
-    steps = args.steps
-    model.train()
-    bar = tqdm(range(start, steps), desc=f"training {args.model}", disable=not args.progress, initial=start, total=steps)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, recipe.lr)
-        index = torch.randint(0, len(images), (recipe.batch_size,))
-        loss = recipe.loss(inputs[index], labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            save_training_state(checkpoint, model=model, optimizer=optimizer, ema=ema, step=step + 1)
-            timing.write_text(json.dumps({"minutes": earlier + (time.time() - started) / 60}))
-    return earlier + (time.time() - started) / 60
+# sampling and scoring
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, path: Optional[Path] = None, per_row: Optional[int] = None,
@@ -361,7 +185,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Optional[Path] = N
     largest class has, at most 10); a class short of samples is padded with black. Saved to ``path``
     when given; returns the image."""
     digits = sorted(set(labels.tolist()))
-    per_row = default(per_row, min(10, max(int((labels == digit).sum()) for digit in digits)))
+    per_row = per_row or min(10, max(int((labels == digit).sum()) for digit in digits))
     rows = []
     for digit in digits:
         chosen = images[labels == digit][:per_row]
@@ -374,41 +198,57 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Optional[Path] = N
     return image
 
 
+@torch.no_grad()
+def caption_accuracy(model, count: int, progress: bool) -> Dict[str, Any]:
+    """Transfusion: each held-out image as the prompt, its caption read greedily; the share naming its digit."""
+    _, x_test, _, y_test = split()
+    images = torch.tensor(x_test[:count], dtype=torch.float32).view(-1, 1, 8, 8) / 16 * 2 - 1
+    samples = model.sample([[(0, image)] for image in images], max_length=40, cfg_scale=1.0, text_temperature=0.0,
+                           max_modalities=0, progress=progress)
+
+    def read(sample) -> str:
+        ids = [int(i) for item in sample[1:] if isinstance(item, torch.Tensor) for i in item.view(-1)]
+        return bytes(i - 1 for i in ids if 1 <= i <= 128).decode(errors="replace")  # byte_tokenizer's ids
+    captions = [read(sample) for sample in samples]
+    correct = [caption == DIGIT_NAMES[label] for caption, label in zip(captions, y_test[:count].tolist())]
+    return {"caption_accuracy": float(np.mean(correct)), "caption_examples": captions[:10]}
+
+
 def run(args) -> Dict:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    recipe = RECIPES[args.model]
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = RECIPES[args.model](args)
     minutes = train(recipe, args)
 
-    ema_model = recipe.model if args.no_ema else EMA(recipe.model).ema_model
-    if not args.no_ema:
-        load_weights(ema_model, out / "checkpoint" / "ema.safetensors")
-    ema_model.eval()
+    model, tokenizer, weights = load_for_sampling(resolve_source(str(out / "run")),
+                                                  argparse.Namespace(tokenizer=None, no_ema=args.no_ema), "cpu")
     labels = torch.arange(args.num_samples) % 10
-    generator = torch.Generator().manual_seed(args.seed)
     started = time.time()
-    images = recipe.sample(ema_model, labels, generator).numpy().astype(np.float32)
+    drawn = generate_images(model, tokenizer, condition(recipe, labels), generator=args.seed, progress=args.progress,
+                            **sampling_options(args))
     sampling_seconds = time.time() - started
+    images = drawn[:, 0].numpy().astype(np.float32)  # greyscale: the three channels are equal
     np.savez(out / "samples.npz", images=images, labels=labels.numpy().astype(np.int64))
     sample_grid(images, labels.numpy(), out / "samples.png")
 
-    tokenizer_minutes = getattr(args, "tokenizer_minutes", 0.0)  # LlamaGen / DnD: trained first, counted in
-    metrics = {"model": args.model, "train_minutes": minutes + tokenizer_minutes,
-               "tokenizer_minutes": tokenizer_minutes, "sampling_seconds": sampling_seconds, "steps": args.steps,
+    metrics = {"model": args.model, "train_minutes": minutes["tokenizer"] + minutes["model"],
+               "tokenizer_minutes": minutes["tokenizer"], "sampling_seconds": sampling_seconds,
+               "steps": args.steps or load_config(recipe.config, check_values=False).train.steps, "weights": weights,
                "sampling": {"cfg": args.cfg, "top_p": args.top_p, "temperature": args.temperature,
                             "modality_steps": args.modality_steps, "mar_iters": args.mar_iters},
                **evaluate(images, labels.numpy())}
-    if hasattr(recipe, "extra_metrics"):
-        metrics.update(recipe.extra_metrics(ema_model, generator))
+    if tokenizer is not None:
+        metrics["tokenizer_rfid"] = tokenizer_rfid(tokenizer.eval())
+    if recipe.captions and args.model == "transfusion":
+        metrics.update(caption_accuracy(model, args.caption_samples, args.progress))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
 
 
-# command line: every flag is checked here, before any data is loaded or any training starts
+# command line: every flag is checked here, before any data is written or any training starts
+
 
 def checked(convert, validate):
     """An argparse ``type=``: ``convert`` the text, then ``validate`` the value (a ValueError becomes
@@ -439,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(RECIPES), default="transfusion")
     parser.add_argument("--out", default=None, help="output folder (default results/<model>/)")
-    parser.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the model's recipe)")
+    parser.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--tokenizer-steps", type=at_least(1), default=None,
                         help="LlamaGen / DnD: tokenizer training steps (default: the recipe's); a tokenizer kept in "
                              "<out>/tokenizer from an earlier run is reused instead unless --retrain-tokenizer")
@@ -457,15 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Transfusion: flow steps; MonoFormer / MAR: 3x this many DDPM steps (at most "
                              f"{DDPM_STEPS // 3})")
     parser.add_argument("--ema-beta", default=0.995,
-                        type=checked(float, lambda value: check(0 <= value < 1, f"must be in [0, 1), got {value}")))
+                        type=checked(float, lambda value: check(0 < value < 1, f"must be in (0, 1), got {value}")))
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
     parser.add_argument("--checkpoint-every", type=at_least(1), default=500)
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (it must exist)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in <out>/run (it must exist)")
     parser.add_argument("--mar-iters", type=at_least(1), default=16,
                         help="MAR: autoregressive steps when sampling (16: one token of the 4x4 grid per step)")
-    parser.add_argument("--caption-samples", type=at_least(1, HELDOUT_DIGITS), default=None,
+    parser.add_argument("--caption-samples", type=at_least(1, HELDOUT_DIGITS), default=HELDOUT_DIGITS,
                         help="held-out images to caption (Transfusion; default all 540)")
-    parser.add_argument("--seed", type=at_least(0, 2**32 - 1), default=0)  # NumPy's seed range
+    parser.add_argument("--seed", type=at_least(0, 2**32 - 1), default=0,
+                        help="training seed (a resumed run keeps its own) and sampling seed")
     parser.add_argument("--threads", type=at_least(1), default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
@@ -473,79 +314,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: List[str] | None = None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    recipe = RECIPES[args.model]
-    args.out = args.out or os.path.join("results", args.model)
-    args.steps = default(args.steps, recipe.default_steps)
-    args.cfg = default(args.cfg, recipe.cfg)
-    args.top_p = default(args.top_p, getattr(recipe, "top_p", 1.0))
+    args = with_recipe_defaults(parser.parse_args(argv))
     validate(parser, args)
     return args
 
 
+def with_recipe_defaults(args):
+    """``args`` with what ``--model``'s recipe fills in: ``--out``, ``--cfg``, ``--top-p``."""
+    recipe = RECIPES[args.model]
+    args.out = args.out or os.path.join("results", args.model)
+    args.cfg = recipe.cfg if args.cfg is None else args.cfg
+    args.top_p = recipe.top_p if args.top_p is None else args.top_p
+    return args
+
+
+def recipe_defaults(model: str):
+    """The flags of ``--model model`` at their defaults (nothing checked against a folder)."""
+    return with_recipe_defaults(build_parser().parse_args(["--model", model]))
+
+
 def validate(parser: argparse.ArgumentParser, args) -> None:
     """What the flags ask of each other and of ``--out``; ``parser.error`` (exit 2) names the flag."""
-    recipe = RECIPES[args.model]
-    limit = getattr(recipe, "max_modality_steps", None)
-    if limit is not None and args.modality_steps > limit:
+    recipe, out = RECIPES[args.model], Path(args.out)
+    if recipe.ddpm and args.modality_steps > DDPM_STEPS // 3:
         parser.error(f"argument --modality-steps: --model {args.model} samples 3 x this many steps of its "
-                     f"{DDPM_STEPS}-step DDPM chain: must be <= {limit}, got {args.modality_steps}")
-    if hasattr(recipe, "tokenizer_class"):
-        check_kept_tokenizer(parser, args, recipe.tokenizer_class)
-    if args.resume:
-        check_resumable(parser, args, recipe.model_class)
-    elif (Path(args.out) / "checkpoint" / TRAINING_STATE_FILE).exists():
-        print(f"note: starting fresh; the checkpoint in {Path(args.out) / 'checkpoint'} will be overwritten "
-              f"(--resume continues it)")
-
-
-def saved_kind(folder: Path) -> Optional[str]:
-    """The class named by ``folder/config.json``, None without one."""
-    return read_config(folder)["class"] if (folder / CONFIG_FILE).is_file() else None
-
-
-def check_kept_tokenizer(parser, args, needed: type) -> None:
-    folder = tokenizer_folder(args)
-    kept = (folder / WEIGHTS_FILE).exists()
+                     f"{DDPM_STEPS}-step DDPM chain: must be <= {DDPM_STEPS // 3}, got {args.modality_steps}")
     if args.resume and args.retrain_tokenizer:
         parser.error("argument --retrain-tokenizer: not with --resume (the checkpoint's GPT was trained on the codes "
-                     f"of the tokenizer in {folder})")
-    if args.resume and not kept:
+                     f"of the tokenizer in {out / 'tokenizer'})")
+    if recipe.tokenizer is not None:
+        check_kept_tokenizer(parser, args, recipe)
+    if args.resume:
+        check_resumable(parser, args, recipe)
+
+
+def saved_model_class(run: Path) -> Optional[str]:
+    """The class of the model in ``run``'s latest checkpoint, None without one."""
+    checkpoint = latest_checkpoint(run)
+    return None if checkpoint is None else read_config(checkpoint)["class"]
+
+
+def check_kept_tokenizer(parser: argparse.ArgumentParser, args, recipe: Recipe) -> None:
+    folder = Path(args.out) / "tokenizer"
+    needed = load_config(recipe.tokenizer, check_values=False).model.name
+    found = saved_model_class(folder)
+    if args.resume and found is None:
         parser.error(f"argument --resume: {folder} holds no tokenizer; the checkpoint's GPT needs the one it was "
                      f"trained with")
-    found = saved_kind(folder) if kept and not args.retrain_tokenizer else None
-    if found is not None and found != needed.__name__:
-        parser.error(f"{folder} holds a {found} tokenizer, but --model {args.model} needs a {needed.__name__}: "
-                     f"pass --retrain-tokenizer to replace it, or another --out")
+    if found is not None and found != needed and not args.retrain_tokenizer:
+        parser.error(f"{folder} holds a {found} tokenizer, but --model {args.model} needs a {needed}: pass "
+                     f"--retrain-tokenizer to replace it, or another --out")
 
 
-def check_resumable(parser, args, needed: type) -> None:
-    checkpoint = Path(args.out) / "checkpoint"
-    if not (checkpoint / TRAINING_STATE_FILE).is_file():
-        parser.error(f"argument --resume: {checkpoint} holds no checkpoint (no {TRAINING_STATE_FILE}); "
-                     f"leave out --resume to start fresh")
-    try:  # the library's readers: a truncated or foreign file is named, never unpickled
-        found = saved_kind(checkpoint)
-        state = read_tensor_file(checkpoint / TRAINING_STATE_FILE, expected="torch")
-    except CheckpointMismatchError as error:
-        parser.error(f"argument --resume: {error}")
-    if found != needed.__name__:
-        trained_by = {recipe.model_class.__name__: name for name, recipe in RECIPES.items()}.get(found)
-        parser.error(f"argument --resume: {checkpoint} holds a {found or 'unnamed (no config.json)'} checkpoint"
-                     f"{f' (--model {trained_by})' if trained_by else ''}, but --model {args.model} trains a "
-                     f"{needed.__name__}: pass --model {trained_by or '...'} or another --out")
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        parser.error(f"argument --resume: {checkpoint / TRAINING_STATE_FILE} holds no training step; it was not "
-                     f"written by save_training_state")
-    step = state["step"]
-    if step > args.steps:
-        parser.error(f"argument --steps: the checkpoint in {checkpoint} is already at step {step}, past --steps "
-                     f"{args.steps}: nothing to train; pass --steps above {step} to train on")
-    if step == args.steps:
-        print(f"note: the checkpoint in {checkpoint} is already at --steps {step}: nothing to train, sampling only")
+def check_resumable(parser: argparse.ArgumentParser, args, recipe: Recipe) -> None:
+    run = Path(args.out) / "run"
+    found, needed = saved_model_class(run), load_config(recipe.config, check_values=False).model.name
+    if found is None:
+        parser.error(f"argument --resume: {run} holds no checkpoint; leave out --resume to start fresh")
+    if found != needed:
+        other = trained_by().get(found, "...")
+        parser.error(f"argument --resume: {run} holds a {found} checkpoint (--model {other}), but --model "
+                     f"{args.model} trains a {needed}: pass --model {other} or another --out")
 
 
 if __name__ == "__main__":
     arguments = parse_args()
     torch.set_num_threads(arguments.threads)
-    run(arguments)
+    try:
+        run(arguments)
+    except SystemExit as error:  # the entry point's one-line refusals, named as this script's
+        raise SystemExit(f"train_digits: {error}") from None

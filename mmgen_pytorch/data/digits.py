@@ -42,7 +42,7 @@ def write_digits_folder(root: Union[str, Path], *, split: str = "train") -> Path
     for index, (image, label) in enumerate(zip(uint8, labels.tolist())):
         name = f"{label}/{index:04d}.png"
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.numpy(), mode="L").save(folder / name)
+        Image.fromarray(image.numpy()).save(folder / name)  # a 2-D uint8 array: mode "L"
         lines.append(json.dumps({"file": name, "caption": DIGIT_NAMES[label]}))
     (Path(root) / f"{split}-captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
