@@ -63,8 +63,8 @@ from .training.config import (TOKENIZERS, Config, ConfigError, absolute_paths, c
                               load_config, shipped_configs, with_absolute_paths)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
 from .training.recipes import (LOSSES, TEXT_MODELS, build_dataset, build_model, check_conditions, check_idle_blocks,
-                               check_image_channels, check_latent_fit, dataset_labels, draw_samples, has_captions,
-                               load_tokenizer, loss_options, save_grid)
+                               check_image_channels, check_latent_fit, dataset_labels, draw_samples, encode_once,
+                               has_captions, load_tokenizer, loss_options, save_grid)
 from .training.runs import CHECKPOINTS, checkpoint_dir, latest_checkpoint
 from .training.tokenizer import DISCRIMINATOR, Adversary, build_tokenizer_loss, tokenizer_step
 
@@ -390,6 +390,7 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
     check_dataset_length(config, len(dataset), micro_batch * accelerator.num_processes)
     state = build(config, accelerator, tokenizer, dataset)
+    dataset = encode_once(config, dataset, state.tokenizer)  # on the tokenizer's device, after build's checks
     # after what the config asks of the data and model, so that a rerun of a mended config is told its own errors
     folder = checkpoint_to_resume(config, output_dir, resume_run)
     classes = num_classes(config, dataset)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from mmgen_pytorch.data.cache import CachedDataset, cache_dataset, sample_latent, shard_name, ten_crops
+from mmgen_pytorch.data.cache import (CachedDataset, EncodedDataset, cache_dataset, sample_latent, shard_name,
+                                      ten_crops)
 from mmgen_pytorch.files import CheckpointFileError
 from mmgen_pytorch.tokenizers import RQVAE, VQVAE, AutoencoderKL, KLConfig, RQConfig, VQConfig
 
@@ -259,6 +260,52 @@ def test_cached_items_batch_through_a_dataloader_and_pickle(tmp_path):
     assert torch.equal(copy[4]["label"], dataset[4]["label"])
     with pytest.raises(IndexError, match="`index`"):
         dataset[5]
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq", "rq"])
+def test_encoded_in_memory_reads_as_the_cache_and_flips_as_the_image_datasets(kind, tmp_path):
+    """EncodedDataset holds what cache_dataset writes (plain and mirrored views, labels, captions), and each
+    read picks the mirror exactly when random_horizontal_flip would have mirrored the image."""
+    from mmgen_pytorch.data import random_horizontal_flip
+
+    model, data, field = tokenizer(kind), Images(captions=True), "moments" if kind == "kl" else "codes"
+    cache_dataset(data, model, tmp_path, batch_size=2, shard_size=2, progress=False)
+    encoded = EncodedDataset(data, model, flip=True, batch_size=3, progress=False)
+    assert len(encoded) == 5 and encoded.labels().tolist() == [0, 1, 2, 0, 1]
+    cached = stored(tmp_path, field)
+    assert_same_encoding(kind, encoded.tensors[field], cached.long() if kind != "kl" else cached)
+    for name in ("caption_ids", "caption_mask"):
+        assert torch.equal(encoded.tensors[name], stored(tmp_path, name))
+
+    torch.manual_seed(3)
+    items = [encoded[index % 5] for index in range(20)]
+    torch.manual_seed(3)
+    mirrored = [not torch.equal(random_horizontal_flip(data.images[i % 5]), data.images[i % 5]) for i in range(20)]
+    assert 0 < sum(mirrored) < 20
+    for index, (item, flipped) in enumerate(zip(items, mirrored)):
+        assert torch.equal(item[field], encoded.tensors[field][index % 5, int(flipped)].to(item[field].dtype))
+        assert item["label"].dtype == torch.long and torch.equal(item["caption_ids"], torch.full((4,), index % 5))
+    if kind != "kl":
+        assert items[0]["codes"].dtype == torch.long
+    plain = EncodedDataset(data, model, flip=False, progress=False)
+    assert plain.tensors[field].shape[1] == 1 and torch.equal(plain[-1][field], plain.tensors[field][4, 0].to(
+        plain[-1][field].dtype))
+    with pytest.raises(IndexError, match="`index`"):
+        plain[5]
+
+
+def test_encoding_in_memory_refuses_a_randomly_flipping_dataset_before_encoding():
+    model = tokenizer("vq")
+    calls = count_encoder_calls(model, "vq")
+    flipping = Images()
+    flipping.random_flip = True
+    with pytest.raises(ValueError, match="`dataset` flips its images at random; give it `random_flip=False`"):
+        EncodedDataset(flipping, model, progress=False)
+    with pytest.raises(TypeError, match="`tokenizer` must be one of"):
+        EncodedDataset(Images(), torch.nn.Linear(2, 2), progress=False)
+    with pytest.raises(TypeError, match="`flip` must be a bool"):
+        EncodedDataset(Images(), model, flip="yes", progress=False)
+    assert calls == []
 
 
 def test_sample_latent_is_mean_plus_std_times_noise():

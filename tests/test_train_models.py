@@ -65,11 +65,35 @@ def test_tiny_config_trains(data, tmp_path, name, kind, where):
 
 
 def test_in_memory_folder_trains_as_the_folder_decoded_per_item(data, tmp_path):
-    """`data.in_memory` changes where images are decoded, not what a run sees: the same losses, flips included."""
-    folder = source(data, "kl", "folder")
+    """`data.in_memory` without a tokenizer changes where images are decoded, not what a run sees: the same
+    losses, flips included."""
+    folder = ["--data.folder", str(data / "images"), "--model.kwargs.latent_channels", "3",
+              "--model.kwargs.latent_size", "32", "--model.kwargs.patch_size", "8"]
     per_item = train_run("tiny-monoformer", tmp_path / "per-item", *folder)
     reset_accelerate_state()
     assert train_run("tiny-monoformer", tmp_path / "in-memory", *folder, "--data.in_memory", "true") == per_item
+
+
+@pytest.mark.parametrize("name, kind", [("tiny-dnd", "rq"), ("tiny-monoformer", "kl")])
+def test_in_memory_folder_with_a_tokenizer_is_encoded_once_and_trains_as_encoding_each_batch(
+        data, tmp_path, monkeypatch, name, kind):
+    """With a frozen tokenizer, `data.in_memory` encodes every image and its mirror once (EncodedDataset)
+    and no batch is encoded during training, yet the run sees what encoding each batch gives: the same
+    flips, so the same codes (equal losses) and the same KL moments up to float rounding."""
+    from mmgen_pytorch.training import recipes
+
+    folder = source(data, kind, "folder")
+    per_batch = train_run(name, tmp_path / "per-batch", *folder)
+    reset_accelerate_state()
+
+    def encoding_a_batch(*args):
+        raise AssertionError("a batch was encoded during training")
+    monkeypatch.setattr(recipes, "encode_images", encoding_a_batch)
+    once = train_run(name, tmp_path / "once", *folder, "--data.in_memory", "true")
+    if kind == "kl":
+        assert once == pytest.approx(per_batch, rel=1e-5)
+    else:
+        assert once == per_batch
 
 
 @pytest.mark.parametrize("where", ["cache", "folder"])

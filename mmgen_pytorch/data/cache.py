@@ -329,6 +329,14 @@ def read_manifest(out_dir: PathLike) -> Dict[str, Any]:
     return manifest
 
 
+def _position(index: Any, length: int) -> int:
+    """``index`` as a position in ``[0, length)`` (negative ones count from the end); IndexError otherwise."""
+    position = as_int(index)
+    check(position is not None and -length <= position < length,
+          f"`index` must be an int in [-{length}, {length}), got {index!r}", error=IndexError)
+    return position % length
+
+
 class CachedDataset(Dataset):
     """The items of a cache written by :func:`cache_dataset`: dicts with ``moments`` (float32
     ``[2c, h, w]``, KL; draw a latent with :func:`sample_latent`) or ``codes`` (long ``[h, w]`` VQ,
@@ -385,10 +393,7 @@ class CachedDataset(Dataset):
         return torch.cat([self._handle(shard).get_tensor("label") for shard in range(len(self.paths))]).long()
 
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
-        position = as_int(index)
-        check(position is not None and -len(self) <= position < len(self),
-              f"`index` must be an int in [-{len(self)}, {len(self)}), got {index!r}", error=IndexError)
-        shard, row = divmod(position % len(self), self.manifest["shard_size"])
+        shard, row = divmod(_position(index, len(self)), self.manifest["shard_size"])
         handle = self._handle(shard)
         view = self.choices[int(torch.randint(len(self.choices), (), generator=self.generator))]
         field = self.manifest["field"]
@@ -405,6 +410,54 @@ class CachedDataset(Dataset):
 
     def __getstate__(self) -> Dict[str, Any]:
         return {**self.__dict__, "_handles": {}}  # open files stay in their process
+
+
+class EncodedDataset(Dataset):
+    """A dataset encoded once, in memory, through a frozen tokenizer: the items of :class:`CachedDataset`
+    (``moments`` / ``codes``, ``label``, the caption fields) without writing files. For data small enough
+    to hold (digits, CIFAR), this spares a run encoding every batch at every step; the training entry point
+    uses it for ``data.in_memory`` with a tokenizer.
+
+    ``dataset`` yields unaugmented images (``random_flip=False``); ``flip=True`` encodes each mirror too and
+    each read picks the plain or mirrored copy with the one draw :func:`random_horizontal_flip` makes, so a
+    seeded run sees the flips it would see encoding each batch. ``batch_size`` images are encoded at a time
+    on the tokenizer's device; ``progress``: a tqdm bar. ``classes`` / ``captions`` / :meth:`labels` are
+    those of ``dataset``."""
+
+    def __init__(self, dataset: Dataset, tokenizer: nn.Module, *, flip: bool = True, batch_size: int = 256,
+                 progress: bool = True):
+        check_flag("flip", flip)
+        check_flag("progress", progress)
+        batch_size = check_positive_int("batch_size", batch_size)
+        check(not getattr(dataset, "random_flip", False),
+              "`dataset` flips its images at random; give it `random_flip=False` (`flip` encodes the mirrors)")
+        kind, self.field = tokenizer_kind(tokenizer)
+        check(len(dataset) > 0, "`dataset` is empty: nothing to encode")
+        fields = _check_first_item(dataset)
+        views = {"kind": kind, "views": view_names(flip=flip, ten_crop=False), "crop_range": None}
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=StackFields(["image", *fields]))
+        parts = []
+        for batch in tqdm(loader, desc="encoding images", disable=not progress, unit="batch"):
+            parts.append({self.field: _encoded_views(tokenizer, batch.pop("image"), views), **batch})
+        self.tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        self.flip = flip
+        self.classes = getattr(dataset, "classes", None)
+        self.captions = getattr(dataset, "captions", None)
+
+    def __len__(self) -> int:
+        return len(self.tensors["label"])
+
+    def labels(self) -> Tensor:
+        return self.tensors["label"].long()
+
+    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+        position = _position(index, len(self))
+        view = int(bool(torch.rand(()) < 0.5)) if self.flip else 0  # random_horizontal_flip's draw
+        item = {name: tensor[position] for name, tensor in self.tensors.items()}
+        encoded = item[self.field][view]
+        item[self.field] = encoded if encoded.is_floating_point() else encoded.long()
+        item["label"] = item["label"].long()
+        return item
 
 
 def sample_latent(moments: Tensor, *, generator: GeneratorLike = None, scale: float = 1.0) -> Tensor:

@@ -47,7 +47,8 @@ class DataConfig:
     batch_size: int = 256                     # global, per optimizer step (all processes, all accumulation)
     num_workers: int = 0
     random_flip: bool = True
-    in_memory: bool = False                   # data.folder decoded once into memory (small datasets: digits, CIFAR)
+    in_memory: bool = False                   # data.folder decoded once into memory (small datasets: digits, CIFAR);
+                                              # with a frozen tokenizer, encoded once too (the mirrors with random_flip)
     image_first: float = 0.0                  # Transfusion: the share of samples laid out [image, text] (trains
                                               # captioning / classification); the rest are [text, image]
 

@@ -113,12 +113,29 @@ def build_dataset(config: Config, tokenizer: Optional[nn.Module]):
     captions = dict(tokenizer=byte_tokenizer, max_caption_length=data.max_caption_length) if data.captions else {}
     if data.folder is not None:
         with _naming("data.folder", data.folder):
-            return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=data.random_flip,
+            flip = data.random_flip and not encodes_once(config, tokenizer)  # then the mirrors are encoded
+            return ImageFolderDataset(data.folder, resolution=data.resolution, random_flip=flip,
                                       captions=data.captions, in_memory=data.in_memory, channels=data.channels,
                                       progress=config.train.progress, **captions)
     with _naming("data.hf", data.hf):
         return HFImageDataset(_hf_dataset(data.hf, data.hf_split), resolution=data.resolution,
                               random_flip=data.random_flip, channels=data.channels)
+
+
+def encodes_once(config: Config, tokenizer: Optional[nn.Module]) -> bool:
+    """``data.in_memory`` with a frozen tokenizer: the images are encoded once, not at every step."""
+    return config.data.in_memory and tokenizer is not None and config.model.name not in TOKENIZERS
+
+
+def encode_once(config: Config, dataset, tokenizer: Optional[nn.Module]):
+    """The dataset of :func:`build_dataset` encoded through ``tokenizer`` into memory where
+    :func:`encodes_once` (after the checks of the tokenizer against the model and data), else itself."""
+    from ..data import EncodedDataset
+
+    if not encodes_once(config, tokenizer):
+        return dataset
+    return EncodedDataset(dataset, tokenizer, flip=config.data.random_flip, batch_size=config.data.batch_size,
+                          progress=config.train.progress)
 
 
 def patched_latents(entry: Any) -> PatchedLatents:
