@@ -1,18 +1,29 @@
-"""Throughput of the training entry point (``python -m mmgen_pytorch.train``) against the loop the digits job
-ran before it moved onto the entry point (a plain loop over tensors, kept here as the baseline), the same
+"""Throughput of the training entry point (``python -m mmgen_pytorch.train``), which the digits job runs,
+against the loop the digits job ran before (a plain loop over tensors, kept here as the baseline): the same
 model on the same data.
 
-The model is the MonoFormer digits recipe's (dim 128, depth 4, 2x2 patches of an 8x8 image, the class as a
-one-token text), but with 3 latent channels, since the entry point reads images as RGB: the digits are
-written as 8x8 PNGs into class folders for it; the digits loop gets the same images as tensors. Both
-loops take batches of 64 with AdamW, gradient clipping, an EMA updated every step and a cosine rate.
+The digits recipes, each as its entry-point config (``digits-monoformer``, ``digits-mar``, ``digits-llamagen``,
+``digits-dnd``, ``digits-vqvae``):
 
-Each loop runs ``--steps`` steps in a fresh process (the loops alternating, ``--repeats`` times); a hook
-on the model stamps the time of every training forward, so one step is the time from one forward to the
-next: data, loss, backward, clipping, the optimizer, the EMA and the loop's own bookkeeping. The table shows
-the median step after the first ``--warmup``, the median over the repeats; start-up, the final checkpoint
-and the entry point's final sample grid are outside it. The entry point runs twice: decoding
-each item's PNG when it is read (the default) and with ``data.in_memory`` (decoded once). A median is robust to the spikes a shared machine adds.
+- MonoFormer: the digit's name -> its 8x8 greyscale image, 2x2 pixel patches (dim 128, depth 4);
+- MAR: the class -> 2x2 pixel patches, with its diffusion head;
+- LlamaGen: a class-conditional GPT over the 4x4 codes of the recipe's VQVAE (an untrained one here:
+  the codes' values do not change the work). The former loop encoded every digit once before training;
+- DnD: the same over the 4x4x2 codes of the recipe's RQ-VAE;
+- VQVAE: LlamaGen's tokenizer (``digits-vqvae``: MSE and the codebook terms, no perceptual loss, no GAN).
+
+The entry point reads the digits written as PNG class folders (``mmgen_pytorch.data.digits``) with
+``data.in_memory: true`` (the recipes' setting: decoded once and, with a tokenizer, encoded once); LlamaGen
+also runs without it (each item's PNG decoded when read and every batch encoded through the tokenizer).
+The former loop gets the same digits as tensors. Both take batches of 64 with AdamW, gradient clipping, an
+EMA updated every step and a warm-up + cosine rate.
+
+Each loop runs ``--steps`` steps in a fresh process (the loops alternating, ``--repeats`` times); a hook on
+the model stamps the wall and CPU time of every training forward, so one step is the time from one forward to the next:
+data, loss, backward, clipping, the optimizer, the EMA and the loop's own bookkeeping. The table shows the
+median step after the first ``--warmup``, the median over the repeats; start-up (decoding and encoding
+included), the final checkpoint and the entry point's final sample grid are outside it. A median is robust
+to the spikes a shared machine adds.
 
     python benchmarks/bench_train_loop.py --markdown benchmarks/results_train_loop.md
 """
@@ -30,94 +41,107 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-BATCH, LR, EMA_BETA = 64, 1e-3, 0.995
-LOOPS = {"digits": "the former digits loop", "entry": "python -m mmgen_pytorch.train, images decoded per item",
-         "entry-memory": "python -m mmgen_pytorch.train, `data.in_memory: true`"}
-TRANSFORMER = dict(dim=128, depth=4, heads=4, ff_mult=2, ff_multiple_of=32, attn_backend="sdpa")
-MODEL = dict(num_text_tokens=128, latent_channels=3, latent_size=8, patch_size=2, schedule="cosine",
-             max_prompt_length=8, transformer=TRANSFORMER)
+WORKLOADS = ("monoformer", "mar", "llamagen", "dnd", "vqvae")
+TOKENIZERS = {"llamagen": "digits-vqvae", "dnd": "digits-rqvae"}  # saved untrained under the data folder
+LOOPS = {"digits": "the former digits loop", "entry-memory": "entry point, `data.in_memory: true` (the recipe)",
+         "entry": "entry point, `data.in_memory: false`"}
+PER_ITEM = ("llamagen",)  # the workloads also run without data.in_memory (LlamaGen: every batch encoded)
 
 
-def training_data():
-    """The digits' training split: images ``[N, 8, 8]`` in [0, 1] and labels."""
-    import torch
-    from mmgen_pytorch.evaluation.features import digits_split
+def recipe(workload: str, folder: str, out: str, *, in_memory: bool, steps: int = 150):
+    """The workload's digits config on ``folder`` (see :func:`write_data`)."""
+    from mmgen_pytorch.training.config import load_config
 
-    x_train, _, y_train, _ = digits_split()
-    return torch.tensor(x_train, dtype=torch.float32).view(-1, 8, 8) / 16, torch.tensor(y_train)
+    data = Path(folder)
+    options = ["--data.folder", str(data / "train"), "--data.in_memory", str(in_memory).lower(),
+               "--train.output_dir", out, "--train.steps", str(steps), "--train.tracker", "none", "--train.progress", "false",
+               "--train.log_every", "50", "--train.checkpoint_every", "100000", "--sample.num", "4"]
+    if workload == "monoformer":
+        options += ["--data.captions", str(data / "train-captions.jsonl"), "--sample.steps", "4"]
+    elif workload in TOKENIZERS:
+        options += ["--tokenizer.path", str(data / TOKENIZERS[workload])]
+    return load_config(f"digits-{workload}", options)
 
 
 def stamping(model, stamps: list):
-    """``model`` with a forward pre-hook appending the time of each call made with gradients (training)."""
+    """``model`` with a forward pre-hook appending the wall and CPU (process) time of each call made with
+    gradients (training)."""
     import torch
 
-    model.register_forward_pre_hook(lambda *args: stamps.append(time.perf_counter()) if torch.is_grad_enabled() else None)
+    def stamp(*args):
+        if torch.is_grad_enabled():
+            stamps.append((time.perf_counter(), time.process_time()))
+    model.register_forward_pre_hook(stamp)
     return model
 
 
-def run_entry_point(steps: int, folder: str, out: str, *, in_memory: bool, stamps: list) -> None:
+def run_entry_point(workload: str, steps: int, folder: str, out: str, *, in_memory: bool, stamps: list) -> None:
     from mmgen_pytorch import train
-    from mmgen_pytorch.training.config import parse_config
 
     build_model = train.build_model
     train.build_model = lambda *args: stamping(build_model(*args), stamps)
-    config = parse_config(dict(
-        model=dict(name="MonoFormer", kwargs=MODEL),
-        data=dict(folder=folder, resolution=8, batch_size=BATCH, random_flip=False, in_memory=in_memory),
-        optim=dict(lr=LR, betas=[0.9, 0.999], weight_decay=0.01, decay_1d=True, warmup_steps=100,
-                   schedule="cosine", grad_clip=1.0, ema_beta=EMA_BETA),
-        train=dict(steps=steps, log_every=50, output_dir=out, tracker="none", progress=False),
-        sample=dict(num=4, steps=4)))
-    train.run(config)
+    train.run(recipe(workload, folder, out, in_memory=in_memory, steps=steps))
 
 
-class DigitsMonoFormer:
-    """The digits loop's recipe interface (``model``, ``lr``, ``batch_size``, ``loss``) for the RGB model."""
+def former_loop_inputs(workload: str, folder: str):
+    """The workload's config, its model (built as the entry point builds it) and a function of a batch of
+    training indices -> the loss, over the digits held as tensors (LlamaGen: their codes, encoded once)."""
+    import torch
+    from mmgen_pytorch.data.digits import DIGIT_NAMES
+    from mmgen_pytorch.evaluation.features import digits_split
+    from mmgen_pytorch.training.recipes import build_model, byte_tokenizer, load_tokenizer
 
-    lr, batch_size = LR, BATCH
+    config = recipe(workload, folder, tempfile.mkdtemp(), in_memory=True)
+    tokenizer = load_tokenizer(config)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    x_train, _, y_train, _ = digits_split()
+    images = torch.tensor(x_train, dtype=torch.float32).view(-1, 1, 8, 8) / 16 * 2 - 1
+    labels = torch.tensor(y_train)
+    if workload == "vqvae":
+        return config, model, lambda index: model(images[index]).loss
+    if workload == "mar":
+        return config, model, lambda index: model(images[index] * model.vae_scale, labels[index])
+    if workload in TOKENIZERS:
+        from mmgen_pytorch.data.cache import encode_images
 
-    def __init__(self, stamps: list):
-        import torch
-        from mmgen_pytorch import MonoFormer
-
-        torch.manual_seed(0)
-        self.model = stamping(MonoFormer(**MODEL), stamps)
-
-    def loss(self, images, labels):
-        import torch
-
-        rgb = (images * 2 - 1)[:, None].expand(-1, 3, -1, -1)
-        return self.model([[torch.tensor([label]), image] for image, label in zip(rgb, labels.tolist())])
+        codes = torch.cat([encode_images(tokenizer, chunk) for chunk in images.split(256)])
+        return config, model, lambda index: model(codes[index], class_labels=labels[index])
+    names = [torch.tensor(byte_tokenizer(DIGIT_NAMES[label])) for label in range(10)]
+    return config, model, lambda index: model([[names[label], image] for image, label in
+                                               zip(images[index], labels[index].tolist())])
 
 
-def run_digits_loop(steps: int, out: str, *, stamps: list) -> None:
-    """The former digits loop: random batches with replacement, AdamW with warm-up and cosine decay, clipping,
-    an EMA updated every step (after 100), a final checkpoint."""
+def run_former_loop(workload: str, steps: int, folder: str, out: str, *, stamps: list) -> None:
+    """The former digits loop with the config's optimizer settings: random batches with replacement, AdamW
+    with warm-up and cosine decay, clipping and an EMA updated every step (after 100) where the config has
+    them, a final checkpoint."""
     import math
 
     import torch
     from ema_pytorch import EMA
     from mmgen_pytorch import save_training_state
 
-    recipe = DigitsMonoFormer(stamps)
-    model, (images, labels) = recipe.model, training_data()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    ema = EMA(model, beta=EMA_BETA, update_after_step=100, update_every=1)
+    config, model, loss_of = former_loop_inputs(workload, folder)
+    optim = config.optim
+    stamping(model, stamps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    ema = EMA(model, beta=optim.ema_beta, update_after_step=100, update_every=1) if optim.ema_beta else None
     model.train()
     for step in range(steps):
         warm = (step + 1) / 100 if step < 100 else 0.5 * (1 + math.cos(math.pi * (step - 100) / max(1, steps - 100)))
         for group in optimizer.param_groups:
-            group["lr"] = LR * warm
-        index = torch.randint(0, len(images), (BATCH,))
-        loss = recipe.loss(images[index], labels[index])
+            group["lr"] = optim.lr * warm
+        loss = loss_of(torch.randint(0, 1257, (config.data.batch_size,)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         optimizer.step()
-        ema.update()
+        if ema is not None:
+            ema.update()
     save_training_state(Path(out) / "checkpoint", model=model, optimizer=optimizer, ema=ema, step=steps)
 
 
@@ -128,18 +152,36 @@ def child(args) -> None:
     stamps: list = []
     with tempfile.TemporaryDirectory() as out:
         if args.child == "digits":
-            run_digits_loop(args.steps, out, stamps=stamps)
+            run_former_loop(args.workload, args.steps, args.folder, out, stamps=stamps)
         else:
-            run_entry_point(args.steps, args.folder, out, in_memory=args.child == "entry-memory", stamps=stamps)
-    steps = [later - earlier for earlier, later in zip(stamps[args.warmup:args.steps], stamps[args.warmup + 1:args.steps])]
-    print(json.dumps(dict(step=statistics.median(steps))))
+            run_entry_point(args.workload, args.steps, args.folder, out, in_memory=args.child == "entry-memory",
+                            stamps=stamps)
+    pairs = list(zip(stamps[args.warmup:args.steps], stamps[args.warmup + 1:args.steps]))
+    print(json.dumps(dict(step=statistics.median(later[0] - earlier[0] for earlier, later in pairs),
+                          cpu=statistics.median(later[1] - earlier[1] for earlier, later in pairs))))
 
 
-def measure(loop: str, args, folder: str) -> float:
-    command = [sys.executable, __file__, "--child", loop, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--folder", folder, "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(done.stdout.strip().splitlines()[-1])["step"]
+def measure(workload: str, loop: str, args, folder: str) -> float:
+    command = [sys.executable, __file__, "--child", loop, "--workload", workload, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--folder", folder, "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{workload} / {loop} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_data(folder: Path) -> None:
+    """The digits folder, and the code models' tokenizers (untrained, seed 0) in ``folder/digits-vqvae`` /
+    ``folder/digits-rqvae``."""
+    import torch
+    from mmgen_pytorch.data.digits import write_digits_folder
+    from mmgen_pytorch.training.config import load_config
+    from mmgen_pytorch.training.recipes import build_model
+
+    write_digits_folder(folder)
+    for name in TOKENIZERS.values():
+        torch.manual_seed(0)
+        build_model(load_config(name, ["--data.folder", str(folder / "train")]), None).save(folder / name)
 
 
 def main() -> None:
@@ -148,8 +190,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--child", choices=list(LOOPS), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=WORKLOADS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -161,27 +205,34 @@ def main() -> None:
     from _common import load_line, machine_lines, report
 
     started, load_before = time.time(), os.getloadavg()[0]
-    per_step = {loop: [] for loop in LOOPS}
-    from mmgen_pytorch.data.digits import write_digits_folder
-
+    per_step = {(workload, loop): [] for workload in args.workloads for loop in LOOPS
+                if loop != "entry" or workload in PER_ITEM}
     with tempfile.TemporaryDirectory() as folder:
-        folder = str(write_digits_folder(Path(folder)))
+        write_data(Path(folder))
         for _ in range(args.repeats):
-            for loop in LOOPS:
-                per_step[loop].append(measure(loop, args, folder))
+            for workload, loop in per_step:
+                per_step[workload, loop].append(measure(workload, loop, args, folder))
     lines = ["# Training loop throughput: the entry point against the former digits loop (CPU)", "",
              "`python benchmarks/bench_train_loop.py --markdown benchmarks/results_train_loop.md`", "",
              *machine_lines(torch.__version__, args.threads),
-             f"- MonoFormer digits model with 3 latent channels, batch {BATCH}, {args.steps} steps a run; one step = "
-             f"forward to forward, median after the first {args.warmup}, then the median of {args.repeats} "
-             f"alternating runs in fresh processes", "",
-             "| loop | ms / step | steps / s | vs the digits loop | runs (ms / step) |", "|---|---|---|---|---|"]
-    base = statistics.median(per_step["digits"])
-    for loop, name in LOOPS.items():
-        step = statistics.median(per_step[loop])
-        runs = " / ".join(f"{value * 1e3:.1f}" for value in per_step[loop])
-        lines.append(f"| {name} | {step * 1e3:.1f} | {1 / step:.2f} | {base / step:.2f} | {runs} |")
-    lines += ["", "- vs the digits loop: its time per step / this loop's (above 1: the entry point is faster)", "",
+             f"- the digits recipes `digits-{'`, `digits-'.join(args.workloads)}`, batch 64, {args.steps} steps a run; "
+             f"one step = forward to forward, median after the first {args.warmup}, then the median of "
+             f"{args.repeats} alternating runs in fresh processes", "",
+             "| recipe | loop | ms / step | steps / s | vs the former loop | runs (ms / step) | CPU ms / step | vs the "
+             "former loop (CPU) |", "|---|---|---|---|---|---|---|---|"]
+    for workload in args.workloads:
+        base = {kind: statistics.median(run[kind] for run in per_step[workload, "digits"]) for kind in ("step", "cpu")}
+        for loop, name in LOOPS.items():
+            if (workload, loop) not in per_step:
+                continue
+            runs = per_step[workload, loop]
+            step, cpu = (statistics.median(run[kind] for run in runs) for kind in ("step", "cpu"))
+            listed = " / ".join(f"{run['step'] * 1e3:.1f}" for run in runs)
+            lines.append(f"| {workload} | {name} | {step * 1e3:.1f} | {1 / step:.2f} | {base['step'] / step:.2f} | "
+                         f"{listed} | {cpu * 1e3:.1f} | {base['cpu'] / cpu:.2f} |")
+    lines += ["", "- vs the former loop: its time per step / this loop's (above 1: the entry point is faster); CPU: the "
+              "same in process CPU time (both threads), which time stolen by other guests of a shared host does not "
+              "inflate", "",
               load_line(time.time() - started, load_before)]
     report(lines, args.markdown)
 
