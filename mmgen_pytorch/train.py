@@ -390,9 +390,9 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     dataset = build_dataset(config, tokenizer)  # a cache of another kind is refused before the model is built
     check_dataset_length(config, len(dataset), micro_batch * accelerator.num_processes)
     state = build(config, accelerator, tokenizer, dataset)
-    dataset = encode_once(config, dataset, state.tokenizer)  # on the tokenizer's device, after build's checks
     # after what the config asks of the data and model, so that a rerun of a mended config is told its own errors
     folder = checkpoint_to_resume(config, output_dir, resume_run)
+    dataset = encode_once(config, dataset, state.tokenizer)  # on the tokenizer's device, after every check
     classes = num_classes(config, dataset)
     evaluator = None
     if reference is not None:  # checked on every process, built on the main one
