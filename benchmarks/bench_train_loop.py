@@ -86,8 +86,8 @@ def run_entry_point(workload: str, steps: int, folder: str, out: str, *, in_memo
 
 
 def former_loop_inputs(workload: str, folder: str):
-    """The workload's config, its model (built as the entry point builds it) and a function of a batch of
-    training indices -> the loss, over the digits held as tensors (LlamaGen: their codes, encoded once)."""
+    """The workload's config, its model (built as the entry point builds it), the number of training digits
+    and a function of a batch of their indices -> the loss, over the digits held as tensors (LlamaGen: their codes, encoded once)."""
     import torch
     from mmgen_pytorch.data.digits import DIGIT_NAMES
     from mmgen_pytorch.evaluation.features import digits_split
@@ -101,17 +101,17 @@ def former_loop_inputs(workload: str, folder: str):
     images = torch.tensor(x_train, dtype=torch.float32).view(-1, 1, 8, 8) / 16 * 2 - 1
     labels = torch.tensor(y_train)
     if workload == "vqvae":
-        return config, model, lambda index: model(images[index]).loss
+        return config, model, len(labels), lambda index: model(images[index]).loss
     if workload == "mar":
-        return config, model, lambda index: model(images[index] * model.vae_scale, labels[index])
+        return config, model, len(labels), lambda index: model(images[index] * model.vae_scale, labels[index])
     if workload in TOKENIZERS:
         from mmgen_pytorch.data.cache import encode_images
 
         codes = torch.cat([encode_images(tokenizer, chunk) for chunk in images.split(256)])
-        return config, model, lambda index: model(codes[index], class_labels=labels[index])
+        return config, model, len(labels), lambda index: model(codes[index], class_labels=labels[index])
     names = [torch.tensor(byte_tokenizer(DIGIT_NAMES[label])) for label in range(10)]
-    return config, model, lambda index: model([[names[label], image] for image, label in
-                                               zip(images[index], labels[index].tolist())])
+    return config, model, len(labels), lambda index: model([[names[label], image] for image, label in
+                                                            zip(images[index], labels[index].tolist())])
 
 
 def run_former_loop(workload: str, steps: int, folder: str, out: str, *, stamps: list) -> None:
@@ -124,7 +124,7 @@ def run_former_loop(workload: str, steps: int, folder: str, out: str, *, stamps:
     from ema_pytorch import EMA
     from mmgen_pytorch import save_training_state
 
-    config, model, loss_of = former_loop_inputs(workload, folder)
+    config, model, count, loss_of = former_loop_inputs(workload, folder)
     optim = config.optim
     stamping(model, stamps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -134,7 +134,7 @@ def run_former_loop(workload: str, steps: int, folder: str, out: str, *, stamps:
         warm = (step + 1) / 100 if step < 100 else 0.5 * (1 + math.cos(math.pi * (step - 100) / max(1, steps - 100)))
         for group in optimizer.param_groups:
             group["lr"] = optim.lr * warm
-        loss = loss_of(torch.randint(0, 1257, (config.data.batch_size,)))
+        loss = loss_of(torch.randint(0, count, (config.data.batch_size,)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip is not None:
@@ -213,7 +213,8 @@ def main() -> None:
             for workload, loop in per_step:
                 per_step[workload, loop].append(measure(workload, loop, args, folder))
     lines = ["# Training loop throughput: the entry point against the former digits loop (CPU)", "",
-             "`python benchmarks/bench_train_loop.py --markdown benchmarks/results_train_loop.md`", "",
+             f"`python benchmarks/bench_train_loop.py --steps {args.steps} --warmup {args.warmup} --repeats "
+             f"{args.repeats} --markdown benchmarks/results_train_loop.md`", "",
              *machine_lines(torch.__version__, args.threads),
              f"- the digits recipes `digits-{'`, `digits-'.join(args.workloads)}`, batch 64, {args.steps} steps a run; "
              f"one step = forward to forward, median after the first {args.warmup}, then the median of "

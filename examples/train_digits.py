@@ -121,9 +121,11 @@ def run_entry_point(config: str, output_dir: Path, options: List[str], *, resume
     from accelerate.state import AcceleratorState, GradientState
 
     started = time.time()
-    entry_point.main([config, "--train.output_dir", str(output_dir), *options, *(["--resume"] if resume else [])])
-    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate's singletons, for the next run here
-    GradientState._reset_state()
+    try:
+        entry_point.main([config, "--train.output_dir", str(output_dir), *options, *(["--resume"] if resume else [])])
+    finally:  # Accelerate's singletons, for the next run in this process (a notebook's), refused or not
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return (time.time() - started) / 60
 
 
@@ -165,13 +167,18 @@ def training_seed(args) -> int:
 
 
 def train(recipe: Recipe, args) -> Dict[str, float]:
-    """Tokenizer (if any), then the model; minutes of this call and of earlier calls (``train_minutes.json``)."""
+    """Tokenizer (if any), then the model; the minutes each took (``train_minutes.json``): a kept tokenizer's
+    from the run that trained it, a resumed model's summed over its runs, a fresh one's from this run."""
     timing = Path(args.out) / "train_minutes.json"
     spent = json.loads(timing.read_text()) if timing.is_file() else {"tokenizer": 0.0, "model": 0.0}
     data = data_folder(args)
     if recipe.tokenizer is not None:
-        spent["tokenizer"] += train_tokenizer(recipe, args, data)
-    spent["model"] += train_model(recipe, args, data)
+        minutes = train_tokenizer(recipe, args, data)  # 0.0: the kept one was reused
+        spent["tokenizer"] = minutes or spent["tokenizer"]
+    else:
+        spent["tokenizer"] = 0.0
+    minutes = train_model(recipe, args, data)
+    spent["model"] = spent["model"] + minutes if args.resume else minutes
     timing.write_text(json.dumps(spent))
     return spent
 
@@ -234,7 +241,7 @@ def run(args) -> Dict:
 
     metrics = {"model": args.model, "train_minutes": minutes["tokenizer"] + minutes["model"],
                "tokenizer_minutes": minutes["tokenizer"], "sampling_seconds": sampling_seconds,
-               "steps": args.steps or load_config(recipe.config, check_values=False).train.steps, "weights": weights,
+               "steps": int(latest_checkpoint(out / "run").name.split("-")[1]), "weights": weights,  # step-NNNNNNN
                "sampling": {"cfg": args.cfg, "top_p": args.top_p, "temperature": args.temperature,
                             "modality_steps": args.modality_steps, "mar_iters": args.mar_iters},
                **evaluate(images, labels.numpy())}

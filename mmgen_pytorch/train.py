@@ -392,7 +392,9 @@ def prepare(config: Config, *, resume_run: bool = False) -> Prepared:
     state = build(config, accelerator, tokenizer, dataset)
     # after what the config asks of the data and model, so that a rerun of a mended config is told its own errors
     folder = checkpoint_to_resume(config, output_dir, resume_run)
-    dataset = encode_once(config, dataset, state.tokenizer)  # on the tokenizer's device, after every check
+    # on the tokenizer's device, after every check; each process encodes the whole (small) dataset
+    dataset = encode_once(config, dataset, state.tokenizer, batch_size=micro_batch,
+                          progress=config.train.progress and accelerator.is_main_process)
     classes = num_classes(config, dataset)
     evaluator = None
     if reference is not None:  # checked on every process, built on the main one

@@ -127,15 +127,15 @@ def encodes_once(config: Config, tokenizer: Optional[nn.Module]) -> bool:
     return config.data.in_memory and tokenizer is not None and config.model.name not in TOKENIZERS
 
 
-def encode_once(config: Config, dataset, tokenizer: Optional[nn.Module]):
+def encode_once(config: Config, dataset, tokenizer: Optional[nn.Module], *, batch_size: int, progress: bool):
     """The dataset of :func:`build_dataset` encoded through ``tokenizer`` into memory where
-    :func:`encodes_once` (after the checks of the tokenizer against the model and data), else itself."""
+    :func:`encodes_once` (after the checks of the tokenizer against the model and data), else itself;
+    ``batch_size`` images (each with its mirror) a tokenizer call: give the per-process micro-batch."""
     from ..data import EncodedDataset
 
     if not encodes_once(config, tokenizer):
         return dataset
-    return EncodedDataset(dataset, tokenizer, flip=config.data.random_flip, batch_size=config.data.batch_size,
-                          progress=config.train.progress)
+    return EncodedDataset(dataset, tokenizer, flip=config.data.random_flip, batch_size=batch_size, progress=progress)
 
 
 def patched_latents(entry: Any) -> PatchedLatents:
