@@ -58,13 +58,20 @@ class DiffLoss(nn.Module):
 
     # training
 
-    def forward(self, target: Float[Tensor, "n c"], z: Float[Tensor, "n d"], mask: Optional[Tensor] = None, *,
-                generator: GeneratorLike = None) -> Tensor:
-        """Hybrid loss at uniform timesteps: the mean over rows, or the ``mask``-weighted mean."""
-        self._check_condition(z, target.shape[0], "z")
+    def forward(self, target: Float[Tensor, "n c"], z: Float[Tensor, "m d"], mask: Optional[Tensor] = None, *,
+                z_rows: Optional[Int[Tensor, " n"]] = None, generator: GeneratorLike = None) -> Tensor:
+        """Hybrid loss at uniform timesteps: the mean over rows, or the ``mask``-weighted mean.
+
+        ``z_rows``: row ``i`` of ``target`` is conditioned on ``z[z_rows[i]]`` (MAR draws several (t, noise) per
+        token: its condition is embedded once per token, not once per draw); None: row ``i`` on ``z[i]``."""
+        self._check_condition(z, target.shape[0] if z_rows is None else None, "z")
         check(target.ndim == 2 and target.shape[1] == self.in_channels,
               f"`target` must be [n, {self.in_channels}], got {describe(target)}")
-        losses = self.train_diffusion.training_losses(lambda x_t, t: self.net(x_t, t, z), target,
+        if z_rows is not None:
+            check(isinstance(z_rows, Tensor) and z_rows.shape == target.shape[:1] and not z_rows.is_floating_point(),
+                  f"`z_rows` must be an integer tensor [{target.shape[0]}] (a row of `z` per row of `target`), "
+                  f"got {describe(z_rows)}")
+        losses = self.train_diffusion.training_losses(lambda x_t, t: self.net(x_t, t, z, c_rows=z_rows), target,
                                                       generator=as_generator(generator, z.device))
         if mask is None:
             return losses.loss.mean()
@@ -146,9 +153,14 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Float[Tensor, "n c"], t: Int[Tensor, " n"], c: Float[Tensor, "n d"]) -> Float[Tensor, "n c2"]:
-        """``t``: original (unrespaced) integer timesteps."""
-        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c.to(self.cond_embed.weight.dtype)))
+    def forward(self, x: Float[Tensor, "n c"], t: Int[Tensor, " n"], c: Float[Tensor, "m d"], *,
+                c_rows: Optional[Int[Tensor, " n"]] = None) -> Float[Tensor, "n c2"]:
+        """``t``: original (unrespaced) integer timesteps; row ``i`` is conditioned on ``c[c_rows[i]]`` (``c[i]``
+        when ``c_rows`` is None). Each distinct timestep and condition is embedded once: training draws many
+        more rows than the chain has steps, and MAR reuses each token's condition for several draws."""
+        steps, step_rows = torch.unique(t, return_inverse=True)
+        cond = self.cond_embed(c.to(self.cond_embed.weight.dtype))
+        return self.forward_embedded(x, self.time_embed(steps)[step_rows] + (cond if c_rows is None else cond[c_rows]))
 
     def forward_embedded(self, x: Tensor, y: Tensor) -> Tensor:
         """The network after its condition ``y`` (time + condition embedding) is formed."""

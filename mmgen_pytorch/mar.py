@@ -170,10 +170,13 @@ class MAR(Checkpointable, nn.Module):
         orders = self.random_orders(batch, generator=generator)
         mask = self.mask_from_orders(orders, self.sample_num_masked(generator=generator))
         z = self.condition(tokens, mask, class_embedding)
-        rows = mask.reshape(-1).repeat(self.diffusion_batch_mul)  # the loss counts masked tokens only
-        target = tokens.detach().reshape(-1, self.token_dim).repeat(self.diffusion_batch_mul, 1)[rows]
-        z = z.reshape(-1, z.shape[-1]).repeat(self.diffusion_batch_mul, 1)[rows]
-        return self.diffloss(target, z, generator=generator)
+        # the loss counts masked tokens only, each drawn diffusion_batch_mul times (upstream's order of rows)
+        masked = mask.reshape(-1).nonzero().squeeze(1)
+        rows = masked.repeat(self.diffusion_batch_mul)
+        target = tokens.detach().reshape(-1, self.token_dim)[rows]
+        z = z.reshape(-1, z.shape[-1])[masked]
+        return self.diffloss(target, z, z_rows=torch.arange(len(masked), device=z.device).repeat(
+            self.diffusion_batch_mul), generator=generator)
 
     # sampling
 

@@ -133,8 +133,8 @@ def test_loss_rows_are_the_masked_tokens_of_each_sample_repeated_diffusion_batch
     latents, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     seen = {}
 
-    def recording(target, z, generator=None):
-        seen.update(target=target, z=z)
+    def recording(target, z, z_rows=None, generator=None):
+        seen.update(target=target, z=z[z_rows], z_once=z)
         return target.sum() * 0
     model.diffloss.forward = recording
     model(latents, labels, generator=torch.Generator().manual_seed(0))
@@ -142,12 +142,38 @@ def test_loss_rows_are_the_masked_tokens_of_each_sample_repeated_diffusion_batch
     target, z = seen["target"], seen["z"]
     chunks, zs = target.chunk(3), z.chunk(3)
     assert all(torch.equal(c, chunks[0]) for c in chunks) and all(torch.equal(c, zs[0]) for c in zs)
+    assert torch.equal(zs[0], seen["z_once"])  # each token's condition is passed once
     match = (chunks[0][:, None, None] == tokens[None]).all(-1)  # [rows, 2, 64]
     assert (match.flatten(1).sum(1) == 1).all()  # every row is one token of one sample
     per_sample = match.any(0)  # [2, 64]: the masked positions
     count = int(per_sample[0].sum())
     assert int(per_sample[1].sum()) == count and 0.7 * 64 <= count <= 64 and target.shape[0] == 3 * 2 * count
     assert count == 64 or not torch.equal(per_sample[0], per_sample[1])
+
+
+def test_diffloss_with_shared_conditions_equals_the_repeated_rows(model):
+    """``z_rows`` (each condition embedded once, each distinct timestep once) gives the loss and gradients of
+    the conditions repeated row by row (upstream's ``z.repeat``)."""
+    torch.manual_seed(0)
+    head = model.diffloss
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    z = torch.randn(5, head.net.cond_embed.in_features, requires_grad=True)
+    rows = torch.tensor([0, 1, 2, 3, 4, 2, 2, 0, 4, 1, 3, 3])
+    target = torch.randn(len(rows), head.in_channels)
+
+    def loss_and_grad(**kwargs):
+        z.grad = None
+        loss = head(target, generator=torch.Generator().manual_seed(1), **kwargs)
+        loss.backward()
+        return loss.detach(), z.grad.clone()
+    shared, repeated = loss_and_grad(z=z, z_rows=rows), loss_and_grad(z=z[rows])
+    for ours, reference in zip(shared, repeated):
+        torch.testing.assert_close(ours, reference, **TOL)
+    with pytest.raises(ValueError, match="`z_rows` must be an integer tensor \\[12\\]"):
+        head(target, z, z_rows=rows.float())
+    with pytest.raises(ValueError, match="`z_rows` must be"):
+        head(target, z, z_rows=rows[:5])
 
 
 def test_diffloss_size_is_read_off_the_weights(data):
