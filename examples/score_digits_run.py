@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -24,12 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_digits import evaluate, tokenizer_rfid  # noqa: E402
-from train_digits import RECIPES, caption_accuracy, condition, recipe_defaults, sampling_options, trained_by  # noqa: E402
+from evaluate_digits import evaluate  # noqa: E402
+from train_digits import RECIPES, draw, model_scores, recipe_defaults, sampling_options, trained_by  # noqa: E402
 
 from mmgen_pytorch._utils import check  # noqa: E402
 from mmgen_pytorch.sample import load_for_sampling, resolve_source  # noqa: E402
-from mmgen_pytorch.training.recipes import generate_images  # noqa: E402
 
 
 def score(run: str, *, seeds=(0, 1, 2), num: int = 500, captions: int = 540) -> Dict[str, Any]:
@@ -39,22 +37,16 @@ def score(run: str, *, seeds=(0, 1, 2), num: int = 500, captions: int = 540) -> 
                                               f"{sorted(trained_by())}")
     name = trained_by()[source.model_name]
     settings = sampling_options(recipe_defaults(name))
-    labels = torch.arange(num) % 10
     report: Dict[str, Any] = {"run": str(Path(run).resolve()), "model": source.model_name, "weights": weights,
                               "settings": settings, "seeds": {}}
     for seed in seeds:
-        started = time.time()
-        images = generate_images(model, tokenizer, condition(RECIPES[name], labels), generator=seed, **settings)
-        metrics = evaluate(images[:, 0].numpy().astype(np.float32), labels.numpy())  # greyscale: channels equal
-        report["seeds"][str(seed)] = {**metrics, "sampling_seconds": time.time() - started}
+        images, labels, seconds = draw(model, tokenizer, RECIPES[name], settings, num=num, seed=seed)
+        report["seeds"][str(seed)] = {**evaluate(images, labels), "sampling_seconds": seconds}
     accuracy = [m["conditional_accuracy"] for m in report["seeds"].values()]
     frechet = [m["frechet_distance"] for m in report["seeds"].values()]
     report["mean"] = {"conditional_accuracy": float(np.mean(accuracy)), "accuracy_range": [min(accuracy), max(accuracy)],
                       "frechet_distance": float(np.mean(frechet)), "frechet_range": [min(frechet), max(frechet)]}
-    if tokenizer is not None:
-        report["tokenizer_rfid"] = tokenizer_rfid(tokenizer.eval())
-    if source.model_name == "Transfusion":
-        report.update(caption_accuracy(model, captions, progress=False))
+    report.update(model_scores(name, model, tokenizer, captions=captions))
     return report
 
 

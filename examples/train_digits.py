@@ -24,9 +24,9 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from mmgen_pytorch.sampling import check_sampling_options  # noqa: E402
 from mmgen_pytorch.saving import read_config  # noqa: E402
 from mmgen_pytorch.training.config import load_config  # noqa: E402
 from mmgen_pytorch.training.recipes import byte_tokenizer, generate_images  # noqa: E402
-from mmgen_pytorch.training.runs import latest_checkpoint  # noqa: E402
+from mmgen_pytorch.training.runs import checkpoint_step, latest_checkpoint  # noqa: E402
 
 HELDOUT_DIGITS = 540  # the evaluation split holds out 30 % of the 1,797 digits
 DDPM_STEPS = 1000  # MonoFormer's and MAR's training chains; they sample 3 x --modality-steps respaced steps
@@ -55,33 +55,30 @@ DDPM_STEPS = 1000  # MonoFormer's and MAR's training chains; they sample 3 x --m
 
 @dataclass(frozen=True)
 class Recipe:
-    """``config``: the generator's entry-point config; ``tokenizer``: its tokenizer's (LlamaGen, DnD);
-    ``captions``: trained on the digits' names (else their classes); ``sampling``: the sampler options from
-    the flags; ``cfg`` / ``top_p``: the sampling defaults the recipe was measured with."""
+    """``config``: the generator's entry-point config (its ``sample`` section: the CFG and top-p the recipe was
+    measured with, the defaults of ``--cfg`` / ``--top-p``); ``tokenizer``: its tokenizer's (LlamaGen, DnD);
+    ``captions``: trained on the digits' names (else their classes); ``sampling``: the sampler options from the
+    flags."""
     config: str
     sampling: Callable[[argparse.Namespace], Dict[str, Any]]
-    cfg: float
-    top_p: float = 1.0
     tokenizer: Optional[str] = None
     captions: bool = False
     ddpm: bool = False  # samples 3 x --modality-steps steps of a DDPM chain
-    notes: List[str] = field(default_factory=list)
 
 
 RECIPES = {
     # 2200 steps fit the 10-minute budget on 2 cores; one sample in four image-first trains captioning
-    "transfusion": Recipe("digits-transfusion", lambda a: dict(steps=a.modality_steps), cfg=1.5, captions=True),
+    "transfusion": Recipe("digits-transfusion", lambda a: dict(steps=a.modality_steps), captions=True),
     # CFG 1.25: at 1.5 the samples of a class grow alike
     "monoformer": Recipe("digits-monoformer", lambda a: dict(steps=3 * a.modality_steps, clip_denoised=1.0),
-                         cfg=1.25, captions=True, ddpm=True),
+                         captions=True, ddpm=True),
     # one token of the 4x4 grid per AR step (--mar-iters 16), 3 x 16 diffusion-head steps
     "mar": Recipe("digits-mar", lambda a: dict(steps=a.mar_iters, temperature=a.temperature,
                                                num_sampling_steps=str(3 * a.modality_steps), clip_denoised=1.0),
-                  cfg=1.5, ddpm=True),
-    "llamagen": Recipe("digits-llamagen", lambda a: dict(temperature=a.temperature, top_p=a.top_p), cfg=1.1,
+                  ddpm=True),
+    "llamagen": Recipe("digits-llamagen", lambda a: dict(temperature=a.temperature, top_p=a.top_p),
                        tokenizer="digits-vqvae"),
-    "dnd": Recipe("digits-dnd", lambda a: dict(temperature=a.temperature, top_p=a.top_p), cfg=1.25, top_p=0.95,
-                  tokenizer="digits-rqvae"),
+    "dnd": Recipe("digits-dnd", lambda a: dict(temperature=a.temperature, top_p=a.top_p), tokenizer="digits-rqvae"),
 }
 
 
@@ -130,16 +127,24 @@ def run_entry_point(config: str, output_dir: Path, options: List[str], *, resume
 
 
 def train_tokenizer(recipe: Recipe, args, data: Path) -> float:
-    """The recipe's tokenizer in ``<out>/tokenizer``, trained unless a finished one is kept there; minutes."""
+    """The recipe's tokenizer in ``<out>/tokenizer``: trained, continued where an earlier run of it stopped, or
+    reused when finished; the minutes it took here."""
     folder = Path(args.out) / "tokenizer"
     if args.retrain_tokenizer and folder.exists():
         shutil.rmtree(folder)
-    if latest_checkpoint(folder) is not None:
-        print(f"reusing the tokenizer trained earlier in {folder}; --tokenizer-steps is ignored: pass "
-              f"--retrain-tokenizer to train a new one")
-        return 0.0
-    options = ["--data.folder", str(data / "train"), "--train.seed", str(args.seed), "--train.progress",
-               str(args.progress).lower()] + (["--train.steps", str(args.tokenizer_steps)] if args.tokenizer_steps else [])
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None:
+        done, total = checkpoint_step(checkpoint), load_config(folder / "config.yaml", check_values=False).train.steps
+        if done >= total:
+            print(f"reusing the tokenizer trained earlier in {folder}; --tokenizer-steps is ignored: pass "
+                  f"--retrain-tokenizer to train a new one")
+            return 0.0
+        print(f"the tokenizer run in {folder} stopped at step {done} of {total}: continuing it")
+        return run_entry_point(str(folder / "config.yaml"), folder, ["--train.progress", str(args.progress).lower()],
+                               resume=True)
+    options = ["--data.folder", str(data / "train"), "--train.seed", str(args.seed), "--train.checkpoint_every",
+               str(args.checkpoint_every), "--train.progress", str(args.progress).lower()]
+    options += ["--train.steps", str(args.tokenizer_steps)] if args.tokenizer_steps else []
     return run_entry_point(recipe.tokenizer, folder, options, resume=False)
 
 
@@ -168,7 +173,8 @@ def training_seed(args) -> int:
 
 def train(recipe: Recipe, args) -> Dict[str, float]:
     """Tokenizer (if any), then the model; the minutes each took (``train_minutes.json``): a kept tokenizer's
-    from the run that trained it, a resumed model's summed over its runs, a fresh one's from this run."""
+    from the run that trained it (a continued one's: the part run here), a resumed model's summed over its runs,
+    a fresh one's from this run."""
     timing = Path(args.out) / "train_minutes.json"
     spent = json.loads(timing.read_text()) if timing.is_file() else {"tokenizer": 0.0, "model": 0.0}
     data = data_folder(args)
@@ -221,6 +227,28 @@ def caption_accuracy(model, count: int, progress: bool) -> Dict[str, Any]:
     return {"caption_accuracy": float(np.mean(correct)), "caption_examples": captions[:10]}
 
 
+def draw(model, tokenizer, recipe: Recipe, settings: Dict[str, Any], *, num: int, seed: int,
+         progress: bool = False) -> Tuple[np.ndarray, np.ndarray, float]:
+    """``num`` samples (classes 0..9 in turn) drawn with the sampler ``settings``: images float32 ``[num, 8, 8]``
+    in [0, 1], their labels, the seconds it took."""
+    labels = torch.arange(num) % 10
+    started = time.time()
+    drawn = generate_images(model, tokenizer, condition(recipe, labels), generator=seed, progress=progress, **settings)
+    images = drawn[:, 0].numpy().astype(np.float32)  # greyscale: the three channels are equal
+    return images, labels.numpy().astype(np.int64), time.time() - started
+
+
+def model_scores(name: str, model, tokenizer, *, captions: int, progress: bool = False) -> Dict[str, Any]:
+    """What is scored once per model rather than per sample set: the tokenizer's rFID (LlamaGen, DnD) and
+    Transfusion's caption accuracy on ``captions`` held-out digits."""
+    scores: Dict[str, Any] = {}
+    if tokenizer is not None:
+        scores["tokenizer_rfid"] = tokenizer_rfid(tokenizer.eval())
+    if name == "transfusion":
+        scores.update(caption_accuracy(model, captions, progress))
+    return scores
+
+
 def run(args) -> Dict:
     recipe = RECIPES[args.model]
     torch.manual_seed(args.seed)
@@ -230,25 +258,17 @@ def run(args) -> Dict:
 
     model, tokenizer, weights = load_for_sampling(resolve_source(str(out / "run")),
                                                   argparse.Namespace(tokenizer=None, no_ema=args.no_ema), "cpu")
-    labels = torch.arange(args.num_samples) % 10
-    started = time.time()
-    drawn = generate_images(model, tokenizer, condition(recipe, labels), generator=args.seed, progress=args.progress,
-                            **sampling_options(args))
-    sampling_seconds = time.time() - started
-    images = drawn[:, 0].numpy().astype(np.float32)  # greyscale: the three channels are equal
-    np.savez(out / "samples.npz", images=images, labels=labels.numpy().astype(np.int64))
-    sample_grid(images, labels.numpy(), out / "samples.png")
-
+    images, labels, seconds = draw(model, tokenizer, recipe, sampling_options(args), num=args.num_samples,
+                                   seed=args.seed, progress=args.progress)
+    np.savez(out / "samples.npz", images=images, labels=labels)
+    sample_grid(images, labels, out / "samples.png")
     metrics = {"model": args.model, "train_minutes": minutes["tokenizer"] + minutes["model"],
-               "tokenizer_minutes": minutes["tokenizer"], "sampling_seconds": sampling_seconds,
-               "steps": int(latest_checkpoint(out / "run").name.split("-")[1]), "weights": weights,  # step-NNNNNNN
+               "tokenizer_minutes": minutes["tokenizer"], "sampling_seconds": seconds,
+               "steps": checkpoint_step(latest_checkpoint(out / "run")), "weights": weights,
                "sampling": {"cfg": args.cfg, "top_p": args.top_p, "temperature": args.temperature,
                             "modality_steps": args.modality_steps, "mar_iters": args.mar_iters},
-               **evaluate(images, labels.numpy())}
-    if tokenizer is not None:
-        metrics["tokenizer_rfid"] = tokenizer_rfid(tokenizer.eval())
-    if recipe.captions and args.model == "transfusion":
-        metrics.update(caption_accuracy(model, args.caption_samples, args.progress))
+               **evaluate(images, labels),
+               **model_scores(args.model, model, tokenizer, captions=args.caption_samples, progress=args.progress)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
@@ -306,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-beta", default=0.995,
                         type=checked(float, lambda value: check(0 < value < 1, f"must be in (0, 1), got {value}")))
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
-    parser.add_argument("--checkpoint-every", type=at_least(1), default=500)
+    parser.add_argument("--checkpoint-every", type=at_least(1), default=500,
+                        help="steps between checkpoints of the model's run and the tokenizer's")
     parser.add_argument("--resume", action="store_true", help="continue the run in <out>/run (it must exist)")
     parser.add_argument("--mar-iters", type=at_least(1), default=16,
                         help="MAR: autoregressive steps when sampling (16: one token of the 4x4 grid per step)")
@@ -328,10 +349,10 @@ def parse_args(argv: List[str] | None = None):
 
 def with_recipe_defaults(args):
     """``args`` with what ``--model``'s recipe fills in: ``--out``, ``--cfg``, ``--top-p``."""
-    recipe = RECIPES[args.model]
+    measured = load_config(RECIPES[args.model].config, check_values=False).sample
     args.out = args.out or os.path.join("results", args.model)
-    args.cfg = recipe.cfg if args.cfg is None else args.cfg
-    args.top_p = recipe.top_p if args.top_p is None else args.top_p
+    args.cfg = measured.cfg if args.cfg is None else args.cfg
+    args.top_p = (measured.top_p or 1.0) if args.top_p is None else args.top_p
     return args
 
 

@@ -11,7 +11,7 @@ checkpoint, its EMA weights when saved, the tokenizer of the config) or a model 
 ``save`` / ``save_pretrained`` (``config.json`` + ``model.safetensors``; ``ema.safetensors`` beside them
 is used too), whose tokenizer ``--tokenizer`` names (a folder saved by this library). ``--preset`` sets
 an upstream paper's evaluation settings (:data:`EVAL_PRESETS`); flags given as well win over it. A run's
-``sample:`` section gives ``--cfg`` / ``--temperature`` / ``--steps`` where neither does. Class-conditional
+``sample:`` section gives ``--cfg`` / ``--temperature`` / ``--steps`` / ``--top-p`` where neither does. Class-conditional
 models draw class-balanced images over their classes; a Transfusion / MonoFormer run over its data's classes
 (fed to it as one-token texts), unconditionally when its data had none; stderr says where each setting came
 from. Every flag is checked before the model is loaded (``--num-classes`` against the model's classes right after), and
@@ -158,7 +158,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # the run config's `sample:` keys that mean here what they mean for the training grid (its `num`, `labels` and
 # `seed` lay out the grid: no meaning here)
-RUN_SAMPLE_KEYS = ("cfg", "temperature", "steps")
+RUN_SAMPLE_KEYS = ("cfg", "temperature", "steps", "top_p")
 
 # sample_images' argument names, as this command's flags, in the refusals of the checks the two share
 ARGUMENT_FLAGS = ("num", "batch_size", "seed", "num_classes", "prompts", *SAMPLER_FLAGS)
@@ -173,7 +173,7 @@ def as_flags(error: Exception) -> str:
 
 def sampler_options(args: argparse.Namespace, source: Source) -> Dict[str, Tuple[Any, str]]:
     """Each sampler option and where it comes from: a flag given, else the preset's, else the run's ``sample:``
-    section (cfg, temperature, steps, for the models whose sampler takes them); each must be one the model's
+    section (cfg, temperature, steps, top_p, for the models whose sampler takes them); each must be one the model's
     sampler takes."""
     preset = EVAL_PRESETS[args.preset] if args.preset else None
     if preset is not None and preset.model != source.model_name:

@@ -5,6 +5,7 @@ wrong kind are refused while parsing, before any data is written or any training
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,19 @@ def test_kept_tokenizer_is_reused_saying_so_and_its_kind_checked(tmp_path, capsy
     assert train_digits.saved_model_class(folder) == "RQVAE"
 
 
+def test_an_unfinished_tokenizer_run_is_continued_not_reused(tmp_path, capsys):
+    argv = smoke_argv("llamagen", tmp_path)
+    argv[argv.index("--tokenizer-steps") + 1] = "3"
+    train_digits.run(train_digits.parse_args(argv))
+    folder = tmp_path / "tokenizer"
+    shutil.rmtree(folder / "checkpoints" / "step-0000003")  # as if stopped after its checkpoint at step 2
+    capsys.readouterr()
+    reset_accelerate_state()
+    train_digits.run(train_digits.parse_args(argv))
+    assert f"the tokenizer run in {folder} stopped at step 2 of 3: continuing it" in capsys.readouterr().out
+    assert train_digits.checkpoint_step(train_digits.latest_checkpoint(folder)) == 3
+
+
 def test_resume_needs_the_kept_tokenizer(tmp_path, capsys):
     err = refused(["--model", "dnd", "--resume", "--out", str(tmp_path)], capsys)
     assert "argument --resume:" in err and str(tmp_path / "tokenizer") in err
@@ -167,3 +181,16 @@ def test_sample_grid_is_sized_to_the_samples(tmp_path):
 
 def test_the_caption_flag_limit_is_the_heldout_split():
     assert len(train_digits.split()[3]) == train_digits.HELDOUT_DIGITS
+
+
+def test_sampling_defaults_are_the_configs_sample_sections():
+    """``--cfg`` / ``--top-p`` default to what each digits config's ``sample`` section says (the settings the
+    recipe was measured with), which the entry point's grids and ``mmgen_pytorch.sample`` use too."""
+    from mmgen_pytorch.training.config import load_config
+    from mmgen_pytorch.training.recipes import sample_options
+
+    for name, recipe in train_digits.RECIPES.items():
+        args, config = train_digits.recipe_defaults(name), load_config(recipe.config, check_values=False)
+        assert args.cfg == config.sample.cfg and args.top_p == (config.sample.top_p or 1.0)
+        assert ("top_p" in sample_options(config)) == (config.sample.top_p is not None)
+    assert train_digits.recipe_defaults("dnd").top_p == 0.95 and train_digits.recipe_defaults("llamagen").top_p == 1.0

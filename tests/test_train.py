@@ -50,6 +50,8 @@ def with_key(section: str, key: str, value):
     (with_key("train", "mixed_precision", "fp8"), ["train.mixed_precision", "bf16"]),
     (with_key("train", "grad_accum", 3), ["data.batch_size", "train.grad_accum"]),
     (with_key("model", "name", "DiT"), ["model.name", "MAR"]),
+    (with_key("sample", "top_p", 0.0), ["sample.top_p", "(0, 1]"]),
+    ({"model": {"name": "MAR"}, "data": {"cache": "x"}, "sample": {"top_p": 0.9}}, ["sample.top_p", "MAR draws none"]),
     (with_key("model", "preset", "GPT-Z"), ["model.preset", "GPT-B"]),
     ({**VALID, "trainer": {}}, ["trainer", "model"]),
     ({**VALID, "data": {"cache": "x", "folder": "y"}}, ["data.folder", "data.cache"]),

@@ -120,6 +120,7 @@ class SampleConfig:
     cfg: float = 1.0
     steps: Optional[int] = None               # MAR num_iter / MonoFormer, Transfusion ODE or DDPM steps
     temperature: float = 1.0
+    top_p: Optional[float] = None             # LlamaGen / DnD nucleus filter (null: off)
     labels: Optional[List[int]] = None        # class labels of the grid (default: cycling 0..)
     seed: int = 0
 
@@ -343,6 +344,10 @@ def _check_values(config: Config) -> None:
     _require(config.sample.num >= 1, f"`sample.num` must be >= 1, got {config.sample.num}")
     _require(config.sample.steps is None or config.sample.steps >= 1,
              f"`sample.steps` must be >= 1 or null, got {config.sample.steps}")
+    top_p = config.sample.top_p
+    _require(top_p is None or 0 < top_p <= 1, f"`sample.top_p` must be in (0, 1] or null, got {top_p}")
+    _require(top_p is None or config.model.name in ("LlamaGen", "DnDTransformer"),
+             f"`sample.top_p` filters LlamaGen's and DnD's tokens; {config.model.name} draws none: leave it null")
 
 
 def _check_model(model: ModelConfig) -> None:

@@ -87,7 +87,9 @@ class TrainingEvaluator:
     def __init__(self, *, config: Config, reference: Any, extractor: nn.Module, stats: Any = None,
                  conditioning: Any = None, metrics: Optional[List[str]] = None):
         self.spec, self.resolution = config.eval, config.data.resolution
-        self.options = dict(cfg=config.sample.cfg, steps=config.sample.steps, temperature=config.sample.temperature)
+        from .recipes import sample_options
+
+        self.options = sample_options(config)
         self.reference, self.extractor, self.stats = reference, extractor, stats
         self.conditioning, self.metrics = conditioning, metrics
 

@@ -523,8 +523,14 @@ def draw_samples(config: Config, model: nn.Module, tokenizer: Optional[nn.Module
     condition = {"label": torch.tensor(grid_labels(config, num_classes) or [-1] * spec.num, device=device)}
     if sampling_problem(model, tokenizer, condition) is not None:
         return None
-    return generate_images(model, tokenizer, condition, generator=spec.seed, cfg=spec.cfg, steps=spec.steps,
-                           temperature=spec.temperature)
+    return generate_images(model, tokenizer, condition, generator=spec.seed, **sample_options(config))
+
+
+def sample_options(config: Config) -> Dict[str, Any]:
+    """The sampler options of the ``sample`` section, as :func:`generate_images` takes them (grids, ``eval``)."""
+    spec = config.sample
+    return dict(cfg=spec.cfg, steps=spec.steps, temperature=spec.temperature,
+                **({} if spec.top_p is None else dict(top_p=spec.top_p)))
 
 
 def model_name(model: nn.Module) -> str:

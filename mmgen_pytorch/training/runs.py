@@ -15,6 +15,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS / f"step-{step:07d}"
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder (``checkpoints/step-XXXXXXX``) was saved at."""
+    return int(folder.name.split("-")[1])
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     found = sorted(path for path in (output_dir / CHECKPOINTS).glob("step-*") if (path / TRAINING_STATE_FILE).is_file())
     return found[-1] if found else None
