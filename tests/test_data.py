@@ -15,8 +15,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmgen_pytorch._utils import install_hint
-from mmgen_pytorch.data import (NO_LABEL, CaptionTokenizer, HFImageDataset, ImageFolderDataset, adm_center_crop,
-                                random_horizontal_flip, to_tensor_image)
+from mmgen_pytorch.data import (NO_LABEL, CaptionTokenizer, HFImageDataset, ImageFolderDataset, StackFields,
+                                adm_center_crop, random_horizontal_flip, to_tensor_image)
+from mmgen_pytorch.data.images import uint8_to_images
 
 
 def noise_image(width, height, seed=0, mode="RGB"):
@@ -343,6 +344,28 @@ def test_in_memory_items_equal_items_decoded_when_read(classes_root):
         ImageFolderDataset(classes_root, resolution=6, in_memory=True, progress=False)
     with pytest.raises(TypeError, match="`in_memory`"):
         ImageFolderDataset(classes_root, resolution=6, in_memory="yes")
+
+
+def test_in_memory_batches_equal_the_items_stacked(classes_root):
+    """A DataLoader batch of an ``in_memory`` folder (gathered at once by ``__getitems__``: images, flips,
+    labels, pre-tokenized captions) equals its items read one by one and stacked, at the same seed."""
+    save_images(classes_root, ["cat/c.png", "dog/d.png"], size=(13, 9))
+    captions = {"cat/a.png": "a", "cat/c.png": "cc", "dog/b.png": "bbb", "dog/d.png": "dddddd"}  # the last one cut
+    dataset = ImageFolderDataset(classes_root, resolution=6, in_memory=True, progress=False, captions=captions,
+                                 tokenizer=char_codes, max_caption_length=5)
+    indices = [3, 0, 2, 1, 1, 2, 0, 3]
+    torch.manual_seed(0)
+    one_by_one = StackFields()([dataset[index] for index in indices])
+    batches = iter(DataLoader(dataset, batch_sampler=[indices], collate_fn=StackFields()))
+    torch.manual_seed(0)  # after the loader's own draw of its workers' base seed
+    batch = next(batches)
+    assert sorted(batch) == sorted(one_by_one) == ["caption_ids", "caption_mask", "image", "label"]
+    assert all(torch.equal(batch[name], one_by_one[name]) for name in batch)
+    flipped = [not torch.equal(batch["image"][i], uint8_to_images(dataset.pixels[index]))
+               for i, index in enumerate(indices)]
+    assert 0 < sum(flipped) < len(indices)
+    lazy = ImageFolderDataset(classes_root, resolution=6, progress=False)  # read one by one, decoded when read
+    assert isinstance(lazy.__getitems__([0, 1]), list)
 
 
 def test_unreadable_image_is_named_when_read(classes_root):

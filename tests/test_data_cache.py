@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from mmgen_pytorch.data.cache import (CachedDataset, EncodedDataset, cache_dataset, sample_latent, shard_name,
+from mmgen_pytorch.data.cache import (CachedDataset, EncodedDataset, StackFields, cache_dataset, sample_latent, shard_name,
                                       ten_crops)
 from mmgen_pytorch.files import CheckpointFileError
 from mmgen_pytorch.tokenizers import RQVAE, VQVAE, AutoencoderKL, KLConfig, RQConfig, VQConfig
@@ -287,6 +287,10 @@ def test_encoded_in_memory_reads_as_the_cache_and_flips_as_the_image_datasets(ki
         assert item["label"].dtype == torch.long and torch.equal(item["caption_ids"], torch.full((4,), index % 5))
     if kind != "kl":
         assert items[0]["codes"].dtype == torch.long
+    batches = iter(DataLoader(encoded, batch_sampler=[[index % 5 for index in range(20)]], collate_fn=StackFields()))
+    torch.manual_seed(3)
+    batch = next(batches)  # gathered at once by __getitems__, the same draws in the same order
+    assert all(torch.equal(batch[name], torch.stack([item[name] for item in items])) for name in items[0])
     plain = EncodedDataset(data, model, flip=False, progress=False)
     assert plain.tensors[field].shape[1] == 1 and torch.equal(plain[-1][field], plain.tensors[field][4, 0].to(
         plain[-1][field].dtype))

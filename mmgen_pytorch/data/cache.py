@@ -42,6 +42,7 @@ from .._utils import (GeneratorLike, as_generator, as_int, check, check_finite_n
 from ..files import CheckpointFileError, checkpoint_format, read_json_file
 from ..saving import encode_config, write_atomically
 from ..tokenizers import AutoencoderKL, DiagonalGaussian, RQVAE, VQVAE
+from .batching import StackedItems, StackFields
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "cache.json"
@@ -172,20 +173,6 @@ def _check_first_item(dataset: Dataset) -> List[str]:
     check(isinstance(image, Tensor) and image.ndim == 3 and image.is_floating_point(),
           f"`dataset` item 0 'image' must be a float tensor [3, H, W] in [-1, 1], got {describe(image)}")
     return ["label"] + [name for name in CAPTION_FIELDS if name in item]
-
-
-class StackFields:
-    """A DataLoader ``collate_fn`` for dict items: each field stacked into a batch (default: the fields of
-    the first item; all items must have them). Picklable, for loader workers."""
-
-    def __init__(self, fields: Optional[Sequence[str]] = None):
-        self.fields = None if fields is None else list(fields)
-
-    def __call__(self, items: Sequence[Mapping]) -> Dict[str, Tensor]:
-        fields = self.fields if self.fields is not None else list(items[0])
-        missing = sorted({name for item in items for name in fields if name not in item})
-        check(not missing, f"`dataset` items must all have the fields {fields}; some lack {missing}")
-        return {name: torch.stack([torch.as_tensor(item[name]) for item in items]) for name in fields}
 
 
 def _shard_rows(index: int, length: int, shard_size: int) -> range:
@@ -451,13 +438,19 @@ class EncodedDataset(Dataset):
         return self.tensors["label"].long()
 
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
-        position = _position(index, len(self))
-        view = int(bool(torch.rand(()) < 0.5)) if self.flip else 0  # random_horizontal_flip's draw
-        item = {name: tensor[position] for name, tensor in self.tensors.items()}
-        encoded = item[self.field][view]
-        item[self.field] = encoded if encoded.is_floating_point() else encoded.long()
-        item["label"] = item["label"].long()
-        return item
+        return {name: field[0] for name, field in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> StackedItems:
+        """The items at ``indices`` gathered as one batch (for a DataLoader; what stacking them one by one
+        gives): each picks its view with its own draw, in order."""
+        positions = [_position(index, len(self)) for index in indices]
+        views = torch.tensor([int(bool(torch.rand(()) < 0.5)) if self.flip else 0  # random_horizontal_flip's draw
+                              for _ in positions], dtype=torch.long)
+        batch = StackedItems({name: tensor[positions] for name, tensor in self.tensors.items()})
+        encoded = batch[self.field][torch.arange(len(positions)), views]
+        batch[self.field] = encoded if encoded.is_floating_point() else encoded.long()
+        batch["label"] = batch["label"].long()
+        return batch
 
 
 def sample_latent(moments: Tensor, *, generator: GeneratorLike = None, scale: float = 1.0) -> Tensor:

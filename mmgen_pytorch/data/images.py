@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from .._utils import (GeneratorLike, as_generator, as_int, check, check_finite_number, check_flag, check_positive_int,
                       describe, install_hint)
+from .batching import StackedItems
 from .captions import CaptionsSource, caption_tokenizer, read_captions
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -265,6 +266,7 @@ class ImageFolderDataset(_ImageDataset):
         self.captions = None if captions is None else self.match_captions(read_captions(captions))
         self.probe_tokenizer(None if self.captions is None else self.captions[0])
         self.pixels = self.decode_all(progress) if in_memory else None
+        self.fields = self.stack_fields() if in_memory else None
 
     def decode_all(self, progress: bool) -> Tensor:
         """Every image's uint8 crop ``[len, channels, resolution, resolution]``, in sample order."""
@@ -274,6 +276,14 @@ class ImageFolderDataset(_ImageDataset):
         for position, (path, _) in enumerate(tqdm(self.samples, desc="decoding images", disable=not progress)):
             pixels[position] = self.crop(_open_rgb(path, str(path)))
         return pixels
+
+    def stack_fields(self) -> Dict[str, Tensor]:
+        """Every item's label and, with captions, tokenized caption, stacked in sample order (``in_memory``)."""
+        fields = {"label": torch.tensor([label for _, label in self.samples], dtype=torch.long)}
+        if self.caption_tokenizer is not None:
+            ids, masks = zip(*map(self.caption_tokenizer, self.captions))
+            fields.update(caption_ids=torch.stack(ids), caption_mask=torch.stack(masks))
+        return fields
 
     def relative_path(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -301,6 +311,18 @@ class ImageFolderDataset(_ImageDataset):
         caption = None if self.captions is None else self.captions[position]
         pixels = self.pixels[position] if self.pixels is not None else self.crop(_open_rgb(path, str(path)))
         return self.make_item(pixels, label, caption)
+
+    def __getitems__(self, indices: Sequence[int]) -> Union[StackedItems, List[Dict[str, Tensor]]]:
+        """The items at ``indices`` for a DataLoader: ``in_memory``, gathered as one batch (what stacking the
+        items gives, flips drawn in the same order), else read one by one."""
+        if self.fields is None:
+            return [self[index] for index in indices]
+        positions = [self.check_index(index) for index in indices]
+        images = uint8_to_images(self.pixels[positions])
+        if self.random_flip:
+            flipped = torch.tensor([bool(torch.rand(()) < 0.5) for _ in positions])  # random_horizontal_flip's draws
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+        return StackedItems(image=images, **{name: field[positions] for name, field in self.fields.items()})
 
 
 def _row_image(value: Any, where: str):
