@@ -364,6 +364,8 @@ def test_in_memory_batches_equal_the_items_stacked(classes_root):
     flipped = [not torch.equal(batch["image"][i], uint8_to_images(dataset.pixels[index]))
                for i, index in enumerate(indices)]
     assert 0 < sum(flipped) < len(indices)
+    default = next(iter(DataLoader(dataset, batch_size=4)))  # DataLoader's own collate_fn takes them too
+    assert default["image"].shape == (4, 3, 6, 6) and torch.equal(default["caption_ids"], dataset.fields["caption_ids"])
     lazy = ImageFolderDataset(classes_root, resolution=6, progress=False)  # read one by one, decoded when read
     assert isinstance(lazy.__getitems__([0, 1]), list)
 

@@ -291,6 +291,7 @@ def test_encoded_in_memory_reads_as_the_cache_and_flips_as_the_image_datasets(ki
     torch.manual_seed(3)
     batch = next(batches)  # gathered at once by __getitems__, the same draws in the same order
     assert all(torch.equal(batch[name], torch.stack([item[name] for item in items])) for name in items[0])
+    assert next(iter(DataLoader(encoded, batch_size=5)))["label"].tolist() == [0, 1, 2, 0, 1]  # the default collate
     plain = EncodedDataset(data, model, flip=False, progress=False)
     assert plain.tensors[field].shape[1] == 1 and torch.equal(plain[-1][field], plain.tensors[field][4, 0].to(
         plain[-1][field].dtype))

@@ -3,7 +3,8 @@ its items as tensors (``__getitems__``, which DataLoader calls with a batch's in
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -11,9 +12,21 @@ from torch import Tensor
 from .._utils import check
 
 
-class StackedItems(dict):
-    """A batch of items gathered by a dataset's ``__getitems__``: each field already stacked, exactly what
-    :class:`StackFields` makes of the items one by one (a dict of ``[batch, ...]`` tensors)."""
+class StackedItems(Sequence):
+    """Items gathered as one batch by a dataset's ``__getitems__``: ``fields`` holds each field already stacked
+    (``[batch, ...]``), which :class:`StackFields` passes on as it is; as a sequence of item dicts it is what
+    any other ``collate_fn`` (DataLoader's default one included) takes."""
+
+    def __init__(self, fields: Dict[str, Tensor]):
+        self.fields = fields
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values())))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(len(self))[index]]
+        return {name: field[index] for name, field in self.fields.items()}
 
 
 class StackFields:
@@ -26,10 +39,10 @@ class StackFields:
 
     def __call__(self, items: Union[Sequence[Mapping], StackedItems]) -> Dict[str, Tensor]:
         if isinstance(items, StackedItems):  # a dataset's __getitems__ gathered the batch itself
-            fields = self.fields if self.fields is not None else list(items)
-            missing = sorted(name for name in fields if name not in items)
+            fields = self.fields if self.fields is not None else list(items.fields)
+            missing = sorted(name for name in fields if name not in items.fields)
             check(not missing, f"`dataset` items must all have the fields {fields}; they lack {missing}")
-            return {name: items[name] for name in fields}
+            return {name: items.fields[name] for name in fields}
         fields = self.fields if self.fields is not None else list(items[0])
         missing = sorted({name for item in items for name in fields if name not in item})
         check(not missing, f"`dataset` items must all have the fields {fields}; some lack {missing}")

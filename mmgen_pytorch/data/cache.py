@@ -438,7 +438,7 @@ class EncodedDataset(Dataset):
         return self.tensors["label"].long()
 
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
-        return {name: field[0] for name, field in self.__getitems__([index]).items()}
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> StackedItems:
         """The items at ``indices`` gathered as one batch (for a DataLoader; what stacking them one by one
@@ -446,11 +446,11 @@ class EncodedDataset(Dataset):
         positions = [_position(index, len(self)) for index in indices]
         views = torch.tensor([int(bool(torch.rand(()) < 0.5)) if self.flip else 0  # random_horizontal_flip's draw
                               for _ in positions], dtype=torch.long)
-        batch = StackedItems({name: tensor[positions] for name, tensor in self.tensors.items()})
+        batch = {name: tensor[positions] for name, tensor in self.tensors.items()}
         encoded = batch[self.field][torch.arange(len(positions)), views]
         batch[self.field] = encoded if encoded.is_floating_point() else encoded.long()
         batch["label"] = batch["label"].long()
-        return batch
+        return StackedItems(batch)
 
 
 def sample_latent(moments: Tensor, *, generator: GeneratorLike = None, scale: float = 1.0) -> Tensor:

@@ -240,7 +240,8 @@ class ImageFolderDataset(_ImageDataset):
         in_memory: decode and crop every image once, here, and keep the uint8 crops in memory
             (``len * 3 * resolution**2`` bytes: for datasets that fit, such as CIFAR or the digits, where
             decoding each item at every step would cost more than the model's step); items then only
-            convert and flip. ``progress``: a progress bar while they are decoded.
+            convert and flip, captions are tokenized once too, and a DataLoader batch is gathered at once
+            (``__getitems__``). ``progress``: a progress bar while they are decoded.
 
     Images are decoded when an item is read (or, ``in_memory``, at construction); an unreadable file raises
     OSError naming it then.
@@ -322,7 +323,7 @@ class ImageFolderDataset(_ImageDataset):
         if self.random_flip:
             flipped = torch.tensor([bool(torch.rand(()) < 0.5) for _ in positions])  # random_horizontal_flip's draws
             images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
-        return StackedItems(image=images, **{name: field[positions] for name, field in self.fields.items()})
+        return StackedItems(dict(image=images, **{name: field[positions] for name, field in self.fields.items()}))
 
 
 def _row_image(value: Any, where: str):
