@@ -28,8 +28,9 @@ SHORT_TOKENIZED = ["--steps", "800", "--tokenizer-steps", "600", "--num-samples"
 
 # model: (flags, conditional accuracy, Fréchet distance) of the shortened run at seed 0, through the entry
 # point; measured 2026-12-06, DnD re-measured 2026-12-07: after the loop moved to fused AdamW (the same update
-# up to rounding) and on a host without AVX-512 its short run reached 0.975 / FD 62.0 (0.980 / 47.1 before),
-# the trajectory's own spread for this short run, not a slower learner (the other four stayed inside)
+# up to rounding) and on a host without AVX-512 its short run reached 0.975 / FD 62.0 (0.980 / 47.1 before;
+# the other four stayed inside their margins). Whether that is this short run's spread over trajectories or a
+# slower learner was not measured; a broken DnD scores FD in the hundreds here.
 RECORDED = {
     "transfusion": (SHORT, 0.960, 83.5),
     "mar": (SHORT, 0.885, 82.3),
