@@ -78,8 +78,12 @@ def stamping(model, stamps: list):
 
 
 def run_entry_point(workload: str, steps: int, folder: str, out: str, *, in_memory: bool, stamps: list) -> None:
+    import torch
     from mmgen_pytorch import train
+    from mmgen_pytorch.training.allocator import keep_freed_memory
 
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # as `python -m mmgen_pytorch.train` (and so the digits job) does before its run
     build_model = train.build_model
     train.build_model = lambda *args: stamping(build_model(*args), stamps)
     train.run(recipe(workload, folder, out, in_memory=in_memory, steps=steps))

@@ -160,7 +160,9 @@ class SimpleMLPAdaLN(nn.Module):
         more rows than the chain has steps, and MAR reuses each token's condition for several draws."""
         steps, step_rows = torch.unique(t, return_inverse=True)
         cond = self.cond_embed(c.to(self.cond_embed.weight.dtype))
-        return self.forward_embedded(x, self.time_embed(steps)[step_rows] + (cond if c_rows is None else cond[c_rows]))
+        # index_select, not indexing: its backward (a scatter-add) is ~5x faster on CPU than indexing's
+        time_rows = self.time_embed(steps).index_select(0, step_rows)
+        return self.forward_embedded(x, time_rows + (cond if c_rows is None else cond.index_select(0, c_rows)))
 
     def forward_embedded(self, x: Tensor, y: Tensor) -> Tensor:
         """The network after its condition ``y`` (time + condition embedding) is formed."""

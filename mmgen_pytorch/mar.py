@@ -174,7 +174,7 @@ class MAR(Checkpointable, nn.Module):
         masked = mask.reshape(-1).nonzero().squeeze(1)
         rows = masked.repeat(self.diffusion_batch_mul)
         target = tokens.detach().reshape(-1, self.token_dim)[rows]
-        z = z.reshape(-1, z.shape[-1])[masked]
+        z = z.reshape(-1, z.shape[-1]).index_select(0, masked)
         return self.diffloss(target, z, z_rows=torch.arange(len(masked), device=z.device).repeat(
             self.diffusion_batch_mul), generator=generator)
 

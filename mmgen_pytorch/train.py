@@ -40,6 +40,9 @@ samples against ``eval.reference`` (a generator), or the rFID of the reconstruct
 reference images (a tokenizer); logged as ``eval/fid`` ... on lines of their own in ``log.jsonl`` and to the
 tracker. Scoring leaves the training RNG streams as they were: losses and resumes are those of a run without it.
 
+On a machine without a GPU, :func:`~mmgen_pytorch.training.allocator.keep_freed_memory` first sets glibc's
+allocator to keep freed memory for reuse (``MMGEN_KEEP_FREED_MEMORY=0``: leave it as it is).
+
 Needs accelerate and pyyaml (``pip install mmgen-pytorch[train]``) and ema-pytorch for the EMA.
 """
 
@@ -59,6 +62,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ._utils import eval_mode, install_hint
 from .data.cache import StackFields
+from .training.allocator import keep_freed_memory
 from .training.config import (TOKENIZERS, Config, ConfigError, absolute_paths, check_config, check_world_size,
                               load_config, shipped_configs, with_absolute_paths)
 from .training.evaluation import build_evaluator, check_eval, evaluation_conditioning
@@ -621,6 +625,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> List[float]:
     args, overrides = parse_args(argv)
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # CPU training: no page faults for the tensors every step frees and allocates again
     if args.list:
         print("\n".join(shipped_configs()))
         return []
