@@ -348,14 +348,18 @@ def test_in_memory_items_equal_items_decoded_when_read(classes_root):
 
 def test_in_memory_batches_equal_the_items_stacked(classes_root):
     """A DataLoader batch of an ``in_memory`` folder (gathered at once by ``__getitems__``: images, flips,
-    labels, pre-tokenized captions) equals its items read one by one and stacked, at the same seed."""
+    labels, pre-tokenized captions) equals the items of a folder read from disk one by one (decoded and
+    tokenized at each read) and stacked, at the same seed; so does each of its own items."""
     save_images(classes_root, ["cat/c.png", "dog/d.png"], size=(13, 9))
     captions = {"cat/a.png": "a", "cat/c.png": "cc", "dog/b.png": "bbb", "dog/d.png": "dddddd"}  # the last one cut
-    dataset = ImageFolderDataset(classes_root, resolution=6, in_memory=True, progress=False, captions=captions,
-                                 tokenizer=char_codes, max_caption_length=5)
+    dataset, from_disk = (ImageFolderDataset(classes_root, resolution=6, in_memory=flag, progress=False,
+                                             captions=captions, tokenizer=char_codes, max_caption_length=5)
+                          for flag in (True, False))
     indices = [3, 0, 2, 1, 1, 2, 0, 3]
     torch.manual_seed(0)
-    one_by_one = StackFields()([dataset[index] for index in indices])
+    one_by_one = StackFields()([from_disk[index] for index in indices])
+    torch.manual_seed(0)
+    assert all(torch.equal(field, one_by_one[name][0]) for name, field in dataset[indices[0]].items())
     batches = iter(DataLoader(dataset, batch_sampler=[indices], collate_fn=StackFields()))
     torch.manual_seed(0)  # after the loader's own draw of its workers' base seed
     batch = next(batches)
@@ -366,8 +370,7 @@ def test_in_memory_batches_equal_the_items_stacked(classes_root):
     assert 0 < sum(flipped) < len(indices)
     default = next(iter(DataLoader(dataset, batch_size=4)))  # DataLoader's own collate_fn takes them too
     assert default["image"].shape == (4, 3, 6, 6) and torch.equal(default["caption_ids"], dataset.fields["caption_ids"])
-    lazy = ImageFolderDataset(classes_root, resolution=6, progress=False)  # read one by one, decoded when read
-    assert isinstance(lazy.__getitems__([0, 1]), list)
+    assert isinstance(from_disk.__getitems__([0, 1]), list)  # read one by one, decoded when read
 
 
 def test_unreadable_image_is_named_when_read(classes_root):

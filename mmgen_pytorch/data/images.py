@@ -307,6 +307,8 @@ class ImageFolderDataset(_ImageDataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Dict[str, Tensor]:
+        if self.fields is not None:  # in memory: the labels and tokenized captions are stacked already
+            return self.__getitems__([index])[0]
         position = self.check_index(index)
         path, label = self.samples[position]
         caption = None if self.captions is None else self.captions[position]
