@@ -22,7 +22,7 @@ from mmgen_pytorch.backbone import AttentionMask, TokenLayout, attend
 from mmgen_pytorch.backbone.masks import FLEX_BLOCK
 from test_transfusion_properties import Text, backend, materialize_batch, run, sample_specs, shared_model
 
-pytestmark = pytest.mark.slow  # about 20 s of compilation on 2 cores
+pytestmark = pytest.mark.slow  # about 30 s of compilation on 2 cores
 
 LEAD_TEXT = (0, 100, 230)
 RAGGED_BATCHES = st.lists(st.tuples(st.lists(sample_specs(max_text=60), min_size=2, max_size=2),
