@@ -28,8 +28,9 @@ ENVIRONMENT_SWITCH = "MMGEN_KEEP_FREED_MEMORY"
 
 def keep_freed_memory(*, mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Serve requests below ``mmap_threshold`` bytes from the heap and keep up to ``trim_threshold`` bytes of
-    freed heap for reuse. Returns True when both settings took effect, False where the C library is not glibc
-    (macOS, Windows, musl) or ``MMGEN_KEEP_FREED_MEMORY=0``: then nothing is changed.
+    freed heap for reuse. Returns True when both settings took effect; False where the C library is not glibc
+    (macOS, Windows, musl) or ``MMGEN_KEEP_FREED_MEMORY=0`` (then nothing is changed), or where glibc refused
+    a setting.
 
     The defaults: 32 MiB is the largest threshold glibc's own adaptive rule would reach; on a 2-core CPU they
     halve the page faults of MAR's digits training step and take ~5 % off its time
