@@ -68,7 +68,7 @@ class DiffLoss(nn.Module):
         check(target.ndim == 2 and target.shape[1] == self.in_channels,
               f"`target` must be [n, {self.in_channels}], got {describe(target)}")
         if z_rows is not None:
-            check(isinstance(z_rows, Tensor) and z_rows.shape == target.shape[:1] and not z_rows.is_floating_point(),
+            check(isinstance(z_rows, Tensor) and z_rows.shape == target.shape[:1] and z_rows.dtype in (torch.int32, torch.int64),
                   f"`z_rows` must be an integer tensor [{target.shape[0]}] (a row of `z` per row of `target`), "
                   f"got {describe(z_rows)}")
         losses = self.train_diffusion.training_losses(lambda x_t, t: self.net(x_t, t, z, c_rows=z_rows), target,

@@ -625,8 +625,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> List[float]:
     args, overrides = parse_args(argv)
-    if not torch.cuda.is_available():
-        keep_freed_memory()  # CPU training: no page faults for the tensors every step frees and allocates again
     if args.list:
         print("\n".join(shipped_configs()))
         return []
@@ -636,6 +634,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[float]:
             print(config_yaml(config), end="", flush=True)
             check_config(config)
             return []
+        if not torch.cuda.is_available():
+            keep_freed_memory()  # CPU training: no page faults for the tensors every step frees and allocates again
         prepared = prepare(config, resume_run=args.resume)
     except ConfigError as error:  # whatever the config gets wrong, up to the first step: one line, no traceback
         raise SystemExit(f"config error: {error}") from None

@@ -172,6 +172,8 @@ def test_diffloss_with_shared_conditions_equals_the_repeated_rows(model):
         torch.testing.assert_close(ours, reference, **TOL)
     with pytest.raises(ValueError, match="`z_rows` must be an integer tensor \\[12\\]"):
         head(target, z, z_rows=rows.float())
+    with pytest.raises(ValueError, match="`z_rows` must be an integer tensor \\[12\\]"):
+        head(target, z, z_rows=rows > 0)  # a mask is not a row index
     with pytest.raises(ValueError, match="`z_rows` must be"):
         head(target, z, z_rows=rows[:5])
 
