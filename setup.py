@@ -50,7 +50,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": [*EXAMPLES, *HUB, "pytest", "hypothesis", "nbformat", "nbclient", "ipykernel",
+        "test": [*EXAMPLES, *HUB, "pytest", "pytest-xdist", "hypothesis", "nbformat", "nbclient", "ipykernel",
                  "setuptools>=61", "wheel"],  # the wheel test builds without isolation (Python 3.12+ venvs lack them)
         "examples": EXAMPLES,
         "hub": HUB,

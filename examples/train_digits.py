@@ -298,6 +298,12 @@ def at_least(minimum: int, maximum: Optional[int] = None):
                                             f"must be an int in [{minimum}, {maximum}], got {value}"))
 
 
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` where it is set (so that processes sharing the cores can be told to take one each),
+    else up to 2: the digits models are too small to gain from more."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else min(2, os.cpu_count() or 1)
+
 def non_negative(name: str):
     return checked(float, lambda value: check_finite_number(name, value, minimum=0))
 
@@ -335,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out images to caption (Transfusion; default all 540)")
     parser.add_argument("--seed", type=at_least(0, 2**32 - 1), default=0,
                         help="training seed (a resumed run keeps its own) and sampling seed")
-    parser.add_argument("--threads", type=at_least(1), default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=default_threads(),
+                        help="torch CPU threads (default: OMP_NUM_THREADS where set, else up to 2)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 

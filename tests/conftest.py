@@ -17,7 +17,18 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+def threads_per_process() -> int:
+    """Torch's intra-op threads in each test process: at most 2 (the tiny models gain nothing from more), and
+    under pytest-xdist the cores shared among the workers: with 2 workers on 2 cores, two OpenMP threads per
+    worker spun waiting for each other and the notebook test took 12x longer."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers, torch.get_num_threads()))
+
+
+torch.set_num_threads(threads_per_process())
+# the processes tests start (the notebook's kernel, the benchmarks, torchrun ranks) share the cores alike
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def pytest_addoption(parser):

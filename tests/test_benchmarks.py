@@ -21,7 +21,7 @@ def run_gpu_check(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=BENCHMARKS.parent)
 
 
-@pytest.mark.slow  # about 90 s on 2 cores, most of it torch.compile and seven Python start-ups
+@pytest.mark.slow  # 90 s alone on 2 cores (170 s beside another test process): torch.compile, seven Python start-ups
 def test_dry_run_passes_and_writes_its_tables(tmp_path):
     committed = gpu_check.DEFAULT_OUT.read_bytes()
     out = tmp_path / "results.md"

@@ -13,7 +13,8 @@ from _helpers import perturbed
 from mmgen_pytorch import MAR, DnDTransformer, LlamaGen, MonoFormer, Transfusion
 from mmgen_pytorch.backbone import Transformer
 
-# about 1.5 minutes of compilation on 2 cores; CI runs it (plain `pytest` deselects no marker)
+# about 3 minutes of compilation on 2 cores (half of it the Transfusion inductor test); CI runs it (plain
+# `pytest` deselects no marker)
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
 

@@ -99,6 +99,17 @@ def test_bad_flags_are_refused_before_any_work(argv, flag, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("omp, expected", [("3", 3), (None, min(2, os.cpu_count() or 1)), ("", min(2, os.cpu_count() or 1)),
+                                            ("two", min(2, os.cpu_count() or 1)), ("0", min(2, os.cpu_count() or 1))])
+def test_threads_default_to_omp_num_threads_else_up_to_two(omp, expected, monkeypatch):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert train_digits.parse_args([]).threads == expected
+    assert train_digits.parse_args(["--threads", "5"]).threads == 5
+
+
 def test_bad_flag_exits_at_once_from_the_command_line(tmp_path):
     script = EXAMPLES / "train_digits.py"
     done = subprocess.run([sys.executable, str(script), "--checkpoint-every", "0", "--out", str(tmp_path / "out")],
