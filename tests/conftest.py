@@ -17,13 +17,13 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-
 def threads_per_process() -> int:
     """Torch's intra-op threads in each test process: at most 2 (the tiny models gain nothing from more), and
-    under pytest-xdist the cores shared among the workers: with 2 workers on 2 cores, two OpenMP threads per
-    worker spun waiting for each other and the notebook test took 12x longer."""
+    under pytest-xdist the cores shared among the workers: when two workers on 2 cores each started a notebook
+    kernel with two OpenMP threads, the threads spun waiting for each other and the notebook test took 12x longer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, min(2, (os.cpu_count() or 1) // workers, torch.get_num_threads()))
+    return max(1, min(2, cores // workers, torch.get_num_threads()))
 
 
 torch.set_num_threads(threads_per_process())
