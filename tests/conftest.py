@@ -33,7 +33,7 @@ os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 def pytest_addoption(parser):
     parser.addoption("--recipes", action="store_true",
-                     help="also run the shortened digits recipes (tests marked `recipes`: about 6 minutes on 2 cores)")
+                     help="also run the shortened digits recipes (tests marked `recipes`: about 11 minutes on 2 cores)")
 
 
 def pytest_collection_modifyitems(config, items):

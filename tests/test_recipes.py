@@ -8,7 +8,7 @@ their GPT 800 (at 300 + 300 they sample at chance level, so a recorded score wou
 recorded scores were measured with exactly these flags (seed 0, 200 samples) on the project's 2-core
 CPU machine. The margins were set from the spread between training seeds 0 and 1 when the job ran its own
 loop (accuracy within 0.055 and FD within 19 %, except DnD's accuracy: 0.115), which is also what another
-CPU's kernels can do to a short trajectory. About 8-11 minutes in all on 2 idle cores: a tier of their own,
+CPU's kernels can do to a short trajectory. About 11 minutes in all on 2 idle cores: a tier of their own,
 run with `pytest --recipes -m recipes -n 0` (CI runs it after the suite): in one test process, whose 2 threads
 the recorded runs had (test processes side by side would each take one).
 """
