@@ -304,6 +304,7 @@ def default_threads() -> int:
     threads = os.environ.get("OMP_NUM_THREADS", "")
     return int(threads) if threads.isdigit() and int(threads) > 0 else min(2, os.cpu_count() or 1)
 
+
 def non_negative(name: str):
     return checked(float, lambda value: check_finite_number(name, value, minimum=0))
 

@@ -2,9 +2,10 @@
 
 ``MMGEN_TOLERANCE_AUDIT=audit.jsonl pytest`` wraps ``torch.testing.assert_close`` and appends one JSON line
 per comparison: the test, the calling line, and ``ratio`` = max |actual − expected| / (atol + rtol·|expected|),
-where 1.0 is the edge of failing. Run it in one test process (``pytest -n 0``) under several kernels and thread
-counts (``ATEN_CPU_CAPABILITY=default``, ``avx2``, ``avx512``; ``OMP_NUM_THREADS=1`` or ``2``) and summarise with ``python tests/_tolerance_audit.py
-audit*.jsonl``: a comparison whose ratio changes with the CPU and sits near 1 passes on one CPU type only.
+where 1.0 is the edge of failing. Run it in one test process (``pytest -n 0``) under several kernels and
+thread counts (``ATEN_CPU_CAPABILITY=default``, ``avx2``, ``avx512``; ``OMP_NUM_THREADS=1`` or ``2``) and
+summarise with ``python tests/_tolerance_audit.py audit*.jsonl``: a comparison whose ratio changes with the
+CPU and sits near 1 passes on one CPU type only.
 """
 
 import json

@@ -99,8 +99,11 @@ def test_bad_flags_are_refused_before_any_work(argv, flag, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("omp, expected", [("3", 3), (None, min(2, os.cpu_count() or 1)), ("", min(2, os.cpu_count() or 1)),
-                                            ("two", min(2, os.cpu_count() or 1)), ("0", min(2, os.cpu_count() or 1))])
+UP_TO_TWO = min(2, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("omp, expected", [("3", 3), (None, UP_TO_TWO), ("", UP_TO_TWO), ("two", UP_TO_TWO),
+                                           ("0", UP_TO_TWO)])
 def test_threads_default_to_omp_num_threads_else_up_to_two(omp, expected, monkeypatch):
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
